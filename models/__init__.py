@@ -1,0 +1,45 @@
+"""Model zoo: every model in its own file with a typed config, registered here by name."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from models.base import ModelInputs, Recommender
+from models.bpr_mf import BPRMF, BPRMFConfig
+from models.config import build_config
+from models.lightgcn import LightGCN, LightGCNConfig
+from models.popularity import Popularity, PopularityConfig
+from models.vbpr import VBPR, VBPRConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    config_class: type[Any]
+    model_class: type[Recommender]
+    needs_modalities: bool = False
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec("popularity", PopularityConfig, Popularity),
+        ModelSpec("bpr", BPRMFConfig, BPRMF),
+        ModelSpec("lightgcn", LightGCNConfig, LightGCN),
+        ModelSpec("vbpr", VBPRConfig, VBPR, needs_modalities=True),
+    ]
+}
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def build_model(name: str, inputs: ModelInputs, *config_layers: Mapping[str, Any]) -> Recommender:
+    spec = model_spec(name)
+    config = build_config(spec.config_class, *config_layers)
+    return spec.model_class(config, inputs)

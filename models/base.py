@@ -1,0 +1,76 @@
+"""The one narrow interface every model implements, so one trainer and one evaluator serve them all.
+
+A model is built from :class:`ModelInputs` (training interactions and item modalities as tensors: no file I/O),
+returns a loss for a training batch, and returns user and item representations for full-ranking scoring
+(score = user · item). Sequence models return no user table and encode user histories instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+BatchKind = Literal["pairwise", "sequence", "none"]
+
+
+@dataclass(frozen=True)
+class ModalityInput:
+    features: torch.Tensor  # (I, d) float32, zero rows where absent
+    present: torch.Tensor  # (I,) bool
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    n_users: int
+    n_items: int
+    train_users: torch.Tensor  # (E,) int64
+    train_items: torch.Tensor  # (E,) int64
+    modalities: Mapping[str, ModalityInput] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PairwiseBatch:
+    """BPR triples: each user with one positive and one sampled negative item."""
+
+    users: torch.Tensor  # (B,) int64
+    pos_items: torch.Tensor  # (B,) int64
+    neg_items: torch.Tensor  # (B,) int64
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    """Left-padded item histories (0 = padding, items shifted by one) and the next item to predict."""
+
+    users: torch.Tensor  # (B,) int64
+    histories: torch.Tensor  # (B, L) int64, item row + 1, 0 for padding
+    targets: torch.Tensor  # (B,) int64 item rows
+
+
+@dataclass(frozen=True)
+class Representations:
+    users: torch.Tensor | None  # (U, d), None for models that encode histories instead
+    items: torch.Tensor  # (I, d)
+
+
+class Recommender(nn.Module):
+    """Base class: subclasses set ``batch_kind`` and implement ``loss`` and ``representations``."""
+
+    batch_kind: ClassVar[BatchKind] = "pairwise"
+
+    def forward(self, batch: PairwiseBatch | SequenceBatch) -> torch.Tensor:
+        """The training loss; ``forward`` so that DistributedDataParallel sees the call."""
+        return self.loss(batch)
+
+    def loss(self, batch: PairwiseBatch | SequenceBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def representations(self) -> Representations:
+        raise NotImplementedError
+
+    def encode_histories(self, histories: torch.Tensor, reps: Representations) -> torch.Tensor:
+        """(B, L) padded histories → (B, d) user vectors; only sequence models implement it."""
+        raise NotImplementedError(f"{type(self).__name__} has a user table and does not encode histories")

@@ -1,0 +1,111 @@
+"""Run directories: what one training run leaves behind, and how a model is rebuilt from it.
+
+    runs/<dataset>/<model>/<UTC time>-s<seed>[-<tag>]/
+        config.json     model name and config, training config, dataset name/split/directory
+        metrics.json    per-evaluation history, best epoch, valid and test metrics at the best epoch, wall time
+        curve.png       training loss and validation Recall@20 per epoch
+        checkpoint.pt   the best model's state_dict WITH its config (the model is rebuilt from it)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import build_model
+from models.base import ModelInputs, Recommender
+from training.dataset import InteractionDataset
+from training.inputs import model_inputs
+
+CHECKPOINT_FORMAT = 1
+
+
+def new_run_directory(root: Path, dataset: str, model: str, seed: int, tag: str = "") -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name = f"{stamp}-s{seed}" + (f"-{tag}" if tag else "")
+    path = root / dataset / model / name
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = root / dataset / model / f"{name}-{suffix}"
+    path.mkdir(parents=True)
+    return path
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True))
+
+
+def save_checkpoint(path: Path, *, model_name: str, model_config: dict[str, Any], state: dict[str, Any],
+                    dataset_dir: Path, train_config: dict[str, Any]) -> None:  # fmt: skip
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "model": model_name,
+            "model_config": model_config,
+            "train_config": train_config,
+            "dataset_dir": str(dataset_dir),
+            "state_dict": state,
+        },
+        path,
+    )
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    model: Recommender
+    model_name: str
+    dataset: InteractionDataset
+    inputs: ModelInputs
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    directory: Path
+
+
+def load_run(run_dir: Path, *, dataset_dir: Path | None = None) -> LoadedRun:
+    """Rebuild the best model of a run from its checkpoint (config included) and its prepared dataset."""
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if not checkpoint_path.exists():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint.pt: is it a finished training run?")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{checkpoint_path}: checkpoint format {checkpoint.get('format')}, expected {CHECKPOINT_FORMAT}")
+    dataset = InteractionDataset.load(dataset_dir or Path(checkpoint["dataset_dir"]))
+    inputs = model_inputs(dataset)
+    model = build_model(checkpoint["model"], inputs, checkpoint["model_config"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return LoadedRun(
+        model=model,
+        model_name=checkpoint["model"],
+        dataset=dataset,
+        inputs=inputs,
+        config=json.loads((run_dir / "config.json").read_text()),
+        metrics=json.loads((run_dir / "metrics.json").read_text()),
+        directory=run_dir,
+    )
+
+
+def plot_learning_curve(path: Path, history: list[dict[str, Any]], select_metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, loss_axis = plt.subplots(figsize=(7, 4))
+    epochs = [h["epoch"] for h in history if h.get("loss") is not None]
+    loss_axis.plot(epochs, [h["loss"] for h in history if h.get("loss") is not None], color="tab:blue")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("training loss", color="tab:blue")
+    metric_axis = loss_axis.twinx()
+    evaluated = [h for h in history if select_metric in h.get("valid", {})]
+    metric_axis.plot([h["epoch"] for h in evaluated], [h["valid"][select_metric] for h in evaluated], color="tab:red")
+    metric_axis.set_ylabel(f"valid {select_metric}", color="tab:red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
