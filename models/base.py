@@ -56,6 +56,16 @@ class Representations:
     items: torch.Tensor  # (I, d)
 
 
+class ContentEncoder(nn.Module):
+    """Maps item content to the model's item vector, for items never seen in training (exported to ONNX).
+
+    ``forward`` takes, for each name in ``modality_names`` in order, the features (N, d_m) and a presence mask
+    (N, 1) with 1.0 where the item has that modality; it returns (N, dim) item vectors.
+    """
+
+    modality_names: tuple[str, ...]
+
+
 class Recommender(nn.Module):
     """Base class: subclasses set ``batch_kind`` and implement ``loss`` and ``representations``."""
 
@@ -70,6 +80,10 @@ class Recommender(nn.Module):
 
     def representations(self) -> Representations:
         raise NotImplementedError
+
+    def content_encoder(self) -> ContentEncoder | None:
+        """The model's own map from content to item vectors, or None for ID models (export then fits one)."""
+        return None
 
     def encode_histories(self, histories: torch.Tensor, reps: Representations) -> torch.Tensor:
         """(B, L) padded histories → (B, d) user vectors; only sequence models implement it."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import ModelInputs, PairwiseBatch, Recommender, Representations
+from models.base import ContentEncoder, ModelInputs, PairwiseBatch, Recommender, Representations
 from models.losses import bpr_loss, embedding_norm_penalty
 
 
@@ -46,6 +46,9 @@ class VBPR(Recommender):
         self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(inputs.n_items, config.embedding_size)))
         self.content_projection = nn.Linear(self.content.shape[1], config.embedding_size)
 
+    def content_encoder(self) -> ContentEncoder:
+        return VBPRContentEncoder(self)
+
     def content_vectors(self, content: torch.Tensor) -> torch.Tensor:
         """The content half of an item vector, from its (N, F) content row: all a new item has."""
         return self.content_projection(content)
@@ -62,3 +65,21 @@ class VBPR(Recommender):
 
     def representations(self) -> Representations:
         return Representations(users=self.user_embedding, items=self.item_vectors())
+
+
+class VBPRContentEncoder(ContentEncoder):
+    """A new item's VBPR vector: a zero ID half (nothing was learned for it) and the projected content half."""
+
+    def __init__(self, model: VBPR) -> None:
+        super().__init__()
+        self.modality_names = tuple(model.modality_names)
+        self.projection = model.content_projection
+        self.id_size = model.config.embedding_size
+
+    def forward(self, *features_and_masks: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for k in range(len(self.modality_names)):
+            features, mask = features_and_masks[2 * k], features_and_masks[2 * k + 1]  # (N, d_m), (N, 1)
+            parts += [features * mask, mask]
+        content = self.projection(torch.cat(parts, dim=1))  # (N, d)
+        return torch.cat([torch.zeros_like(content[:, :1]).expand(-1, self.id_size), content], dim=1)

@@ -138,5 +138,78 @@ def results(
     typer.echo(text)
 
 
+@app.command("export")
+def export_command(
+    run_dir: Annotated[Path, typer.Argument(help="A training run directory (has checkpoint.pt).")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to write (replaced if it exists).")],
+    modality_encoders: Annotated[bool, typer.Option(help="Include the ONNX text/image encoders (for raw-content ingestion).")] = True,
+) -> None:
+    """Export a run as a bundle: manifest, FAISS index, arrays and ONNX graphs (docs/bundle-format.md)."""
+    from training.export import ExportConfig, export_run
+
+    bundle = export_run(run_dir, out, config=ExportConfig(include_modality_encoders=modality_encoders))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    typer.echo(f"bundle {manifest['bundle_version']} written to {bundle}")
+
+
+def _default_demo_dataset(paths: Paths) -> str:
+    return "ml100k-posters" if (paths.data_root / "ml100k-posters").is_dir() else "ml100k"
+
+
+@app.command()
+def pipeline(
+    dataset: Annotated[str | None, typer.Option(help="Dataset (default: ml100k-posters if the shared data is there, else ml100k from the recbole wheel).")] = None,
+    model: Annotated[str, typer.Option(help="Model to train.")] = "lightgcn",
+    bundle_out: Annotated[Path | None, typer.Option(help="Bundle directory (default: $MMREC_HOME/bundles/<dataset>-<model>).")] = None,
+    max_minutes: Annotated[float, typer.Option(help="Training time budget in minutes (0: none).")] = 10.0,
+) -> None:
+    """Prepare the dataset, train the model (selected on validation), export the bundle. Prints the bundle path."""
+    from training.export import export_run
+    from training.presets import preset
+
+    paths = default_paths()
+    name = dataset or _default_demo_dataset(paths)
+    directory = dataset_dir(paths, name)
+    data = InteractionDataset.load(directory)
+    model_layer, train_layer = preset(data.name, model)
+    config = _train_config({"max_minutes": str(max_minutes)}, train_layer)
+    result = train(data, model, dataset_dir=directory, model_config=model_layer, train_config=config,
+                   runs_root=paths.runs, tag="")  # fmt: skip
+    assert result.run_dir is not None
+    typer.echo(f"trained {model} on {name}: best epoch {result.best_epoch}, "
+               f"valid recall@20 {result.valid['recall@20']:.4f}, test recall@20 {result.test['recall@20']:.4f}")  # fmt: skip
+    bundle = export_run(result.run_dir, bundle_out or paths.bundles / f"{name}-{model}")
+    typer.echo(f"bundle: {bundle}")
+
+
+@app.command()
+def demo(
+    host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8000,
+    model: Annotated[str, typer.Option(help="Model to train.")] = "lightgcn",
+    max_minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 10.0,
+) -> None:
+    """The main job: prepare the default data, train, export, then serve the bundle over REST.
+
+    Serves with the embedded in-process cache unless REDIS_URL (or MMREC_REDIS_URL) is set.
+    """
+    import os
+    import shutil
+    import sys
+
+    paths = default_paths()
+    name = _default_demo_dataset(paths)
+    bundle = paths.bundles / f"{name}-{model}"
+    pipeline(dataset=name, model=model, bundle_out=bundle, max_minutes=max_minutes)
+    serve = shutil.which("mmrec-serve") or str(Path(sys.executable).with_name("mmrec-serve"))
+    args = [serve, "--bundle", str(bundle), "--host", host, "--port", str(port),
+            "--state-dir", str(paths.home / "state" / bundle.name)]  # fmt: skip
+    redis_url = os.environ.get("MMREC_REDIS_URL") or os.environ.get("REDIS_URL")
+    if redis_url:
+        args += ["--redis-url", redis_url]
+    typer.echo("starting: " + " ".join(args))
+    os.execv(serve, args)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,255 @@
+"""Export a training run as a versioned bundle (docs/bundle-format.md): the one thing serving reads.
+
+The bundle holds the model's item vectors in a FAISS index keyed by row, its user vectors, id maps, popularity,
+user histories, the raw content features of trained items, an ONNX item encoder (content → item vector) and the
+ONNX modality encoders (MiniLM, EfficientNet-Lite0) so the service can turn raw text and images of NEW items into
+item vectors. Models without their own content encoder (ID models) get a ridge map from content features to
+their item vectors, fitted at export time with the ridge strength chosen on held-out trained items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.base import ContentEncoder
+from models.config import config_to_dict
+from training.dataset import InteractionDataset
+from training.runs import LoadedRun, load_run
+
+BUNDLE_FORMAT = "mmrec-bundle"
+BUNDLE_FORMAT_VERSION = 1
+RIDGE_STRENGTHS = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    approximate_threshold: int = 200_000  # items; above it the index is HNSW instead of exact inner product
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    include_modality_encoders: bool = True  # export MiniLM / EfficientNet-Lite0 so raw text and images can be ingested
+    ridge_holdout: float = 0.1  # share of trained items held out to choose the ridge strength
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_inputs(dataset: InteractionDataset) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, features (I, d), mask (I, 1) float32) per modality, in sorted order: the item encoder's inputs."""
+    return [
+        (name, m.features.astype(np.float32), m.present.astype(np.float32)[:, None])
+        for name, m in sorted(dataset.modalities.items())
+    ]
+
+
+class RidgeContentMap(ContentEncoder):
+    """x = [f_m · mask_m, mask_m for each modality, 1] → x W: a linear cold-start map for ID models."""
+
+    def __init__(self, modality_names: tuple[str, ...], weight: np.ndarray) -> None:
+        super().__init__()
+        self.modality_names = modality_names
+        self.register_buffer("weight", torch.from_numpy(weight.astype(np.float32)))  # (F + 1, dim)
+
+    def forward(self, *features_and_masks: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for k in range(len(self.modality_names)):
+            features, mask = features_and_masks[2 * k], features_and_masks[2 * k + 1]
+            parts += [features * mask, mask]
+        x = torch.cat([*parts, torch.ones_like(parts[-1])], dim=1)  # (N, F + 1)
+        return x @ self.weight
+
+
+def fit_ridge_map(dataset: InteractionDataset, item_vectors: np.ndarray, *, holdout: float, seed: int = 0
+                  ) -> tuple[RidgeContentMap, dict[str, Any]]:  # fmt: skip
+    """Least squares with an L2 penalty from content to item vectors; strength chosen by held-out cosine."""
+    inputs = content_inputs(dataset)
+    x = np.concatenate([np.concatenate([f * m, m], axis=1) for _, f, m in inputs] + [np.ones((dataset.n_items, 1))],
+                       axis=1).astype(np.float64)  # fmt: skip
+    y = item_vectors.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    held = rng.random(dataset.n_items) < holdout
+    fit, check = ~held, held
+
+    def solve(rows: np.ndarray, strength: float) -> np.ndarray:
+        a = x[rows]
+        gram = a.T @ a + strength * np.eye(a.shape[1])
+        return np.linalg.solve(gram, a.T @ y[rows])
+
+    def mean_cosine(w: np.ndarray, rows: np.ndarray) -> float:
+        pred, true = x[rows] @ w, y[rows]
+        denom = np.linalg.norm(pred, axis=1) * np.linalg.norm(true, axis=1) + 1e-12
+        return float(((pred * true).sum(axis=1) / denom).mean())
+
+    scores = {s: mean_cosine(solve(fit, s), check) for s in RIDGE_STRENGTHS}
+    best = max(scores, key=lambda s: scores[s])
+    weight = solve(np.ones(dataset.n_items, dtype=bool), best)
+    names = tuple(name for name, _, _ in inputs)
+    report = {"ridge_strength": best, "holdout_cosine": {str(k): round(v, 4) for k, v in scores.items()}}
+    return RidgeContentMap(names, weight), report
+
+
+def export_item_encoder(encoder: ContentEncoder, dims: dict[str, int], path: Path) -> list[dict[str, Any]]:
+    """Write the item encoder as ONNX with inputs ``<modality>`` (N, d) and ``<modality>_mask`` (N, 1)."""
+    from training.onnx_export import export_onnx
+
+    names: list[str] = []
+    example: list[torch.Tensor] = []
+    spec: list[dict[str, Any]] = []
+    batch = torch.export.Dim("batch", min=1)
+    dynamic: dict[str, dict[int, Any]] = {}
+    for modality in encoder.modality_names:
+        names += [modality, f"{modality}_mask"]
+        example += [torch.zeros(2, dims[modality]), torch.ones(2, 1)]
+        spec += [{"name": modality, "modality": modality, "dim": dims[modality]},
+                 {"name": f"{modality}_mask", "modality": modality, "mask": True}]  # fmt: skip
+        dynamic[modality] = {0: batch}
+        dynamic[f"{modality}_mask"] = {0: batch}
+    export_onnx(_PositionalInputs(encoder, names), tuple(example), path, input_names=names,
+                output_name="item_vector", dynamic_shapes=dynamic)  # fmt: skip
+    return spec
+
+
+class _PositionalInputs(nn.Module):
+    """Gives the exporter named positional arguments (the encoder takes *args)."""
+
+    def __init__(self, encoder: ContentEncoder, names: list[str]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.names = names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.encoder(*tensors)
+
+
+def build_index(item_vectors: np.ndarray, config: ExportConfig) -> tuple[Any, dict[str, Any]]:
+    import faiss
+
+    dim = item_vectors.shape[1]
+    if item_vectors.shape[0] > config.approximate_threshold:
+        base = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efSearch = config.hnsw_ef_search
+        info = {"type": "hnsw_ip", "approximate": True, "params": {"M": config.hnsw_m, "efSearch": config.hnsw_ef_search}}
+    else:
+        base = faiss.IndexFlatIP(dim)
+        info = {"type": "flat_ip", "approximate": False, "params": {}}
+    index = faiss.IndexIDMap2(base)
+    index.add_with_ids(np.ascontiguousarray(item_vectors, dtype=np.float32), np.arange(item_vectors.shape[0], dtype=np.int64))
+    return index, info
+
+
+def _modality_encoder_entries(dataset: InteractionDataset, out: Path, config: ExportConfig) -> dict[str, Any]:
+    """Manifest "modalities": dims of every modality, plus the ONNX encoder for text (MiniLM) and image."""
+    entries: dict[str, Any] = {}
+    for name, m in sorted(dataset.modalities.items()):
+        entry: dict[str, Any] = {"dim": m.dim, "encoder": m.encoder}
+        if config.include_modality_encoders and name == "text" and m.dim == 384 and "MiniLM" in m.encoder:
+            from training.onnx_export import export_text_encoder
+
+            entry = {**export_text_encoder(out), "encoder": m.encoder}
+        elif config.include_modality_encoders and name == "image" and m.dim == 1280:
+            from training.onnx_export import export_image_encoder
+
+            entry = {**export_image_encoder(out), "encoder": m.encoder}
+        entries[name] = entry
+    return entries
+
+
+def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(), run: LoadedRun | None = None) -> Path:
+    """Write the bundle of ``run_dir`` into ``out`` (replaced if it exists). Returns ``out``."""
+    import faiss
+
+    run = run or load_run(run_dir)
+    dataset, model = run.dataset, run.model
+    with torch.no_grad():
+        reps = model.representations()
+        item_vectors = reps.items.detach().float().cpu().numpy()
+        user_vectors = None if reps.users is None else reps.users.detach().float().cpu().numpy()
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "item_features").mkdir(parents=True)
+
+    np.save(staging / "item_vectors.npy", item_vectors)
+    if user_vectors is not None:
+        np.save(staging / "user_vectors.npy", user_vectors)
+    (staging / "item_ids.json").write_text(json.dumps(dataset.item_ids))
+    (staging / "user_ids.json").write_text(json.dumps(dataset.user_ids))
+    np.save(staging / "popularity.npy",
+            np.bincount(dataset.edges(0)[1], minlength=dataset.n_items).astype(np.float32))  # fmt: skip
+    history = dataset.matrix(0) + dataset.matrix(1) + dataset.matrix(2)  # serving excludes everything seen
+    history = history.tocsr()
+    history.sort_indices()
+    np.savez(staging / "user_history.npz", indptr=history.indptr.astype(np.int64), indices=history.indices.astype(np.int64))
+    with (staging / "item_metadata.jsonl").open("w") as f:
+        for item_id, text in zip(dataset.item_ids, dataset.item_text, strict=True):
+            f.write(json.dumps({"id": item_id, "text": text}) + "\n")
+    for name, m in dataset.modalities.items():
+        np.save(staging / "item_features" / f"{name}.npy", m.features.astype(np.float32))
+        np.save(staging / "item_features" / f"{name}.mask.npy", m.present.astype(bool))
+    index, index_info = build_index(item_vectors, config)
+    faiss.write_index(index, str(staging / "item_index.faiss"))
+
+    item_encoder: dict[str, Any] | None = None
+    modalities: dict[str, Any] = {}
+    if dataset.modalities:
+        native = model.content_encoder()
+        ridge_report: dict[str, Any] = {}
+        if native is None:
+            native, ridge_report = fit_ridge_map(dataset, item_vectors, holdout=config.ridge_holdout)
+        native.eval()
+        dims = {name: m.dim for name, m in dataset.modalities.items()}
+        inputs = export_item_encoder(native, dims, staging / "item_encoder.onnx")
+        item_encoder = {
+            "onnx": "item_encoder.onnx",
+            "method": "ridge-map" if ridge_report else "native",
+            "inputs": inputs,
+            "outputs": {"item_vector": "item_vector"},
+            "extra_outputs": {},
+            **({"fit": ridge_report} if ridge_report else {}),
+        }
+        modalities = _modality_encoder_entries(dataset, staging, config)
+
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    files = {
+        str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
+    }
+    content_hash = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]
+    metrics = run.metrics
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "bundle_version": f"{run.model_name}-{dataset.name}-{created.replace('-', '').replace(':', '')}-{content_hash}",
+        "created": created,
+        "model": {"name": run.model_name, "kind": "sequential" if reps.users is None else "collaborative",
+                  "config": config_to_dict(model.config) if hasattr(model, "config") else {}},  # fmt: skip
+        "dataset": {"name": dataset.name, "split": dataset.split_name, "n_users": dataset.n_users,
+                    "n_items": dataset.n_items},  # fmt: skip
+        "dim": int(item_vectors.shape[1]),
+        "score": "inner_product",
+        "index": index_info,
+        "modalities": modalities,
+        "item_encoder": item_encoder,
+        "user_tower": None,
+        "fallback": {"unknown_user": "history-mean, else popularity"},
+        "metrics": {"valid": metrics.get("valid", {}), "test": metrics.get("test", {}),
+                    "best_epoch": metrics.get("best_epoch"), "run_dir": str(run_dir)},  # fmt: skip
+        "files": files,
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
