@@ -1,0 +1,515 @@
+"""Open a model bundle (docs/bundle-format.md) for serving: verify it, load its arrays, index and ONNX graphs.
+
+Only numpy, faiss, onnxruntime and tokenizers: the bundle is the whole contract with training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from service.settings import Device
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mmrec-bundle"
+SUPPORTED_FORMAT_VERSIONS = (1,)
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+class BundleError(Exception):
+    """The bundle cannot be served; the message names the file or field at fault."""
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What runs where, decided once from ``settings.device`` and what the installed wheels offer."""
+
+    device: Literal["cpu", "cuda"]
+    ort_providers: tuple[str, ...]
+    faiss_gpu: bool
+
+
+def plan_device(requested: Device) -> DevicePlan:
+    available = ort.get_available_providers()
+    cuda_ort = CUDA_PROVIDER in available
+    if requested == "cuda" and not cuda_ort:
+        raise BundleError(
+            f"device=cuda but onnxruntime offers no {CUDA_PROVIDER} (available: {', '.join(available)}); "
+            "install the gpu extra or use device=auto"
+        )
+    use_cuda = requested != "cpu" and cuda_ort
+    faiss_gpu = requested != "cpu" and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0
+    providers = (CUDA_PROVIDER, CPU_PROVIDER) if use_cuda else (CPU_PROVIDER,)
+    return DevicePlan(device="cuda" if use_cuda or faiss_gpu else "cpu", ort_providers=providers, faiss_gpu=faiss_gpu)
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    tokenizer: Tokenizer
+    session: ort.InferenceSession
+    max_length: int
+    input_names: tuple[str, ...]
+    output_name: str
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    session: ort.InferenceSession
+    size: int
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_name: str
+    output_name: str
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One content modality of the item encoder: its feature size and, when the bundle ships one, its encoder."""
+
+    name: str
+    dim: int
+    text: TextSpec | None = None
+    image: ImageSpec | None = None
+
+
+@dataclass(frozen=True)
+class EncoderInput:
+    name: str
+    modality: str
+    mask: bool
+
+
+@dataclass(frozen=True)
+class ItemEncoderSpec:
+    session: ort.InferenceSession
+    method: str
+    inputs: tuple[EncoderInput, ...]
+    vector_output: str
+    extra_outputs: dict[str, str]  # onnx output name -> response field
+
+
+@dataclass(frozen=True)
+class UserTowerSpec:
+    session: ort.InferenceSession
+    max_length: int
+    vectors_input: str
+    mask_input: str
+    output_name: str
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    version: str
+    dim: int
+    item_ids: list[str]
+    user_ids: list[str]
+    item_vectors: np.ndarray  # (n_items, dim) float32
+    user_vectors: np.ndarray | None  # (n_users, dim) float32
+    popularity: np.ndarray  # (n_items,) float32
+    history_indptr: np.ndarray  # (n_users + 1,) int64
+    history_indices: np.ndarray  # (nnz,) int64 item rows, oldest first within a user
+    item_metadata: list[dict[str, Any]]
+    index: Any  # faiss.IndexIDMap2 (possibly GPU-backed)
+    index_type: str
+    index_on_gpu: bool
+    modalities: dict[str, Modality]
+    item_encoder: ItemEncoderSpec
+    user_tower: UserTowerSpec | None
+    plan: DevicePlan
+    user_rows: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        return str(self.manifest["model"]["name"])
+
+    @property
+    def dataset_name(self) -> str:
+        return str(self.manifest.get("dataset", {}).get("name", "unknown"))
+
+    @property
+    def text_modality(self) -> Modality | None:
+        return next((m for m in self.modalities.values() if m.text is not None), None)
+
+    @property
+    def image_modality(self) -> Modality | None:
+        return next((m for m in self.modalities.values() if m.image is not None), None)
+
+    def training_history(self, user_row: int) -> np.ndarray:
+        return self.history_indices[self.history_indptr[user_row] : self.history_indptr[user_row + 1]]
+
+
+def load_bundle(path: Path, *, plan: DevicePlan, verify_hashes: bool = True) -> Bundle:
+    """Read and check a bundle; raises :class:`BundleError` naming the file or field at fault."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    files = _bundle_files(path, manifest, verify_hashes=verify_hashes)
+    dim = _positive_int(manifest, "dim")
+    if manifest.get("score", "inner_product") != "inner_product":
+        raise BundleError(f"manifest.json: score {manifest['score']!r} is not supported (inner_product only)")
+
+    item_ids = [str(i) for i in _read_json_list(files, "item_ids.json")]
+    n_items = len(item_ids)
+    if len(set(item_ids)) != n_items:
+        raise BundleError("item_ids.json: item ids are not unique")
+    item_vectors = _read_matrix(files, "item_vectors.npy", (n_items, dim))
+    user_ids = [str(u) for u in _read_json_list(files, "user_ids.json")] if "user_ids.json" in files else []
+    user_vectors = (
+        _read_matrix(files, "user_vectors.npy", (len(user_ids), dim)) if "user_vectors.npy" in files else None
+    )
+    popularity = _read_array(files, "popularity.npy").astype(np.float32, copy=False)
+    if popularity.shape != (n_items,):
+        raise BundleError(f"popularity.npy: shape {popularity.shape}, expected ({n_items},)")
+    indptr, indices = _read_history(files, n_users=len(user_ids), n_items=n_items)
+    metadata = _read_metadata(files, item_ids)
+
+    plan_sessions = _SessionFactory(path, files, plan)
+    modalities = _read_modalities(manifest, plan_sessions, files)
+    item_encoder = _read_item_encoder(manifest, modalities, plan_sessions)
+    user_tower = _read_user_tower(manifest, plan_sessions)
+    index, index_type, index_on_gpu = _read_index(files, manifest, n_items=n_items, dim=dim, plan=plan)
+
+    return Bundle(
+        path=path,
+        manifest=manifest,
+        version=str(manifest["bundle_version"]),
+        dim=dim,
+        item_ids=item_ids,
+        user_ids=user_ids,
+        item_vectors=item_vectors,
+        user_vectors=user_vectors,
+        popularity=popularity,
+        history_indptr=indptr,
+        history_indices=indices,
+        item_metadata=metadata,
+        index=index,
+        index_type=index_type,
+        index_on_gpu=index_on_gpu,
+        modalities=modalities,
+        item_encoder=item_encoder,
+        user_tower=user_tower,
+        plan=plan,
+        user_rows={u: r for r, u in enumerate(user_ids)},
+    )
+
+
+# --- manifest and files -------------------------------------------------------------------------------------
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise BundleError(f"{path}: no manifest.json (is this a bundle directory?)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"manifest.json: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError("manifest.json: expected a JSON object")
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"manifest.json: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    version = manifest.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        supported = ", ".join(str(v) for v in SUPPORTED_FORMAT_VERSIONS)
+        raise BundleError(
+            f"manifest.json: bundle format_version {version!r} is not supported by this service (supports {supported})"
+        )
+    for key in ("bundle_version", "model", "dim", "item_encoder", "files"):
+        if key not in manifest:
+            raise BundleError(f"manifest.json: missing required field {key!r}")
+    return manifest
+
+
+def _bundle_files(path: Path, manifest: dict[str, Any], *, verify_hashes: bool) -> dict[str, Path]:
+    """The files the manifest lists, checked to exist (and to match their sha256)."""
+    listed = manifest["files"]
+    if not isinstance(listed, dict):
+        raise BundleError("manifest.json: 'files' must map file names to sha256 hex digests")
+    root = path.resolve()
+    files: dict[str, Path] = {}
+    for name, digest in listed.items():
+        file = (root / name).resolve()
+        if root not in file.parents:
+            raise BundleError(f"manifest.json: file {name!r} lies outside the bundle directory")
+        if not file.is_file():
+            raise BundleError(f"bundle file {name} is listed in manifest.json but missing")
+        if verify_hashes and _sha256(file) != str(digest).lower():
+            raise BundleError(f"bundle file {name}: sha256 differs from manifest.json (corrupted or modified)")
+        files[name] = file
+    for required in ("item_ids.json", "item_vectors.npy", "item_index.faiss", "popularity.npy"):
+        if required not in files:
+            raise BundleError(f"manifest.json: required file {required} is not listed in 'files'")
+    return files
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _require(files: dict[str, Path], name: str) -> Path:
+    if name not in files:
+        raise BundleError(f"manifest.json: file {name} is used by the bundle but not listed in 'files'")
+    return files[name]
+
+
+def _positive_int(obj: dict[str, Any], key: str, where: str = "manifest.json") -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise BundleError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _read_json_list(files: dict[str, Path], name: str) -> list[Any]:
+    try:
+        value = json.loads(_require(files, name).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{name}: not valid JSON ({exc})") from exc
+    if not isinstance(value, list):
+        raise BundleError(f"{name}: expected a JSON list")
+    return value
+
+
+def _read_array(files: dict[str, Path], name: str) -> np.ndarray:
+    try:
+        array: np.ndarray = np.load(_require(files, name), allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise BundleError(f"{name}: not a readable .npy array ({exc})") from exc
+    return array
+
+
+def _read_matrix(files: dict[str, Path], name: str, shape: tuple[int, int]) -> np.ndarray:
+    array = _read_array(files, name)
+    if array.shape != shape:
+        raise BundleError(f"{name}: shape {array.shape}, expected {shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise BundleError(f"{name}: dtype {array.dtype}, expected float32")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _read_history(files: dict[str, Path], *, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    if "user_history.npz" not in files:
+        return np.zeros(n_users + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    try:
+        with np.load(files["user_history.npz"], allow_pickle=False) as npz:
+            indptr = np.asarray(npz["indptr"], dtype=np.int64)
+            indices = np.asarray(npz["indices"], dtype=np.int64)
+    except (KeyError, ValueError, OSError) as exc:
+        raise BundleError(f"user_history.npz: expected arrays 'indptr' and 'indices' ({exc})") from exc
+    if indptr.shape != (n_users + 1,) or indptr[0] != 0 or indptr[-1] != len(indices) or np.any(np.diff(indptr) < 0):
+        raise BundleError(f"user_history.npz: indptr is not a CSR row pointer for {n_users} users")
+    if len(indices) and (indices.min() < 0 or indices.max() >= n_items):
+        raise BundleError(f"user_history.npz: item rows out of range [0, {n_items})")
+    return indptr, indices
+
+
+def _read_metadata(files: dict[str, Path], item_ids: list[str]) -> list[dict[str, Any]]:
+    if "item_metadata.jsonl" not in files:
+        return [{"id": i} for i in item_ids]
+    rows: list[dict[str, Any]] = []
+    with files["item_metadata.jsonl"].open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BundleError(f"item_metadata.jsonl line {line_no}: not valid JSON ({exc})") from exc
+            rows.append(row if isinstance(row, dict) else {})
+    if len(rows) != len(item_ids):
+        raise BundleError(f"item_metadata.jsonl: {len(rows)} rows, expected {len(item_ids)} (one per item)")
+    for r, (row, item_id) in enumerate(zip(rows, item_ids, strict=True)):
+        if str(row.get("id", item_id)) != item_id:
+            raise BundleError(f"item_metadata.jsonl row {r}: id {row.get('id')!r} differs from item_ids.json {item_id!r}")
+    return rows
+
+
+# --- ONNX graphs ---------------------------------------------------------------------------------------------
+
+
+class _SessionFactory:
+    def __init__(self, root: Path, files: dict[str, Path], plan: DevicePlan) -> None:
+        self.root, self.files, self.plan = root, files, plan
+
+    def open(self, name: str, *, role: str) -> ort.InferenceSession:
+        file = _require(self.files, name)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: ORT's info/warnings are noise at serving time
+        try:
+            return ort.InferenceSession(str(file), sess_options=options, providers=list(self.plan.ort_providers))
+        except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
+            raise BundleError(f"{name} ({role}): onnxruntime cannot open it ({exc})") from exc
+
+
+def _check_names(session: ort.InferenceSession, names: list[str], *, kind: str, file: str) -> None:
+    have = [x.name for x in (session.get_inputs() if kind == "input" else session.get_outputs())]
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise BundleError(f"{file}: the graph has no {kind} named {', '.join(missing)} (it has {', '.join(have)})")
+
+
+def _read_modalities(manifest: dict[str, Any], sessions: _SessionFactory, files: dict[str, Path]) -> dict[str, Modality]:
+    raw = manifest.get("modalities") or {}
+    if not isinstance(raw, dict):
+        raise BundleError("manifest.json: 'modalities' must be an object")
+    modalities: dict[str, Modality] = {}
+    for name, spec in raw.items():
+        where = f"manifest.json modalities.{name}"
+        if not isinstance(spec, dict):
+            raise BundleError(f"{where}: expected an object")
+        dim = _positive_int(spec, "dim", where)
+        onnx_file = spec.get("encoder_onnx")
+        text = image = None
+        if onnx_file and "tokenizer" in spec:
+            text = _read_text_spec(spec, sessions, files, where)
+        elif onnx_file:
+            image = _read_image_spec(spec, sessions, where)
+        modalities[name] = Modality(name=name, dim=dim, text=text, image=image)
+    if sum(m.text is not None for m in modalities.values()) > 1:
+        raise BundleError("manifest.json: more than one modality has a text encoder; the service supports one")
+    if sum(m.image is not None for m in modalities.values()) > 1:
+        raise BundleError("manifest.json: more than one modality has an image encoder; the service supports one")
+    return modalities
+
+
+def _read_text_spec(spec: dict[str, Any], sessions: _SessionFactory, files: dict[str, Path], where: str) -> TextSpec:
+    tokenizer_file = _require(files, spec["tokenizer"])
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+        raise BundleError(f"{spec['tokenizer']}: not a readable tokenizers file ({exc})") from exc
+    session = sessions.open(spec["encoder_onnx"], role="text encoder")
+    inputs = tuple(spec.get("onnx_inputs") or ("input_ids", "attention_mask"))
+    output = str(spec.get("onnx_output") or "sentence_embedding")
+    _check_names(session, list(inputs), kind="input", file=spec["encoder_onnx"])
+    _check_names(session, [output], kind="output", file=spec["encoder_onnx"])
+    return TextSpec(
+        tokenizer=tokenizer,
+        session=session,
+        max_length=_positive_int(spec, "max_length", where) if "max_length" in spec else 256,
+        input_names=inputs,
+        output_name=output,
+    )
+
+
+def _read_image_spec(spec: dict[str, Any], sessions: _SessionFactory, where: str) -> ImageSpec:
+    for key in ("size", "resize", "mean", "std"):
+        if key not in spec:
+            raise BundleError(f"{where}: image encoder needs {key!r}")
+    if spec["resize"] < spec["size"]:
+        raise BundleError(f"{where}: resize ({spec['resize']}) must be at least size ({spec['size']})")
+    mean, std = spec["mean"], spec["std"]
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise BundleError(f"{where}: mean and std must be 3 numbers (RGB), std positive")
+    session = sessions.open(spec["encoder_onnx"], role="image encoder")
+    inputs = list(spec.get("onnx_inputs") or ("pixels",))
+    output = str(spec.get("onnx_output") or "features")
+    _check_names(session, inputs, kind="input", file=spec["encoder_onnx"])
+    _check_names(session, [output], kind="output", file=spec["encoder_onnx"])
+    return ImageSpec(
+        session=session,
+        size=_positive_int(spec, "size", where),
+        resize=_positive_int(spec, "resize", where),
+        mean=(float(mean[0]), float(mean[1]), float(mean[2])),
+        std=(float(std[0]), float(std[1]), float(std[2])),
+        input_name=inputs[0],
+        output_name=output,
+    )
+
+
+def _read_item_encoder(
+    manifest: dict[str, Any], modalities: dict[str, Modality], sessions: _SessionFactory
+) -> ItemEncoderSpec:
+    spec = manifest["item_encoder"]
+    where = "manifest.json item_encoder"
+    if not isinstance(spec, dict) or "onnx" not in spec:
+        raise BundleError(f"{where}: expected an object with 'onnx'")
+    session = sessions.open(spec["onnx"], role="item encoder")
+    inputs: list[EncoderInput] = []
+    for raw in spec.get("inputs", []):
+        modality = raw.get("modality")
+        if modality not in modalities:
+            raise BundleError(f"{where}: input {raw.get('name')!r} names modality {modality!r}, not in 'modalities'")
+        mask = bool(raw.get("mask", False))
+        if not mask and raw.get("dim", modalities[modality].dim) != modalities[modality].dim:
+            raise BundleError(f"{where}: input {raw['name']!r} dim {raw['dim']} differs from modality {modality!r}")
+        inputs.append(EncoderInput(name=str(raw["name"]), modality=modality, mask=mask))
+    if not inputs:
+        raise BundleError(f"{where}: 'inputs' is empty")
+    vector_output = str((spec.get("outputs") or {}).get("item_vector", "item_vector"))
+    extra = {str(k): str(v) for k, v in (spec.get("extra_outputs") or {}).items()}
+    _check_names(session, [i.name for i in inputs], kind="input", file=spec["onnx"])
+    _check_names(session, [vector_output, *extra], kind="output", file=spec["onnx"])
+    return ItemEncoderSpec(
+        session=session,
+        method=str(spec.get("method", "native")),
+        inputs=tuple(inputs),
+        vector_output=vector_output,
+        extra_outputs=extra,
+    )
+
+
+def _read_user_tower(manifest: dict[str, Any], sessions: _SessionFactory) -> UserTowerSpec | None:
+    spec = manifest.get("user_tower")
+    if not spec:
+        return None
+    where = "manifest.json user_tower"
+    names = spec.get("inputs") or {}
+    session = sessions.open(spec["onnx"], role="user tower")
+    tower = UserTowerSpec(
+        session=session,
+        max_length=_positive_int(spec, "max_length", where),
+        vectors_input=str(names.get("item_vectors", "item_vectors")),
+        mask_input=str(names.get("mask", "mask")),
+        output_name=str(spec.get("output", "user_vector")),
+    )
+    _check_names(session, [tower.vectors_input, tower.mask_input], kind="input", file=spec["onnx"])
+    _check_names(session, [tower.output_name], kind="output", file=spec["onnx"])
+    return tower
+
+
+# --- index ---------------------------------------------------------------------------------------------------
+
+
+def _read_index(
+    files: dict[str, Path], manifest: dict[str, Any], *, n_items: int, dim: int, plan: DevicePlan
+) -> tuple[Any, str, bool]:
+    try:
+        index = faiss.read_index(str(files["item_index.faiss"]))
+    except RuntimeError as exc:
+        raise BundleError(f"item_index.faiss: FAISS cannot read it ({exc})") from exc
+    # No downcast_index here: its proxy would not own the index, which the original proxy frees on collection.
+    if not isinstance(index, faiss.IndexIDMap2):
+        raise BundleError(f"item_index.faiss: expected an IndexIDMap2, got {type(index).__name__}")
+    if index.d != dim or index.ntotal != n_items:
+        raise BundleError(f"item_index.faiss: holds {index.ntotal} vectors of dim {index.d}, expected {n_items} of {dim}")
+    if not np.array_equal(faiss.vector_to_array(index.id_map), np.arange(n_items, dtype=np.int64)):
+        raise BundleError("item_index.faiss: FAISS ids must be the item row numbers 0..n_items-1 in order")
+    spec = manifest.get("index") or {}
+    index_type = str(spec.get("type", "flat_ip"))
+    inner = faiss.downcast_index(index.index)
+    ef_search = (spec.get("params") or {}).get("efSearch")
+    if ef_search is not None and hasattr(inner, "hnsw"):
+        inner.hnsw.efSearch = int(ef_search)
+    if plan.faiss_gpu:
+        try:
+            return faiss.index_cpu_to_all_gpus(index), index_type, True
+        except (RuntimeError, AttributeError) as exc:  # e.g. HNSW has no GPU version: stay on CPU
+            log.warning("FAISS index stays on CPU: %s", exc)
+    return index, index_type, False

@@ -1,0 +1,117 @@
+"""The recommendation cache: serialised responses keyed by user, parameters, bundle and catalogue version.
+
+Catalogue or bundle changes invalidate by changing the key. A user's events invalidate that user's entries by
+bumping the user's generation: a response computed before an event lands under the old generation and is never
+read again, so a request racing with an event cannot re-cache a stale list. Entries expire after the TTL.
+
+Redis is used when configured (one hash per user plus a generation counter); otherwise an in-process LRU.
+A Redis failure is a miss, never an error: :class:`RedisDown` is left to the caller to count.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Protocol
+
+from service.redis_pool import RedisPool
+
+# One round trip: the user's generation and the entry for (generation, key).
+_GET_SCRIPT = """
+local gen = redis.call('GET', KEYS[1]) or '0'
+local value = redis.call('HGET', KEYS[2], gen .. '|' .. ARGV[1])
+return {gen, value or false}
+"""
+
+
+class RecommendationCache(Protocol):
+    backend: str
+
+    def get(self, user_id: str, key: str) -> tuple[str, str | None]:
+        """(the user's generation, the cached payload or None)."""
+        ...
+
+    def put(self, user_id: str, key: str, generation: str, payload: str) -> None: ...
+
+    def invalidate_user(self, user_id: str) -> None: ...
+
+
+class MemoryCache:
+    backend = "memory"
+
+    def __init__(self, *, ttl_s: float, max_entries: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, str, str], tuple[float, str]] = OrderedDict()
+        self._generations: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, user_id: str, key: str) -> tuple[str, str | None]:
+        with self._lock:
+            generation = str(self._generations.get(user_id, 0))
+            entry = self._entries.get((user_id, generation, key))
+            if entry is None:
+                return generation, None
+            if entry[0] < time.monotonic():
+                del self._entries[(user_id, generation, key)]
+                return generation, None
+            self._entries.move_to_end((user_id, generation, key))
+            return generation, entry[1]
+
+    def put(self, user_id: str, key: str, generation: str, payload: str) -> None:
+        with self._lock:
+            if generation != str(self._generations.get(user_id, 0)):
+                return  # the user's events changed while this was computed
+            self._entries[(user_id, generation, key)] = (time.monotonic() + self.ttl_s, payload)
+            self._entries.move_to_end((user_id, generation, key))
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def invalidate_user(self, user_id: str) -> None:
+        with self._lock:
+            # Old entries become unreachable; the LRU bound evicts them.
+            self._generations[user_id] = self._generations.get(user_id, 0) + 1
+
+
+class RedisCache:
+    backend = "redis"
+
+    def __init__(self, pool: RedisPool, *, ttl_s: float) -> None:
+        self.pool = pool
+        self.ttl_s = ttl_s
+        self._get = pool.client.register_script(_GET_SCRIPT)
+
+    def _keys(self, user_id: str) -> tuple[str, str]:
+        return self.pool.key("recgen", user_id), self.pool.key("rec", user_id)
+
+    def get(self, user_id: str, key: str) -> tuple[str, str | None]:
+        gen_key, hash_key = self._keys(user_id)
+        generation, value = self.pool.run(lambda client: self._get(keys=[gen_key, hash_key], args=[key], client=client))
+        if value is None:
+            return str(generation), None
+        expires, _, payload = str(value).partition("|")
+        if float(expires) < time.time():
+            return str(generation), None
+        return str(generation), payload
+
+    def put(self, user_id: str, key: str, generation: str, payload: str) -> None:
+        _, hash_key = self._keys(user_id)
+
+        def write(client: Any) -> None:
+            pipe = client.pipeline(transaction=False)
+            pipe.hset(hash_key, f"{generation}|{key}", f"{time.time() + self.ttl_s:.3f}|{payload}")
+            pipe.pexpire(hash_key, int(self.ttl_s * 1000))
+            pipe.execute()
+
+        self.pool.run(write)
+
+    def invalidate_user(self, user_id: str) -> None:
+        gen_key, hash_key = self._keys(user_id)
+
+        def write(client: Any) -> None:
+            pipe = client.pipeline(transaction=True)
+            pipe.incr(gen_key).delete(hash_key)
+            pipe.execute()
+
+        self.pool.run(write)

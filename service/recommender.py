@@ -1,0 +1,97 @@
+"""Scoring: who gets which items, and which strategy chose them.
+
+- known user, bundle with a user table: the user's vector against every live item ("user_vector");
+- sequence model (bundle with a ``user_tower``): the ONNX tower over the user's recent items ("user_tower");
+- unknown user with events, or an explicit history: the mean of the history's item vectors ("history");
+- otherwise: training popularity ("popularity").
+Items the user has seen (training history and recorded events) are excluded unless asked otherwise: FAISS is
+asked for ``k + n_seen`` and the seen rows are filtered out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from service.bundle import Bundle
+from service.catalogue import Catalogue
+
+log = logging.getLogger(__name__)
+
+Strategy = Literal["user_vector", "user_tower", "history", "popularity", "item_vector"]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    strategy: Strategy
+    items: list[tuple[str, float]]  # (item id, score), best first
+
+
+class Recommender:
+    def __init__(self, bundle: Bundle, catalogue: Catalogue) -> None:
+        self.bundle = bundle
+        self.catalogue = catalogue
+        self._by_popularity = np.argsort(-bundle.popularity, kind="stable")  # trained rows, most popular first
+
+    def known_user(self, user_id: str) -> bool:
+        return user_id in self.bundle.user_rows
+
+    def for_user(self, user_id: str, recent_item_ids: Sequence[str], *, k: int, exclude_seen: bool) -> Ranking:
+        """``recent_item_ids``: the user's recorded events, oldest first (ids deleted since are ignored)."""
+        user_row = self.bundle.user_rows.get(user_id)
+        trained = self.bundle.training_history(user_row).tolist() if user_row is not None else []
+        history = trained + self.catalogue.rows_of(recent_item_ids)  # oldest first
+        seen = set(history) if exclude_seen else set()
+        if self.bundle.user_tower is not None and history:
+            return self._rank(self._tower(history), "user_tower", k, seen)
+        if user_row is not None and self.bundle.user_vectors is not None:
+            return self._rank(self.bundle.user_vectors[user_row], "user_vector", k, seen)
+        if history:
+            return self._rank(self.catalogue.vectors(history).mean(axis=0), "history", k, seen)
+        return self._popular(k, seen)
+
+    def for_history(self, item_ids: Sequence[str], *, k: int, exclude_seen: bool) -> Ranking:
+        """An anonymous request: the history is given (oldest first); unknown ids raise UnknownItem (404)."""
+        history = [self.catalogue.row(i) for i in item_ids]
+        seen = set(history) if exclude_seen else set()
+        if not history:
+            return self._popular(k, seen)
+        if self.bundle.user_tower is not None:
+            return self._rank(self._tower(history), "user_tower", k, seen)
+        return self._rank(self.catalogue.vectors(history).mean(axis=0), "history", k, seen)
+
+    def similar(self, item_id: str, *, k: int) -> Ranking:
+        row = self.catalogue.row(item_id)
+        return self._rank(self.catalogue.vectors([row])[0], "item_vector", k, {row})
+
+    def _rank(self, query: np.ndarray, strategy: Strategy, k: int, exclude: set[int]) -> Ranking:
+        hits = self.catalogue.search(query.reshape(1, -1), k, [exclude])[0]
+        return Ranking(strategy, [(self.catalogue.item_id(row), score) for row, score in hits])
+
+    def _popular(self, k: int, exclude: set[int]) -> Ranking:
+        active = self.catalogue.active_mask()
+        items: list[tuple[str, float]] = []
+        # Ingested items have no interactions yet (popularity 0): they come after every trained item.
+        for row in [*self._by_popularity.tolist(), *self.catalogue.ingested_rows()]:
+            if len(items) == k:
+                break
+            if active[row] and row not in exclude:
+                score = float(self.bundle.popularity[row]) if row < self.catalogue.n_trained else 0.0
+                items.append((self.catalogue.item_id(row), score))
+        return Ranking("popularity", items)
+
+    def _tower(self, history: Sequence[int]) -> np.ndarray:
+        tower = self.bundle.user_tower
+        assert tower is not None
+        recent = list(history)[-tower.max_length :]
+        length = tower.max_length
+        vectors = np.zeros((1, length, self.bundle.dim), dtype=np.float32)  # (B, L, dim), left-padded
+        mask = np.zeros((1, length), dtype=np.float32)  # (B, L)
+        vectors[0, length - len(recent) :] = self.catalogue.vectors(recent)
+        mask[0, length - len(recent) :] = 1.0
+        output = tower.session.run([tower.output_name], {tower.vectors_input: vectors, tower.mask_input: mask})[0]
+        return np.asarray(output, dtype=np.float32).reshape(-1)

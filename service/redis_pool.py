@@ -1,0 +1,89 @@
+"""The Redis connection pool, opened in the app's lifespan, with a short circuit breaker.
+
+When Redis stops answering, every caller gets :class:`RedisDown` at once for ``retry_after_s`` instead of
+waiting on a socket timeout per request; reads then degrade (uncached, no recent events) and writes are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RedisDown(Exception):
+    """Redis is unreachable (or was a moment ago)."""
+
+
+class RedisPool:
+    def __init__(self, url: str, *, prefix: str, timeout_s: float, retry_after_s: float) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.client: redis.Redis = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),  # the breaker below decides when to try again
+            decode_responses=True,
+        )
+        self.retry_after_s = retry_after_s
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self.last_error: str | None = None
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def run(self, operation: Callable[[redis.Redis], T]) -> T:
+        """Run one operation (a command or a pipeline) against Redis; :class:`RedisDown` if it cannot."""
+        with self._lock:
+            if time.monotonic() < self._down_until:
+                raise RedisDown(self.last_error or "redis unreachable")
+        try:
+            result = operation(self.client)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._mark_down(exc)
+            raise RedisDown(self.last_error or "redis unreachable") from exc
+        if self.last_error is not None:
+            log.info("redis reachable again at %s", self.url)
+        self.last_error = None
+        return result
+
+    def ping(self) -> bool:
+        """Probe Redis now, ignoring the breaker (used by /readyz)."""
+        try:
+            self.client.ping()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._mark_down(exc)
+            return False
+        with self._lock:
+            self._down_until = 0.0
+        self.last_error = None
+        return True
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _mark_down(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.last_error is None:
+                log.warning("redis unreachable at %s: %s", self.url, exc)
+            self.last_error = f"redis unreachable at {_safe_url(self.url)}: {exc}"
+            self._down_until = time.monotonic() + self.retry_after_s
+
+
+def _safe_url(url: str) -> str:
+    """The URL without a password, for messages."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"

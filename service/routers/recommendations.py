@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service import reads
+from service.deps import KParam, RuntimeDep, UserIdPath
+from service.schemas import ErrorResponse, RecommendationList, RecommendationRequest
+
+router = APIRouter(prefix="/v1", tags=["recommendations"])
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    404: {"model": ErrorResponse, "description": "An item of the history is unknown."},
+    422: {"model": ErrorResponse, "description": "k out of range or a malformed request."},
+}
+
+
+@router.get("/users/{user_id}/recommendations", response_model=RecommendationList, responses=ERRORS)
+def recommend_for_user(
+    user_id: UserIdPath, runtime: RuntimeDep, k: KParam = None, exclude_seen: bool = True
+) -> RecommendationList:
+    """Top-k items for a user, seen items excluded by default. Unknown users get a fallback: the mean of
+    their recorded events' item vectors ("history"), else training popularity ("popularity")."""
+    return reads.recommend_for_user(runtime, user_id, k=k, exclude_seen=exclude_seen)
+
+
+@router.post("/recommendations", response_model=RecommendationList, responses=ERRORS)
+def recommend(body: RecommendationRequest, runtime: RuntimeDep) -> RecommendationList:
+    """Top-k items for a user id, or for an explicit recent-item history (most recent last)."""
+    if body.user_id is not None:
+        return reads.recommend_for_user(runtime, body.user_id, k=body.k, exclude_seen=body.exclude_seen)
+    return reads.recommend_for_history(runtime, body.history or [], k=body.k, exclude_seen=body.exclude_seen)

@@ -1,0 +1,225 @@
+"""Request and response bodies of the API, separate models for each direction (``ItemCreate`` / ``ItemPublic``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
+
+Strategy = Literal["user_vector", "user_tower", "history", "popularity", "item_vector"]
+
+
+def _not_dots(value: str) -> str:
+    if value in (".", ".."):
+        raise ValueError("'.' and '..' cannot be item ids (they are path segments)")
+    return value
+
+
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+NewItemId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=256, pattern=r"^[^/\x00-\x1f\x7f]+$"),
+    AfterValidator(_not_dots),
+]
+UserId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+FeatureValue = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- items ---------------------------------------------------------------------------------------------------
+
+
+class ItemCreate(_Request):
+    """A new item. Give its content as raw text, an image, and/or precomputed modality features (all optional,
+    at least one needed); what the bundle cannot encode is refused with 422."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"id": "new-item-1", "text": "A quiet film about a lighthouse keeper.", "metadata": {"year": 2024}}]
+        },
+    )
+
+    id: NewItemId = Field(description="New, unique item id (no '/', no control characters).")
+    text: str | None = Field(default=None, max_length=100_000, description="Encoded by the bundle's text encoder.")
+    image_base64: str | None = Field(
+        default=None, description="An image file (JPEG, PNG, ...) in base64, or a data: URL; encoded by the image encoder."
+    )
+    features: dict[str, list[FeatureValue]] = Field(
+        default_factory=dict, description="Precomputed modality features: {modality: [d_m floats]}, see /v1/models."
+    )
+    metadata: dict[str, JsonValue] = Field(default_factory=dict, description="Stored and returned verbatim.")
+
+
+class ItemPublic(BaseModel):
+    id: str
+    source: Literal["trained", "ingested"]
+    text: str | None
+    metadata: dict[str, Any]
+    extra: dict[str, Any] = Field(description="Model outputs for the item (bundle extra_outputs, metadata extras).")
+    modalities: list[str] = Field(description="Modalities the item's vector was computed from (when known).")
+    created: datetime | None
+
+
+class ItemDeleted(BaseModel):
+    id: str
+    deleted: Literal[True] = True
+    catalogue_version: str
+
+
+class ScoredItem(BaseModel):
+    id: str
+    score: float = Field(description="Inner product of the query vector and the item vector (popularity: count).")
+
+
+class SimilarItems(BaseModel):
+    item_id: str
+    k: int
+    strategy: Strategy
+    items: list[ScoredItem]
+    bundle_version: str
+    catalogue_version: str
+
+
+# --- recommendations -----------------------------------------------------------------------------------------
+
+
+class RecommendationRequest(_Request):
+    """Either a user id (as ``GET /v1/users/{user_id}/recommendations``) or an explicit recent-item history."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"user_id": "42", "k": 10}, {"history": ["item-1", "item-2"], "k": 5}]},
+    )
+
+    user_id: UserId | None = None
+    history: list[ItemId] | None = Field(default=None, max_length=1000, description="Item ids, most recent last.")
+    k: int | None = Field(default=None, description="How many items (default: the service's default_k).")
+    exclude_seen: bool = True
+
+    @model_validator(mode="after")
+    def _one_subject(self) -> RecommendationRequest:
+        if (self.user_id is None) == (self.history is None):
+            raise ValueError("give exactly one of user_id or history")
+        return self
+
+
+class RecommendationList(BaseModel):
+    user_id: str | None
+    strategy: Strategy = Field(
+        description="user_vector: the model's user vector; user_tower: the sequence model over recent items; "
+        "history: mean of the history's item vectors (unknown user with events); popularity: training popularity."
+    )
+    k: int
+    exclude_seen: bool
+    items: list[ScoredItem]
+    bundle_version: str
+    catalogue_version: str
+    cached: bool = False
+
+
+# --- users ---------------------------------------------------------------------------------------------------
+
+
+class EventCreate(_Request):
+    item_id: ItemId
+    kind: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "interaction"
+    timestamp: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
+        default=None, description="Unix seconds; default: when received. Events are kept in the order received."
+    )
+
+
+class EventsCreate(_Request):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"events": [{"item_id": "item-1"}]}]})
+
+    events: list[EventCreate] = Field(min_length=1, max_length=1000)
+
+
+class EventPublic(BaseModel):
+    item_id: str
+    kind: str
+    timestamp: float
+
+
+class EventsRecorded(BaseModel):
+    user_id: str
+    recorded: int
+    retained: int = Field(description="Events now kept for the user (the oldest are dropped beyond history_length).")
+
+
+class UserEvents(BaseModel):
+    user_id: str
+    events: list[EventPublic]
+
+
+# --- system --------------------------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "degraded"]
+    bundle: Literal["loaded"]
+    bundle_version: str
+    cache: Literal["redis", "embedded", "unavailable"]
+    store: Literal["redis", "sqlite", "unavailable"]
+    catalogue: str
+    redis_error: str | None = None
+
+
+class ModalityInfo(BaseModel):
+    dim: int
+    encoder: str | None
+    accepts: list[Literal["features", "text", "image_base64"]]
+
+
+class IndexInfo(BaseModel):
+    type: str
+    approximate: bool
+    size: int
+    faiss_gpu: bool
+
+
+class ModelInfo(BaseModel):
+    model: str
+    kind: str | None
+    bundle_version: str
+    created: str | None
+    dataset: dict[str, Any]
+    dim: int
+    score: str
+    index: IndexInfo
+    modalities: dict[str, ModalityInfo]
+    item_encoder_method: str
+    extra_outputs: list[str]
+    user_tower: bool
+    device: Literal["cpu", "cuda"]
+    ort_providers: list[str]
+    faiss_gpu: bool
+    index_size: int
+    catalogue_version: str
+    fallback: str
+    metrics: dict[str, Any]
+
+
+class ReloadResult(BaseModel):
+    previous_version: str
+    bundle_version: str
+    index_size: int
+    catalogue_version: str
+
+
+class ErrorDetail(BaseModel):
+    location: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="What was wrong, naming the field, item or limit.")
+    errors: list[ErrorDetail] | None = Field(default=None, description="Each validation problem, for 422s.")

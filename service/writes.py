@@ -1,0 +1,111 @@
+"""What the write endpoints do. Every write is made durable (Redis or the SQLite state) before the in-memory
+catalogue changes and before the answer goes out; if the store cannot take it, nothing changes and the client
+gets 503, so nothing acknowledged is ever lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from service.bundle import BundleError
+from service.catalogue import Catalogue, StoredItem
+from service.encoding import ItemContent
+from service.errors import Conflict, InvalidInput, Unavailable
+from service.events import Event
+from service.reads import item_public
+from service.redis_pool import RedisDown
+from service.runtime import Runtime
+from service.schemas import EventCreate, EventsRecorded, ItemCreate, ItemDeleted, ItemPublic, ReloadResult
+
+log = logging.getLogger(__name__)
+
+
+def ingest_items(runtime: Runtime, items: Sequence[ItemCreate]) -> list[ItemPublic]:
+    """Encode, store, then index a batch, all or nothing: 409 if an id exists, 422 if any item is invalid."""
+    if len(items) > runtime.settings.max_batch_items:
+        raise InvalidInput(f"batch has {len(items)} items, at most {runtime.settings.max_batch_items} are accepted")
+    ids = [item.id for item in items]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise InvalidInput(f"item id {duplicates[0]!r} appears more than once in the batch")
+    contents = [ItemContent(text=i.text, image_base64=i.image_base64, features=i.features) for i in items]
+    for _ in range(2):  # a reload between encoding and storing means encoding again with the new bundle
+        engine = runtime.require_synced()
+        _refuse_existing(engine.catalogue, ids)
+        encoded = engine.encoder.encode(contents)
+        now = time.time()
+        stored = [
+            StoredItem(
+                id=item.id,
+                text=item.text,
+                metadata=dict(item.metadata),
+                features=enc.features,
+                vector=enc.vector,
+                extra=enc.extra,
+                bundle_version=engine.bundle.version,
+                created=now,
+            )
+            for item, enc in zip(items, encoded, strict=True)
+        ]
+        with runtime.write_lock:
+            if runtime.engine is not engine:
+                continue
+            _refuse_existing(engine.catalogue, ids)
+            version = runtime.catalogue_store.add(stored)
+            engine.catalogue.add(stored)
+            engine.catalogue.version = str(version)
+        runtime.metrics.items_ingested.inc(len(stored))
+        return [item_public(engine.catalogue.describe(i)) for i in ids]
+    raise Unavailable("the bundle was reloaded twice while these items were encoded; send them again")
+
+
+def delete_item(runtime: Runtime, item_id: str) -> ItemDeleted:
+    runtime.require_synced()
+    with runtime.write_lock:
+        engine = runtime.engine
+        ingested = engine.catalogue.is_ingested(item_id)  # 404 for an unknown id
+        version = runtime.catalogue_store.delete(item_id, ingested=ingested)
+        engine.catalogue.remove(item_id)
+        engine.catalogue.version = str(version)
+    runtime.metrics.items_deleted.inc()
+    return ItemDeleted(id=item_id, catalogue_version=engine.catalogue.version)
+
+
+def record_events(runtime: Runtime, user_id: str, events: Sequence[EventCreate]) -> EventsRecorded:
+    runtime.sync()
+    catalogue = runtime.engine.catalogue
+    for event in events:
+        catalogue.row(event.item_id)  # 404 naming the first unknown item
+    now = time.time()
+    stored = [Event(item_id=e.item_id, kind=e.kind, timestamp=e.timestamp if e.timestamp is not None else now) for e in events]
+    retained = runtime.event_store.append(user_id, stored)
+    try:
+        runtime.cache.invalidate_user(user_id)
+    except RedisDown as exc:  # the events are stored; cached lists expire with their TTL
+        log.warning("cache not invalidated for user %r: %s", user_id, exc)
+    runtime.metrics.events_recorded.inc(len(stored))
+    return EventsRecorded(user_id=user_id, recorded=len(stored), retained=retained)
+
+
+def reload_bundle(runtime: Runtime) -> ReloadResult:
+    try:
+        previous, engine = runtime.reload()
+    except BundleError as exc:
+        raise Conflict(
+            f"bundle at {runtime.settings.bundle_dir} cannot be served, still serving "
+            f"{runtime.engine.bundle.version}: {exc}"
+        ) from exc
+    return ReloadResult(
+        previous_version=previous,
+        bundle_version=engine.bundle.version,
+        index_size=engine.catalogue.size,
+        catalogue_version=engine.catalogue.version,
+    )
+
+
+def _refuse_existing(catalogue: Catalogue, ids: Sequence[str]) -> None:
+    existing = [i for i in ids if i in catalogue]
+    if existing:
+        raise Conflict(f"item id {existing[0]!r} already exists; delete it first or use another id")
