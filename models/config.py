@@ -36,7 +36,12 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ConfigError(f"{name}={value!r}: expected true or false")
             return value.lower() in ("true", "1")
-        return bool(value)
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+        raise ConfigError(f"{name}={value!r}: expected true or false")
+    if annotation in (int, float) and isinstance(value, bool):
+        # bool is an int subclass: without this, `epochs = true` in a TOML preset would silently become 1
+        raise ConfigError(f"{name}={value!r}: expected {annotation.__name__}")
     if annotation in (int, float, str):
         try:
             coerced = annotation(value)

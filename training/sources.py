@@ -94,7 +94,9 @@ def read_ml100k_posters(paths: Paths) -> RawDataset:
             continue
         genres = [ML100K_GENRES[k] for k, col in enumerate(genre_columns) if row.get(col) == "1"]
         parts = [row["title"].strip(), ", ".join(genres), (row.get("overview") or "").strip()]
-        texts.append(". ".join(p for p in parts if p) + ".")
+        text = ". ".join(p for p in parts if p)
+        # Most TMDB overviews already end a sentence: add the full stop only where one is missing (no "..").
+        texts.append(text if text.endswith((".", "!", "?")) else text + ".")
     return RawDataset(
         name="ml100k-posters",
         user_ids=user_ids,
@@ -172,10 +174,14 @@ def read_mmrec(
     name = name or directory.name
     inter_path = _require(directory / f"{name}.inter")
     with inter_path.open(newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+        reader = csv.DictReader(f, delimiter="\t")
+        rows = list(reader)
+        header = list(reader.fieldnames or [])
     for column in ("userID", "itemID", "x_label"):
-        if rows and column not in rows[0]:
-            raise ValueError(f"{inter_path}: column {column!r} missing (found {list(rows[0])})")
+        if column not in header:
+            raise ValueError(f"{inter_path}: column {column!r} missing (found {header})")
+    if not rows:
+        raise ValueError(f"{inter_path}: no interactions")
     n_items = max(int(r["itemID"]) for r in rows) + 1
     n_users = max(int(r["userID"]) for r in rows) + 1
     if feature_files is None:

@@ -1,0 +1,242 @@
+"""The trainer on a small synthetic dataset (a few epochs, CPU): the run directory, repeatability, rebuilding the
+model from its checkpoint, selection on validation; and the results table's choice of grid point."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from training.dataset import TEST, VALID, InteractionDataset, Modality
+from training.evaluator import FullRankingEvaluator
+from training.results import read_runs, render, write_results
+from training.runs import load_run
+from training.splits import random_811
+from training.trainer import TrainConfig, TrainResult, train
+
+N_USERS, N_ITEMS = 40, 60
+FAST = TrainConfig(epochs=5, batch_size=64, learning_rate=0.01, patience=100, device="cpu", progress=False, seed=11)
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "popularity": {},
+    "bpr": {"embedding_size": 8},
+    "lightgcn": {"embedding_size": 8, "n_layers": 1},
+    "vbpr": {"embedding_size": 8},
+}
+
+
+def synthetic_dataset(*, modalities: bool = True) -> InteractionDataset:
+    """40 users in two taste groups (items 0–29 vs 30–59), 10 interactions each, random 8:1:1 split; a 4-d
+    "text" modality missing for items 0 and 1."""
+    rng = np.random.default_rng(0)
+    users, items = [], []
+    for u in range(N_USERS):
+        group = u % 2
+        liked = rng.choice(30, 8, replace=False) + 30 * group
+        other = rng.choice(30, 2, replace=False) + 30 * (1 - group)
+        users += [u] * 10
+        items += [*liked, *other]
+    user = np.array(users, dtype=np.int64)
+    mods = {}
+    if modalities:
+        present = np.ones(N_ITEMS, dtype=bool)
+        present[:2] = False
+        features = rng.normal(size=(N_ITEMS, 4)).astype(np.float32) * present[:, None]
+        mods["text"] = Modality("text", features, present, "synthetic")
+    return InteractionDataset(
+        name="synthetic" if modalities else "synthetic-ids",
+        split_name="random-811-seed1",
+        sequential=False,
+        user_ids=[f"u{u}" for u in range(N_USERS)],
+        item_ids=[f"i{i}" for i in range(N_ITEMS)],
+        user=user,
+        item=np.array(items, dtype=np.int64),
+        timestamp=np.arange(user.size, dtype=np.int64),
+        split=random_811(user, seed=1),
+        item_text=[None] * N_ITEMS,
+        item_image=[None] * N_ITEMS,
+        modalities=mods,
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("datasets") / "synthetic"
+    synthetic_dataset().save(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+_RUNS: dict[str, TrainResult] = {}
+
+
+def trained(model: str, dataset_dir: Path, runs_root: Path) -> TrainResult:
+    """One finished run per model, shared by the tests of this module."""
+    if model not in _RUNS:
+        data = InteractionDataset.load(dataset_dir)
+        _RUNS[model] = train(data, model, dataset_dir=dataset_dir, model_config=MODEL_CONFIGS[model],
+                             train_config=FAST, runs_root=runs_root)  # fmt: skip
+    return _RUNS[model]
+
+
+@pytest.mark.parametrize("model", list(MODEL_CONFIGS))
+def test_train_writes_the_run_directory(model: str, dataset_dir: Path, runs_root: Path) -> None:
+    result = trained(model, dataset_dir, runs_root)
+    assert result.run_dir is not None
+    assert result.run_dir.parent == runs_root / "synthetic" / model
+    assert {p.name for p in result.run_dir.iterdir()} == {"config.json", "metrics.json", "curve.png", "checkpoint.pt"}
+    assert (result.run_dir / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert config["model"] == model and config["dataset"]["dir"] == str(dataset_dir)
+    assert config["train_config"]["epochs"] == 5
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert {"best_epoch", "valid", "test", "history", "select_metric", "wall_seconds"} <= set(metrics)
+    assert metrics["best_epoch"] == result.best_epoch
+    assert metrics["valid"] == result.valid and metrics["test"] == result.test
+    assert set(result.valid) == {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map", "hit", "mrr")
+                                 for k in (5, 10, 20, 50)}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["bpr", "lightgcn", "vbpr"])
+def test_train_history_has_one_validation_per_epoch(model: str, dataset_dir: Path, runs_root: Path) -> None:
+    result = trained(model, dataset_dir, runs_root)
+    assert result.run_dir is not None
+    history = json.loads((result.run_dir / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert all("test" not in h for h in history)  # the test split is never part of what selection sees
+
+
+def test_train_popularity_is_evaluated_once_without_training(dataset_dir: Path, runs_root: Path) -> None:
+    result = trained("popularity", dataset_dir, runs_root)
+    assert result.run_dir is not None
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 0 and metrics["epochs_run"] == 0
+    assert [h["epoch"] for h in metrics["history"]] == [0] and metrics["history"][0]["loss"] is None
+
+
+@pytest.mark.parametrize("model", ["bpr", "lightgcn", "vbpr"])
+def test_train_best_epoch_is_the_first_best_validation_epoch(model: str, dataset_dir: Path, runs_root: Path) -> None:
+    result = trained(model, dataset_dir, runs_root)
+    assert result.run_dir is not None
+    history = json.loads((result.run_dir / "metrics.json").read_text())["history"]
+    recall = [h["valid"]["recall@20"] for h in history]
+    assert result.best_epoch == history[int(np.argmax(recall))]["epoch"]
+    assert result.valid == history[int(np.argmax(recall))]["valid"]
+
+
+@pytest.mark.parametrize("model", ["bpr", "vbpr"])
+def test_train_returns_the_best_validation_state(model: str, dataset_dir: Path, runs_root: Path) -> None:
+    # the returned model is the best-validation epoch's: evaluating it again gives the reported metrics
+    result = trained(model, dataset_dir, runs_root)
+    data = InteractionDataset.load(dataset_dir)
+    assert FullRankingEvaluator(data, split=VALID).evaluate(result.model).metrics == pytest.approx(result.valid)
+    assert FullRankingEvaluator(data, split=TEST).evaluate(result.model).metrics == pytest.approx(result.test)
+
+
+@pytest.mark.parametrize("model", list(MODEL_CONFIGS))
+def test_load_run_rebuilds_the_trained_model(model: str, dataset_dir: Path, runs_root: Path) -> None:
+    result = trained(model, dataset_dir, runs_root)
+    assert result.run_dir is not None
+    loaded = load_run(result.run_dir)
+    assert loaded.model_name == model and not loaded.model.training
+    assert loaded.metrics["best_epoch"] == result.best_epoch
+    with torch.no_grad():
+        expected, actual = result.model.representations(), loaded.model.representations()
+    assert expected.users is not None and actual.users is not None
+    torch.testing.assert_close(actual.users, expected.users, rtol=0, atol=0)
+    torch.testing.assert_close(actual.items, expected.items, rtol=1e-6, atol=1e-7)
+
+
+def test_train_same_seed_gives_identical_metrics(dataset_dir: Path) -> None:
+    data = InteractionDataset.load(dataset_dir)
+    runs = [train(data, "bpr", dataset_dir=dataset_dir, model_config=MODEL_CONFIGS["bpr"], train_config=FAST,
+                  runs_root=None) for _ in range(2)]  # fmt: skip
+    assert runs[0].run_dir is None  # no runs root: nothing written
+    assert (runs[0].best_epoch, runs[0].valid, runs[0].test) == (runs[1].best_epoch, runs[1].valid, runs[1].test)
+    for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    other = train(data, "bpr", dataset_dir=dataset_dir, model_config=MODEL_CONFIGS["bpr"],
+                  train_config=replace(FAST, seed=12), runs_root=None)  # fmt: skip
+    assert not torch.equal(other.model.state_dict()["user_embedding.weight"],
+                           runs[0].model.state_dict()["user_embedding.weight"])  # fmt: skip
+
+
+def test_train_vbpr_refuses_a_dataset_without_modalities(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="vbpr needs item modalities and synthetic-ids has none"):
+        train(synthetic_dataset(modalities=False), "vbpr", dataset_dir=tmp_path, train_config=FAST, runs_root=None)
+
+
+# ------------------------------------------------------------------------------------------------- results
+def fake_run(root: Path, dataset: str, model: str, name: str, *, model_config: dict[str, Any], seed: int,
+             valid: float, test: float, split: str = "given", tag: str = "") -> None:  # fmt: skip
+    directory = root / dataset / model / name
+    directory.mkdir(parents=True)
+    metrics = {"recall@10": test / 2, "recall@20": test, "ndcg@10": test / 4, "ndcg@20": test / 3,
+               "mrr@20": test / 5, "hit@20": test * 2}  # fmt: skip
+    (directory / "metrics.json").write_text(json.dumps({
+        "model": model, "dataset": dataset, "seed": seed, "tag": tag, "best_epoch": 7,
+        "valid": {"recall@20": valid}, "test": metrics, "wall_seconds": 12.0, "seconds_per_epoch": 0.5,
+    }))  # fmt: skip
+    (directory / "config.json").write_text(json.dumps({
+        "model": model, "model_config": model_config, "dataset": {"name": dataset, "split": split},
+        "train_config": {"epochs": 10, "seed": seed, "progress": False, "device": "cpu"},
+    }))  # fmt: skip
+
+
+@pytest.fixture()
+def results_root(tmp_path: Path) -> Path:
+    # alpha/bpr: grid point A wins on VALID (0.30 vs 0.20) although B is better on TEST (0.40 vs 0.10)
+    fake_run(tmp_path, "alpha", "bpr", "a", model_config={"reg": 1}, seed=1, valid=0.30, test=0.10)
+    fake_run(tmp_path, "alpha", "bpr", "b", model_config={"reg": 2}, seed=1, valid=0.20, test=0.40)
+    # beta (sequential split)/lightgcn: one grid point, two seeds → mean ± std
+    for seed, test in ((1, 0.2), (2, 0.4)):
+        fake_run(tmp_path, "beta", "lightgcn", f"s{seed}", model_config={"n_layers": 2}, seed=seed, valid=0.5,
+                 test=test, split="loo-time")  # fmt: skip
+    return tmp_path
+
+
+def table_row(text: str, label: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_render_one_table_per_dataset_with_its_heading(results_root: Path) -> None:
+    text = render(read_runs(results_root))
+    assert [line for line in text.splitlines() if line.startswith("## ")] == ["## alpha", "## beta"]
+    assert sum(line.startswith("| Model |") for line in text.splitlines()) == 2
+    alpha, beta = text.split("## alpha")[1].split("## beta")
+    assert "| bpr |" in alpha and "lightgcn" not in alpha
+    assert "| lightgcn |" in beta and "| bpr |" not in beta
+    assert "MRR@20" in beta and "MRR@20" not in alpha  # sequential datasets get MRR and Hit columns
+
+
+def test_render_picks_the_grid_point_by_validation_recall(results_root: Path) -> None:
+    row = table_row(render(read_runs(results_root)), "bpr")
+    # columns: Model, Recall@10, Recall@20, NDCG@10, NDCG@20, valid Recall@20, best epoch, wall, s/epoch, seed, grid
+    assert row[2] == "0.1000"  # grid point A's TEST recall@20, not B's 0.4000
+    assert row[5] == "0.3000"
+    assert row[-1] == "2"
+
+
+def test_render_reports_mean_and_std_over_seeds(results_root: Path) -> None:
+    row = table_row(render(read_runs(results_root)), "lightgcn")
+    assert row[2] == "0.3000 ± 0.1414"  # recall@20 over seeds 0.2 and 0.4
+    assert row[-2] == "1,2"
+
+
+def test_write_results_writes_the_markdown_with_notes(results_root: Path, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.json"
+    notes.write_text(json.dumps({"alpha": ["first line", "second line"]}))
+    out = tmp_path / "docs" / "results.md"
+    text = write_results(results_root, out, notes)
+    assert out.read_text() == text
+    assert "first line\nsecond line" in text.split("## beta")[0]
