@@ -1,0 +1,423 @@
+"""Content encoders, feature cache and encoder ONNX export.
+
+References: sentence-transformers' own ``encode`` for the text encoder (1e-5); the torch encoders for their ONNX
+graphs run by onnxruntime (1e-4), the text graph fed by the ``tokenizers`` package as the service feeds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+from PIL import Image
+
+from training.encoders import (
+    IMAGE_DIM,
+    IMAGE_ENCODER_VERSION,
+    IMAGE_MEAN,
+    IMAGE_RESIZE,
+    IMAGE_SIZE,
+    IMAGE_STD,
+    TEXT_DIM,
+    TEXT_ENCODER_VERSION,
+    ImageEncoder,
+    TextEncoder,
+    UnreadableImageError,
+    preprocess_image,
+    text_model_dir,
+)
+from training.feature_cache import FeatureCache, feature_key
+from training.features import encode_images, encode_texts
+from training.onnx_export import export_image_encoder, export_text_encoder
+from training.settings import default_paths
+
+ort = pytest.importorskip("onnxruntime")
+tokenizers = pytest.importorskip("tokenizers")
+
+SENTENCES = [
+    "Toy Story (1995). Animation, Children's, Comedy. Led by Woody, Andy's toys live happily in his room.",
+    "GoldenEye",
+    "",  # [CLS] [SEP] only
+    "A plot that goes on and on, twisting and turning through every genre imaginable. " * 40,  # > 256 tokens
+]
+
+
+# -- fixtures -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_encoder() -> TextEncoder:
+    return TextEncoder(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def image_encoder() -> ImageEncoder:
+    return ImageEncoder(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def exported(
+    tmp_path_factory: pytest.TempPathFactory, text_encoder: TextEncoder, image_encoder: ImageEncoder
+) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bundle")
+    text = export_text_encoder(out, encoder=text_encoder)
+    image = export_image_encoder(out, encoder=image_encoder)
+    return out, text, image
+
+
+def synthetic_image_bytes(width: int = 150, height: int = 220, *, fmt: str = "PNG", seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) % 256], axis=-1)
+    pixels = np.clip(pixels + rng.integers(-20, 21, size=pixels.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@dataclass
+class CountingEncoder:
+    """A fake encoder: a deterministic vector per input, and a count of inputs it was asked to encode."""
+
+    version: str
+    dim: int = 8
+    n_inputs: int = 0
+    n_calls: int = 0
+
+    def _vector(self, content: bytes) -> NDArray[np.float32]:
+        seed = int.from_bytes(hashlib.sha256(content).digest()[:8], "little")
+        return np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+
+    def encode(self, batch: Sequence[str] | NDArray[np.float32]) -> NDArray[np.float32]:
+        self.n_calls += 1
+        self.n_inputs += len(batch)
+        if isinstance(batch, np.ndarray):
+            return np.stack([self._vector(x.tobytes()) for x in batch])
+        return np.stack([self._vector(x.encode()) for x in batch]).reshape(len(batch), self.dim)
+
+
+def run_session(path: Path, feeds: dict[str, NDArray[Any]]) -> NDArray[np.float32]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, feeds)
+    return np.asarray(output)
+
+
+# -- the torch encoders ---------------------------------------------------------------------------------------
+
+
+def test_text_encoder_equals_sentence_transformers(text_encoder: TextEncoder) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(str(text_model_dir()), device="cpu")
+    assert reference.max_seq_length == text_encoder.max_length
+    expected = reference.encode(SENTENCES, convert_to_numpy=True, batch_size=len(SENTENCES))
+    got = text_encoder.encode(SENTENCES)
+    assert got.dtype == np.float32 and got.shape == (len(SENTENCES), TEXT_DIM)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_text_encoder_truncates_to_max_length(text_encoder: TextEncoder) -> None:
+    input_ids, attention_mask = text_encoder.tokenize(SENTENCES)
+    assert input_ids.shape == attention_mask.shape == (len(SENTENCES), 256)
+    lengths = attention_mask.sum(dim=1).tolist()
+    assert lengths[2] == 2  # [CLS] [SEP]
+    assert all(length < 256 for length in lengths[:3]) and lengths[3] == 256
+    assert input_ids[3, -1].item() == text_encoder.tokenizer.token_to_id("[SEP]")
+    assert input_ids[2, 2:].eq(0).all()  # padded with [PAD] = 0
+
+
+def test_image_encoder_output_shape(image_encoder: ImageEncoder) -> None:
+    pixels = np.stack([preprocess_image(synthetic_image_bytes(seed=s)) for s in range(3)])
+    features = image_encoder.encode(pixels)
+    assert features.dtype == np.float32 and features.shape == (3, IMAGE_DIM)
+    assert np.isfinite(features).all()
+
+
+def test_image_encoder_rejects_wrong_pixel_shape(image_encoder: ImageEncoder) -> None:
+    with pytest.raises(ValueError, match=r"pixels must be \(N, 3, 224, 224\), got \(1, 3, 100, 100\)"):
+        image_encoder.encode(np.zeros((1, 3, 100, 100), dtype=np.float32))
+
+
+# -- preprocessing --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("width", "height"), [(92, 138), (138, 92), (300, 300), (1, 1), (640, 227)])
+def test_preprocess_image_shape_and_dtype(width: int, height: int) -> None:
+    pixels = preprocess_image(synthetic_image_bytes(width, height))
+    assert pixels.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert pixels.dtype == np.float32 and pixels.flags.c_contiguous
+
+
+def test_preprocess_image_normalises_with_inception_mean_and_std() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (120, 90), (127, 0, 255)).save(buffer, format="PNG")
+    pixels = preprocess_image(buffer.getvalue())
+    # (x / 255 - 127/255) / (128/255) == (x - 127) / 128
+    np.testing.assert_allclose(pixels[0], 0.0, atol=1e-6)
+    np.testing.assert_allclose(pixels[1], -127 / 128, atol=1e-6)
+    np.testing.assert_allclose(pixels[2], 1.0, atol=1e-6)
+
+
+def test_preprocess_image_centre_crops_the_resized_image() -> None:
+    # 100 wide x 200 high, top half black, bottom half white: resized to 256 x 512, the centre 224 rows straddle
+    # the boundary at row 256, so crop rows 0..111 are black and 112..223 white (bilinear blurs one row each).
+    buffer = io.BytesIO()
+    array = np.zeros((200, 100, 3), dtype=np.uint8)
+    array[100:] = 255
+    Image.fromarray(array).save(buffer, format="PNG")
+    pixels = preprocess_image(buffer.getvalue())
+    np.testing.assert_allclose(pixels[:, :110], -127 / 128, atol=1e-6)
+    np.testing.assert_allclose(pixels[:, 114:], 128 / 128, atol=1e-6)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image", synthetic_image_bytes(fmt="JPEG")[:200]])
+def test_preprocess_image_raises_unreadable_image_error(data: bytes) -> None:
+    with pytest.raises(UnreadableImageError, match="cannot decode image"):
+        preprocess_image(data)
+
+
+# -- ONNX export ----------------------------------------------------------------------------------------------
+
+
+def test_export_text_encoder_manifest(exported: tuple[Path, dict[str, Any], dict[str, Any]]) -> None:
+    out, text, _ = exported
+    assert text == {
+        "dim": 384,
+        "encoder": "all-MiniLM-L6-v2",
+        "encoder_onnx": "text_encoder.onnx",
+        "tokenizer": "tokenizer.json",
+        "max_length": 256,
+        "onnx_inputs": ["input_ids", "attention_mask"],
+        "onnx_output": "sentence_embedding",
+    }
+    assert (out / "text_encoder.onnx").is_file() and (out / "tokenizer.json").is_file()
+    assert not list(out.glob("*.data")), "weights must be inside the .onnx files"
+
+
+def test_export_image_encoder_manifest(exported: tuple[Path, dict[str, Any], dict[str, Any]]) -> None:
+    out, _, image = exported
+    assert image == {
+        "dim": 1280,
+        "encoder": "efficientnet-lite0",
+        "encoder_onnx": "image_encoder.onnx",
+        "size": IMAGE_SIZE,
+        "resize": IMAGE_RESIZE,
+        "mean": list(IMAGE_MEAN),
+        "std": list(IMAGE_STD),
+        "onnx_inputs": ["pixels"],
+        "onnx_output": "features",
+    }
+    assert image["size"] == 224 and image["resize"] == 256
+    np.testing.assert_allclose(image["mean"], [127 / 255] * 3)
+    np.testing.assert_allclose(image["std"], [128 / 255] * 3)
+    assert (out / "image_encoder.onnx").is_file()
+
+
+@pytest.mark.parametrize("texts", [SENTENCES, SENTENCES[:1], ["one", "two", "three"]])
+def test_text_onnx_with_tokenizers_equals_torch(
+    exported: tuple[Path, dict[str, Any], dict[str, Any]], text_encoder: TextEncoder, texts: list[str]
+) -> None:
+    out, manifest, _ = exported
+    # What the service does: the tokenizers package, the manifest's max_length, padding on.
+    tokenizer = tokenizers.Tokenizer.from_file(str(out / manifest["tokenizer"]))
+    tokenizer.enable_truncation(max_length=manifest["max_length"])
+    tokenizer.enable_padding()
+    encodings = tokenizer.encode_batch(texts)
+    input_ids = np.array([e.ids for e in encodings], dtype=np.int64)
+    attention_mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+    names = manifest["onnx_inputs"]
+    got = run_session(out / manifest["encoder_onnx"], {names[0]: input_ids, names[1]: attention_mask})
+    assert got.shape == (len(texts), TEXT_DIM) and got.dtype == np.float32
+    np.testing.assert_allclose(got, text_encoder.encode(texts), atol=1e-4, rtol=0)
+
+
+def test_exported_tokenizer_is_usable_without_configuration(
+    exported: tuple[Path, dict[str, Any], dict[str, Any]], text_encoder: TextEncoder
+) -> None:
+    out, manifest, _ = exported
+    tokenizer = tokenizers.Tokenizer.from_file(str(out / manifest["tokenizer"]))
+    encodings = tokenizer.encode_batch(SENTENCES)
+    input_ids, attention_mask = text_encoder.tokenize(SENTENCES)
+    assert [e.ids for e in encodings] == input_ids.tolist()
+    assert [e.attention_mask for e in encodings] == attention_mask.tolist()
+
+
+def test_image_onnx_equals_torch_on_synthetic_images(
+    exported: tuple[Path, dict[str, Any], dict[str, Any]], image_encoder: ImageEncoder
+) -> None:
+    out, _, manifest = exported
+    pixels = np.stack([preprocess_image(synthetic_image_bytes(fmt="JPEG", seed=s)) for s in range(2)])
+    got = run_session(out / manifest["encoder_onnx"], {manifest["onnx_inputs"][0]: pixels})
+    assert got.shape == (2, IMAGE_DIM)
+    np.testing.assert_allclose(got, image_encoder.encode(pixels), atol=1e-4, rtol=0)
+
+
+@pytest.mark.shared_data
+def test_image_onnx_equals_torch_on_a_real_poster(
+    exported: tuple[Path, dict[str, Any], dict[str, Any]], image_encoder: ImageEncoder
+) -> None:
+    poster = default_paths().data_root / "ml100k-posters" / "posters" / "1.jpg"
+    if not poster.is_file():
+        pytest.skip(f"shared data absent: {poster} (set MMREC_DATA_ROOT)")
+    out, _, manifest = exported
+    pixels = preprocess_image(poster.read_bytes())[None]
+    got = run_session(out / manifest["encoder_onnx"], {manifest["onnx_inputs"][0]: pixels})
+    np.testing.assert_allclose(got, image_encoder.encode(pixels), atol=1e-4, rtol=0)
+
+
+# -- feature cache --------------------------------------------------------------------------------------------
+
+
+def test_feature_key_differs_by_encoder_version() -> None:
+    assert feature_key("enc@1", b"same bytes") != feature_key("enc@2", b"same bytes")
+    assert feature_key("enc@1", b"same bytes") == feature_key("enc@1", b"same bytes")
+    assert feature_key("ab", b"c") != feature_key("a", b"bc")  # the separator keeps them apart
+    assert TEXT_ENCODER_VERSION != IMAGE_ENCODER_VERSION
+
+
+def test_feature_cache_round_trips_across_instances(tmp_path: Path) -> None:
+    vectors = {feature_key("v", bytes([i])): np.arange(i, i + 4, dtype=np.float32) for i in range(3)}
+    with FeatureCache(tmp_path / "sub" / "cache.sqlite") as cache:
+        cache.put_many(vectors)
+    with FeatureCache(tmp_path / "sub" / "cache.sqlite") as cache:
+        assert len(cache) == 3
+        got = cache.get_many([*vectors, "absent"])
+    assert set(got) == set(vectors)
+    for key, vector in vectors.items():
+        np.testing.assert_array_equal(got[key], vector)
+        assert got[key].dtype == np.float32
+
+
+def test_feature_cache_rejects_non_vectors(tmp_path: Path) -> None:
+    with FeatureCache(tmp_path / "cache.sqlite") as cache, pytest.raises(ValueError, match="must be 1-d"):
+        cache.put_many({"k": np.zeros((2, 2), dtype=np.float32)})
+
+
+def test_encode_texts_second_call_encodes_nothing(tmp_path: Path) -> None:
+    texts = ["alpha", "beta", "gamma", "alpha"]
+    encoder = CountingEncoder(version="fake-text@1")
+    with FeatureCache(tmp_path / "cache.sqlite") as cache:
+        first = encode_texts(texts, encoder=encoder, cache=cache, batch_size=2, progress=False)
+        assert encoder.n_inputs == 3 and first.n_encoded == 3  # "alpha" twice, encoded once
+        second = encode_texts(texts, encoder=encoder, cache=cache, batch_size=2, progress=False)
+    assert encoder.n_inputs == 3 and encoder.n_calls == 2
+    assert second.n_encoded == 0 and second.n_cache_hits == 4
+    np.testing.assert_array_equal(first.features, second.features)
+    np.testing.assert_array_equal(first.features[0], first.features[3])
+
+
+def test_encode_images_second_call_encodes_nothing(tmp_path: Path) -> None:
+    paths = []
+    for seed in range(3):
+        path = tmp_path / f"{seed}.png"
+        path.write_bytes(synthetic_image_bytes(40, 60, seed=seed))
+        paths.append(path)
+    encoder = CountingEncoder(version="fake-image@1")
+    with FeatureCache(tmp_path / "cache.sqlite") as cache:
+        first = encode_images(paths, encoder=encoder, cache=cache, progress=False)
+        second = encode_images(paths, encoder=encoder, cache=cache, progress=False)
+    assert encoder.n_inputs == 3 and encoder.n_calls == 1
+    assert second.n_encoded == 0 and second.n_cache_hits == 3 and second.present.all()
+    np.testing.assert_array_equal(first.features, second.features)
+
+
+def test_encode_texts_new_encoder_version_misses_the_cache(tmp_path: Path) -> None:
+    with FeatureCache(tmp_path / "cache.sqlite") as cache:
+        encode_texts(["a", "b"], encoder=CountingEncoder(version="v1"), cache=cache, progress=False)
+        other = CountingEncoder(version="v2")
+        result = encode_texts(["a", "b"], encoder=other, cache=cache, progress=False)
+        assert len(cache) == 4
+    assert other.n_inputs == 2 and result.n_cache_hits == 0
+
+
+def test_encode_texts_with_the_real_encoder_equals_encode(tmp_path: Path, text_encoder: TextEncoder) -> None:
+    texts = [SENTENCES[1], None, SENTENCES[0]]
+    with FeatureCache(tmp_path / "cache.sqlite") as cache:
+        result = encode_texts(texts, encoder=text_encoder, cache=cache, progress=False)
+    expected = text_encoder.encode([SENTENCES[1], SENTENCES[0]])
+    np.testing.assert_allclose(result.features[[0, 2]], expected, atol=1e-6)
+    np.testing.assert_array_equal(result.features[1], 0.0)
+
+
+# -- missing modalities ---------------------------------------------------------------------------------------
+
+
+def test_encode_texts_counts_missing_texts() -> None:
+    encoder = CountingEncoder(version="fake-text@1")
+    result = encode_texts(["ok", "", "   \n\t", None, "fine"], encoder=encoder, progress=False)
+    assert result.present.tolist() == [True, False, False, False, True]
+    assert result.n_missing_reasons == {"empty_text": 2, "no_text": 1}
+    assert result.n_missing == 3
+    np.testing.assert_array_equal(result.features[~result.present], 0.0)
+    assert encoder.n_inputs == 2
+
+
+def test_encode_images_counts_missing_images(tmp_path: Path) -> None:
+    good = tmp_path / "good.jpg"
+    good.write_bytes(synthetic_image_bytes(fmt="JPEG"))
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(synthetic_image_bytes(fmt="JPEG", seed=1)[:300])
+    a_directory = tmp_path / "dir.jpg"
+    a_directory.mkdir()
+    images = [good, None, corrupt, tmp_path / "absent.jpg", truncated, a_directory]
+    encoder = CountingEncoder(version="fake-image@1")
+    with FeatureCache(tmp_path / "cache.sqlite") as cache:
+        result = encode_images(images, encoder=encoder, cache=cache, progress=False)
+        assert len(cache) == 1  # a failed decode is not cached
+    assert result.present.tolist() == [True, False, False, False, False, False]
+    assert result.n_missing_reasons == {"no_image": 1, "unreadable_image": 3, "missing_image_file": 1}
+    np.testing.assert_array_equal(result.features[1:], 0.0)
+    assert encoder.n_inputs == 1
+
+
+# -- shapes ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 130])
+@pytest.mark.parametrize("batch_size", [1, 4, 64])
+@pytest.mark.parametrize("dim", [1, 16])
+def test_encode_texts_shapes(n: int, batch_size: int, dim: int) -> None:
+    texts = [f"text {i}" if i % 3 else None for i in range(n)]
+    encoder = CountingEncoder(version="fake-text@1", dim=dim)
+    result = encode_texts(texts, encoder=encoder, batch_size=batch_size, progress=False)
+    n_present = sum(t is not None for t in texts)
+    assert result.features.shape == (n, dim) and result.features.dtype == np.float32
+    assert result.present.shape == (n,) and result.present.dtype == np.bool_
+    assert int(result.present.sum()) == n_present == encoder.n_inputs
+    assert encoder.n_calls == -(-n_present // batch_size)
+    assert result.dim == dim and sum(result.n_missing_reasons.values()) == n - n_present
+
+
+@pytest.mark.parametrize("n", [0, 1, 5])
+def test_encode_images_shapes(tmp_path: Path, n: int) -> None:
+    paths: list[Path | None] = []
+    for i in range(n):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(synthetic_image_bytes(30 + i, 50, seed=i))
+        paths.append(path)
+    result = encode_images(paths, encoder=CountingEncoder(version="fake-image@1", dim=5), progress=False)
+    assert result.features.shape == (n, 5) and result.present.shape == (n,)
+    assert result.present.all()
+
+
+def test_encode_texts_rejects_an_encoder_with_the_wrong_output_shape() -> None:
+    @dataclass
+    class Wrong:
+        version: str = "wrong@1"
+        dim: int = 4
+
+        def encode(self, batch: Sequence[str]) -> NDArray[np.float32]:
+            return np.zeros((len(batch), 3), dtype=np.float32)
+
+    with pytest.raises(ValueError, match=r"text encoder returned shape \(2, 3\), expected \(2, 4\)"):
+        encode_texts(["a", "b"], encoder=Wrong(), progress=False)

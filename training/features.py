@@ -1,0 +1,257 @@
+"""Item content features: encode texts and images in batches, through the feature cache.
+
+A missing modality is a row of zeros with ``present`` False, never an exception: ``None`` inputs, empty or
+whitespace-only texts, image files that cannot be read or decoded. Each is counted under a reason in
+``ModalityFeatures.n_missing_reasons``:
+
+- ``no_text``: the text is ``None``;
+- ``empty_text``: the text is empty or whitespace only;
+- ``no_image``: the image path is ``None``;
+- ``missing_image_file``: the path does not exist;
+- ``unreadable_image``: the file cannot be read, or PIL cannot decode it.
+
+Only cache misses reach the encoder, each distinct content once (the 29 ml100k posters that repeat another's bytes
+are encoded once); each encoded batch is written to the cache before the next, so an interrupted run keeps its
+progress.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+from tqdm.auto import tqdm
+
+from training.encoders import UnreadableImageError, preprocess_image
+from training.feature_cache import FeatureCache, feature_key
+
+logger = logging.getLogger(__name__)
+
+BatchT_contra = TypeVar("BatchT_contra", contravariant=True)
+BatchT = TypeVar("BatchT")
+PreparedT = TypeVar("PreparedT")
+
+
+class ContentEncoder(Protocol[BatchT_contra]):
+    """What :func:`encode_texts` and :func:`encode_images` need from an encoder.
+
+    ``version`` names everything that changes the output (weights, pooling, preprocessing): it is part of the
+    cache key. ``encode`` maps a batch to float32 ``(len(batch), dim)``.
+    """
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode(self, batch: BatchT_contra, /) -> NDArray[np.float32]: ...
+
+
+@dataclass(frozen=True, eq=False)
+class ModalityFeatures:
+    """One modality's features for n items, row i for input i.
+
+    ``features``: float32 ``(n, d)``, zeros where the modality is missing; ``present``: bool ``(n,)``;
+    ``n_missing_reasons``: reason -> count, summing to the number of missing rows.
+    """
+
+    features: NDArray[np.float32]
+    present: NDArray[np.bool_]
+    n_missing_reasons: dict[str, int] = field(default_factory=dict)
+    n_cache_hits: int = 0  # rows whose vector came from the cache
+    n_encoded: int = 0  # distinct contents the encoder ran on
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def n_missing(self) -> int:
+        return int(self.present.size - np.count_nonzero(self.present))
+
+
+class _Missing(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def encode_texts(
+    texts: Sequence[str | None],
+    *,
+    encoder: ContentEncoder[Sequence[str]],
+    cache: FeatureCache | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> ModalityFeatures:
+    """Encode ``texts`` (``None`` or blank: missing) with ``encoder``, reading and filling ``cache``.
+
+    Misses are encoded in order of length, so that batches pad little; rows keep the input order.
+    """
+    contents: list[bytes | None] = []
+    reasons: dict[int, str] = {}
+    for i, text in enumerate(texts):
+        if text is None:
+            reasons[i] = "no_text"
+        elif not text.strip():
+            reasons[i] = "empty_text"
+        contents.append(text.encode("utf-8") if text is not None and i not in reasons else None)
+    return _encode(
+        contents,
+        reasons,
+        encoder=encoder,
+        prepare=lambda content: content.decode("utf-8"),
+        collate=list,
+        sort_by_length=True,
+        cache=cache,
+        batch_size=batch_size,
+        progress=progress,
+        description="text",
+    )
+
+
+def encode_images(
+    images: Sequence[Path | None],
+    *,
+    encoder: ContentEncoder[NDArray[np.float32]],
+    cache: FeatureCache | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> ModalityFeatures:
+    """Encode image files (``None``, absent, unreadable or undecodable: missing), reading and filling ``cache``.
+
+    Cache keys hash the file bytes; pixels are made by :func:`training.encoders.preprocess_image`.
+    """
+    contents: list[bytes | None] = []
+    reasons: dict[int, str] = {}
+    for i, path in enumerate(images):
+        data: bytes | None = None
+        if path is None:
+            reasons[i] = "no_image"
+        else:
+            try:
+                data = Path(path).read_bytes()
+            except FileNotFoundError:
+                reasons[i] = "missing_image_file"
+            except OSError as error:
+                logger.debug("cannot read %s: %s", path, error)
+                reasons[i] = "unreadable_image"
+        contents.append(data)
+    return _encode(
+        contents,
+        reasons,
+        encoder=encoder,
+        prepare=_decode_image,
+        collate=lambda pixels: np.stack(pixels),
+        sort_by_length=False,
+        cache=cache,
+        batch_size=batch_size,
+        progress=progress,
+        description="image",
+    )
+
+
+def _decode_image(content: bytes) -> NDArray[np.float32]:
+    try:
+        return preprocess_image(content)
+    except UnreadableImageError as error:
+        raise _Missing("unreadable_image") from error
+
+
+def _encode(
+    contents: list[bytes | None],
+    reasons: dict[int, str],
+    *,
+    encoder: ContentEncoder[BatchT],
+    prepare: Callable[[bytes], PreparedT],
+    collate: Callable[[list[PreparedT]], BatchT],
+    sort_by_length: bool,
+    cache: FeatureCache | None,
+    batch_size: int,
+    progress: bool,
+    description: str,
+) -> ModalityFeatures:
+    """The shared pipeline: key every content, take cache hits, encode distinct misses batch by batch.
+
+    ``contents[i]`` is None exactly where ``reasons`` has ``i``; ``prepare`` turns a content into one encoder input
+    or raises :class:`_Missing`; ``collate`` turns a list of those into the encoder's batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n, dim = len(contents), encoder.dim
+    features = np.zeros((n, dim), dtype=np.float32)
+    present = np.zeros(n, dtype=bool)
+
+    rows_of_key: dict[str, list[int]] = {}
+    content_of_key: dict[str, bytes] = {}
+    for i, content in enumerate(contents):
+        if content is None:
+            continue
+        key = feature_key(encoder.version, content)
+        rows_of_key.setdefault(key, []).append(i)
+        content_of_key.setdefault(key, content)
+
+    hits = cache.get_many(rows_of_key) if cache is not None else {}
+    n_cache_hits = 0
+    for key, vector in hits.items():
+        if vector.shape != (dim,):
+            logger.warning("ignoring cached %s vector of shape %s, not (%d,)", description, vector.shape, dim)
+            continue
+        rows = rows_of_key.pop(key)
+        features[rows] = vector
+        present[rows] = True
+        n_cache_hits += len(rows)
+
+    misses = list(rows_of_key)
+    if sort_by_length:
+        misses.sort(key=lambda k: len(content_of_key[k]))
+    n_encoded = 0
+    with tqdm(total=len(misses), desc=f"encode {description}", unit=description, disable=not progress) as bar:
+        for start in range(0, len(misses), batch_size):
+            batch_keys: list[str] = []
+            batch_inputs: list[PreparedT] = []
+            for key in misses[start : start + batch_size]:
+                try:
+                    batch_inputs.append(prepare(content_of_key[key]))
+                    batch_keys.append(key)
+                except _Missing as missing:
+                    for row in rows_of_key[key]:
+                        reasons[row] = missing.reason
+            if batch_keys:
+                vectors = np.asarray(encoder.encode(collate(batch_inputs)), dtype=np.float32)
+                if vectors.shape != (len(batch_keys), dim):
+                    raise ValueError(
+                        f"{description} encoder returned shape {vectors.shape}, expected {(len(batch_keys), dim)}"
+                    )
+                for key, vector in zip(batch_keys, vectors, strict=True):
+                    features[rows_of_key[key]] = vector
+                    present[rows_of_key[key]] = True
+                if cache is not None:
+                    cache.put_many(dict(zip(batch_keys, vectors, strict=True)))
+                n_encoded += len(batch_keys)
+            bar.update(min(batch_size, len(misses) - start))
+
+    n_missing_reasons = dict(Counter(reasons.values()))
+    logger.info(
+        "%s features: %d rows, %d present (%d from cache, %d encoded), missing %s",
+        description,
+        n,
+        int(present.sum()),
+        n_cache_hits,
+        n_encoded,
+        n_missing_reasons or "none",
+    )
+    return ModalityFeatures(
+        features=features,
+        present=present,
+        n_missing_reasons=n_missing_reasons,
+        n_cache_hits=n_cache_hits,
+        n_encoded=n_encoded,
+    )

@@ -1,0 +1,141 @@
+"""ONNX export of the item content encoders, with their manifest entries (docs/bundle-format.md, "modalities").
+
+The graphs are made by the torch.export-based exporter (``torch.onnx.export(..., dynamo=True)``, opset 18), with
+weights inside the ``.onnx`` file (no external data): the bundle lists one file per encoder.
+
+- ``text_encoder.onnx``: ``input_ids``, ``attention_mask`` int64 ``(N, T)`` -> ``sentence_embedding`` float32
+  ``(N, 384)``; mean pooling and L2 normalisation are inside the graph. ``tokenizer.json`` is the package's
+  tokenizer saved with truncation to ``max_length`` and batch-longest padding set (the packaged file pads and
+  truncates to a fixed 128), so that a service that loads it and applies the manifest's ``max_length`` gets the
+  training-time token ids either way.
+- ``image_encoder.onnx``: ``pixels`` float32 ``(N, 3, 224, 224)`` -> ``features`` float32 ``(N, 1280)``; the
+  preprocessing recipe (``resize``, ``size``, ``mean``, ``std``) goes into the manifest entry.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.encoders import (
+    IMAGE_MEAN,
+    IMAGE_RESIZE,
+    IMAGE_SIZE,
+    IMAGE_STD,
+    ImageEncoder,
+    TextEncoder,
+)
+
+ONNX_OPSET = 18
+TEXT_ONNX = "text_encoder.onnx"
+TEXT_TOKENIZER = "tokenizer.json"
+IMAGE_ONNX = "image_encoder.onnx"
+_BERT_MAX_POSITIONS = 512  # position-embedding table of MiniLM: the largest T the graph can take
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence two known, harmless warnings that torch 2.13's exporter raises from its own internals."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+        )
+        warnings.filterwarnings("ignore", message=r"# The axis name: ", category=UserWarning)
+        yield
+
+
+def _export(
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    *,
+    input_names: list[str],
+    output_name: str,
+    dynamic_shapes: dict[str, dict[int, Any]],
+) -> None:
+    with _quiet_exporter():
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            input_names=input_names,
+            output_names=[output_name],
+            dynamic_shapes=dynamic_shapes,
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+
+
+def export_text_encoder(
+    out_dir: str | os.PathLike[str], *, encoder: TextEncoder | None = None
+) -> dict[str, Any]:
+    """Write ``text_encoder.onnx`` and ``tokenizer.json`` into ``out_dir``; return the manifest's "text" entry.
+
+    ``encoder`` defaults to a freshly loaded :class:`TextEncoder` on the CPU.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = encoder if encoder is not None else TextEncoder(device="cpu")
+    # Two texts of different lengths, so that the traced example has padding under the mask.
+    input_ids, attention_mask = encoder.tokenize(["an example item text, long enough to pad", "short"])
+    batch = torch.export.Dim("batch")
+    tokens = torch.export.Dim("tokens", max=_BERT_MAX_POSITIONS)
+    _export(
+        encoder.module,
+        (input_ids.to(encoder.device), attention_mask.to(encoder.device)),
+        out / TEXT_ONNX,
+        input_names=["input_ids", "attention_mask"],
+        output_name="sentence_embedding",
+        dynamic_shapes={"input_ids": {0: batch, 1: tokens}, "attention_mask": {0: batch, 1: tokens}},
+    )
+    encoder.tokenizer.save(str(out / TEXT_TOKENIZER))
+    return {
+        "dim": encoder.dim,
+        "encoder": encoder.name,
+        "encoder_onnx": TEXT_ONNX,
+        "tokenizer": TEXT_TOKENIZER,
+        "max_length": encoder.max_length,
+        "onnx_inputs": ["input_ids", "attention_mask"],
+        "onnx_output": "sentence_embedding",
+    }
+
+
+def export_image_encoder(
+    out_dir: str | os.PathLike[str], *, encoder: ImageEncoder | None = None
+) -> dict[str, Any]:
+    """Write ``image_encoder.onnx`` into ``out_dir``; return the manifest's "image" entry.
+
+    ``encoder`` defaults to a freshly loaded :class:`ImageEncoder` on the CPU.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = encoder if encoder is not None else ImageEncoder(device="cpu")
+    example = torch.zeros((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32, device=encoder.device)
+    _export(
+        encoder.module,
+        (example,),
+        out / IMAGE_ONNX,
+        input_names=["pixels"],
+        output_name="features",
+        dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}},
+    )
+    return {
+        "dim": encoder.dim,
+        "encoder": encoder.name,
+        "encoder_onnx": IMAGE_ONNX,
+        "size": IMAGE_SIZE,
+        "resize": IMAGE_RESIZE,
+        "mean": list(IMAGE_MEAN),
+        "std": list(IMAGE_STD),
+        "onnx_inputs": ["pixels"],
+        "onnx_output": "features",
+    }
