@@ -68,6 +68,10 @@ class FullRankingEvaluator:
             seen = seen + dataset.matrix(VALID)
         self.seen = (seen > 0).astype(np.float32).tocsr()
         self.users = np.flatnonzero(np.diff(self.truth.indptr) > 0)
+        if self.users.size == 0:
+            raise ValueError(f"{dataset.name}: the {'valid' if split == VALID else 'test'} split has no interactions")
+        if max(self.topk) > dataset.n_items:
+            raise ValueError(f"top-k {max(self.topk)} exceeds the {dataset.n_items} items of {dataset.name}")
         # Sequence models read the user's chronological history: train items (+ valid item at test time).
         self._histories = dataset.chronological_history(through=split - 1)
 
