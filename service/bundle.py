@@ -127,7 +127,7 @@ class Bundle:
     index_type: str
     index_on_gpu: bool
     modalities: dict[str, Modality]
-    item_encoder: ItemEncoderSpec
+    item_encoder: ItemEncoderSpec | None  # None: a model without content features cannot ingest items
     user_tower: UserTowerSpec | None
     plan: DevicePlan
     user_rows: dict[str, int] = field(default_factory=dict)
@@ -227,7 +227,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise BundleError(
             f"manifest.json: bundle format_version {version!r} is not supported by this service (supports {supported})"
         )
-    for key in ("bundle_version", "model", "dim", "item_encoder", "files"):
+    for key in ("bundle_version", "model", "dim", "files"):
         if key not in manifest:
             raise BundleError(f"manifest.json: missing required field {key!r}")
     return manifest
@@ -435,8 +435,10 @@ def _read_image_spec(spec: dict[str, Any], sessions: _SessionFactory, where: str
 
 def _read_item_encoder(
     manifest: dict[str, Any], modalities: dict[str, Modality], sessions: _SessionFactory
-) -> ItemEncoderSpec:
-    spec = manifest["item_encoder"]
+) -> ItemEncoderSpec | None:
+    spec = manifest.get("item_encoder")
+    if spec is None:
+        return None
     where = "manifest.json item_encoder"
     if not isinstance(spec, dict) or "onnx" not in spec:
         raise BundleError(f"{where}: expected an object with 'onnx'")

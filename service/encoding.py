@@ -66,21 +66,22 @@ def decode_image(image_base64: str) -> Image.Image:
 
 
 def preprocess_image(image: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """RGB, shorter side resized to ``resize`` (bilinear), centre crop ``size``, /255, (x - mean) / std, CHW.
+    """The bundle's image recipe (docs/bundle-format.md), as training applies it: RGB; bilinear resize so the
+    shorter side is ``resize`` and the longer ``long * resize // short``; centre crop ``size`` at
+    ``((width - size) // 2, (height - size) // 2)``; ``/ 255``; ``(x - mean) / std`` in float32; HWC -> CHW.
 
-    The same arithmetic as torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` + ``ToTensor`` + ``Normalize``
-    on a PIL image. Returns float32 (3, size, size).
+    Returns float32 (3, size, size).
     """
     image = image.convert("RGB")
     width, height = image.size
     if width <= height:
-        new_w, new_h = spec.resize, int(spec.resize * height / width)
+        new_w, new_h = spec.resize, height * spec.resize // width
     else:
-        new_w, new_h = int(spec.resize * width / height), spec.resize
+        new_w, new_h = width * spec.resize // height, spec.resize
     image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    top, left = int(round((new_h - spec.size) / 2.0)), int(round((new_w - spec.size) / 2.0))
+    left, top = (new_w - spec.size) // 2, (new_h - spec.size) // 2
     image = image.crop((left, top, left + spec.size, top + spec.size))
-    pixels = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # (H, W, 3)
     pixels = (pixels - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, H, W)
 
@@ -95,14 +96,16 @@ def encode_images(spec: ImageSpec, images: Sequence[Image.Image]) -> np.ndarray:
 
 
 class TextEncoder:
-    """Tokenise (truncating to ``max_length``, padding to the longest) and run the sentence-embedding graph."""
+    """Tokenise (truncating to ``max_length``; padding as the tokenizer file says, else to the longest text) and
+    run the sentence-embedding graph."""
 
     def __init__(self, spec: TextSpec) -> None:
         self.spec = spec
         # A private copy: truncation is tokenizer state, and the bundle's tokenizer may be shared.
         self.tokenizer = Tokenizer.from_str(spec.tokenizer.to_str())
         self.tokenizer.enable_truncation(spec.max_length)
-        self.tokenizer.no_padding()
+        padding = self.tokenizer.padding
+        self.pad_id = int(padding["pad_id"]) if padding else 0
         types = {i.name: i.type for i in spec.session.get_inputs()}
         self.dtypes = {name: np.int32 if types.get(name) == "tensor(int32)" else np.int64 for name in spec.input_names}
         unknown = [n for n in spec.input_names if n not in ("input_ids", "attention_mask", "token_type_ids")]
@@ -112,7 +115,11 @@ class TextEncoder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         encodings = self.tokenizer.encode_batch(list(texts))
         length = max(1, max(len(e.ids) for e in encodings))
-        arrays = {name: np.zeros((len(texts), length), dtype=np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
+        arrays = {
+            "input_ids": np.full((len(texts), length), self.pad_id, dtype=np.int64),
+            "attention_mask": np.zeros((len(texts), length), dtype=np.int64),
+            "token_type_ids": np.zeros((len(texts), length), dtype=np.int64),
+        }
         for row, enc in enumerate(encodings):
             n = len(enc.ids)
             arrays["input_ids"][row, :n] = enc.ids
@@ -140,6 +147,11 @@ class ItemEncoder:
 
     def encode(self, contents: Sequence[ItemContent]) -> list[EncodedItem]:
         """Validate and encode a batch; :class:`InvalidInput` names the item (by position) and the problem."""
+        if self.spec is None:
+            raise InvalidInput(
+                f"bundle {self.bundle.version} has no item encoder (model trained without content features): "
+                "it cannot ingest new items"
+            )
         features = [self._given_features(c, position=i, batch=len(contents)) for i, c in enumerate(contents)]
         self._encode_texts(contents, features)
         self._encode_images(contents, features)
@@ -154,6 +166,8 @@ class ItemEncoder:
 
     def run(self, features: Sequence[Mapping[str, np.ndarray]]) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Run the item encoder graph: missing modalities are zeros with mask 0. Returns (N, dim) and extras."""
+        if self.spec is None:
+            raise InvalidInput(f"bundle {self.bundle.version} has no item encoder")
         n = len(features)
         feeds: dict[str, np.ndarray] = {}
         for inp in self.spec.inputs:
@@ -233,6 +247,8 @@ class ItemEncoder:
                 raise BundleError(
                     f"modality {modality.name}: encoder gives {probe[modality.name].shape[0]} values, manifest says {modality.dim}"
                 )
+        if self.spec is None:
+            return
         vectors, _ = self.run([probe])
         if vectors.shape != (1, self.bundle.dim):
             raise BundleError(f"item encoder: output {self.spec.vector_output} has shape {vectors.shape}, expected (N, {self.bundle.dim})")

@@ -69,7 +69,7 @@ class Engine:
     def _reencode(self, item: StoredItem) -> bool:
         """Give an item stored under another bundle a vector in this bundle's space, from its stored features."""
         modalities = self.bundle.modalities
-        if not item.features or any(m not in modalities or len(v) != modalities[m].dim for m, v in item.features.items()):
+        if self.encoder.spec is None or not item.features or any(m not in modalities or len(v) != modalities[m].dim for m, v in item.features.items()):
             return False
         vectors, extras = self.encoder.run([item.features])
         if not np.isfinite(vectors[0]).all():

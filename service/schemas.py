@@ -196,7 +196,7 @@ class ModelInfo(BaseModel):
     score: str
     index: IndexInfo
     modalities: dict[str, ModalityInfo]
-    item_encoder_method: str
+    item_encoder_method: str | None = Field(description="native, ridge-map, or None: the bundle cannot ingest items.")
     extra_outputs: list[str]
     user_tower: bool
     device: Literal["cpu", "cuda"]

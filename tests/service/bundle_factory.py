@@ -140,15 +140,17 @@ def make_bundle(
         }
         onnx.save(_image_encoder_graph(bundle.image_projection), out / "image_encoder.onnx")
 
-    # item encoder: features then mask, per modality in manifest order
+    # item encoder: features then mask, per modality in manifest order. Without modalities (a pure ID model)
+    # there is none, as the exporter writes it: item_encoder null.
     for name in modalities:
         bundle.inputs += [(name, name, False), (f"{name}_mask", name, True)]
     width = sum(dims[m] if not is_mask else 1 for _, m, is_mask in bundle.inputs)
-    bundle.weight = (rng.normal(size=(width, dim)) / np.sqrt(width)).astype(np.float32)
+    bundle.weight = (rng.normal(size=(width, dim)) / np.sqrt(max(width, 1))).astype(np.float32)
     bundle.bias = (0.1 * rng.normal(size=dim)).astype(np.float32)
     if extra_outputs:
         bundle.quality = rng.normal(size=(width, 1)).astype(np.float32)
-    onnx.save(_item_encoder_graph(bundle, dims), out / "item_encoder.onnx")
+    if modalities:
+        onnx.save(_item_encoder_graph(bundle, dims), out / "item_encoder.onnx")
 
     # trained items: features per modality (some missing), vectors from the encoder so both agree
     features: dict[str, np.ndarray] = {}
@@ -159,11 +161,14 @@ def make_bundle(
         else:
             features[name] = rng.normal(size=(n_items, d)).astype(np.float32)
         masks[name] = rng.random(n_items) < 0.8
-    first = list(dims)[0]
-    masks[first] |= ~np.any(np.stack(list(masks.values())), axis=0)  # at least one modality per item
-    bundle.item_vectors = np.stack(
-        [bundle.encode({m: features[m][r] for m in dims if masks[m][r]}) for r in range(n_items)]
-    ).astype(np.float32)
+    if dims:
+        first = list(dims)[0]
+        masks[first] |= ~np.any(np.stack(list(masks.values())), axis=0)  # at least one modality per item
+        bundle.item_vectors = np.stack(
+            [bundle.encode({m: features[m][r] for m in dims if masks[m][r]}) for r in range(n_items)]
+        ).astype(np.float32)
+    else:
+        bundle.item_vectors = rng.normal(size=(n_items, dim)).astype(np.float32)
     for name in dims:
         np.save(out / "item_features" / f"{name}.npy", features[name] * masks[name][:, None])
         np.save(out / "item_features" / f"{name}.mask.npy", masks[name])
@@ -213,7 +218,7 @@ def make_bundle(
             ],
             "outputs": {"item_vector": "item_vector"},
             "extra_outputs": {"quality_logit": "quality"} if extra_outputs else {},
-        },
+        } if modalities else None,
         "user_tower": (
             {"onnx": "user_tower.onnx", "max_length": bundle.tower_length,
              "inputs": {"item_vectors": "item_vectors", "mask": "mask"}, "output": "user_vector"}

@@ -1,0 +1,115 @@
+"""service.bundle: a bundle is verified (format, version, hashes, shapes) before anything is served."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bundle_factory import SyntheticBundle, make_bundle, write_manifest
+
+from service.bundle import CPU_PROVIDER, BundleError, load_bundle, plan_device
+
+CPU = plan_device("cpu")
+
+
+@pytest.fixture
+def bundle_copy(tmp_path: Path, features_bundle: SyntheticBundle) -> Path:
+    target = tmp_path / "bundle"
+    shutil.copytree(features_bundle.path, target)
+    return target
+
+
+def _edit_manifest(path: Path, **changes: object) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.update(changes)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_load_bundle_reads_arrays_index_and_graphs(features_bundle: SyntheticBundle) -> None:
+    bundle = load_bundle(features_bundle.path, plan=CPU)
+    assert bundle.version == features_bundle.version
+    assert bundle.item_ids == features_bundle.item_ids
+    np.testing.assert_array_equal(bundle.item_vectors, features_bundle.item_vectors)
+    assert bundle.index.ntotal == len(features_bundle.item_ids)
+    assert sorted(bundle.modalities) == ["audio", "tags"]
+    assert bundle.item_encoder is not None and bundle.item_encoder.extra_outputs == {"quality_logit": "quality"}
+    for user_row, rows in enumerate(features_bundle.history):
+        assert bundle.training_history(user_row).tolist() == rows
+
+
+def test_load_bundle_refuses_a_modified_file_naming_it(bundle_copy: Path) -> None:
+    vectors = np.load(bundle_copy / "item_vectors.npy")
+    np.save(bundle_copy / "item_vectors.npy", vectors + 1.0)
+    with pytest.raises(BundleError, match=r"item_vectors\.npy: sha256 differs"):
+        load_bundle(bundle_copy, plan=CPU)
+
+
+def test_load_bundle_refuses_a_listed_file_that_is_missing(bundle_copy: Path) -> None:
+    (bundle_copy / "popularity.npy").unlink()
+    with pytest.raises(BundleError, match=r"popularity\.npy is listed in manifest\.json but missing"):
+        load_bundle(bundle_copy, plan=CPU)
+
+
+@pytest.mark.parametrize("version", [2, 0, "1"])
+def test_load_bundle_refuses_an_unknown_format_version_naming_both(bundle_copy: Path, version: object) -> None:
+    _edit_manifest(bundle_copy, format_version=version)
+    with pytest.raises(BundleError, match=rf"format_version {version!r} is not supported .*supports 1"):
+        load_bundle(bundle_copy, plan=CPU)
+
+
+def test_load_bundle_refuses_another_format(bundle_copy: Path) -> None:
+    _edit_manifest(bundle_copy, format="something-else")
+    with pytest.raises(BundleError, match="format is 'something-else', expected 'mmrec-bundle'"):
+        load_bundle(bundle_copy, plan=CPU)
+
+
+def test_load_bundle_refuses_a_directory_without_manifest(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="no manifest.json"):
+        load_bundle(tmp_path, plan=CPU)
+
+
+def test_load_bundle_refuses_vectors_of_the_wrong_shape(bundle_copy: Path) -> None:
+    np.save(bundle_copy / "item_vectors.npy", np.zeros((3, 16), dtype=np.float32))
+    write_manifest(bundle_copy, json.loads((bundle_copy / "manifest.json").read_text()))
+    with pytest.raises(BundleError, match=r"item_vectors\.npy: shape \(3, 16\), expected \(120, 16\)"):
+        load_bundle(bundle_copy, plan=CPU)
+
+
+def test_load_bundle_refuses_a_file_outside_the_bundle(bundle_copy: Path) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["files"]["../elsewhere.npy"] = "0" * 64
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="outside the bundle directory"):
+        load_bundle(bundle_copy, plan=CPU)
+
+
+def test_load_bundle_refuses_an_item_encoder_without_a_declared_input(bundle_copy: Path) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["item_encoder"]["inputs"][0]["name"] = "not_in_graph"
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="item_encoder.onnx: the graph has no input named not_in_graph"):
+        load_bundle(bundle_copy, plan=CPU)
+
+
+def test_load_bundle_accepts_a_bundle_without_item_encoder(tmp_path: Path) -> None:
+    built = make_bundle(tmp_path / "b", seed=5, n_items=30, n_users=5, feature_modalities={})
+    assert built.manifest["item_encoder"] is None and built.manifest["modalities"] == {}
+    bundle = load_bundle(built.path, plan=CPU)
+    assert bundle.item_encoder is None and bundle.modalities == {}
+
+
+def test_plan_device_cpu_uses_only_the_cpu_provider() -> None:
+    plan = plan_device("cpu")
+    assert plan.device == "cpu" and plan.ort_providers == (CPU_PROVIDER,) and plan.faiss_gpu is False
+
+
+def test_plan_device_cuda_without_cuda_provider_names_the_problem() -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has the CUDA provider")
+    with pytest.raises(BundleError, match="device=cuda but onnxruntime offers no CUDAExecutionProvider"):
+        plan_device("cuda")
