@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 def ingest_items(runtime: Runtime, items: Sequence[ItemCreate]) -> list[ItemPublic]:
     """Encode, store, then index a batch, all or nothing: 409 if an id exists, 422 if any item is invalid."""
+    if not items:
+        raise InvalidInput("empty batch: send at least one item")
     if len(items) > runtime.settings.max_batch_items:
         raise InvalidInput(f"batch has {len(items)} items, at most {runtime.settings.max_batch_items} are accepted")
     ids = [item.id for item in items]

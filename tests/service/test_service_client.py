@@ -1,0 +1,44 @@
+"""service.client.RecommendationClient: requests it sends (httpx.MockTransport) and answers it parses (TestClient)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from conftest import API_KEY
+from fastapi.testclient import TestClient
+
+from service.client import RecommendationClient, ServiceHTTPError
+from service.schemas import ItemCreate
+
+
+def test_client_sends_the_api_key_on_writes_only_and_quotes_ids() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.method == "DELETE":
+            return httpx.Response(200, json={"id": "a/b", "deleted": True, "catalogue_version": "3"})
+        return httpx.Response(200, json={"id": "a/b", "source": "trained", "text": None, "metadata": {}, "extra": {}, "modalities": [], "created": None})
+
+    with RecommendationClient("http://svc", api_key="k", transport=httpx.MockTransport(handler)) as client:
+        client.get_item("a/b")
+        client.delete_item("a/b")
+    assert seen[0].url.raw_path == b"/v1/items/a%2Fb" and "x-api-key" not in seen[0].headers
+    assert seen[1].headers["x-api-key"] == "k"
+
+
+def test_client_raises_service_http_error_with_status_and_detail(secured_client: TestClient) -> None:
+    client = RecommendationClient(http_client=secured_client, api_key=API_KEY)
+    with pytest.raises(ServiceHTTPError) as error:
+        client.add_item(ItemCreate(id="x", features={"tags": [1.0]}))
+    assert error.value.status_code == 422 and error.value.detail == "features.tags: 1 values, expected 8"
+    with pytest.raises(ServiceHTTPError) as denied:
+        RecommendationClient(http_client=secured_client).delete_item("i1")
+    assert denied.value.status_code == 401 and "missing X-API-Key header" in denied.value.detail
+
+
+def test_client_healthy_is_false_when_nothing_listens() -> None:
+    from conftest import free_port
+
+    with RecommendationClient(f"http://127.0.0.1:{free_port()}", timeout=0.5) as client:
+        assert client.healthy() is False
