@@ -81,9 +81,9 @@ def preprocess_image(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
     left, top = (new_w - spec.size) // 2, (new_h - spec.size) // 2
     image = image.crop((left, top, left + spec.size, top + spec.size))
-    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # (H, W, 3)
-    pixels = (pixels - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, H, W)
+    scaled = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # (H, W, 3) in [0, 1]
+    normalised = (scaled - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32)  # (3, H, W)
 
 
 def encode_images(spec: ImageSpec, images: Sequence[Image.Image]) -> np.ndarray:

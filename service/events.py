@@ -61,7 +61,7 @@ class RedisEventStore:
 
     def recent(self, user_id: str) -> list[Event]:
         key = self._key(user_id)
-        raw: list[str] = self.pool.run(lambda client: client.lrange(key, 0, -1))
+        raw = self.pool.run(lambda client: client.lrange(key, 0, -1))
         return [Event(**json.loads(r)) for r in raw]
 
 

@@ -6,6 +6,7 @@ Reads never fail because Redis is away: a cache error is a miss, and a user's re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import datetime, timezone
 
@@ -54,10 +55,8 @@ def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, exclude
     ranking = engine.recommender.for_user(user_id, recent, k=k, exclude_seen=exclude_seen)
     response = _recommendation_list(runtime, engine, ranking, user_id=user_id, k=k, exclude_seen=exclude_seen)
     if generation is not None:
-        try:
+        with contextlib.suppress(RedisDown):  # a failed put is a later miss
             runtime.cache.put(user_id, key, generation, response.model_dump_json())
-        except RedisDown:
-            pass
     return response
 
 

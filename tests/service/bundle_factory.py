@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 OPSET = 17
-WORDS = "the a film quiet loud lighthouse keeper space war love story dog cat robot city night day music".split()
+WORDS = ["the", "a", "film", "quiet", "loud", "lighthouse", "keeper", "space", "war", "love", "story", "dog", "cat", "robot", "city", "night", "day", "music"]
 IMAGE_MEAN = [0.485, 0.456, 0.406]
 IMAGE_STD = [0.229, 0.224, 0.225]
 
