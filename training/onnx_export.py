@@ -51,7 +51,7 @@ def _quiet_exporter() -> Iterator[None]:
         yield
 
 
-def _export(
+def export_onnx(
     module: nn.Module,
     example: tuple[torch.Tensor, ...],
     path: Path,
@@ -89,7 +89,7 @@ def export_text_encoder(
     input_ids, attention_mask = encoder.tokenize(["an example item text, long enough to pad", "short"])
     batch = torch.export.Dim("batch")
     tokens = torch.export.Dim("tokens", max=_BERT_MAX_POSITIONS)
-    _export(
+    export_onnx(
         encoder.module,
         (input_ids.to(encoder.device), attention_mask.to(encoder.device)),
         out / TEXT_ONNX,
@@ -120,7 +120,7 @@ def export_image_encoder(
     out.mkdir(parents=True, exist_ok=True)
     encoder = encoder if encoder is not None else ImageEncoder(device="cpu")
     example = torch.zeros((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32, device=encoder.device)
-    _export(
+    export_onnx(
         encoder.module,
         (example,),
         out / IMAGE_ONNX,
