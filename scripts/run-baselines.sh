@@ -8,8 +8,8 @@ MMREC=${MMREC:-.venv/bin/mmrec}
 datasets=("${@:-ml100k-posters lfm2k amazon-baby}")
 for ds in ${datasets[@]}; do
   case "$ds" in
-    amazon-baby) train=(--train eval_every=2 --train patience=10); bpr_grid="1e-3,1e-4,1e-5"; layers="2,3,4"; regs="1e-4" ;;
-    *)           train=(); bpr_grid="1e-2,1e-3,1e-4,1e-5"; layers="1,2,3,4"; regs="1e-3,1e-4,1e-5" ;;
+    amazon-baby) train=(--train eval_every=2 --train patience=10); bpr_grid="1e-1,1e-2,1e-3,1e-4,1e-5"; layers="2,3,4"; regs="1e-4" ;;
+    *)           train=(); bpr_grid="1.0,1e-1,1e-2,1e-3,1e-5"; layers="1,2,3,4"; regs="1e-3,1e-4,1e-5" ;;
   esac
   $MMREC train --dataset "$ds" --model popularity
   $MMREC tune --dataset "$ds" --model bpr --grid reg_weight=$bpr_grid "${train[@]}"
