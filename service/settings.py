@@ -15,7 +15,8 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MMREC_", frozen=True, extra="forbid")
+    # env_ignore_empty: compose passes unset variables as "" (e.g. MMREC_API_KEY: ${MMREC_API_KEY:-}).
+    model_config = SettingsConfigDict(env_prefix="MMREC_", frozen=True, extra="forbid", env_ignore_empty=True)
 
     bundle_dir: Path = Field(description="Directory holding manifest.json and the bundle files.")
     redis_url: str | None = Field(

@@ -1,0 +1,161 @@
+"""The deploy files, checked statically (no Docker engine here): docker-compose.yml parsed with PyYAML for its
+services, healthchecks, volumes and environment; the Dockerfiles for what they install."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+@pytest.fixture(scope="module")
+def extras() -> dict[str, list[str]]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {name: deps for name, deps in project["optional-dependencies"].items()}
+
+
+def instructions(dockerfile: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile: comments dropped, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in (DOCKER / dockerfile).read_text().splitlines() if not line.lstrip().startswith("#")))
+    result = []
+    for line in text.splitlines():
+        if line.strip():
+            keyword, _, args = line.strip().partition(" ")
+            result.append((keyword.upper(), " ".join(args.split())))
+    return result
+
+
+def pip_installs(dockerfile: str) -> list[str]:
+    """Every `pip install ...` command of the RUN instructions."""
+    commands = [c.strip() for kw, args in instructions(dockerfile) if kw == "RUN" for c in args.split("&&")]
+    return [c for c in commands if re.match(r"(python\d? -m )?pip install", c)]
+
+
+def env_of(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    return dict(e.split("=", 1) for e in env) if isinstance(env, list) else {k: str(v) for k, v in env.items()}
+
+
+def mounts(service: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """target -> (source, mode) of the service's volumes (short syntax; a source may hold ':' itself)."""
+    result = {}
+    for spec in service.get("volumes", []):
+        parts = spec.split(":")
+        mode = parts.pop() if parts[-1] in ("ro", "rw") else "rw"
+        target = parts.pop()
+        result[target] = (":".join(parts), mode)
+    return result
+
+
+def test_compose_has_redis_trainer_api_and_a_gpu_api(compose: dict[str, Any]) -> None:
+    assert {"redis", "trainer", "api", "api-gpu"} <= set(compose["services"])
+    assert "profiles" not in compose["services"]["api"]
+    assert compose["services"]["api-gpu"]["profiles"] == ["gpu"]
+
+
+def test_compose_redis_persists_to_a_named_volume(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    command = " ".join(redis["command"]) if isinstance(redis["command"], list) else redis["command"]
+    assert "--appendonly yes" in command
+    source, mode = mounts(redis)["/data"]
+    assert source in compose["volumes"] and mode == "rw"
+    assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
+
+
+@pytest.mark.parametrize("name", ["api", "api-gpu"])
+def test_compose_api_waits_for_redis_and_the_trainer_and_checks_readyz(compose: dict[str, Any], name: str) -> None:
+    api = compose["services"][name]
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert api["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
+    assert any("/readyz" in part for part in api["healthcheck"]["test"])
+    assert api["healthcheck"]["retries"] >= 1
+
+
+@pytest.mark.parametrize("name", ["api", "api-gpu"])
+def test_compose_api_reads_the_trainers_bundle_read_only_and_uses_redis(compose: dict[str, Any], name: str) -> None:
+    api, trainer = compose["services"][name], compose["services"]["trainer"]
+    env = env_of(api)
+    assert env["MMREC_REDIS_URL"].startswith("redis://redis:6379")
+    bundle_volume, mode = mounts(api)["/bundles"]
+    assert mode == "ro" and bundle_volume in compose["volumes"]
+    assert mounts(trainer)["/bundles"] == (bundle_volume, "rw")
+    assert env["MMREC_BUNDLE_DIR"] == "/bundles/current"
+    assert "--bundle-out /bundles/current" in " ".join(trainer["command"])
+    assert "MMREC_API_KEY" in env
+
+
+def test_compose_trainer_is_a_one_shot_job(compose: dict[str, Any]) -> None:
+    trainer = compose["services"]["trainer"]
+    assert trainer["restart"] == "no"
+    assert trainer["build"]["dockerfile"] == "docker/trainer.Dockerfile"
+    assert "mmrec pipeline" in " ".join(trainer["command"])
+
+
+def test_compose_gpu_api_reserves_an_nvidia_gpu(compose: dict[str, Any]) -> None:
+    api_gpu = compose["services"]["api-gpu"]
+    devices = api_gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert env_of(api_gpu)["MMREC_DEVICE"] == "cuda"
+    assert api_gpu["build"]["dockerfile"] == "docker/service-gpu.Dockerfile"
+    published = {p.split(":")[0] for s in ("api", "api-gpu") for p in compose["services"][s]["ports"]}
+    assert len(published) == 2  # both can run at once
+
+
+def test_compose_environment_names_real_settings(compose: dict[str, Any]) -> None:
+    from service.settings import ServiceSettings
+
+    for name in ("api", "api-gpu"):
+        for key in env_of(compose["services"][name]):
+            assert key.removeprefix("MMREC_").lower() in ServiceSettings.model_fields, key
+
+
+def test_compose_builds_dockerfiles_that_exist(compose: dict[str, Any]) -> None:
+    for service in compose["services"].values():
+        if "build" in service:
+            assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+
+
+def test_cpu_image_installs_only_the_serve_extra_and_never_torch(extras: dict[str, list[str]]) -> None:
+    assert pip_installs("service-cpu.Dockerfile") == ['pip install ".[serve]"']
+    assert all("torch" not in args.lower() for _, args in instructions("service-cpu.Dockerfile"))
+    assert not any(dep.lower().startswith("torch") for dep in extras["serve"])
+    copied = [args for kw, args in instructions("service-cpu.Dockerfile") if kw == "COPY"]
+    assert copied == ["pyproject.toml README.md ./", "service ./service"]  # no models/, no training/
+    assert instructions("service-cpu.Dockerfile")[0][1].startswith("python:3.11-slim")
+
+
+def test_gpu_image_installs_the_serve_and_gpu_extras_without_torch(extras: dict[str, list[str]]) -> None:
+    installs = pip_installs("service-gpu.Dockerfile")
+    assert installs[0] == 'pip install ".[serve,gpu]"'
+    assert all("torch" not in c and "[train" not in c for c in installs)
+    assert instructions("service-gpu.Dockerfile")[0][1].startswith("nvidia/cuda:")
+    gpu_wheels = {re.split(r"[<>=]", d)[0] for d in extras["gpu"]}
+    assert gpu_wheels == {"onnxruntime-gpu", "faiss-gpu-cu12"}
+    assert installs[-1].endswith("onnxruntime-gpu faiss-gpu-cu12")
+
+
+def test_trainer_image_installs_cpu_torch_and_the_train_extra() -> None:
+    installs = pip_installs("trainer.Dockerfile")
+    assert installs == ["pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu", 'pip install ".[train]"']
+
+
+@pytest.mark.parametrize("dockerfile", ["service-cpu.Dockerfile", "service-gpu.Dockerfile"])
+def test_service_images_run_mmrec_serve_as_non_root_with_a_readyz_healthcheck(dockerfile: str) -> None:
+    parsed = instructions(dockerfile)
+    keywords = [kw for kw, _ in parsed]
+    assert "USER" in keywords and dict(parsed)["USER"] != "root"
+    assert "/readyz" in dict(parsed)["HEALTHCHECK"]
+    assert dict(parsed)["CMD"].startswith('["mmrec-serve", "--host", "0.0.0.0"')
