@@ -110,16 +110,14 @@ def export_item_encoder(encoder: ContentEncoder, dims: dict[str, int], path: Pat
     example: list[torch.Tensor] = []
     spec: list[dict[str, Any]] = []
     batch = torch.export.Dim("batch", min=1)
-    dynamic: dict[str, dict[int, Any]] = {}
     for modality in encoder.modality_names:
         names += [modality, f"{modality}_mask"]
         example += [torch.zeros(2, dims[modality]), torch.ones(2, 1)]
         spec += [{"name": modality, "modality": modality, "dim": dims[modality]},
                  {"name": f"{modality}_mask", "modality": modality, "mask": True}]  # fmt: skip
-        dynamic[modality] = {0: batch}
-        dynamic[f"{modality}_mask"] = {0: batch}
-    export_onnx(_PositionalInputs(encoder, names), tuple(example), path, input_names=names,
-                output_name="item_vector", dynamic_shapes=dynamic)  # fmt: skip
+    export_onnx(_PositionalInputs(encoder, names).eval(), tuple(example), path, input_names=names,
+                output_name="item_vector",
+                dynamic_shapes={"tensors": tuple({0: batch} for _ in names)})  # fmt: skip
     return spec
 
 

@@ -58,7 +58,7 @@ def export_onnx(
     *,
     input_names: list[str],
     output_name: str,
-    dynamic_shapes: dict[str, dict[int, Any]],
+    dynamic_shapes: dict[str, Any],
 ) -> None:
     with _quiet_exporter():
         torch.onnx.export(

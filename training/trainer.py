@@ -100,6 +100,9 @@ def train(
     tag: str = "",
 ) -> TrainResult:
     """Train ``model_name`` on ``dataset`` and, when ``runs_root`` is given, write a run directory there."""
+    metric_name, _, metric_k = train_config.select_metric.partition("@")
+    if not metric_k.isdigit() or int(metric_k) not in train_config.topk:
+        raise ValueError(f"select_metric {train_config.select_metric!r} needs its k among topk {train_config.topk}")
     rank, world_size = _distributed()
     seed_everything(train_config.seed)
     spec = model_spec(model_name)

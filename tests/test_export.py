@@ -1,0 +1,129 @@
+"""Export: a run becomes a bundle whose ONNX graphs and FAISS index agree with the torch model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from training.dataset import InteractionDataset, Modality
+from training.export import ExportConfig, export_run, fit_ridge_map, sha256_file
+from training.runs import load_run
+from training.splits import random_811
+from training.trainer import TrainConfig, train
+
+ONNX_TOLERANCE = 1e-4
+
+
+def multimodal_dataset(n_users: int = 40, n_items: int = 60, seed: int = 5) -> InteractionDataset:
+    rng = np.random.default_rng(seed)
+    pairs = np.unique(rng.integers(0, [n_users, n_items], size=(900, 2)), axis=0)
+    user, item = pairs[:, 0], pairs[:, 1]
+    text_present = rng.random(n_items) > 0.1
+    image_present = rng.random(n_items) > 0.2
+    modalities = {
+        "text": Modality("text", rng.normal(size=(n_items, 12)).astype(np.float32) * text_present[:, None],
+                         text_present, "fake-text"),
+        "image": Modality("image", rng.normal(size=(n_items, 20)).astype(np.float32) * image_present[:, None],
+                          image_present, "fake-image"),
+    }  # fmt: skip
+    return InteractionDataset(
+        name="synthetic-mm", split_name="random", sequential=False,
+        user_ids=[f"u{u}" for u in range(n_users)], item_ids=[f"i{i}" for i in range(n_items)],
+        user=user, item=item, timestamp=np.zeros_like(user), split=random_811(user, seed=1),
+        item_text=[f"item {i}" for i in range(n_items)], item_image=[None] * n_items, modalities=modalities,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["lightgcn", "vbpr", "bpr"])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    root = tmp_path_factory.mktemp(request.param)
+    dataset = multimodal_dataset()
+    dataset.save(root / "data")
+    result = train(dataset, request.param, dataset_dir=root / "data", runs_root=root / "runs",
+                   model_config={"embedding_size": 8},
+                   train_config=TrainConfig(epochs=3, progress=False, topk=(5, 10, 20)))  # fmt: skip
+    assert result.run_dir is not None
+    bundle = export_run(result.run_dir, root / "bundle", config=ExportConfig(include_modality_encoders=False))
+    return request.param, result.run_dir, bundle
+
+
+def test_export_manifest_lists_every_file_with_its_sha256(exported: tuple[str, Path, Path]) -> None:
+    _, _, bundle = exported
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["format"] == "mmrec-bundle" and manifest["format_version"] == 1
+    on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    for name, digest in manifest["files"].items():
+        assert sha256_file(bundle / name) == digest, name
+
+
+def test_export_item_vectors_equal_model_representations(exported: tuple[str, Path, Path]) -> None:
+    _, run_dir, bundle = exported
+    run = load_run(run_dir)
+    with torch.no_grad():
+        reps = run.model.representations()
+    np.testing.assert_allclose(np.load(bundle / "item_vectors.npy"), reps.items.detach().numpy(), atol=1e-6)
+    assert reps.users is not None
+    np.testing.assert_allclose(np.load(bundle / "user_vectors.npy"), reps.users.detach().numpy(), atol=1e-6)
+
+
+def test_export_item_encoder_onnx_matches_torch(exported: tuple[str, Path, Path]) -> None:
+    model_name, run_dir, bundle = exported
+    run = load_run(run_dir)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    encoder = run.model.content_encoder()
+    if encoder is None:  # ID model: the ridge map fitted at export time
+        encoder, _ = fit_ridge_map(run.dataset, run.model.representations().items.detach().numpy(), holdout=0.1)
+        assert manifest["item_encoder"]["method"] == "ridge-map"
+    else:
+        assert manifest["item_encoder"]["method"] == "native"
+    feeds, tensors = {}, []
+    for name in ("image", "text"):
+        m = run.dataset.modalities[name]
+        feeds[name] = m.features
+        feeds[f"{name}_mask"] = m.present.astype(np.float32)[:, None]
+        tensors += [torch.from_numpy(feeds[name]), torch.from_numpy(feeds[f"{name}_mask"])]
+    assert [i["name"] for i in manifest["item_encoder"]["inputs"]] == list(feeds)
+    session = ort.InferenceSession(str(bundle / "item_encoder.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(["item_vector"], feeds)
+    with torch.no_grad():
+        torch_out = encoder(*tensors).numpy()
+    np.testing.assert_allclose(onnx_out, torch_out, atol=ONNX_TOLERANCE)
+    if model_name == "vbpr":  # a trained item's content half is exactly what the encoder gives a new item
+        half = onnx_out.shape[1] // 2
+        np.testing.assert_allclose(onnx_out[:, half:], np.load(bundle / "item_vectors.npy")[:, half:], atol=ONNX_TOLERANCE)
+
+
+@pytest.mark.parametrize("k", [1, 5, 17])
+def test_export_faiss_top_k_equals_numpy_exact_top_k(exported: tuple[str, Path, Path], k: int) -> None:
+    _, _, bundle = exported
+    items = np.load(bundle / "item_vectors.npy")
+    users = np.load(bundle / "user_vectors.npy")
+    index = faiss.read_index(str(bundle / "item_index.faiss"))
+    scores, ids = index.search(users, k)
+    exact = users @ items.T
+    expected = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, expected, axis=1), rtol=1e-5, atol=1e-5)
+    # ids agree wherever scores are not tied
+    gaps = np.abs(np.diff(np.sort(exact, axis=1)[:, ::-1][:, : k + 1], axis=1)).min(axis=1)
+    untied = gaps > 1e-5
+    np.testing.assert_array_equal(ids[untied], expected[untied])
+
+
+def test_export_dataset_without_modalities_has_no_item_encoder(tmp_path: Path) -> None:
+    dataset = multimodal_dataset()
+    dataset = InteractionDataset(**{**vars(dataset), "modalities": {}})
+    dataset.save(tmp_path / "data")
+    result = train(dataset, "bpr", dataset_dir=tmp_path / "data", runs_root=tmp_path / "runs",
+                   train_config=TrainConfig(epochs=1, progress=False, topk=(5, 20)))  # fmt: skip
+    assert result.run_dir is not None
+    bundle = export_run(result.run_dir, tmp_path / "bundle", config=ExportConfig(include_modality_encoders=False))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["item_encoder"] is None and manifest["modalities"] == {}
+    assert not (bundle / "item_encoder.onnx").exists()
