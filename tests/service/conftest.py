@@ -134,6 +134,13 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.fixture(autouse=True)
+def _no_service_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings in these tests come from the test alone, never from an MMREC_* variable of the shell (or CI)."""
+    for field in ServiceSettings.model_fields:
+        monkeypatch.delenv(f"MMREC_{field.upper()}", raising=False)
+
+
 # --- bundles: built once per session, never written to by tests ---
 
 
