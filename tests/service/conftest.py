@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -18,32 +17,17 @@ import pytest
 import redis
 from bundle_factory import SyntheticBundle, make_bundle
 from fastapi.testclient import TestClient
+from service_test_support import API_KEY, REDIS_DB, RedisProcess, free_port, redis_answers
 
 from service.app import create_app
 from service.settings import ServiceSettings
-
-API_KEY = "test-secret-key"
-REDIS_DB = 11  # away from db 0, which a developer's own service may use
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.3, socket_timeout=0.3).ping())
-    except redis.RedisError:
-        return False
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a real Redis: $MMREC_TEST_REDIS_URL, else 127.0.0.1:6379, else a redis-server started here."""
     configured = os.environ.get("MMREC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-    if _answers(configured):
+    if redis_answers(configured):
         yield configured.rstrip("/")
         return
     binary = shutil.which("redis-server")
@@ -59,7 +43,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = f"redis://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 10
-        while not _answers(url):
+        while not redis_answers(url):
             if time.monotonic() > deadline or process.poll() is not None:
                 pytest.fail(f"redis-server did not start on port {port}")
             time.sleep(0.05)
@@ -67,38 +51,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
-
-
-class RedisProcess:
-    """A redis-server of one test's own (to stop and start again), persisting to an append-only file."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not _answers(self.url):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                pytest.fail(f"redis-server did not start on port {self.port}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-        self.process = None
 
 
 @pytest.fixture

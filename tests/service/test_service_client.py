@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import API_KEY
 from fastapi.testclient import TestClient
+from service_test_support import API_KEY
 
 from service.client import RecommendationClient, ServiceHTTPError
 from service.schemas import ItemCreate
@@ -38,7 +38,7 @@ def test_client_raises_service_http_error_with_status_and_detail(secured_client:
 
 
 def test_client_healthy_is_false_when_nothing_listens() -> None:
-    from conftest import free_port
+    from service_test_support import free_port
 
     with RecommendationClient(f"http://127.0.0.1:{free_port()}", timeout=0.5) as client:
         assert client.healthy() is False

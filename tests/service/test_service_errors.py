@@ -7,8 +7,8 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
-from conftest import API_KEY
 from fastapi.testclient import TestClient
+from service_test_support import API_KEY
 
 from service.settings import ServiceSettings
 

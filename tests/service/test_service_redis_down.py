@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from conftest import RedisProcess, free_port
 from fastapi.testclient import TestClient
+from service_test_support import RedisProcess, free_port
 
 from service.settings import ServiceSettings
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from bundle_factory import SyntheticBundle
-from conftest import API_KEY, free_port
+from service_test_support import API_KEY, free_port
 
 from service.client import RecommendationClient, ServiceHTTPError
 from service.schemas import EventCreate, ItemCreate
