@@ -17,6 +17,8 @@ class PopularityConfig:
 
 class Popularity(Recommender):
     batch_kind: ClassVar[BatchKind] = "none"
+    item_counts: torch.Tensor
+    user_ones: torch.Tensor
 
     def __init__(self, config: PopularityConfig, inputs: ModelInputs) -> None:
         super().__init__()

@@ -37,6 +37,8 @@ def content_matrix(inputs: ModelInputs) -> torch.Tensor:
 
 
 class VBPR(Recommender):
+    content: torch.Tensor
+
     def __init__(self, config: VBPRConfig, inputs: ModelInputs) -> None:
         super().__init__()
         self.config = config
@@ -51,7 +53,8 @@ class VBPR(Recommender):
 
     def content_vectors(self, content: torch.Tensor) -> torch.Tensor:
         """The content half of an item vector, from its (N, F) content row: all a new item has."""
-        return self.content_projection(content)
+        projected: torch.Tensor = self.content_projection(content)
+        return projected
 
     def item_vectors(self) -> torch.Tensor:
         return torch.cat([self.item_embedding, self.content_vectors(self.content)], dim=1)  # (I, 2d)

@@ -59,6 +59,8 @@ def content_inputs(dataset: InteractionDataset) -> list[tuple[str, np.ndarray, n
 class RidgeContentMap(ContentEncoder):
     """x = [f_m · mask_m, mask_m for each modality, 1] → x W: a linear cold-start map for ID models."""
 
+    weight: torch.Tensor
+
     def __init__(self, modality_names: tuple[str, ...], weight: np.ndarray) -> None:
         super().__init__()
         self.modality_names = modality_names
@@ -130,13 +132,15 @@ class _PositionalInputs(nn.Module):
         self.names = names
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.encoder(*tensors)
+        vectors: torch.Tensor = self.encoder(*tensors)
+        return vectors
 
 
 def build_index(item_vectors: np.ndarray, config: ExportConfig) -> tuple[Any, dict[str, Any]]:
     import faiss
 
     dim = item_vectors.shape[1]
+    base: Any
     if item_vectors.shape[0] > config.approximate_threshold:
         base = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         base.hnsw.efSearch = config.hnsw_ef_search

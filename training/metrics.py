@@ -17,11 +17,13 @@ def _discounts(k: int) -> np.ndarray:
 
 def recall_at_k(hits: np.ndarray, n_relevant: np.ndarray, k: int) -> np.ndarray:
     """Share of the user's held-out items found in the top k."""
-    return hits[:, :k].sum(axis=1) / n_relevant
+    found: np.ndarray = hits[:, :k].sum(axis=1) / n_relevant
+    return found
 
 
 def precision_at_k(hits: np.ndarray, k: int) -> np.ndarray:
-    return hits[:, :k].sum(axis=1) / k
+    found: np.ndarray = hits[:, :k].sum(axis=1) / k
+    return found
 
 
 def ndcg_at_k(hits: np.ndarray, n_relevant: np.ndarray, k: int) -> np.ndarray:
@@ -30,25 +32,28 @@ def ndcg_at_k(hits: np.ndarray, n_relevant: np.ndarray, k: int) -> np.ndarray:
     dcg = (hits[:, :k] * discounts).sum(axis=1)
     ideal_cumulative = np.cumsum(discounts)
     idcg = ideal_cumulative[np.minimum(n_relevant, k) - 1]
-    return dcg / idcg
+    ndcg: np.ndarray = dcg / idcg
+    return ndcg
 
 
 def map_at_k(hits: np.ndarray, n_relevant: np.ndarray, k: int) -> np.ndarray:
     """Σ_{r≤k} precision@r · rel_r, divided by min(n_relevant, k) (MMRec's normalisation)."""
     top = hits[:, :k].astype(np.float64)
     precision_at_each = np.cumsum(top, axis=1) / np.arange(1, k + 1)
-    return (precision_at_each * top).sum(axis=1) / np.minimum(n_relevant, k)
+    average: np.ndarray = (precision_at_each * top).sum(axis=1) / np.minimum(n_relevant, k)
+    return average
 
 
 def hit_at_k(hits: np.ndarray, k: int) -> np.ndarray:
-    return hits[:, :k].any(axis=1).astype(np.float64)
+    return np.asarray(hits[:, :k].any(axis=1), dtype=np.float64)
 
 
 def mrr_at_k(hits: np.ndarray, k: int) -> np.ndarray:
     """1 / rank of the first hit within the top k, 0 when there is none."""
     top = hits[:, :k]
     first = top.argmax(axis=1)
-    return np.where(top.any(axis=1), 1.0 / (first + 1), 0.0)
+    reciprocal: np.ndarray = np.where(top.any(axis=1), 1.0 / (first + 1), 0.0)
+    return reciprocal
 
 
 def per_user_metrics(hits: np.ndarray, n_relevant: np.ndarray, ks: tuple[int, ...]) -> dict[str, np.ndarray]:

@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 PRESETS_FILE = Path(__file__).with_name("presets.toml")
 

@@ -29,7 +29,7 @@ class BPRSampler:
         return int(self.users.shape[0])
 
     def sample_negatives(self, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        negatives = rng.integers(0, self.n_items, size=users.shape[0])
+        negatives = np.asarray(rng.integers(0, self.n_items, size=users.shape[0]), dtype=np.int64)
         for _ in range(100):
             keys = users * self.n_items + negatives
             pos = np.searchsorted(self._positive_keys, keys)

@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,10 +72,10 @@ def read_ml100k_posters(paths: Paths) -> RawDataset:
     interaction.
     """
     root = _require(paths.data_root / "ml100k-posters")
-    items: dict[str, dict[str, str]] = {}
+    items: dict[str, dict[str, Any]] = {}
     with (root / "items.csv").open(newline="") as f:
-        for row in csv.DictReader(f):
-            items.setdefault(row["movie_id"], row)
+        for csv_row in csv.DictReader(f):
+            items.setdefault(csv_row["movie_id"], csv_row)
     genre_columns = [
         "genre_unknown", "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama",
         "Fantasy", "FilmNoir", "Horror", "Musical", "Mystery", "Romance", "SciFi", "Thriller", "War", "Western",

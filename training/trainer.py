@@ -166,7 +166,7 @@ def train(
         else:
             stale += 1
         history.append(entry)
-        return improved
+        return bool(improved)
 
     if epochs == 0:
         evaluate(0, None)
