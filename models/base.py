@@ -81,6 +81,13 @@ class Recommender(nn.Module):
     def representations(self) -> Representations:
         raise NotImplementedError
 
+    def on_epoch_start(self, epoch: int, generator: torch.Generator) -> None:
+        """Called by the trainer before each training epoch (1-based) with a generator seeded by (seed, epoch).
+
+        For per-epoch work such as re-sampling a pruned graph (FREEDOM) or a review/rewrite round (R2MR).
+        The default does nothing.
+        """
+
     def content_encoder(self) -> ContentEncoder | None:
         """The model's own map from content to item vectors, or None for ID models (export then fits one)."""
         return None

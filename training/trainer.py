@@ -173,6 +173,7 @@ def train(
     for epoch in epoch_bar:
         epoch_start = time.perf_counter()
         model.train()
+        model.on_epoch_start(epoch, torch.Generator().manual_seed(train_config.seed * 100_003 + epoch))
         total, batches = 0.0, 0
         assert optimizer is not None and scheduler is not None
         for batch in sampler.epoch(epoch, train_config.batch_size, rank=rank, world_size=world_size):
