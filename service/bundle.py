@@ -176,10 +176,10 @@ def load_bundle(path: Path, *, plan: DevicePlan, verify_hashes: bool = True) -> 
     indptr, indices = _read_history(files, n_users=len(user_ids), n_items=n_items)
     metadata = _read_metadata(files, item_ids)
 
-    plan_sessions = _SessionFactory(path, files, plan)
-    modalities = _read_modalities(manifest, plan_sessions, files)
-    item_encoder = _read_item_encoder(manifest, modalities, plan_sessions)
-    user_tower = _read_user_tower(manifest, plan_sessions)
+    sessions = _SessionFactory(files, plan)
+    modalities = _read_modalities(manifest, sessions, files)
+    item_encoder = _read_item_encoder(manifest, modalities, sessions)
+    user_tower = _read_user_tower(manifest, sessions)
     index, index_type, index_on_gpu = _read_index(files, manifest, n_items=n_items, dim=dim, plan=plan)
 
     return Bundle(
@@ -344,8 +344,8 @@ def _read_metadata(files: dict[str, Path], item_ids: list[str]) -> list[dict[str
 
 
 class _SessionFactory:
-    def __init__(self, root: Path, files: dict[str, Path], plan: DevicePlan) -> None:
-        self.root, self.files, self.plan = root, files, plan
+    def __init__(self, files: dict[str, Path], plan: DevicePlan) -> None:
+        self.files, self.plan = files, plan
 
     def open(self, name: str, *, role: str) -> ort.InferenceSession:
         file = _require(self.files, name)
