@@ -1,5 +1,5 @@
 """What the app holds while it runs: the loaded bundle with its live catalogue (an :class:`Engine`, swapped whole
-on reload), the stores, the cache and the metrics. Opened in the lifespan by :func:`open_runtime`.
+on reload), the stores, the cache and the metrics. Built in the app's lifespan: ``Runtime(settings, metrics)``.
 """
 
 from __future__ import annotations
@@ -53,29 +53,42 @@ class Engine:
             if item_id in catalogue and not catalogue.is_ingested(item_id):
                 catalogue.remove(item_id)
         fresh: list[StoredItem] = []
-        for item in snapshot.items:
+        for item in snapshot.items:  # in ingestion order
             if item.id in catalogue:
                 log.warning("stored item %r is a trained item of bundle %s: the bundle's version is served", item.id, bundle.version)
-            elif item.bundle_version != bundle.version and not self._reencode(item):
-                log.warning("stored item %r cannot be encoded by bundle %s (its features do not fit): skipped", item.id, bundle.version)
             else:
                 fresh.append(item)
+        unfit = self._reencode([item for item in fresh if item.bundle_version != bundle.version])
+        fresh = [item for item in fresh if item.id not in unfit]
         if fresh:
             catalogue.add(fresh)
         catalogue.version = str(snapshot.version)
         self.synced = True
         return len(fresh)
 
-    def _reencode(self, item: StoredItem) -> bool:
-        """Give an item stored under another bundle a vector in this bundle's space, from its stored features."""
+    def _reencode(self, stale: list[StoredItem], batch: int = 256) -> set[str]:
+        """Give items stored under another bundle vectors in this bundle's space, from their stored features, in
+        batches. Returns the ids that could not be re-encoded: they stay in the store, unserved."""
         modalities = self.bundle.modalities
-        if self.encoder.spec is None or not item.features or any(m not in modalities or len(v) != modalities[m].dim for m, v in item.features.items()):
-            return False
-        vectors, extras = self.encoder.run([item.features])
-        if not np.isfinite(vectors[0]).all():
-            return False
-        item.vector, item.extra, item.bundle_version = vectors[0], extras[0], self.bundle.version
-        return True
+        unfit: set[str] = set()
+        fits: list[StoredItem] = []
+        for item in stale:
+            if self.encoder.spec is not None and item.features and all(
+                m in modalities and len(v) == modalities[m].dim for m, v in item.features.items()
+            ):
+                fits.append(item)
+            else:
+                unfit.add(item.id)
+                log.warning("stored item %r cannot be encoded by bundle %s (its features do not fit): skipped", item.id, self.bundle.version)
+        for start in range(0, len(fits), batch):
+            chunk = fits[start : start + batch]
+            vectors, extras = self.encoder.run([item.features for item in chunk])
+            for item, vector, extra in zip(chunk, vectors, extras, strict=True):
+                if np.isfinite(vector).all():
+                    item.vector, item.extra, item.bundle_version = vector, extra, self.bundle.version
+                else:
+                    unfit.add(item.id)
+        return unfit
 
 
 class Runtime:
