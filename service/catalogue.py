@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -25,8 +24,6 @@ from service.bundle import Bundle
 from service.errors import Unavailable, UnknownItem
 from service.redis_pool import RedisDown, RedisPool
 from service.state_db import StateDatabase
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -7,7 +7,6 @@ Reads never fail because Redis is away: a cache error is a miss, and a user's re
 from __future__ import annotations
 
 import contextlib
-import logging
 from datetime import datetime, timezone
 
 from service.catalogue import ItemView
@@ -16,8 +15,6 @@ from service.recommender import Ranking
 from service.redis_pool import RedisDown
 from service.runtime import Engine, Runtime
 from service.schemas import EventPublic, ItemPublic, RecommendationList, ScoredItem, SimilarItems, UserEvents
-
-log = logging.getLogger(__name__)
 
 
 def resolve_k(runtime: Runtime, k: int | None) -> int:

@@ -10,7 +10,6 @@ asked for ``k + n_seen`` and the seen rows are filtered out.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -19,8 +18,6 @@ import numpy as np
 
 from service.bundle import Bundle
 from service.catalogue import Catalogue
-
-log = logging.getLogger(__name__)
 
 Strategy = Literal["user_vector", "user_tower", "history", "popularity", "item_vector"]
 
