@@ -276,29 +276,37 @@ def _item_encoder_graph(bundle: SyntheticBundle, dims: dict[str, int]) -> onnx.M
     return _model(nodes, inputs, outputs, initializers)
 
 
+def _masked_mean(values: str, mask: str, out: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes for ``out = sum_L(values * mask) / max(sum_L(mask), 1)``: values (N, L, d), mask float (N, L)."""
+    nodes = [
+        helper.make_node("Unsqueeze", [mask, "axis2"], ["mask3"]),  # (N, L, 1)
+        helper.make_node("Mul", [values, "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "axis1"], ["summed"], keepdims=0),  # (N, d)
+        helper.make_node("ReduceSum", [mask, "axis1"], ["count"], keepdims=1),  # (N, 1)
+        helper.make_node("Max", ["count", "one"], ["safe_count"]),
+        helper.make_node("Div", ["summed", "safe_count"], [out]),
+    ]
+    constants = [
+        _const("axis1", np.array([1], dtype=np.int64)),
+        _const("axis2", np.array([2], dtype=np.int64)),
+        _const("one", np.array(1.0, dtype=np.float32)),
+    ]
+    return nodes, constants
+
+
 def _text_encoder_graph(embedding: np.ndarray) -> onnx.ModelProto:
+    pooling, constants = _masked_mean("tokens", "mask", "sentence_embedding")
     nodes = [
         helper.make_node("Gather", ["E", "input_ids"], ["tokens"], axis=0),  # (N, L, d)
         helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),  # (N, L)
-        helper.make_node("Unsqueeze", ["mask", "axis2"], ["mask3"]),  # (N, L, 1)
-        helper.make_node("Mul", ["tokens", "mask3"], ["masked"]),
-        helper.make_node("ReduceSum", ["masked", "axis1"], ["summed"], keepdims=0),  # (N, d)
-        helper.make_node("ReduceSum", ["mask", "axis1"], ["count"], keepdims=1),  # (N, 1)
-        helper.make_node("Max", ["count", "one"], ["safe_count"]),
-        helper.make_node("Div", ["summed", "safe_count"], ["sentence_embedding"]),
+        *pooling,
     ]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "L"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "L"]),
     ]
     outputs = [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["N", embedding.shape[1]])]
-    initializers = [
-        _const("E", embedding),
-        _const("axis1", np.array([1], dtype=np.int64)),
-        _const("axis2", np.array([2], dtype=np.int64)),
-        _const("one", np.array(1.0, dtype=np.float32)),
-    ]
-    return _model(nodes, inputs, outputs, initializers)
+    return _model(nodes, inputs, outputs, [_const("E", embedding), *constants])
 
 
 def _image_encoder_graph(projection: np.ndarray) -> onnx.ModelProto:
@@ -312,27 +320,14 @@ def _image_encoder_graph(projection: np.ndarray) -> onnx.ModelProto:
 
 
 def _user_tower_graph(weight: np.ndarray) -> onnx.ModelProto:
-    nodes = [
-        helper.make_node("Unsqueeze", ["mask", "axis2"], ["mask3"]),  # (B, L, 1)
-        helper.make_node("Mul", ["item_vectors", "mask3"], ["masked"]),
-        helper.make_node("ReduceSum", ["masked", "axis1"], ["summed"], keepdims=0),  # (B, dim)
-        helper.make_node("ReduceSum", ["mask", "axis1"], ["count"], keepdims=1),  # (B, 1)
-        helper.make_node("Max", ["count", "one"], ["safe_count"]),
-        helper.make_node("Div", ["summed", "safe_count"], ["mean"]),
-        helper.make_node("MatMul", ["mean", "T"], ["user_vector"]),
-    ]
+    pooling, constants = _masked_mean("item_vectors", "mask", "mean")  # (B, dim)
+    nodes = [*pooling, helper.make_node("MatMul", ["mean", "T"], ["user_vector"])]
     inputs = [
         helper.make_tensor_value_info("item_vectors", TensorProto.FLOAT, ["B", "L", weight.shape[0]]),
         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["B", "L"]),
     ]
     outputs = [helper.make_tensor_value_info("user_vector", TensorProto.FLOAT, ["B", weight.shape[1]])]
-    initializers = [
-        _const("T", weight),
-        _const("axis1", np.array([1], dtype=np.int64)),
-        _const("axis2", np.array([2], dtype=np.int64)),
-        _const("one", np.array(1.0, dtype=np.float32)),
-    ]
-    return _model(nodes, inputs, outputs, initializers)
+    return _model(nodes, inputs, outputs, [_const("T", weight), *constants])
 
 
 def _word_level_tokenizer(vocab: dict[str, int]) -> Tokenizer:
