@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -64,6 +64,18 @@ class ContentEncoder(nn.Module):
     """
 
     modality_names: tuple[str, ...]
+    # Names of further outputs returned after the item vector, as a tuple (item_vector, *extras): per-item model
+    # outputs the bundle lists under ``extra_outputs`` (QARM's semantic code). Empty: forward returns the vector.
+    extra_output_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BundleSection:
+    """A model-specific part of the exported bundle: named arrays and a JSON description (QARM's codebooks)."""
+
+    name: str  # the manifest key; the arrays are written as ``<name>/<array>.npy``
+    arrays: Mapping[str, torch.Tensor]
+    description: Mapping[str, Any]
 
 
 class Recommender(nn.Module):
@@ -91,6 +103,10 @@ class Recommender(nn.Module):
     def content_encoder(self) -> ContentEncoder | None:
         """The model's own map from content to item vectors, or None for ID models (export then fits one)."""
         return None
+
+    def bundle_sections(self) -> tuple[BundleSection, ...]:
+        """Model-specific arrays the bundle carries beside the item vectors (default: none)."""
+        return ()
 
     def encode_histories(self, histories: torch.Tensor, reps: Representations) -> torch.Tensor:
         """(B, L) padded histories → (B, d) user vectors; only sequence models implement it."""

@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,8 +98,14 @@ def train(
     train_config: TrainConfig = TrainConfig(),
     runs_root: Path | None,
     tag: str = "",
+    initialise: Callable[[Recommender], None] | None = None,
 ) -> TrainResult:
-    """Train ``model_name`` on ``dataset`` and, when ``runs_root`` is given, write a run directory there."""
+    """Train ``model_name`` on ``dataset`` and, when ``runs_root`` is given, write a run directory there.
+
+    ``initialise`` is called once on the freshly built model, before it moves to the device and before the optimiser
+    sees its parameters: it installs pretrained parts that a config cannot carry (QARM's alignment head and
+    codebooks); they must live in the model's state_dict so that the checkpoint rebuilds the model.
+    """
     metric_name, _, metric_k = train_config.select_metric.partition("@")
     if not metric_k.isdigit() or int(metric_k) not in train_config.topk:
         raise ValueError(f"select_metric {train_config.select_metric!r} needs its k among topk {train_config.topk}")
@@ -111,7 +117,10 @@ def train(
     config = build_config(spec.config_class, model_config or {})
     device = resolve_device(train_config.device)
     inputs = model_inputs(dataset)
-    model = build_model(model_name, inputs, config_to_dict(config)).to(device)
+    model = build_model(model_name, inputs, config_to_dict(config))
+    if initialise is not None:
+        initialise(model)
+    model = model.to(device)
     history_length = int(getattr(config, "max_length", train_config.sequence_length))
     valid_eval = FullRankingEvaluator(dataset, split=VALID, topk=train_config.topk,
                                       batch_users=train_config.eval_batch_users, history_length=history_length)  # fmt: skip
