@@ -104,6 +104,13 @@ class Recommender(nn.Module):
         """The model's own map from content to item vectors, or None for ID models (export then fits one)."""
         return None
 
+    def item_extras(self) -> Mapping[str, torch.Tensor]:
+        """Per-item model outputs for the bundle's item metadata: field name → (I,) tensor. Default: none.
+
+        A model whose content encoder has ``extra_output_names`` returns the same fields here for trained items.
+        """
+        return {}
+
     def bundle_sections(self) -> tuple[BundleSection, ...]:
         """Model-specific arrays the bundle carries beside the item vectors (default: none)."""
         return ()
