@@ -9,7 +9,10 @@ from typing import Any
 from models.base import ModelInputs, Recommender
 from models.bpr_mf import BPRMF, BPRMFConfig
 from models.config import build_config
+from models.freedom import FREEDOM, FREEDOMConfig
+from models.lattice import LATTICE, LATTICEConfig
 from models.lightgcn import LightGCN, LightGCNConfig
+from models.mmgcn import MMGCN, MMGCNConfig
 from models.popularity import Popularity, PopularityConfig
 from models.vbpr import VBPR, VBPRConfig
 
@@ -29,6 +32,9 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("bpr", BPRMFConfig, BPRMF),
         ModelSpec("lightgcn", LightGCNConfig, LightGCN),
         ModelSpec("vbpr", VBPRConfig, VBPR, needs_modalities=True),
+        ModelSpec("mmgcn", MMGCNConfig, MMGCN, needs_modalities=True),
+        ModelSpec("lattice", LATTICEConfig, LATTICE, needs_modalities=True),
+        ModelSpec("freedom", FREEDOMConfig, FREEDOM, needs_modalities=True),
     ]
 }
 

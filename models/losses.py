@@ -22,3 +22,8 @@ def embedding_norm_penalty(*embeddings: torch.Tensor) -> torch.Tensor:
 def squared_l2_penalty(*embeddings: torch.Tensor) -> torch.Tensor:
     """½ Σ‖x‖² divided by the batch size: the LightGCN paper's form of the same regulariser."""
     return torch.stack([e.pow(2).sum() for e in embeddings]).sum() / (2 * embeddings[-1].shape[0])
+
+
+def mean_square_penalty(*tensors: torch.Tensor) -> torch.Tensor:
+    """Σ mean(x²) over the tensors: MMGCN's regulariser (batch ID embeddings and the users' modality preferences)."""
+    return torch.stack([t.pow(2).mean() for t in tensors]).sum()
