@@ -29,6 +29,8 @@ from training.runs import LoadedRun, load_run
 BUNDLE_FORMAT = "mmrec-bundle"
 BUNDLE_FORMAT_VERSION = 1
 RIDGE_STRENGTHS = (0.01, 0.1, 1.0, 10.0, 100.0)
+_MANIFEST_KEYS = frozenset({"format", "format_version", "bundle_version", "created", "model", "dataset", "dim", "score",
+                            "index", "modalities", "item_encoder", "user_tower", "fallback", "metrics", "files"})
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def export_item_encoder(encoder: ContentEncoder, dims: dict[str, int], path: Pat
         spec += [{"name": modality, "modality": modality, "dim": dims[modality]},
                  {"name": f"{modality}_mask", "modality": modality, "mask": True}]  # fmt: skip
     export_onnx(_PositionalInputs(encoder, names).eval(), tuple(example), path, input_names=names,
-                output_name="item_vector",
+                output_name="item_vector", extra_output_names=tuple(encoder.extra_output_names),
                 dynamic_shapes={"tensors": tuple({0: batch} for _ in names)})  # fmt: skip
     return spec
 
@@ -131,9 +133,9 @@ class _PositionalInputs(nn.Module):
         self.encoder = encoder
         self.names = names
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        vectors: torch.Tensor = self.encoder(*tensors)
-        return vectors
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs: torch.Tensor | tuple[torch.Tensor, ...] = self.encoder(*tensors)
+        return outputs
 
 
 def build_index(item_vectors: np.ndarray, config: ExportConfig) -> tuple[Any, dict[str, Any]]:
@@ -195,9 +197,21 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
     history = history.tocsr()
     history.sort_indices()
     np.savez(staging / "user_history.npz", indptr=history.indptr.astype(np.int64), indices=history.indices.astype(np.int64))
+    with torch.no_grad():
+        extras = {name: values.detach().cpu().numpy().tolist() for name, values in model.item_extras().items()}
     with (staging / "item_metadata.jsonl").open("w") as f:
-        for item_id, text in zip(dataset.item_ids, dataset.item_text, strict=True):
-            f.write(json.dumps({"id": item_id, "text": text}) + "\n")
+        for row, (item_id, text) in enumerate(zip(dataset.item_ids, dataset.item_text, strict=True)):
+            f.write(json.dumps({"id": item_id, "text": text, **{k: v[row] for k, v in extras.items()}}) + "\n")
+    sections: dict[str, Any] = {}
+    for section in model.bundle_sections():
+        if section.name in _MANIFEST_KEYS:
+            raise ValueError(f"bundle section {section.name!r} would overwrite a manifest field")
+        (staging / section.name).mkdir()
+        paths = {}
+        for key, array in section.arrays.items():
+            paths[key] = f"{section.name}/{key}.npy"
+            np.save(staging / paths[key], array.detach().cpu().numpy())
+        sections[section.name] = {**section.description, "arrays": paths}
     for name, m in dataset.modalities.items():
         np.save(staging / "item_features" / f"{name}.npy", m.features.astype(np.float32))
         np.save(staging / "item_features" / f"{name}.mask.npy", m.present.astype(bool))
@@ -219,7 +233,7 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
             "method": "ridge-map" if ridge_report else "native",
             "inputs": inputs,
             "outputs": {"item_vector": "item_vector"},
-            "extra_outputs": {},
+            "extra_outputs": {name: name for name in native.extra_output_names},
             **({"fit": ridge_report} if ridge_report else {}),
         }
         modalities = _modality_encoder_entries(dataset, staging, config)
@@ -248,6 +262,7 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
         "fallback": {"unknown_user": "history-mean, else popularity"},
         "metrics": {"valid": metrics.get("valid", {}), "test": metrics.get("test", {}),
                     "best_epoch": metrics.get("best_epoch"), "run_dir": str(run_dir)},  # fmt: skip
+        **sections,
         "files": files,
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))

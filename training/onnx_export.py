@@ -59,14 +59,16 @@ def export_onnx(
     input_names: list[str],
     output_name: str,
     dynamic_shapes: dict[str, Any],
+    extra_output_names: tuple[str, ...] = (),
 ) -> None:
+    """Export ``module``; ``extra_output_names`` name further outputs after the first (the module returns a tuple)."""
     with _quiet_exporter():
         torch.onnx.export(
             module,
             example,
             str(path),
             input_names=input_names,
-            output_names=[output_name],
+            output_names=[output_name, *extra_output_names],
             dynamic_shapes=dynamic_shapes,
             opset_version=ONNX_OPSET,
             dynamo=True,
