@@ -14,6 +14,7 @@ weights inside the ``.onnx`` file (no external data): the bundle lists one file 
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -42,7 +43,9 @@ _BERT_MAX_POSITIONS = 512  # position-embedding table of MiniLM: the largest T t
 
 @contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """Silence two known, harmless warnings that torch 2.13's exporter raises from its own internals."""
+    """Silence two known, harmless warnings that torch 2.13's exporter raises from its own internals, and its
+    log lines about torchvision operators (torchvision is not used here)."""
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
