@@ -14,6 +14,7 @@ from models.lattice import LATTICE, LATTICEConfig
 from models.lightgcn import LightGCN, LightGCNConfig
 from models.mmgcn import MMGCN, MMGCNConfig
 from models.popularity import Popularity, PopularityConfig
+from models.r2mr import R2MR, R2MRConfig
 from models.vbpr import VBPR, VBPRConfig
 
 
@@ -32,6 +33,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("bpr", BPRMFConfig, BPRMF),
         ModelSpec("lightgcn", LightGCNConfig, LightGCN),
         ModelSpec("vbpr", VBPRConfig, VBPR, needs_modalities=True),
+        ModelSpec("r2mr", R2MRConfig, R2MR, needs_modalities=True),
         ModelSpec("mmgcn", MMGCNConfig, MMGCN, needs_modalities=True),
         ModelSpec("lattice", LATTICEConfig, LATTICE, needs_modalities=True),
         ModelSpec("freedom", FREEDOMConfig, FREEDOM, needs_modalities=True),
