@@ -13,7 +13,9 @@ from models.freedom import FREEDOM, FREEDOMConfig
 from models.lattice import LATTICE, LATTICEConfig
 from models.lightgcn import LightGCN, LightGCNConfig
 from models.mmgcn import MMGCN, MMGCNConfig
+from models.mp4sr import MP4SR, MP4SRConfig
 from models.popularity import Popularity, PopularityConfig
+from models.sasrec import SASRec, SASRecConfig
 from models.r2mr import R2MR, R2MRConfig
 from models.vbpr import VBPR, VBPRConfig
 
@@ -33,6 +35,8 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("bpr", BPRMFConfig, BPRMF),
         ModelSpec("lightgcn", LightGCNConfig, LightGCN),
         ModelSpec("vbpr", VBPRConfig, VBPR, needs_modalities=True),
+        ModelSpec("sasrec", SASRecConfig, SASRec),
+        ModelSpec("mp4sr", MP4SRConfig, MP4SR, needs_modalities=True),
         ModelSpec("r2mr", R2MRConfig, R2MR, needs_modalities=True),
         ModelSpec("mmgcn", MMGCNConfig, MMGCN, needs_modalities=True),
         ModelSpec("lattice", LATTICEConfig, LATTICE, needs_modalities=True),

@@ -118,3 +118,30 @@ class Recommender(nn.Module):
     def encode_histories(self, histories: torch.Tensor, reps: Representations) -> torch.Tensor:
         """(B, L) padded histories → (B, d) user vectors; only sequence models implement it."""
         raise NotImplementedError(f"{type(self).__name__} has a user table and does not encode histories")
+
+    def encode_items(self, item_vectors: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) item vectors of left-padded histories (rows of ``representations().items``, zeros at padding)
+        and (B, L) bool presence → (B, d) user vectors: what a sequence model's exported user tower computes."""
+        raise NotImplementedError(f"{type(self).__name__} does not encode histories from item vectors")
+
+    def user_tower(self) -> UserTower | None:
+        """The user tower the bundle carries (sequence models), or None for models with a user table."""
+        return None
+
+
+class UserTower(nn.Module):
+    """A sequence model's user encoder for serving, exported as ``user_tower.onnx`` (docs/bundle-format.md).
+
+    ``forward(item_vectors (B, L, d), mask (B, L))``: the item vectors of a user's ``max_length`` most recent items,
+    most recent last, left-padded with zeros, and a float32 mask with 1.0 at items → (B, d) user vectors. The
+    item vectors are the ones the index holds (new items: the content encoder's), so an ingested item can be part
+    of a history as soon as it is recommendable.
+    """
+
+    def __init__(self, model: Recommender, *, max_length: int) -> None:
+        super().__init__()
+        self.model = model
+        self.max_length = max_length
+
+    def forward(self, item_vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_items(item_vectors, mask > 0.5)

@@ -27,3 +27,22 @@ def squared_l2_penalty(*embeddings: torch.Tensor) -> torch.Tensor:
 def mean_square_penalty(*tensors: torch.Tensor) -> torch.Tensor:
     """Σ mean(x²) over the tensors: MMGCN's regulariser (batch ID embeddings and the users' modality preferences)."""
     return torch.stack([t.pow(2).mean() for t in tensors]).sum()
+
+
+def in_batch_info_nce(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    positives: torch.Tensor,
+    *,
+    temperature: float,
+    key_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfoNCE of queries (N, d) against the batch's keys (K, d) by inner product / ``temperature`` (normalise first
+    for cosine): row n's positive is keys[positives[n]], the other keys are its negatives, except, with ``key_ids``
+    (K,), keys with the same id as row n's positive (the same item twice in the batch). Mean over the rows."""
+    logits = queries @ keys.T / temperature  # (N, K)
+    if key_ids is not None:
+        columns = torch.arange(keys.shape[0], device=keys.device)
+        same = (key_ids[None, :] == key_ids[positives][:, None]) & (columns[None, :] != positives[:, None])
+        logits = logits.masked_fill(same, -torch.inf)
+    return F.cross_entropy(logits, positives)

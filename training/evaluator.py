@@ -1,8 +1,9 @@
 """Full-ranking evaluation shared by every model.
 
 Every evaluated user is scored against ALL items; items the user interacted with in training (and, at test time,
-in validation) are masked out before the top-K is taken. Users with no held-out item in the split are skipped
-(MMRec drops them too). Metrics are averaged per user.
+in validation) are masked out before the top-K is taken, unless ``mask_history=False`` (RecBole's protocol for
+next-item prediction, where a user's earlier item may come again). Users with no held-out item in the split are
+skipped (MMRec drops them too). Metrics are averaged per user.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class FullRankingEvaluator:
         topk: tuple[int, ...] = DEFAULT_TOPK,
         batch_users: int = 4096,
         history_length: int = 50,
+        mask_history: bool = True,
     ) -> None:
         if split not in (VALID, TEST):
             raise ValueError("evaluate on the valid (1) or test (2) split")
@@ -67,6 +69,8 @@ class FullRankingEvaluator:
         if split == TEST:
             seen = seen + dataset.matrix(VALID)
         self.seen = (seen > 0).astype(np.float32).tocsr()
+        if not mask_history:  # RecBole's sequential protocol: an item seen before can be the next one (re-purchase)
+            self.seen = sp.csr_matrix(self.seen.shape, dtype=np.float32)
         self.users = np.flatnonzero(np.diff(self.truth.indptr) > 0)
         if self.users.size == 0:
             raise ValueError(f"{dataset.name}: the {'valid' if split == VALID else 'test'} split has no interactions")

@@ -91,6 +91,24 @@ def load_run(run_dir: Path, *, dataset_dir: Path | None = None) -> LoadedRun:
     )
 
 
+def initialise_from_run(model: Recommender, run_dir: Path, *, model_name: str) -> list[str]:
+    """Load the weights of an earlier run of the same model into ``model`` (pre-training → fine-tuning).
+
+    Parameters the earlier run did not have (the fine-tuning stage's ID embeddings) keep their fresh
+    initialisation and are returned by name; a parameter the model does not have, or of another shape, fails.
+    """
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if not checkpoint_path.exists():
+        raise FileNotFoundError(f"init_from: {run_dir} has no checkpoint.pt")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    if checkpoint.get("model") != model_name:
+        raise ValueError(f"init_from: {run_dir} is a run of {checkpoint.get('model')!r}, not of {model_name!r}")
+    result = model.load_state_dict(checkpoint["state_dict"], strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"init_from: {run_dir} has parameters this model lacks: {result.unexpected_keys}")
+    return list(result.missing_keys)
+
+
 def plot_learning_curve(path: Path, history: list[dict[str, Any]], select_metric: str) -> None:
     import matplotlib
 

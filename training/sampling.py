@@ -55,15 +55,22 @@ class BPRSampler:
 
 
 class SequenceSampler:
-    """Every prefix of every training sequence predicts its next item (the SASRec/RecBole augmentation)."""
+    """Every prefix of every training sequence predicts its next item (the SASRec/RecBole augmentation).
 
-    def __init__(self, histories: list[np.ndarray], *, max_length: int, seed: int) -> None:
+    With ``stride`` k > 1 only every k-th prefix, counting back from the whole sequence, is an example (targets: the
+    last item, the one k before it, ...): with k = ``max_length`` the histories are non-overlapping windows in which
+    every item is a label once, for models that learn from every position of a window.
+    """
+
+    def __init__(self, histories: list[np.ndarray], *, max_length: int, seed: int, stride: int = 1) -> None:
+        if stride < 1:
+            raise ValueError(f"stride must be at least 1, got {stride}")
         self.max_length = max_length
         self.seed = seed
         self._users: list[int] = []
         self._ends: list[int] = []
         for user, items in enumerate(histories):
-            for end in range(1, items.size):
+            for end in range(1, items.size) if stride == 1 else sorted(range(items.size - 1, 0, -stride)):
                 self._users.append(user)
                 self._ends.append(end)
         self.histories = histories

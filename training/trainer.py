@@ -31,7 +31,13 @@ from models.config import build_config, config_to_dict
 from training.dataset import TEST, TRAIN, VALID, InteractionDataset
 from training.evaluator import DEFAULT_TOPK, FullRankingEvaluator
 from training.inputs import model_inputs
-from training.runs import new_run_directory, plot_learning_curve, save_checkpoint, write_json
+from training.runs import (
+    initialise_from_run,
+    new_run_directory,
+    plot_learning_curve,
+    save_checkpoint,
+    write_json,
+)
 from training.sampling import BPRSampler, SequenceSampler
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,9 @@ class TrainConfig:
     device: str = "auto"
     max_minutes: float = 0.0  # wall-clock budget for the epoch loop; 0 means none
     sequence_length: int = 50  # history length for sequence models
+    sequence_stride: int = 1  # sequence models: every prefix is an example (1), or every k-th; 0: k = history length
+    mask_history: bool = True  # mask the user's earlier items when ranking (MMRec); False: RecBole's sequential protocol
+    init_from: str = ""  # a run directory whose checkpoint initialises the model (pre-training → fine-tuning)
     eval_batch_users: int = 4096
     progress: bool = True
 
@@ -120,12 +129,17 @@ def train(
     model = build_model(model_name, inputs, config_to_dict(config))
     if initialise is not None:
         initialise(model)
+    if train_config.init_from:
+        missing = initialise_from_run(model, Path(train_config.init_from), model_name=model_name)
+        log.info("%s: initialised from %s; new parameters: %s", model_name, train_config.init_from, missing)
     model = model.to(device)
     history_length = int(getattr(config, "max_length", train_config.sequence_length))
     valid_eval = FullRankingEvaluator(dataset, split=VALID, topk=train_config.topk,
-                                      batch_users=train_config.eval_batch_users, history_length=history_length)  # fmt: skip
+                                      batch_users=train_config.eval_batch_users, history_length=history_length,
+                                      mask_history=train_config.mask_history)  # fmt: skip
     test_eval = FullRankingEvaluator(dataset, split=TEST, topk=train_config.topk,
-                                     batch_users=train_config.eval_batch_users, history_length=history_length)  # fmt: skip
+                                     batch_users=train_config.eval_batch_users, history_length=history_length,
+                                     mask_history=train_config.mask_history)  # fmt: skip
     trainable = [p for p in model.parameters() if p.requires_grad]
     wrapped: torch.nn.Module = model
     if world_size > 1 and trainable:
@@ -144,7 +158,7 @@ def train(
     sampler: BPRSampler | SequenceSampler
     if model.batch_kind == "sequence":
         sampler = SequenceSampler(dataset.chronological_history(through=TRAIN), max_length=history_length,
-                                  seed=train_config.seed)  # fmt: skip
+                                  seed=train_config.seed, stride=train_config.sequence_stride or history_length)  # fmt: skip
     else:
         users, items = dataset.edges(TRAIN)
         sampler = BPRSampler(users, items, dataset.n_items, seed=train_config.seed)
