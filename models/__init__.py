@@ -15,8 +15,8 @@ from models.lightgcn import LightGCN, LightGCNConfig
 from models.mmgcn import MMGCN, MMGCNConfig
 from models.mp4sr import MP4SR, MP4SRConfig
 from models.popularity import Popularity, PopularityConfig
-from models.sasrec import SASRec, SASRecConfig
 from models.r2mr import R2MR, R2MRConfig
+from models.sasrec import SASRec, SASRecConfig
 from models.vbpr import VBPR, VBPRConfig
 
 
