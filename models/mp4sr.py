@@ -41,7 +41,7 @@ from torch import nn
 
 from models.base import ContentEncoder, ModelInputs, Recommender, Representations, SequenceBatch, UserTower
 from models.losses import in_batch_info_nce
-from models.sasrec import MASKED, SequenceTransformer, initialise_weights, next_items
+from models.sasrec import MASKED, SequenceTransformer, initialise_weights, next_items, trim_left_padding
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,7 @@ class MP4SR(Recommender):
         return self.encode_positions(sequences, present)[:, -1].flatten(1)  # (B, M·h)
 
     def encode_histories(self, histories: torch.Tensor, reps: Representations) -> torch.Tensor:
+        histories = trim_left_padding(histories)
         table = F.pad(reps.items, (0, 0, 1, 0))  # (I + 1, M·h): row 0 is padding
         return self.encode_items(table[histories], histories > 0)
 
@@ -230,15 +231,16 @@ class MP4SR(Recommender):
         items = self.item_vectors()  # (I, M·h)
         table = F.pad(items, (0, 0, 1, 0))  # (I + 1, M·h): row 0 is padding
         if cfg.stage == "finetune":
-            sequences = table[batch.histories].view(*batch.histories.shape, m, h)  # (B, L, M, h)
-            all_users = self.encode_positions(sequences, batch.histories > 0)  # (B, L, M, h)
-            users, targets = self.predicting_positions(all_users, batch.histories, batch.targets)
+            histories = trim_left_padding(batch.histories)
+            sequences = table[histories].view(*histories.shape, m, h)  # (B, L, M, h)
+            all_users = self.encode_positions(sequences, histories > 0)  # (B, L, M, h)
+            users, targets = self.predicting_positions(all_users, histories, batch.targets)
             return F.cross_entropy(users.flatten(1) @ items.T / cfg.temperature, targets)
         # pre-training: item dropout over the history and its target, then complementary mixup, then InfoNCE
         dropped = self.drop_items(
             torch.cat([batch.histories, (batch.targets + 1).unsqueeze(1)], dim=1), keep_last=2
         )
-        histories, last_targets = dropped[:, :-1], dropped[:, -1] - 1
+        histories, last_targets = trim_left_padding(dropped[:, :-1]), dropped[:, -1] - 1
         sequences = table[histories].view(*histories.shape, m, h)  # (B, L, M, h)
         if cfg.mixup and m == 2:
             sequences = self.complementary_mixup(sequences, histories > 0)

@@ -118,6 +118,14 @@ def next_items(histories: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.where(histories > 0, following, 0)
 
 
+def trim_left_padding(histories: torch.Tensor) -> torch.Tensor:
+    """(B, L) → (B, L'): drops the leading columns that are padding in every row. Nothing else changes (positions
+    count from the end and padding is never attended to); short sequences then cost what they hold."""
+    used = (histories > 0).any(dim=0)  # (L,)
+    first = int(used.int().argmax()) if bool(used.any()) else histories.shape[1] - 1
+    return histories[:, first:]
+
+
 def initialise_weights(module: nn.Module, std: float) -> None:
     """RecBole's initialisation: normal(0, std) linear and embedding weights, zero biases, identity LayerNorms."""
     for m in module.modules():
@@ -148,6 +156,7 @@ class SASRec(Recommender):
         return users
 
     def encode_histories(self, histories: torch.Tensor, reps: Representations) -> torch.Tensor:
+        histories = trim_left_padding(histories)
         table = F.pad(reps.items, (0, 0, 1, 0))  # (I + 1, d): row 0 is padding
         return self.encode_items(table[histories], histories > 0)
 
@@ -156,11 +165,10 @@ class SASRec(Recommender):
         if self.config.train_positions == "last":
             users = self.encode_histories(batch.histories, Representations(users=None, items=items))  # (B, d)
             return F.cross_entropy(users @ items.T, batch.targets)
-        present = batch.histories > 0
-        outputs = self.encoder.all_positions(
-            F.pad(items, (0, 0, 1, 0))[batch.histories], present
-        )  # (B, L, d)
-        labels = next_items(batch.histories, batch.targets)  # (B, L)
+        histories = trim_left_padding(batch.histories)
+        present = histories > 0
+        outputs = self.encoder.all_positions(F.pad(items, (0, 0, 1, 0))[histories], present)  # (B, L, d)
+        labels = next_items(histories, batch.targets)  # (B, L)
         return F.cross_entropy(outputs[present] @ items.T, labels[present] - 1)
 
     def representations(self) -> Representations:

@@ -13,7 +13,7 @@ import torch
 
 from models import build_model
 from models.base import ModelInputs, Representations, SequenceBatch
-from models.sasrec import SASRec, SASRecConfig, SequenceTransformer, next_items
+from models.sasrec import SASRec, SASRecConfig, SequenceTransformer, next_items, trim_left_padding
 from training.dataset import TEST, TRAIN, VALID, InteractionDataset
 from training.evaluator import FullRankingEvaluator, pad_histories
 from training.sampling import SequenceSampler
@@ -224,3 +224,24 @@ def test_evaluator_mask_history_flag(mask_history: bool, expected_hit_at_1: floa
     assert evaluator.evaluate(model).metrics["hit@1"] == pytest.approx(expected_hit_at_1)
     if not mask_history:
         assert isinstance(evaluator.seen, sp.csr_matrix) and evaluator.seen.nnz == 0
+
+
+def test_trimming_shared_left_padding_changes_nothing() -> None:
+    model = sasrec(dropout=0.0).eval()
+    histories = pad_histories(
+        [np.array([3, 4]), np.array([5]), np.array([6, 7, 8])], L
+    )  # 3 leading pad columns
+    assert trim_left_padding(histories).shape == (3, 3)
+    assert trim_left_padding(torch.zeros(2, L, dtype=torch.int64)).shape == (2, 1)
+    reps = model.representations()
+    table = torch.nn.functional.pad(reps.items, (0, 0, 1, 0))
+    with torch.no_grad():
+        untrimmed = model.encode_items(table[histories], histories > 0)
+        assert torch.allclose(model.encode_histories(histories, reps), untrimmed, atol=1e-6)
+        outputs = model.encoder.all_positions(table[histories], histories > 0)
+        labels = next_items(histories, torch.tensor([1, 2, 3]))
+        expected = torch.nn.functional.cross_entropy(
+            outputs[histories > 0] @ reps.items.T, labels[histories > 0] - 1
+        )
+        batch = SequenceBatch(users=torch.arange(3), histories=histories, targets=torch.tensor([1, 2, 3]))
+        assert torch.allclose(model.loss(batch), expected, atol=1e-6)
