@@ -15,6 +15,7 @@ from models.lightgcn import LightGCN, LightGCNConfig
 from models.mmgcn import MMGCN, MMGCNConfig
 from models.mp4sr import MP4SR, MP4SRConfig
 from models.popularity import Popularity, PopularityConfig
+from models.qarm import QARM, QARMConfig
 from models.r2mr import R2MR, R2MRConfig
 from models.sasrec import SASRec, SASRecConfig
 from models.vbpr import VBPR, VBPRConfig
@@ -37,10 +38,11 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("vbpr", VBPRConfig, VBPR, needs_modalities=True),
         ModelSpec("sasrec", SASRecConfig, SASRec),
         ModelSpec("mp4sr", MP4SRConfig, MP4SR, needs_modalities=True),
-        ModelSpec("r2mr", R2MRConfig, R2MR, needs_modalities=True),
+        ModelSpec("qarm", QARMConfig, QARM, needs_modalities=True),
         ModelSpec("mmgcn", MMGCNConfig, MMGCN, needs_modalities=True),
         ModelSpec("lattice", LATTICEConfig, LATTICE, needs_modalities=True),
         ModelSpec("freedom", FREEDOMConfig, FREEDOM, needs_modalities=True),
+        ModelSpec("r2mr", R2MRConfig, R2MR, needs_modalities=True),
     ]
 }
 

@@ -138,6 +138,40 @@ def results(
     typer.echo(text)
 
 
+@app.command("qarm")
+def qarm_command(
+    dataset: Annotated[str, typer.Option(help="Prepared dataset with content modalities (e.g. ml100k-posters, lfm2k).")],
+    cold_share: Annotated[float, typer.Option(help="Share of items held out of training entirely (0: warm split).")] = 0.0,
+    cold_seed: Annotated[int, typer.Option(help="Seed of the cold-item draw.")] = 2024,
+    set_: Annotated[list[str], typer.Option("--set", help="QARM setting KEY=VALUE, e.g. source=raw, codebook_size=32.")] = [],  # noqa: B006
+    train_set: Annotated[list[str], typer.Option("--train", help="Trainer setting KEY=VALUE.")] = [],  # noqa: B006
+    align: Annotated[list[str], typer.Option("--align", help="Alignment setting KEY=VALUE, e.g. temperature=0.1.")] = [],  # noqa: B006
+    seed: Annotated[int, typer.Option(help="Seed of the recommender's initialisation and sampling.")] = 2024,
+    tag: Annotated[str, typer.Option(help="Variant label for docs/results.md (e.g. unaligned).")] = "",
+) -> None:
+    """QARM end to end (docs/qarm.md): mine pairs from LightGCN, align, residual k-means codes, train the code-based
+    recommender; with --cold-share, evaluate on items held out of training. Writes qarm_report.json in the run."""
+    from models.config import build_config
+    from training.presets import preset
+    from training.qarm_pipeline import AlignmentTrainConfig, PipelineConfig, run_qarm
+
+    paths = default_paths()
+    directory = paths.datasets / dataset
+    if not (directory / "dataset.json").exists():
+        raise typer.BadParameter(f"{dataset!r} is not a prepared dataset under {paths.datasets}; run `mmrec prepare`")
+    model_layer, train_layer = preset(dataset, "qarm")
+    config = _train_config({**parse_assignments(train_set), "seed": str(seed)}, train_layer)
+    _, lightgcn_train_layer = preset(dataset, "lightgcn")
+    outcome = run_qarm(
+        directory, runs_root=paths.runs, datasets_root=paths.datasets,
+        model_config={**model_layer, **parse_assignments(set_)}, train_config=config,
+        align_config=build_config(AlignmentTrainConfig, parse_assignments(align)),
+        pipeline_config=PipelineConfig(cold_share=cold_share, cold_seed=cold_seed),
+        lightgcn_train_config=_train_config({"seed": str(seed)}, lightgcn_train_layer), tag=tag, echo=typer.echo,
+    )  # fmt: skip
+    typer.echo(f"report: {outcome.run_dir / 'qarm_report.json' if outcome.run_dir else '(no run directory)'}")
+
+
 @app.command("export")
 def export_command(
     run_dir: Annotated[Path, typer.Argument(help="A training run directory (has checkpoint.pt).")],
