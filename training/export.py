@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.base import ContentEncoder
+from models.base import ContentEncoder, UserTower
 from models.config import config_to_dict
-from training.dataset import InteractionDataset
+from training.dataset import TEST, InteractionDataset
 from training.runs import LoadedRun, load_run
 
 BUNDLE_FORMAT = "mmrec-bundle"
@@ -125,6 +125,22 @@ def export_item_encoder(encoder: ContentEncoder, dims: dict[str, int], path: Pat
     return spec
 
 
+def export_user_tower(tower: UserTower, dim: int, path: Path) -> dict[str, Any]:
+    """Write a sequence model's user tower as ONNX, ``item_vectors`` (B, max_length, dim) and ``mask``
+    (B, max_length) float32 → ``user_vector`` (B, dim); returns the manifest's ``user_tower`` entry."""
+    from training.onnx_export import export_onnx
+
+    length = tower.max_length
+    vectors = torch.randn(2, length, dim, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, length)
+    mask[0, : length - 1] = 0.0  # a left-padded history of one item, and a full one
+    batch = torch.export.Dim("batch", min=1)
+    export_onnx(tower.eval(), (vectors * mask[..., None], mask), path, input_names=["item_vectors", "mask"],
+                output_name="user_vector", dynamic_shapes={"item_vectors": {0: batch}, "mask": {0: batch}})  # fmt: skip
+    return {"onnx": path.name, "max_length": length, "inputs": {"item_vectors": "item_vectors", "mask": "mask"},
+            "output": "user_vector"}  # fmt: skip
+
+
 class _PositionalInputs(nn.Module):
     """Gives the exporter named positional arguments (the encoder takes *args)."""
 
@@ -193,10 +209,17 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
     (staging / "user_ids.json").write_text(json.dumps(dataset.user_ids))
     np.save(staging / "popularity.npy",
             np.bincount(dataset.edges(0)[1], minlength=dataset.n_items).astype(np.float32))  # fmt: skip
-    history = dataset.matrix(0) + dataset.matrix(1) + dataset.matrix(2)  # serving excludes everything seen
-    history = history.tocsr()
-    history.sort_indices()
-    np.savez(staging / "user_history.npz", indptr=history.indptr.astype(np.int64), indices=history.indices.astype(np.int64))
+    tower = model.user_tower()
+    if tower is None:
+        history = dataset.matrix(0) + dataset.matrix(1) + dataset.matrix(2)  # serving excludes everything seen
+        history = history.tocsr()
+        history.sort_indices()
+        indptr, indices = history.indptr, history.indices
+    else:  # the user tower reads each user's interactions in time order, oldest first (repeats kept)
+        sequences = dataset.chronological_history(through=TEST)
+        indptr = np.concatenate([[0], np.cumsum([s.size for s in sequences])])
+        indices = np.concatenate([*sequences, np.zeros(0, dtype=np.int64)])
+    np.savez(staging / "user_history.npz", indptr=indptr.astype(np.int64), indices=indices.astype(np.int64))
     with torch.no_grad():
         extras = {name: values.detach().cpu().numpy().tolist() for name, values in model.item_extras().items()}
     with (staging / "item_metadata.jsonl").open("w") as f:
@@ -238,6 +261,8 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
         }
         modalities = _modality_encoder_entries(dataset, staging, config)
 
+    user_tower = None if tower is None else export_user_tower(tower, item_vectors.shape[1], staging / "user_tower.onnx")
+
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     files = {
         str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
@@ -258,7 +283,7 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
         "index": index_info,
         "modalities": modalities,
         "item_encoder": item_encoder,
-        "user_tower": None,
+        "user_tower": user_tower,
         "fallback": {"unknown_user": "history-mean, else popularity"},
         "metrics": {"valid": metrics.get("valid", {}), "test": metrics.get("test", {}),
                     "best_epoch": metrics.get("best_epoch"), "run_dir": str(run_dir)},  # fmt: skip
