@@ -21,6 +21,7 @@ rewriter (VQ-GAN), the model, the inductive encoder for new items.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -185,7 +186,7 @@ class VectorQuantizer(nn.Module):
         self.code_dim = code_dim
         self.commitment = commitment
         self.codebook = nn.Embedding(codebook_size, code_dim)
-        nn.init.xavier_normal_(self.codebook.weight)
+        nn.init.normal_(self.codebook.weight)  # unit entries, the scale of the LayerNorm-residual encoder's output
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C·c) → (B, C) code indices."""
@@ -206,32 +207,39 @@ class VectorQuantizer(nn.Module):
 class ModalityGenerator(nn.Module):
     """[source feature ‖ direction prompt] → residual encoder → chunked VQ → residual decoder → target feature.
 
-    Direction k rewrites FROM modality k (sorted order) INTO the other one.
+    Direction k rewrites FROM modality k (sorted order) INTO the other one. Features (mean norm 1) are multiplied
+    by √D on the way in and divided on the way out, so that the network sees unit-scale entries, the scale its
+    LayerNorms produce.
     """
 
     def __init__(self, config: R2MRConfig, dim: int) -> None:
         super().__init__()
         latent = config.n_codes * config.code_dim
+        self.feature_scale = math.sqrt(dim)
         self.prompt = nn.Embedding(2, config.prompt_dim)
         self.encoder = residual_mlp([dim + config.prompt_dim, *config.encoder_channels, latent])
         self.quantizer = VectorQuantizer(config.codebook_size, config.code_dim, config.commitment)
-        self.decoder = residual_mlp([latent, *config.decoder_channels, dim])
+        # the last layer is a plain Linear: the official x + LayerNorm(x) there fixes the output's per-entry scale
+        # near 1 (norm ≈ √D), far from the features' (norm ≈ 1), and the rewrites came out as noise
+        self.decoder = nn.Sequential(residual_mlp([latent, *config.decoder_channels]),
+                                     nn.Linear(([latent, *config.decoder_channels])[-1], dim))  # fmt: skip
 
     def forward(self, source: torch.Tensor, direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.encoder(torch.cat([source, self.prompt(direction)], dim=1))  # (B, C·c)
+        z = self.encoder(torch.cat([source * self.feature_scale, self.prompt(direction)], dim=1))  # (B, C·c)
         quantised, code_loss = self.quantizer(z)
-        out: torch.Tensor = self.decoder(quantised)  # (B, D)
+        out: torch.Tensor = self.decoder(quantised) / self.feature_scale  # (B, D)
         return out, code_loss
 
 
 class Discriminator(nn.Module):
     def __init__(self, dim: int, channels: Sequence[int]) -> None:
         super().__init__()
+        self.feature_scale = math.sqrt(dim)  # as the generator's
         self.body = residual_mlp([dim, *channels])
         self.head = nn.Linear(channels[-1] if channels else dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.head(self.body(x)).squeeze(-1)  # (B,)
+        logits: torch.Tensor = self.head(self.body(x * self.feature_scale)).squeeze(-1)  # (B,)
         return logits
 
 
