@@ -151,6 +151,17 @@ class Bundle:
     def training_history(self, user_row: int) -> np.ndarray:
         return self.history_indices[self.history_indptr[user_row] : self.history_indptr[user_row + 1]]
 
+    @property
+    def code_field(self) -> str | None:
+        """The item field holding each item's semantic code (manifest ``semantic_codes``: QARM), else None."""
+        section = self.manifest.get("semantic_codes")
+        return str(section["field"]) if isinstance(section, dict) and section.get("field") else None
+
+    @property
+    def code_levels(self) -> int:
+        section = self.manifest.get("semantic_codes")
+        return int(section.get("levels", 0)) if isinstance(section, dict) else 0
+
 
 def load_bundle(path: Path, *, plan: DevicePlan, verify_hashes: bool = True) -> Bundle:
     """Read and check a bundle; raises :class:`BundleError` naming the file or field at fault."""

@@ -240,6 +240,13 @@ class Catalogue:
         with self.lock:
             return list(self._ingested)
 
+    def extra_of(self, row: int) -> dict[str, Any]:
+        """The model outputs of a row: the encoder's extra outputs (ingested) or the metadata extras (trained)."""
+        stored = self._ingested.get(row)
+        if stored is not None:
+            return stored.extra
+        return self.bundle.item_metadata[row]
+
     def describe(self, item_id: str) -> ItemView:
         row = self.row(item_id)
         stored = self._ingested.get(row)

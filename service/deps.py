@@ -41,5 +41,8 @@ def require_api_key(runtime: RuntimeDep, key: Annotated[str | None, Security(_ap
 WriteAccess = Depends(require_api_key)
 
 KParam = Annotated[int | None, Query(description="How many items (1..max_k; default: the service's default_k).")]
+MaxPerCodePrefixParam = Annotated[int | None, Query(ge=1, description="Diversify (bundles with semantic codes, QARM): "
+                                                    "at most this many items sharing a code prefix.")]  # fmt: skip
+CodePrefixLengthParam = Annotated[int, Query(ge=1, description="Code values compared by max_per_code_prefix.")]
 UserIdPath = Annotated[str, Path(min_length=1, max_length=256, description="External user id.")]
 ItemIdPath = Annotated[str, Path(min_length=1, max_length=256, description="External item id.")]

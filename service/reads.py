@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 from service.catalogue import ItemView
 from service.errors import InvalidInput, Unavailable
-from service.recommender import Ranking
+from service.recommender import CodeDiversity, Ranking
 from service.redis_pool import RedisDown
 from service.runtime import Engine, Runtime
 from service.schemas import EventPublic, ItemPublic, RecommendationList, ScoredItem, SimilarItems, UserEvents
@@ -27,11 +27,27 @@ def resolve_k(runtime: Runtime, k: int | None) -> int:
     return k
 
 
-def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, exclude_seen: bool) -> RecommendationList:
+def resolve_diversity(runtime: Runtime, max_per_prefix: int | None, prefix_length: int) -> CodeDiversity | None:
+    """Diversity by code prefix, checked against the bundle (422 when it has no semantic codes or fewer levels)."""
+    if max_per_prefix is None:
+        return None
+    bundle = runtime.engine.bundle
+    field = bundle.code_field
+    if field is None:
+        raise InvalidInput(f"max_per_code_prefix needs a bundle with semantic codes; model {bundle.model_name!r} has none")
+    if prefix_length > bundle.code_levels:
+        raise InvalidInput(f"code_prefix_length must be between 1 and {bundle.code_levels}, got {prefix_length}")
+    return CodeDiversity(field=field, max_per_prefix=max_per_prefix, prefix_length=prefix_length)
+
+
+def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, exclude_seen: bool,
+                       diversity: CodeDiversity | None = None) -> RecommendationList:  # fmt: skip
     k = resolve_k(runtime, k)
     runtime.sync()
     engine = runtime.engine
     key = f"{engine.bundle.version}|{engine.catalogue.version}|k={k}|exclude_seen={int(exclude_seen)}"
+    if diversity is not None:
+        key += f"|code_prefix={diversity.prefix_length}x{diversity.max_per_prefix}"
     generation: str | None = None
     try:
         generation, payload = runtime.cache.get(user_id, key)
@@ -49,7 +65,7 @@ def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, exclude
     except RedisDown:
         recent = []  # degraded: only the training history filters seen items
         generation = None  # and this list must not be cached
-    ranking = engine.recommender.for_user(user_id, recent, k=k, exclude_seen=exclude_seen)
+    ranking = engine.recommender.for_user(user_id, recent, k=k, exclude_seen=exclude_seen, diversity=diversity)
     response = _recommendation_list(runtime, engine, ranking, user_id=user_id, k=k, exclude_seen=exclude_seen)
     if generation is not None:
         with contextlib.suppress(RedisDown):  # a failed put is a later miss
@@ -57,12 +73,13 @@ def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, exclude
     return response
 
 
-def recommend_for_history(runtime: Runtime, history: list[str], *, k: int | None, exclude_seen: bool) -> RecommendationList:
+def recommend_for_history(runtime: Runtime, history: list[str], *, k: int | None, exclude_seen: bool,
+                          diversity: CodeDiversity | None = None) -> RecommendationList:  # fmt: skip
     """Not cached: an explicit history is rarely asked for twice."""
     k = resolve_k(runtime, k)
     runtime.sync()
     engine = runtime.engine
-    ranking = engine.recommender.for_history(history, k=k, exclude_seen=exclude_seen)
+    ranking = engine.recommender.for_history(history, k=k, exclude_seen=exclude_seen, diversity=diversity)
     return _recommendation_list(runtime, engine, ranking, user_id=None, k=k, exclude_seen=exclude_seen)
 
 

@@ -6,6 +6,10 @@
 - otherwise: training popularity ("popularity").
 Items the user has seen (training history and recorded events) are excluded unless asked otherwise: FAISS is
 asked for ``k + n_seen`` and the seen rows are filtered out.
+
+Diversity by code prefix (bundles with semantic codes, QARM): walking the ranking best first, an item is skipped
+when ``max_per_prefix`` items already taken share its first ``prefix_length`` code values; FAISS is asked for more
+rows until k items are taken or the catalogue is exhausted. Items without a code are never skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +27,20 @@ Strategy = Literal["user_vector", "user_tower", "history", "popularity", "item_v
 
 
 @dataclass(frozen=True)
+class CodeDiversity:
+    """At most ``max_per_prefix`` items whose semantic codes (item field ``field``) share their first
+    ``prefix_length`` values."""
+
+    field: str
+    max_per_prefix: int
+    prefix_length: int = 1
+
+    def key(self, extra: dict[str, object]) -> tuple[object, ...] | None:
+        code = extra.get(self.field)
+        return tuple(code[: self.prefix_length]) if isinstance(code, list) else None
+
+
+@dataclass(frozen=True)
 class Ranking:
     strategy: Strategy
     items: list[tuple[str, float]]  # (item id, score), best first
@@ -37,49 +55,77 @@ class Recommender:
     def known_user(self, user_id: str) -> bool:
         return user_id in self.bundle.user_rows
 
-    def for_user(self, user_id: str, recent_item_ids: Sequence[str], *, k: int, exclude_seen: bool) -> Ranking:
+    def for_user(self, user_id: str, recent_item_ids: Sequence[str], *, k: int, exclude_seen: bool,
+                 diversity: CodeDiversity | None = None) -> Ranking:  # fmt: skip
         """``recent_item_ids``: the user's recorded events, oldest first (ids deleted since are ignored)."""
         user_row = self.bundle.user_rows.get(user_id)
         trained = self.bundle.training_history(user_row).tolist() if user_row is not None else []
         history = trained + self.catalogue.rows_of(recent_item_ids)  # oldest first
         seen = set(history) if exclude_seen else set()
         if self.bundle.user_tower is not None and history:
-            return self._rank(self._tower(history), "user_tower", k, seen)
+            return self._rank(self._tower(history), "user_tower", k, seen, diversity)
         if user_row is not None and self.bundle.user_vectors is not None:
-            return self._rank(self.bundle.user_vectors[user_row], "user_vector", k, seen)
+            return self._rank(self.bundle.user_vectors[user_row], "user_vector", k, seen, diversity)
         if history:
-            return self._rank(self.catalogue.vectors(history).mean(axis=0), "history", k, seen)
-        return self._popular(k, seen)
+            return self._rank(self.catalogue.vectors(history).mean(axis=0), "history", k, seen, diversity)
+        return self._popular(k, seen, diversity)
 
-    def for_history(self, item_ids: Sequence[str], *, k: int, exclude_seen: bool) -> Ranking:
+    def for_history(self, item_ids: Sequence[str], *, k: int, exclude_seen: bool,
+                    diversity: CodeDiversity | None = None) -> Ranking:  # fmt: skip
         """An anonymous request: the history is given (oldest first); unknown ids raise UnknownItem (404)."""
         history = [self.catalogue.row(i) for i in item_ids]
         seen = set(history) if exclude_seen else set()
         if not history:
-            return self._popular(k, seen)
+            return self._popular(k, seen, diversity)
         if self.bundle.user_tower is not None:
-            return self._rank(self._tower(history), "user_tower", k, seen)
-        return self._rank(self.catalogue.vectors(history).mean(axis=0), "history", k, seen)
+            return self._rank(self._tower(history), "user_tower", k, seen, diversity)
+        return self._rank(self.catalogue.vectors(history).mean(axis=0), "history", k, seen, diversity)
 
     def similar(self, item_id: str, *, k: int) -> Ranking:
         row = self.catalogue.row(item_id)
         return self._rank(self.catalogue.vectors([row])[0], "item_vector", k, {row})
 
-    def _rank(self, query: np.ndarray, strategy: Strategy, k: int, exclude: set[int]) -> Ranking:
-        hits = self.catalogue.search(query.reshape(1, -1), k, [exclude])[0]
-        return Ranking(strategy, [(self.catalogue.item_id(row), score) for row, score in hits])
+    def _rank(self, query: np.ndarray, strategy: Strategy, k: int, exclude: set[int],
+              diversity: CodeDiversity | None = None) -> Ranking:  # fmt: skip
+        if diversity is None:
+            hits = self.catalogue.search(query.reshape(1, -1), k, [exclude])[0]
+            return Ranking(strategy, [(self.catalogue.item_id(row), score) for row, score in hits])
+        fetch = 4 * k
+        while True:
+            hits = self.catalogue.search(query.reshape(1, -1), fetch, [exclude])[0]
+            taken = self._diversify(hits, k, diversity)
+            if len(taken) == k or len(hits) < fetch:  # enough, or nothing more to fetch
+                return Ranking(strategy, [(self.catalogue.item_id(row), score) for row, score in taken])
+            fetch *= 4
 
-    def _popular(self, k: int, exclude: set[int]) -> Ranking:
+    def _diversify(self, hits: Sequence[tuple[int, float]], k: int, diversity: CodeDiversity) -> list[tuple[int, float]]:
+        """The first ``k`` hits, best first, skipping those whose code prefix already has its quota."""
+        counts: dict[tuple[object, ...], int] = {}
+        taken: list[tuple[int, float]] = []
+        for row, score in hits:
+            key = diversity.key(self.catalogue.extra_of(row))
+            if key is not None:
+                if counts.get(key, 0) >= diversity.max_per_prefix:
+                    continue
+                counts[key] = counts.get(key, 0) + 1
+            taken.append((row, score))
+            if len(taken) == k:
+                break
+        return taken
+
+    def _popular(self, k: int, exclude: set[int], diversity: CodeDiversity | None = None) -> Ranking:
         active = self.catalogue.active_mask()
-        items: list[tuple[str, float]] = []
+        items: list[tuple[int, float]] = []
         # Ingested items have no interactions yet (popularity 0): they come after every trained item.
         for row in [*self._by_popularity.tolist(), *self.catalogue.ingested_rows()]:
-            if len(items) == k:
+            if len(items) == k and diversity is None:
                 break
             if active[row] and row not in exclude:
                 score = float(self.bundle.popularity[row]) if row < self.catalogue.n_trained else 0.0
-                items.append((self.catalogue.item_id(row), score))
-        return Ranking("popularity", items)
+                items.append((row, score))
+        if diversity is not None:
+            items = self._diversify(items, k, diversity)
+        return Ranking("popularity", [(self.catalogue.item_id(row), score) for row, score in items])
 
     def _tower(self, history: Sequence[int]) -> np.ndarray:
         tower = self.bundle.user_tower

@@ -108,6 +108,10 @@ class RecommendationRequest(_Request):
     history: list[ItemId] | None = Field(default=None, max_length=1000, description="Item ids, most recent last.")
     k: int | None = Field(default=None, description="How many items (default: the service's default_k).")
     exclude_seen: bool = True
+    max_per_code_prefix: int | None = Field(
+        default=None, ge=1, description="Diversify (bundles with semantic codes, QARM): at most this many items whose "
+        "semantic codes share their first code_prefix_length values.")  # fmt: skip
+    code_prefix_length: int = Field(default=1, ge=1, description="Code values compared by max_per_code_prefix.")
 
     @model_validator(mode="after")
     def _one_subject(self) -> RecommendationRequest:

@@ -144,7 +144,7 @@ def qarm_command(
     cold_share: Annotated[float, typer.Option(help="Share of items held out of training entirely (0: warm split).")] = 0.0,
     cold_seed: Annotated[int, typer.Option(help="Seed of the cold-item draw.")] = 2024,
     set_: Annotated[list[str], typer.Option("--set", help="QARM setting KEY=VALUE, e.g. source=raw, codebook_size=32.")] = [],  # noqa: B006
-    train_set: Annotated[list[str], typer.Option("--train", help="Trainer setting KEY=VALUE.")] = [],  # noqa: B006
+    train_set: Annotated[list[str], typer.Option("--train", help="Trainer setting KEY=VALUE (also for a LightGCN trained here).")] = [],  # noqa: B006
     align: Annotated[list[str], typer.Option("--align", help="Alignment setting KEY=VALUE, e.g. temperature=0.1.")] = [],  # noqa: B006
     seed: Annotated[int, typer.Option(help="Seed of the recommender's initialisation and sampling.")] = 2024,
     tag: Annotated[str, typer.Option(help="Variant label for docs/results.md (e.g. unaligned).")] = "",
@@ -167,7 +167,8 @@ def qarm_command(
         model_config={**model_layer, **parse_assignments(set_)}, train_config=config,
         align_config=build_config(AlignmentTrainConfig, parse_assignments(align)),
         pipeline_config=PipelineConfig(cold_share=cold_share, cold_seed=cold_seed),
-        lightgcn_train_config=_train_config({"seed": str(seed)}, lightgcn_train_layer), tag=tag, echo=typer.echo,
+        lightgcn_train_config=_train_config({**parse_assignments(train_set), "seed": str(seed)}, lightgcn_train_layer),
+        tag=tag, echo=typer.echo,
     )  # fmt: skip
     typer.echo(f"report: {outcome.run_dir / 'qarm_report.json' if outcome.run_dir else '(no run directory)'}")
 
