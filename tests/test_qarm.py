@@ -32,6 +32,7 @@ from training.qarm_pipeline import (
     mine_pairs,
     pair_recall,
     quantiser_report,
+    render_report,
     run_qarm,
     symmetric_info_nce,
 )
@@ -414,3 +415,13 @@ def test_exported_qarm_encoder_matches_torch_and_carries_the_codes(pipeline_run:
     np.testing.assert_array_equal(codes, model.item_codes.numpy())
     cold = cold_items(run.dataset)  # a cold item's trained vector is exactly what the encoder gives a new item
     np.testing.assert_allclose(vectors[cold], np.load(bundle / "item_vectors.npy")[cold], atol=ONNX_TOLERANCE)
+
+
+def test_report_renders_the_cold_start_rows_of_a_run(pipeline_run: tuple[Path, dict[str, Any]]) -> None:
+    run_dir, report = pipeline_run
+    text = render_report(run_dir.parents[2])
+    row = next(line for line in text.splitlines() if "| QARM (aligned, K=5, L=2) |" in line)
+    assert row.startswith("| clustered-cold20 (30 cold items) |")
+    assert f"{report['cold_start']['qarm']['cold_only']['recall@20']:.4f}" in row
+    assert "| 5 | 2 |" not in text  # the grid of this run is (4|8) x (1|2)
+    assert "| 8 | 2 |" in text

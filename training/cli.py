@@ -173,6 +173,19 @@ def qarm_command(
     typer.echo(f"report: {outcome.run_dir / 'qarm_report.json' if outcome.run_dir else '(no run directory)'}")
 
 
+@app.command("qarm-report")
+def qarm_report_command(
+    out: Annotated[Path, typer.Option(help="Markdown file to write.")] = PROJECT_ROOT / "docs" / "qarm-results.md",
+    runs: Annotated[Path | None, typer.Option(help="Runs root (default: $MMREC_HOME/runs).")] = None,
+) -> None:
+    """Regenerate the QARM tables (warm, cold start, alignment, quantiser) from the runs' qarm_report.json."""
+    from training.qarm_pipeline import render_report
+
+    text = render_report(runs or default_paths().runs)
+    out.write_text(text)
+    typer.echo(text)
+
+
 @app.command("export")
 def export_command(
     run_dir: Annotated[Path, typer.Argument(help="A training run directory (has checkpoint.pt).")],
