@@ -8,6 +8,7 @@ grid point was run with several seeds, the row shows mean ± standard deviation 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
-SEQUENTIAL_COLUMNS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20", "mrr@20", "hit@20")
+SEQUENTIAL_COLUMNS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20", "mrr@10", "mrr@20", "hit@10", "hit@20")
 SELECT = "recall@20"
 
 
@@ -67,6 +68,8 @@ def read_runs(runs_root: Path) -> list[RunRecord]:
 def _cell(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
+    if any(math.isnan(v) for v in values):  # a metric some runs lack (statistics.stdev fails on nan)
+        return "nan"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
