@@ -1,4 +1,4 @@
-"""Cold-start evaluation (training/cold_start.py) and the R2MR run → report → bundle path on a small synthetic
+"""R2MR from a run onwards, on a small synthetic dataset: cold-start evaluation (the cold split hides every
 dataset: the cold split hides every interaction of the cold items, the cold metrics equal a brute-force numpy
 ranking, and an exported R2MR bundle carries the quality fields for trained items and from its ONNX encoder."""
 
@@ -99,13 +99,21 @@ def r2mr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return result.run_dir
 
 
-def test_r2mr_bundle_carries_quality_for_trained_and_new_items(r2mr_run: Path, tmp_path: Path) -> None:
-    bundle = export_run(r2mr_run, tmp_path / "bundle", config=ExportConfig(include_modality_encoders=False))
+@pytest.fixture(scope="module")
+def r2mr_bundle(r2mr_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_run(r2mr_run, tmp_path_factory.mktemp("bundle") / "bundle",
+                      config=ExportConfig(include_modality_encoders=False))  # fmt: skip
+
+
+FIELDS = ["quality_image", "quality_text", "quality_state", "rewritten_image", "rewritten_text"]
+
+
+def test_r2mr_bundle_carries_quality_for_trained_and_new_items(r2mr_bundle: Path) -> None:
+    bundle = r2mr_bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
-    fields = ["quality_image", "quality_text", "quality_state", "rewritten_image", "rewritten_text"]
-    assert manifest["item_encoder"]["extra_outputs"] == {f: f for f in fields}
+    assert manifest["item_encoder"]["extra_outputs"] == {f: f for f in FIELDS}
     rows = [json.loads(line) for line in (bundle / "item_metadata.jsonl").read_text().splitlines()]
-    assert all(set(fields) <= set(row) for row in rows)
+    assert all(set(FIELDS) <= set(row) for row in rows)
     assert {row["quality_state"] for row in rows} <= {0, 1, 2}
     assert all(isinstance(row["rewritten_text"], bool) for row in rows)
     session = ort.InferenceSession(str(bundle / "item_encoder.onnx"), providers=["CPUExecutionProvider"])
@@ -115,11 +123,39 @@ def test_r2mr_bundle_carries_quality_for_trained_and_new_items(r2mr_run: Path, t
         "text": np.load(bundle / "item_features" / "text.npy")[:4],
         "text_mask": np.zeros((4, 1), np.float32),  # new items without text: lowest quality, score 0
     }
-    vector, s_image, s_text, state, rewritten_image, rewritten_text = session.run(["item_vector", *fields], feeds)
+    vector, s_image, s_text, state, rewritten_image, rewritten_text = session.run(["item_vector", *FIELDS], feeds)
     assert vector.shape == (4, manifest["dim"]) and np.isfinite(vector).all()
     assert state.dtype == np.int64 and rewritten_text.dtype == bool
     assert ((s_text == 0) | rewritten_text).all()  # missing text: score 0 unless a rewrite from the image filled it
     assert not rewritten_image.any() or (feeds["image_mask"][:, 0] > 0).all()
+
+
+def test_service_returns_quality_of_trained_and_ingested_items(r2mr_bundle: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import ServiceSettings
+
+    rows = [json.loads(line) for line in (r2mr_bundle / "item_metadata.jsonl").read_text().splitlines()]
+    text = np.load(r2mr_bundle / "item_features" / "text.npy")[2]
+    app = create_app(ServiceSettings(bundle_dir=r2mr_bundle, state_dir=tmp_path / "state", device="cpu"))
+    with TestClient(app) as client:
+        trained = client.get("/v1/items/i0")
+        assert trained.status_code == 200
+        assert trained.json()["extra"] == {f: rows[0][f] for f in FIELDS}
+        created = client.post("/v1/items", json={"id": "new-1", "features": {"text": text.tolist()}})
+        assert created.status_code in (200, 201), created.text
+        extra = created.json()[0]["extra"] if isinstance(created.json(), list) else created.json()["extra"]
+        assert set(extra) == set(FIELDS)
+        assert client.get("/v1/items/new-1").json()["extra"] == extra
+    session = ort.InferenceSession(str(r2mr_bundle / "item_encoder.onnx"), providers=["CPUExecutionProvider"])
+    image_dim = json.loads((r2mr_bundle / "manifest.json").read_text())["modalities"]["image"]["dim"]
+    outputs = session.run(FIELDS, {"image": np.zeros((1, image_dim), np.float32), "image_mask": np.zeros((1, 1), np.float32),
+                                   "text": text[None].astype(np.float32), "text_mask": np.ones((1, 1), np.float32)})  # fmt: skip
+    assert extra["quality_state"] == int(outputs[2][0])
+    assert [extra["rewritten_image"], extra["rewritten_text"]] == [bool(outputs[3][0]), bool(outputs[4][0])]
+    assert [extra["quality_image"], extra["quality_text"]] == pytest.approx([float(outputs[0][0]), float(outputs[1][0])])
+    assert extra["quality_image"] == 0.0 or extra["rewritten_image"]  # no image: 0 unless filled in from the text
 
 
 def test_r2mr_report_writes_markdown_and_histograms(r2mr_run: Path, tmp_path: Path) -> None:
