@@ -1,6 +1,6 @@
-"""R2MR from a run onwards, on a small synthetic dataset: cold-start evaluation (the cold split hides every
-dataset: the cold split hides every interaction of the cold items, the cold metrics equal a brute-force numpy
-ranking, and an exported R2MR bundle carries the quality fields for trained items and from its ONNX encoder."""
+"""R2MR from a run onwards, on a small synthetic dataset: the cold split hides every interaction of the cold items
+and the cold metrics equal a brute-force numpy ranking; an exported R2MR bundle carries the quality fields for
+trained items (metadata) and new items (ONNX encoder); the service answers them; the quality report is written."""
 
 from __future__ import annotations
 
