@@ -9,7 +9,8 @@ users (Recall/NDCG/... @K, nothing masked: no user saw a cold item in training).
 
     .venv/bin/python -m training.cold_start --dataset ml100k-posters --model r2mr --model vbpr
 
-writes ``docs/r2mr/cold-start-<dataset>.json`` (or ``--out``) and prints it. Nothing here is chosen on the cold
+writes ``docs/r2mr/cold-start-<dataset>.json`` (or ``--out``; models already in it for the same cold split are kept,
+so models needing different trainer settings can be run one by one) and prints it. Nothing here is chosen on the cold
 items: each model's configuration is its preset, its encoder is what ``content_encoder()`` defines (a ridge map for
 ID models, as in the bundle).
 """
@@ -139,6 +140,10 @@ def main(
                             train_settings=parse_assignments(train_set))  # fmt: skip
     path = out or PROJECT_ROOT / "docs" / "r2mr" / f"cold-start-{dataset}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():  # models evaluated before on the same cold split (other trainer settings) stay in the report
+        previous = json.loads(path.read_text())
+        if (previous.get("share"), previous.get("split_seed")) == (share, seed):
+            report["models"] = {**previous.get("models", {}), **report["models"]}
     path.write_text(json.dumps(report, indent=2) + "\n")
     typer.echo(json.dumps(report, indent=2))
 
