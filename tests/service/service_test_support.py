@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import pytest
 import redis
 
 API_KEY = "test-secret-key"
+REPO = Path(__file__).resolve().parents[2]
 REDIS_DB = 11  # away from db 0, which a developer's own service may use
 
 
@@ -60,3 +64,34 @@ class RedisProcess:
         self.process = None
 
 
+
+
+def start_mmrec_serve(bundle: Path, args: list[str], *, cwd: Path, timeout_s: float = 60.0) -> tuple[str, subprocess.Popen[str]]:
+    """``python -m service.cli`` (what ``mmrec-serve`` runs) on a free port, once /healthz answers: (url, process)."""
+    from service.client import RecommendationClient
+
+    port = free_port()
+    command = [sys.executable, "-m", "service.cli", "--bundle", str(bundle), "--port", str(port), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    with RecommendationClient(url, timeout=1.0) as probe:
+        deadline = time.monotonic() + timeout_s
+        while not probe.healthy():
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"mmrec-serve did not come up:\n{process.communicate()[0]}")
+            time.sleep(0.1)
+    return url, process
+
+
+def stop_mmrec_serve(process: subprocess.Popen[str]) -> str:
+    """Ctrl-C, as an operator would; kill after 15 s. Returns what the process printed."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        output, _ = process.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    return output

@@ -11,18 +11,14 @@ training entirely and ingested through the API.
 from __future__ import annotations
 
 import base64
-import os
-import signal
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from service_test_support import API_KEY, free_port
+from service_test_support import API_KEY, start_mmrec_serve, stop_mmrec_serve
 
 from service.client import RecommendationClient
 from service.schemas import ItemCreate
@@ -87,51 +83,28 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str,
 
 @pytest.fixture
 def start_server(trained_bundle: tuple[Path, str, str, str], redis_url: str, redis_prefix: str, tmp_path: Path
-                 ) -> Iterator[object]:  # fmt: skip
+                 ) -> Iterator[tuple[Callable[[], str], Callable[[], str]]]:  # fmt: skip
+    """start() runs mmrec-serve on the bundle with real Redis and a state dir kept across restarts; stop() ends it."""
     processes: list[subprocess.Popen[str]] = []
-    state = tmp_path / "state"
+    args = ["--redis-url", redis_url, "--redis-prefix", redis_prefix, "--api-key", API_KEY,
+            "--state-dir", str(tmp_path / "state"), "--log-level", "warning"]  # fmt: skip
 
     def start() -> str:
-        port = free_port()
-        command = [sys.executable, "-m", "service.cli", "--bundle", str(trained_bundle[0]), "--port", str(port),
-                   "--redis-url", redis_url, "--redis-prefix", redis_prefix, "--api-key", API_KEY,
-                   "--state-dir", str(state), "--log-level", "warning"]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True)  # fmt: skip
+        url, process = start_mmrec_serve(trained_bundle[0], args, cwd=tmp_path, timeout_s=120)
         processes.append(process)
-        url = f"http://127.0.0.1:{port}"
-        with RecommendationClient(url, timeout=1.0) as probe:
-            deadline = time.monotonic() + 120
-            while not probe.healthy():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    process.kill()
-                    pytest.fail(f"mmrec-serve did not come up:\n{process.communicate()[0]}")
-                time.sleep(0.2)
         return url
 
-    def stop() -> None:
-        process = processes[-1]
-        process.send_signal(signal.SIGINT)
-        try:
-            process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-
-    yield start, stop
+    yield start, lambda: stop_mmrec_serve(processes[-1])
     for process in processes:
-        if process.poll() is None:
-            process.kill()
-        process.communicate()
+        stop_mmrec_serve(process)
 
 
 def test_end_to_end_train_export_serve_ingest_restart(
-    trained_bundle: tuple[Path, str, str, str], start_server: tuple[object, object]
+    trained_bundle: tuple[Path, str, str, str], start_server: tuple[Callable[[], str], Callable[[], str]]
 ) -> None:
     _, new_id, text, poster = trained_bundle
     start, stop = start_server
-    url = start()  # type: ignore[operator]
+    url = start()
     with RecommendationClient(url, api_key=API_KEY, timeout=60.0) as client:
         info = client.models()
         assert info.model == "lightgcn" and info.index_size == N_ITEMS
@@ -157,8 +130,8 @@ def test_end_to_end_train_export_serve_ingest_restart(
         assert new_item in {i.id for i in after.items}
         assert client.models().index_size == N_ITEMS + 1
 
-    stop()  # type: ignore[operator]
-    url = start()  # type: ignore[operator]
+    stop()
+    url = start()
     with RecommendationClient(url, api_key=API_KEY, timeout=60.0) as client:
         assert client.get_item(new_item).source == "ingested"
         assert new_item in {i.id for i in client.recommend(known_user, k=100).items}

@@ -3,51 +3,28 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from bundle_factory import SyntheticBundle
-from service_test_support import API_KEY, free_port
+from service_test_support import API_KEY, start_mmrec_serve, stop_mmrec_serve
 
 from service.client import RecommendationClient, ServiceHTTPError
 from service.schemas import EventCreate, ItemCreate
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture
 def server(features_bundle: SyntheticBundle, redis_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "service.cli", "--bundle", str(features_bundle.path), "--port", str(port),
-        "--redis-url", redis_url, "--redis-prefix", redis_prefix, "--api-key", API_KEY, "--device", "cpu",
-        "--log-level", "warning",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    probe = RecommendationClient(url, timeout=1.0)
-    deadline = time.monotonic() + 60
-    while not probe.healthy():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"mmrec-serve did not come up:\n{process.communicate()[0]}")
-        time.sleep(0.1)
-    probe.close()
+    url, process = start_mmrec_serve(
+        features_bundle.path,
+        ["--redis-url", redis_url, "--redis-prefix", redis_prefix, "--api-key", API_KEY, "--device", "cpu",
+         "--log-level", "warning"],
+        cwd=tmp_path,
+    )
     yield url, process
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_mmrec_serve(process)
 
 
 def test_uvicorn_process_serves_the_whole_api_over_http(server: tuple[str, subprocess.Popen[str]], features_bundle: SyntheticBundle) -> None:
@@ -95,8 +72,7 @@ def test_uvicorn_process_serves_the_whole_api_over_http(server: tuple[str, subpr
         anonymous.record_events("u1", ["i1"])
     assert denied.value.status_code == 401
 
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=15)
+    output = stop_mmrec_serve(process)
     assert process.returncode == 0
     assert f"listening on {url}  (API docs: {url}/docs)" in output
     assert f"try: curl '{url}/v1/users/u0/recommendations?k=10'" in output
