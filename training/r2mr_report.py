@@ -146,7 +146,9 @@ def examples(table: QualityTable, weak: int) -> list[int]:
 def render(table: QualityTable, run: LoadedRun, *, images_png: str | None, scores_png: str) -> str:
     names = table.modality_names
     metrics = run.metrics
-    config = run.model.config
+    model = run.model
+    assert isinstance(model, R2MR)
+    config = model.config
     dataset = run.dataset
     lines = [
         f"# R2MR modality-quality report: {dataset.name}",
@@ -195,16 +197,18 @@ def render(table: QualityTable, run: LoadedRun, *, images_png: str | None, score
     for weak in range(2):
         strong = 1 - weak
         items = examples(table, weak)
-        lines += ["", f"## Examples: {names[weak]} judged weak, {names[strong]} strong", ""]
+        lines += ["", f"## Examples: {names[weak]} judged weak, {names[strong]} strong", "",
+                  "Disparity items at the first review (the scores shown), best-known first; the last column says "
+                  "whether a rewrite of the weak modality was kept in any round.", ""]  # fmt: skip
         if not items:
             lines.append("(none)")
             continue
         lines += [f"| item | title | s^{names[weak]} | s^{names[strong]} | training users | {names[weak]} rewritten |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
-        first = table.first if (table.first >= 0).all() else table.scores
+        reviewed = table.first if (table.first >= 0).all() else table.scores
         for i in items:
             lines.append(f"| {dataset.item_ids[i]} | {title_of(dataset.item_text[i], overview_words=overview)} | "
-                         f"{first[weak, i]:.2f} | {first[strong, i]:.2f} | {table.n_users[i]} | "
+                         f"{reviewed[weak, i]:.2f} | {reviewed[strong, i]:.2f} | {table.n_users[i]} | "
                          f"{'yes' if table.rewritten[weak, i] else 'no'} |")  # fmt: skip
     if images_png:
         lines += ["", f"![posters judged weak and strong]({images_png})"]
