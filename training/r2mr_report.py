@@ -97,7 +97,8 @@ def plot_histograms(table: QualityTable, path: Path, dataset: str) -> None:
 
 
 def plot_image_examples(table: QualityTable, run: LoadedRun, path: Path, weak: list[int], strong: list[int]) -> bool:
-    """Posters of the weakest- and strongest-judged images side by side; False when the images are not readable."""
+    """Posters of the weakest- and strongest-judged images (first review) side by side, each titled with its
+    first-review and final score; False when the images are not readable."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,8 +123,9 @@ def plot_image_examples(table: QualityTable, run: LoadedRun, path: Path, weak: l
                 shown += 1
             except OSError:
                 axis.text(0.5, 0.5, "(unreadable)", ha="center")
-            axis.set_title(f"{title_of(run.dataset.item_text[item])[:24]}\ns^image={table.scores[k, item]:.2f}",
-                           fontsize=7)  # fmt: skip
+            reviewed = table.first if (table.first >= 0).all() else table.scores
+            axis.set_title(f"{title_of(run.dataset.item_text[item])[:24]}\ns^image {reviewed[k, item]:.2f} "
+                           f"(final {table.scores[k, item]:.2f})", fontsize=7)  # fmt: skip
         axes[r, 0].text(-0.1, 0.5, label, rotation=90, va="center", ha="right", transform=axes[r, 0].transAxes)
     fig.tight_layout()
     if shown:
