@@ -8,7 +8,9 @@ The text and the image (or audio) of one item can differ a lot in quality. R2MR
    VQ-GAN-style generator trained on *high-quality* items (both modalities ≥ η) in both directions;
 3. **gates** each modality against the item's collaborative vector h_i by its score:
    x_i^m = (s_i^m + 1e-3)·ē_i^m + (1 − s_i^m)·h_i, then LightGCN per modality; item/user vectors are the two
-   branches concatenated, score = dot product, loss BPR.
+   branches concatenated, score = dot product, loss BPR. The reviewer learns through the gate (as in the official
+   code) and from its own BCE on the batch's edges against the sampled negatives (``review_loss_weight``), which is
+   what makes η = 0.5 a meaningful line between agreeing and disagreeing with the item's users.
 
 A missing modality is the lowest quality: its score is 0 and its gate weight is exactly 0 (x_i^m = h_i), never a
 zero feature at full weight. A rewrite can fill it in (a missing modality of an item whose other modality is good is

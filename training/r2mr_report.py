@@ -129,7 +129,7 @@ def plot_image_examples(table: QualityTable, run: LoadedRun, path: Path, weak: l
         axes[r, 0].text(-0.1, 0.5, label, rotation=90, va="center", ha="right", transform=axes[r, 0].transAxes)
     fig.tight_layout()
     if shown:
-        fig.savefig(path, dpi=90)
+        fig.savefig(path, dpi=55)
     plt.close(fig)
     return shown > 0
 
