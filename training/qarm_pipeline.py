@@ -633,7 +633,7 @@ def render_report(runs_root: Path) -> str:
               "|---|---|---|---|---|"]  # fmt: skip
     for r in reports:
         a = r["alignment"]
-        if "best_epoch" not in a:
+        if "best_epoch" not in a or r["_tag"]:  # variants retrain the same head: one row per dataset
             continue
         p = r["pairs"]
         lines.append(f"| {r['dataset']} | {p['u2i']} / {p['i2i']} / {p['distinct']} | {_fmt(a.get('raw_valid_pair_recall@10'))} | "
