@@ -71,16 +71,37 @@ class RecommendationClient:
 
     # --- recommendations ---
 
-    def recommend(self, user_id: str, *, k: int | None = None, exclude_seen: bool = True) -> RecommendationList:
+    def recommend(
+        self,
+        user_id: str,
+        *,
+        k: int | None = None,
+        exclude_seen: bool = True,
+        max_per_code_prefix: int | None = None,
+        code_prefix_length: int = 1,
+    ) -> RecommendationList:
+        """Top-k for a user. ``max_per_code_prefix`` (bundles with semantic codes) keeps at most that many items
+        sharing the first ``code_prefix_length`` code values."""
         params: dict[str, Any] = {"exclude_seen": str(exclude_seen).lower()}
         if k is not None:
             params["k"] = k
+        if max_per_code_prefix is not None:
+            params["max_per_code_prefix"] = max_per_code_prefix
+            params["code_prefix_length"] = code_prefix_length
         return self._call("GET", f"/v1/users/{_segment(user_id)}/recommendations", RecommendationList, params=params)
 
     def recommend_for_history(
-        self, history: Sequence[str], *, k: int | None = None, exclude_seen: bool = True
+        self,
+        history: Sequence[str],
+        *,
+        k: int | None = None,
+        exclude_seen: bool = True,
+        max_per_code_prefix: int | None = None,
+        code_prefix_length: int = 1,
     ) -> RecommendationList:
-        body = RecommendationRequest(history=list(history), k=k, exclude_seen=exclude_seen)
+        body = RecommendationRequest(history=list(history), k=k, exclude_seen=exclude_seen,
+                                     max_per_code_prefix=max_per_code_prefix,
+                                     code_prefix_length=code_prefix_length)  # fmt: skip
         return self._call("POST", "/v1/recommendations", RecommendationList, json=_dump(body))
 
     # --- users ---

@@ -42,3 +42,22 @@ def test_client_healthy_is_false_when_nothing_listens() -> None:
 
     with RecommendationClient(f"http://127.0.0.1:{free_port()}", timeout=0.5) as client:
         assert client.healthy() is False
+
+
+def test_client_sends_code_prefix_diversity_only_when_asked() -> None:
+    seen: list[httpx.Request] = []
+    answer = {"user_id": "u", "strategy": "popularity", "k": 5, "exclude_seen": True, "items": [],
+              "bundle_version": "b", "catalogue_version": "0", "cached": False}  # fmt: skip
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=answer)
+
+    with RecommendationClient("http://svc", transport=httpx.MockTransport(handler)) as client:
+        client.recommend("u", k=5)
+        client.recommend("u", k=5, max_per_code_prefix=2, code_prefix_length=3)
+        client.recommend_for_history(["i1"], k=5, max_per_code_prefix=1)
+    assert "max_per_code_prefix" not in seen[0].url.params
+    assert seen[1].url.params["max_per_code_prefix"] == "2" and seen[1].url.params["code_prefix_length"] == "3"
+    body = seen[2].read().decode()
+    assert '"max_per_code_prefix":1' in body.replace(" ", "") and '"history":["i1"]' in body.replace(" ", "")
