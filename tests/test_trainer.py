@@ -233,6 +233,18 @@ def test_render_reports_mean_and_std_over_seeds(results_root: Path) -> None:
     assert row[-2] == "1,2"
 
 
+def test_read_runs_counts_a_setting_added_later_at_its_default(tmp_path: Path) -> None:
+    # seed 1 ran before the trainer had "patience"; seed 2 records the default: one grid point, two seeds
+    fake_run(tmp_path, "gamma", "bpr", "old", model_config={"reg": 1}, seed=1, valid=0.3, test=0.2)
+    fake_run(tmp_path, "gamma", "bpr", "new", model_config={"reg": 1}, seed=2, valid=0.3, test=0.4)
+    config_path = tmp_path / "gamma" / "bpr" / "new" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["train_config"]["patience"] = TrainConfig().patience
+    config_path.write_text(json.dumps(config))
+    row = table_row(render(read_runs(tmp_path)), "bpr")
+    assert row[-2] == "1,2" and row[-1] == "1"
+
+
 def test_write_results_writes_the_markdown_with_notes(results_root: Path, tmp_path: Path) -> None:
     notes = tmp_path / "notes.json"
     notes.write_text(json.dumps({"alpha": ["first line", "second line"]}))

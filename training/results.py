@@ -37,6 +37,13 @@ class RunRecord:
     path: Path
 
 
+def _train_defaults() -> dict[str, Any]:
+    from models.config import config_to_dict
+    from training.trainer import TrainConfig
+
+    return config_to_dict(TrainConfig())
+
+
 def read_runs(runs_root: Path) -> list[RunRecord]:
     records = []
     for metrics_path in sorted(runs_root.glob("*/*/*/metrics.json")):
@@ -45,7 +52,9 @@ def read_runs(runs_root: Path) -> list[RunRecord]:
             continue
         metrics = json.loads(metrics_path.read_text())
         config = json.loads(config_path.read_text())
-        train = {k: v for k, v in config["train_config"].items() if k not in ("seed", "progress", "device")}
+        # a run written before a trainer setting existed ran with that setting's default: same grid point
+        train = {**_train_defaults(), **config["train_config"]}
+        train = {k: v for k, v in train.items() if k not in ("seed", "progress", "device")}
         records.append(
             RunRecord(
                 dataset=metrics["dataset"],
