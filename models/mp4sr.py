@@ -6,13 +6,16 @@ modality, and one SASRec transformer (shared by the modalities) encodes each int
 
 - Pre-training (``stage="pretrain"``, content only): with random item dropout and complementary sequence mixup
   (positions whose text and image embeddings are swapped), next-item InfoNCE per modality against the batch's
-  targets (an in-batch item equal to the row's own target is no negative), plus λ × a cross-modality InfoNCE
-  between the text and the image user vectors of the same sequence.
+  distinct target items (so an in-batch item equal to the row's own target is never a negative), plus λ × a
+  symmetric cross-modality InfoNCE between the text and the image user vectors of the same sequence (its last
+  position; sequences with the same target are not negatives).
 - Fine-tuning (``stage="finetune"``): an ID embedding is added to every item embedding; cross-entropy over all
   items with logits Σ_m cos(user_m, item_m) / τ. Weights come from a pre-training run through the trainer
   (``--train init_from=RUN_DIR``); without it this is the "without pre-training" ablation.
 
 Deviations from the reference, each for a reason:
+- Every position of a training window predicts its next item (``train_positions="all"``, SASRec's objective),
+  instead of one target per prefix: the same targets for ~max_length times less compute (2 shared CPU cores).
 - An item vector is the concatenation of its L2-normalised per-modality embeddings, and the user vector the
   concatenation of the normalised per-modality outputs, so the score Σ_m cos is one inner product (what the index
   serves). The transformer reads the same normalised item embeddings (times a learned scale, before the input
