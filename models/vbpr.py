@@ -1,7 +1,10 @@
 """VBPR (He & McAuley, AAAI 2016): item = [ID embedding ‖ linear projection of its content features].
 
-Features of all modalities are concatenated, each followed by its presence flag, so an item missing a modality
-is fed zeros AND a 0 flag: the projection learns what "absent" means instead of reading zeros as data.
+Each modality's features are standardised (mean and standard deviation over the items that have it: raw scales
+differ by orders of magnitude, e.g. unit-norm MiniLM text against 0–255 VGGish audio, and an unscaled modality
+would swamp the projection), then all modalities are concatenated, each followed by its presence flag, so an item
+missing a modality is fed zeros AND a 0 flag: the projection learns what "absent" means instead of reading zeros as
+data.
 Users have an embedding twice as wide, matching the concatenated item vector (as in MMRec).
 """
 
@@ -24,16 +27,34 @@ class VBPRConfig:
     dropout: float = 0.0
 
 
-def content_matrix(inputs: ModelInputs) -> torch.Tensor:
-    """(I, Σ(d_m + 1)): each modality's features, zeroed where absent, followed by its presence flag."""
+def feature_statistics(inputs: ModelInputs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per modality (sorted by name), the mean and standard deviation (d_m,) over the items that have it."""
     if not inputs.modalities:
         raise ValueError("VBPR needs at least one item modality; this dataset has none")
-    parts = []
+    stats = {}
     for name in sorted(inputs.modalities):
         m = inputs.modalities[name]
-        flag = m.present.float()[:, None]
-        parts += [m.features * flag, flag]
+        present = m.features[m.present] if bool(m.present.any()) else torch.zeros(1, m.features.shape[1])
+        std = present.std(dim=0, unbiased=False) if present.shape[0] > 1 else torch.ones(m.features.shape[1])
+        stats[name] = (present.mean(dim=0), std.clamp(min=1e-6))
+    return stats
+
+
+def standardised_content(
+    features_and_masks: list[tuple[torch.Tensor, torch.Tensor]], stats: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """(N, Σ(d_m + 1)): each modality standardised and zeroed where absent (mask (N, 1)), then its presence flag."""
+    parts = []
+    for (features, mask), (mean, std) in zip(features_and_masks, stats, strict=True):
+        parts += [(features - mean) / std * mask, mask]
     return torch.cat(parts, dim=1)
+
+
+def content_matrix(inputs: ModelInputs) -> torch.Tensor:
+    """The (I, Σ(d_m + 1)) content input of every item, modalities in sorted order."""
+    stats = feature_statistics(inputs)
+    pairs = [(inputs.modalities[n].features, inputs.modalities[n].present.float()[:, None]) for n in stats]
+    return standardised_content(pairs, list(stats.values()))
 
 
 class VBPR(Recommender):
@@ -43,6 +64,9 @@ class VBPR(Recommender):
         super().__init__()
         self.config = config
         self.modality_names = sorted(inputs.modalities)
+        for name, (mean, std) in feature_statistics(inputs).items():  # saved with the weights, for new items
+            self.register_buffer(f"feature_mean_{name}", mean)
+            self.register_buffer(f"feature_std_{name}", std)
         self.register_buffer("content", content_matrix(inputs), persistent=False)  # (I, F)
         self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(inputs.n_users, 2 * config.embedding_size)))
         self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(inputs.n_items, config.embedding_size)))
@@ -78,11 +102,9 @@ class VBPRContentEncoder(ContentEncoder):
         self.modality_names = tuple(model.modality_names)
         self.projection = model.content_projection
         self.id_size = model.config.embedding_size
+        self.stats = [(model.get_buffer(f"feature_mean_{n}"), model.get_buffer(f"feature_std_{n}")) for n in self.modality_names]
 
     def forward(self, *features_and_masks: torch.Tensor) -> torch.Tensor:
-        parts = []
-        for k in range(len(self.modality_names)):
-            features, mask = features_and_masks[2 * k], features_and_masks[2 * k + 1]  # (N, d_m), (N, 1)
-            parts += [features * mask, mask]
-        content = self.projection(torch.cat(parts, dim=1))  # (N, d)
+        pairs = [(features_and_masks[2 * k], features_and_masks[2 * k + 1]) for k in range(len(self.modality_names))]
+        content = self.projection(standardised_content(pairs, self.stats))  # (N, d)
         return torch.cat([torch.zeros_like(content[:, :1]).expand(-1, self.id_size), content], dim=1)

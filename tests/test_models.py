@@ -90,7 +90,9 @@ def reference_scores(name: str, model: Recommender, inputs: ModelInputs) -> np.n
         for modality in ("image", "text"):  # sorted by name: features (zeroed where absent), then the flag
             m = inputs.modalities[modality]
             flag = m.present.numpy().astype(np.float64)[:, None]
-            parts += [m.features.numpy() * flag, flag]
+            have = m.features.numpy()[m.present.numpy()].astype(np.float64)
+            standardised = (m.features.numpy() - have.mean(axis=0)) / have.std(axis=0)
+            parts += [standardised * flag, flag]
         content = np.concatenate(parts, axis=1)  # (I, 6 + 1 + 4 + 1)
         projected = content @ params["content_projection.weight"].T + params["content_projection.bias"]
         items = np.concatenate([params["item_embedding"], projected], axis=1)  # (I, 2d)
@@ -180,6 +182,9 @@ def test_vbpr_content_matrix_zeroes_and_flags_missing_items() -> None:
     assert np.flatnonzero(image_flag == 0).tolist() == [3, 7]
     assert np.flatnonzero(text_flag == 0).tolist() == [5]
     assert not content[[3, 7], :4].any() and not content[5, 5:11].any()
+    image_present = content[image_flag == 1, :4]  # standardised over the items that have the modality
+    np.testing.assert_allclose(image_present.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(image_present.std(axis=0), 1.0, atol=1e-4)
 
 
 def test_build_model_unknown_name_lists_known_models() -> None:
