@@ -6,6 +6,7 @@ tests/test_distributed.py compares the two.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -42,8 +43,14 @@ def main(out: Path) -> None:
         np.save(out, result.model.representations().items.detach().numpy())
         (out.with_suffix(".recall")).write_text(str(result.valid["recall@20"]))
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank leaves while another still talks to it
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: gloo's background threads can abort ("terminate called without an active
+    # exception") while C++ statics are destroyed, after all the work above is done and saved.
+    os._exit(0)
