@@ -10,34 +10,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from synthetic_datasets import multimodal_dataset
 
-from training.dataset import InteractionDataset, Modality
+from training.dataset import InteractionDataset
 from training.export import ExportConfig, export_run, fit_ridge_map, sha256_file
 from training.runs import load_run
-from training.splits import random_811
 from training.trainer import TrainConfig, train
 
 ONNX_TOLERANCE = 1e-4
-
-
-def multimodal_dataset(n_users: int = 40, n_items: int = 60, seed: int = 5) -> InteractionDataset:
-    rng = np.random.default_rng(seed)
-    pairs = np.unique(rng.integers(0, [n_users, n_items], size=(900, 2)), axis=0)
-    user, item = pairs[:, 0], pairs[:, 1]
-    text_present = rng.random(n_items) > 0.1
-    image_present = rng.random(n_items) > 0.2
-    modalities = {
-        "text": Modality("text", rng.normal(size=(n_items, 12)).astype(np.float32) * text_present[:, None],
-                         text_present, "fake-text"),
-        "image": Modality("image", rng.normal(size=(n_items, 20)).astype(np.float32) * image_present[:, None],
-                          image_present, "fake-image"),
-    }  # fmt: skip
-    return InteractionDataset(
-        name="synthetic-mm", split_name="random", sequential=False,
-        user_ids=[f"u{u}" for u in range(n_users)], item_ids=[f"i{i}" for i in range(n_items)],
-        user=user, item=item, timestamp=np.zeros_like(user), split=random_811(user, seed=1),
-        item_text=[f"item {i}" for i in range(n_items)], item_image=[None] * n_items, modalities=modalities,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=["lightgcn", "vbpr", "bpr"])
