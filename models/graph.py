@@ -15,16 +15,12 @@ def normalized_bipartite_adjacency(
 
     Duplicate edges count once. Nodes without edges get zero rows (no division by zero).
     """
-    n = n_users + n_items
     key = torch.unique(users * n_items + items)
     u, i = key // n_items, key % n_items + n_users
     rows = torch.cat([u, i])
     cols = torch.cat([i, u])
-    degree = torch.bincount(rows, minlength=n).float()
-    inv_sqrt = degree.pow(-0.5)
-    inv_sqrt[torch.isinf(inv_sqrt)] = 0.0
-    values = inv_sqrt[rows] * inv_sqrt[cols]
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n), check_invariants=True).coalesce()
+    # A is symmetric with unit weights, so its row sums are the node degrees.
+    return row_sum_normalized(n_users + n_items, rows, cols, torch.ones(rows.shape[0], device=rows.device))
 
 
 def mean_aggregation(
@@ -37,30 +33,6 @@ def mean_aggregation(
     return torch.sparse_coo_tensor(
         torch.stack([r, c]), 1.0 / degree[r], (n_rows, n_cols), check_invariants=True
     ).coalesce()
-
-
-def knn_graph(features: torch.Tensor, k: int, *, present: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric-normalised cosine kNN item–item graph (LATTICE/FREEDOM): each item keeps its k most similar
-    items (itself excluded), weights 1, then D^{-1/2} S D^{-1/2}. Items without the modality get no edges.
-    """
-    x = torch.nn.functional.normalize(features, dim=1)
-    sim = x @ x.T  # (I, I)
-    sim.fill_diagonal_(-float("inf"))
-    if present is not None:
-        sim[~present] = -float("inf")
-        sim[:, ~present] = -float("inf")
-    n = features.shape[0]
-    k = min(k, n - 1)
-    top = sim.topk(k, dim=1)
-    rows = torch.arange(n).repeat_interleave(k)
-    cols = top.indices.reshape(-1)
-    valid = torch.isfinite(top.values.reshape(-1))
-    rows, cols = rows[valid], cols[valid]
-    degree = torch.bincount(rows, minlength=n).float()
-    inv_sqrt = degree.pow(-0.5)
-    inv_sqrt[torch.isinf(inv_sqrt)] = 0.0
-    values = inv_sqrt[rows] * inv_sqrt[cols]
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n), check_invariants=True).coalesce()
 
 
 # ------------------------------------------------------------- multimodal graphs (MMGCN, LATTICE, FREEDOM)
