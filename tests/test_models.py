@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from optimisation_checks import loss_before_and_after_adam
 
 from models import MODELS, build_model, model_spec
 from models.base import ModalityInput, ModelInputs, PairwiseBatch, Recommender
@@ -145,15 +146,7 @@ def test_loss_is_bpr_on_representation_scores(name: str) -> None:
 def test_adam_steps_reduce_the_loss(name: str) -> None:
     model = build(name)
     batch = fixed_batch(make_inputs())
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    with torch.no_grad():
-        before = float(model(batch))
-    for _ in range(30):
-        optimizer.zero_grad()
-        model(batch).backward()
-        optimizer.step()
-    with torch.no_grad():
-        after = float(model(batch))
+    before, after = loss_before_and_after_adam(model, batch)
     assert after < 0.9 * before
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from optimisation_checks import loss_before_and_after_adam
 
 from models import build_model
 from models.base import ModalityInput, ModelInputs, PairwiseBatch, Recommender
@@ -223,15 +224,7 @@ def test_adam_steps_reduce_the_loss(name: str) -> None:
     model = build(name, inputs)
     model.on_epoch_start(1, torch.Generator().manual_seed(1))
     batch = fixed_batch(inputs)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    with torch.no_grad():
-        before = float(model(batch))
-    for _ in range(30):
-        optimizer.zero_grad()
-        model(batch).backward()
-        optimizer.step()
-    with torch.no_grad():
-        after = float(model(batch))
+    before, after = loss_before_and_after_adam(model, batch)
     assert after < 0.9 * before
 
 
