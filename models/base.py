@@ -67,6 +67,9 @@ class ContentEncoder(nn.Module):
     # Names of further outputs returned after the item vector, as a tuple (item_vector, *extras): per-item model
     # outputs the bundle lists under ``extra_outputs`` (QARM's semantic code). Empty: forward returns the vector.
     extra_output_names: tuple[str, ...] = ()
+    # Extra outputs that are integer codes of named categories: field → labels, code c meaning labels[c] (R2MR's
+    # quality state). The bundle carries the labels; the service answers with the label, not the code.
+    extra_output_labels: Mapping[str, tuple[str, ...]] = {}
 
 
 @dataclass(frozen=True)

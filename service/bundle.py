@@ -98,6 +98,7 @@ class ItemEncoderSpec:
     inputs: tuple[EncoderInput, ...]
     vector_output: str
     extra_outputs: dict[str, str]  # onnx output name -> response field
+    extra_output_labels: dict[str, tuple[str, ...]]  # onnx output name -> labels of its integer codes
 
 
 @dataclass(frozen=True)
@@ -469,12 +470,20 @@ def _read_item_encoder(
     extra = {str(k): str(v) for k, v in (spec.get("extra_outputs") or {}).items()}
     _check_names(session, [i.name for i in inputs], kind="input", file=spec["onnx"])
     _check_names(session, [vector_output, *extra], kind="output", file=spec["onnx"])
+    labels: dict[str, tuple[str, ...]] = {}
+    for name, raw_labels in (spec.get("extra_output_labels") or {}).items():
+        if name not in extra:
+            raise BundleError(f"{where}: extra_output_labels names {name!r}, which is not in extra_outputs")
+        if not isinstance(raw_labels, list) or not raw_labels or not all(isinstance(x, str) for x in raw_labels):
+            raise BundleError(f"{where}: extra_output_labels[{name!r}] must be a non-empty list of strings")
+        labels[str(name)] = tuple(raw_labels)
     return ItemEncoderSpec(
         session=session,
         method=str(spec.get("method", "native")),
         inputs=tuple(inputs),
         vector_output=vector_output,
         extra_outputs=extra,
+        extra_output_labels=labels,
     )
 
 

@@ -180,10 +180,12 @@ class ItemEncoder:
         names = [self.spec.vector_output, *self.spec.extra_outputs]
         outputs = self.spec.session.run(names, feeds)
         vectors = np.asarray(outputs[0], dtype=np.float32).reshape(n, -1)
-        extras = [
-            {field: _json_safe(np.asarray(out)[i]) for field, out in zip(self.spec.extra_outputs.values(), outputs[1:], strict=True)}
-            for i in range(n)
-        ]
+        extras: list[dict[str, Any]] = [{} for _ in range(n)]
+        for (name, field), out in zip(self.spec.extra_outputs.items(), outputs[1:], strict=True):
+            labels = self.spec.extra_output_labels.get(name)
+            for i in range(n):
+                value = _json_safe(np.asarray(out)[i])
+                extras[i][field] = _label(value, labels, name) if labels is not None else value
         return vectors, extras
 
     def _given_features(self, content: ItemContent, *, position: int, batch: int) -> dict[str, np.ndarray]:
@@ -264,3 +266,10 @@ def _json_safe(value: np.ndarray) -> Any:
         return [_json_safe(v) for v in value]
     item = value.item()
     return None if isinstance(item, float) and not math.isfinite(item) else item
+
+
+def _label(code: Any, labels: Sequence[str], output: str) -> str:
+    """The label of an integer category code the item encoder output (R2MR's quality_state)."""
+    if not isinstance(code, int) or not 0 <= code < len(labels):
+        raise BundleError(f"item encoder output {output!r} gave {code!r}, not a code of {list(labels)}")
+    return labels[code]

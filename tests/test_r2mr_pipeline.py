@@ -89,15 +89,21 @@ def r2mr_bundle(r2mr_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 FIELDS = ["quality_image", "quality_text", "quality_state", "rewritten_image", "rewritten_text"]
+STATE_LABELS = ("high-quality", "disparity", "low-quality")
 
 
 def test_r2mr_bundle_carries_quality_for_trained_and_new_items(r2mr_bundle: Path) -> None:
     bundle = r2mr_bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["item_encoder"]["extra_outputs"] == {f: f for f in FIELDS}
+    assert manifest["item_encoder"]["extra_output_labels"] == {"quality_state": list(STATE_LABELS)}
     rows = [json.loads(line) for line in (bundle / "item_metadata.jsonl").read_text().splitlines()]
     assert all(set(FIELDS) <= set(row) for row in rows)
-    assert {row["quality_state"] for row in rows} <= {0, 1, 2}
+    assert {row["quality_state"] for row in rows} <= set(STATE_LABELS)
+    # the stored label is the state of the stored scores at the model's threshold η = 0.5
+    for row in rows:
+        n_good = (row["quality_image"] >= 0.5) + (row["quality_text"] >= 0.5)
+        assert row["quality_state"] == STATE_LABELS[2 - n_good]
     assert all(isinstance(row["rewritten_text"], bool) for row in rows)
     session = ort.InferenceSession(str(bundle / "item_encoder.onnx"), providers=["CPUExecutionProvider"])
     feeds = {
@@ -135,7 +141,7 @@ def test_service_returns_quality_of_trained_and_ingested_items(r2mr_bundle: Path
     image_dim = json.loads((r2mr_bundle / "manifest.json").read_text())["modalities"]["image"]["dim"]
     outputs = session.run(FIELDS, {"image": np.zeros((1, image_dim), np.float32), "image_mask": np.zeros((1, 1), np.float32),
                                    "text": text[None].astype(np.float32), "text_mask": np.ones((1, 1), np.float32)})  # fmt: skip
-    assert extra["quality_state"] == int(outputs[2][0])
+    assert extra["quality_state"] == STATE_LABELS[int(outputs[2][0])]
     assert [extra["rewritten_image"], extra["rewritten_text"]] == [bool(outputs[3][0]), bool(outputs[4][0])]
     assert [extra["quality_image"], extra["quality_text"]] == pytest.approx([float(outputs[0][0]), float(outputs[1][0])])
     assert extra["quality_image"] == 0.0 or extra["rewritten_image"]  # no image: 0 unless filled in from the text

@@ -220,8 +220,12 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
         indptr = np.concatenate([[0], np.cumsum([s.size for s in sequences])])
         indices = np.concatenate([*sequences, np.zeros(0, dtype=np.int64)])
     np.savez(staging / "user_history.npz", indptr=indptr.astype(np.int64), indices=indices.astype(np.int64))
+    native = model.content_encoder() if dataset.modalities else None
+    labels = {} if native is None else {field: list(names) for field, names in native.extra_output_labels.items()}
     with torch.no_grad():
         extras = {name: values.detach().cpu().numpy().tolist() for name, values in model.item_extras().items()}
+    for field, names in labels.items():  # codes of named categories are stored as their labels, as served
+        extras[field] = [names[int(code)] for code in extras[field]]
     with (staging / "item_metadata.jsonl").open("w") as f:
         for row, (item_id, text) in enumerate(zip(dataset.item_ids, dataset.item_text, strict=True)):
             f.write(json.dumps({"id": item_id, "text": text, **{k: v[row] for k, v in extras.items()}}) + "\n")
@@ -244,7 +248,6 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
     item_encoder: dict[str, Any] | None = None
     modalities: dict[str, Any] = {}
     if dataset.modalities:
-        native = model.content_encoder()
         ridge_report: dict[str, Any] = {}
         if native is None:
             native, ridge_report = fit_ridge_map(dataset, item_vectors, holdout=config.ridge_holdout)
@@ -257,6 +260,7 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
             "inputs": inputs,
             "outputs": {"item_vector": "item_vector"},
             "extra_outputs": {name: name for name in native.extra_output_names},
+            **({"extra_output_labels": labels} if labels else {}),
             **({"fit": ridge_report} if ridge_report else {}),
         }
         modalities = _modality_encoder_entries(dataset, staging, config)

@@ -94,6 +94,20 @@ def test_load_bundle_refuses_an_item_encoder_without_a_declared_input(bundle_cop
         load_bundle(bundle_copy, plan=CPU)
 
 
+@pytest.mark.parametrize(("labels", "message"), [
+    ({"not_an_output": ["a"]}, "extra_output_labels names 'not_an_output', which is not in extra_outputs"),
+    ({"quality_logit": []}, r"extra_output_labels\['quality_logit'\] must be a non-empty list of strings"),
+    ({"quality_logit": "high"}, r"extra_output_labels\['quality_logit'\] must be a non-empty list of strings"),
+])
+def test_load_bundle_refuses_malformed_extra_output_labels(bundle_copy: Path, labels: object, message: str) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["item_encoder"]["extra_outputs"] = {"quality_logit": "quality"}
+    manifest["item_encoder"]["extra_output_labels"] = labels
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy, plan=CPU)
+
+
 def test_load_bundle_accepts_a_bundle_without_item_encoder(tmp_path: Path) -> None:
     built = make_bundle(tmp_path / "b", seed=5, n_items=30, n_users=5, feature_modalities={})
     assert built.manifest["item_encoder"] is None and built.manifest["modalities"] == {}
