@@ -4,6 +4,7 @@ model from its checkpoint, selection on validation; and the results table's choi
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 
 from training.dataset import TEST, VALID, InteractionDataset, Modality
 from training.evaluator import FullRankingEvaluator
-from training.results import read_runs, render, write_results
+from training.results import read_ledger, read_runs, render, write_results
 from training.runs import load_run
 from training.splits import random_811
 from training.trainer import TrainConfig, TrainResult, train
@@ -252,3 +253,41 @@ def test_write_results_writes_the_markdown_with_notes(results_root: Path, tmp_pa
     text = write_results(results_root, out, notes)
     assert out.read_text() == text
     assert "first line\nsecond line" in text.split("## beta")[0]
+
+
+def test_the_ledger_keeps_the_tables_after_the_run_directories_are_gone(results_root: Path, tmp_path: Path) -> None:
+    ledger, out = tmp_path / "ledger.jsonl", tmp_path / "results.md"
+    before = write_results(results_root, out, ledger_path=ledger)
+    assert sorted(read_ledger(ledger)) == ["alpha/bpr/a", "alpha/bpr/b", "beta/lightgcn/s1", "beta/lightgcn/s2"]
+    shutil.rmtree(results_root / "alpha")
+    shutil.rmtree(results_root / "beta")
+    assert write_results(results_root, out, ledger_path=ledger) == before
+
+
+def test_a_run_present_again_replaces_its_ledger_line(results_root: Path, tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    write_results(results_root, tmp_path / "r.md", ledger_path=ledger)
+    shutil.rmtree(results_root / "alpha" / "bpr" / "a")
+    fake_run(results_root, "alpha", "bpr", "a", model_config={"reg": 1}, seed=1, valid=0.35, test=0.25)
+    text = write_results(results_root, tmp_path / "r.md", ledger_path=ledger)
+    assert read_ledger(ledger)["alpha/bpr/a"]["test"]["recall@20"] == 0.25
+    assert table_row(text, "bpr")[2] == "0.2500" and table_row(text, "bpr")[-1] == "2"
+
+
+def test_recovered_rows_are_marked_and_give_way_to_recorded_runs(results_root: Path, tmp_path: Path) -> None:
+    cells = ["0.1", "0.2", "0.3", "0.4", "0.5", "9", "1 s", "0.10", "2024", "1"]
+    recovered = tmp_path / "recovered.json"
+    recovered.write_text(json.dumps({"datasets": {"alpha": {"sequential": False, "rows": [
+        ["bpr", *cells], ["vbpr (old)", *cells]]}, "gamma": {"sequential": False, "rows": [["bpr", *cells]]}}}))
+    text = write_results(results_root, tmp_path / "r.md", ledger_path=tmp_path / "l.jsonl", recovered_path=recovered)
+    alpha, gamma = text.split("## alpha")[1].split("## beta")[0], text.split("## gamma")[1]
+    assert table_row(alpha, "bpr")[2] == "0.1000"  # the recorded runs replace the recovered row of the same label
+    assert table_row(alpha, "vbpr (old) †") == ["vbpr (old) †", *cells]
+    assert table_row(gamma, "bpr †") == ["bpr †", *cells]  # a dataset with no recorded runs keeps its table
+
+
+def test_read_ledger_names_a_malformed_line(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text('{"run": "a/b/c"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"ledger\.jsonl:2: not a JSON object"):
+        read_ledger(ledger)

@@ -131,10 +131,12 @@ def results(
     out: Annotated[Path, typer.Option(help="Markdown file to write.")] = PROJECT_ROOT / "docs" / "results.md",
     runs: Annotated[Path | None, typer.Option(help="Runs root (default: $MMREC_HOME/runs).")] = None,
 ) -> None:
-    """Regenerate the results tables (one per dataset) from the run directories."""
+    """Record the run directories in the run ledger (docs/results-runs.jsonl), then regenerate the results tables."""
     from training.results import write_results
 
-    text = write_results(runs or default_paths().runs, out, PROJECT_ROOT / "docs" / "results-notes.json")
+    docs = PROJECT_ROOT / "docs"
+    text = write_results(runs or default_paths().runs, out, docs / "results-notes.json",
+                         ledger_path=docs / "results-runs.jsonl", recovered_path=docs / "results-recovered.json")  # fmt: skip
     typer.echo(text)
 
 
