@@ -3,8 +3,9 @@
 # the text-only variant and the ablations on the sequential datasets. One job at a time, early stopping on
 # VALIDATION Recall@20 (patience 10 evaluations); each stage is capped (2 shared CPU cores):
 #   amazon-scientific:  3 minutes a run (epochs are seconds; the runs stop by early stopping or the cap)
-#   ml100k-posters-seq: epochs (SASRec 30, pre-training 6, fine-tuning 20) with a 15-minute safety cap; the mixup
-#     and cross-modality ablations fine-tune 10 epochs (tags *-ft10), to compare with MP4SR's 10-epoch run
+#   ml100k-posters-seq: epochs, the same cap for every model that is compared (SASRec 50, MP4SR fine-tuning 50,
+#     pre-training 6), with a 25-minute safety cap; SASRec and MP4SR fine-tuning each get the grid dropout
+#     ∈ {0.5 (RecBole's SASRec), 0.2 (MP4SR's reference)}; the ablations run at MP4SR's reference dropout.
 # Fine-tuning uses lr 1e-3, chosen on amazon-scientific VALIDATION against the reference's 1e-4 + weight decay 1e-3.
 # Usage: scripts/run-mp4sr.sh [dataset ...]   (default: amazon-scientific ml100k-posters-seq)
 set -euo pipefail
@@ -14,7 +15,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 train() {  # train CAP ARGS... → prints the run directory; CAP is "minutes=M" or "epochs=E"
   local cap=$1; shift
-  local limit=(--train max_minutes=15 --train "${cap}")
+  local limit=(--train max_minutes=25 --train "${cap}")
   [[ $cap == minutes=* ]] && limit=(--train "max_${cap}")
   $MMREC train "$@" --train patience=10 "${limit[@]}" 2>/dev/null \
     | python3 -c 'import json, sys; text = sys.stdin.read(); print(json.loads(text[text.index("{"):])["run_dir"])'
@@ -22,29 +23,31 @@ train() {  # train CAP ARGS... → prints the run directory; CAP is "minutes=M" 
 
 datasets=("${@:-amazon-scientific ml100k-posters-seq}")
 for ds in ${datasets[@]}; do
-  case "$ds" in
-    amazon-scientific) sasrec=minutes=3; pre=minutes=3; fine=minutes=3; ablations=false ;;  # text only: no image
-    *)                 sasrec=epochs=30; pre=epochs=6;  fine=epochs=20; ablations=true ;;
-  esac
-  short=epochs=10
   ft=(--train learning_rate=1e-3)
-  train "$sasrec" --dataset "$ds" --model sasrec
-  $ablations || train "$sasrec" --dataset "$ds" --model sasrec --set dropout=0.2  # amazon: a second grid point each
-  run=$(train "$pre" --dataset "$ds" --model mp4sr --set stage=pretrain --tag pretrain)
-  train "$fine" --dataset "$ds" --model mp4sr --train "init_from=$run" "${ft[@]}"
-  $ablations || train "$fine" --dataset "$ds" --model mp4sr --train "init_from=$run" --train learning_rate=1e-4 \
-    --train weight_decay=1e-3  # the reference's fine-tuning optimiser, the other grid point behind lr 1e-3
-  $ablations && train "$short" --dataset "$ds" --model mp4sr --train "init_from=$run" "${ft[@]}"  # equal budget
-  $ablations && train "$short" --dataset "$ds" --model mp4sr --tag no-pretrain "${ft[@]}"
-  train "$fine" --dataset "$ds" --model mp4sr --tag no-pretrain "${ft[@]}"
-  if $ablations; then
-    run=$(train "$pre" --dataset "$ds" --model mp4sr --set stage=pretrain --set modalities=text --tag text-only-pretrain)
-    train "$fine" --dataset "$ds" --model mp4sr --set modalities=text --train "init_from=$run" --tag text-only "${ft[@]}"
-    run=$(train "$pre" --dataset "$ds" --model mp4sr --set stage=pretrain --set mixup=false --tag no-mixup-pretrain)
-    train "$short" --dataset "$ds" --model mp4sr --train "init_from=$run" --tag no-mixup-ft10 "${ft[@]}"
-    run=$(train "$pre" --dataset "$ds" --model mp4sr --set stage=pretrain --set cross_modal_weight=0 \
-          --tag no-cross-modal-pretrain)
-    train "$short" --dataset "$ds" --model mp4sr --train "init_from=$run" --tag no-cross-modal-ft10 "${ft[@]}"
+  if [[ $ds == amazon-scientific ]]; then  # text only (no image): MP4SR is its own text-only variant
+    cap=minutes=3
+    train $cap --dataset "$ds" --model sasrec
+    train $cap --dataset "$ds" --model sasrec --set dropout=0.2
+    run=$(train $cap --dataset "$ds" --model mp4sr --set stage=pretrain --tag pretrain)
+    train $cap --dataset "$ds" --model mp4sr --train "init_from=$run" "${ft[@]}"
+    train $cap --dataset "$ds" --model mp4sr --train "init_from=$run" --train learning_rate=1e-4 \
+      --train weight_decay=1e-3  # the reference's fine-tuning optimiser, the other grid point behind lr 1e-3
+    train $cap --dataset "$ds" --model mp4sr --tag no-pretrain "${ft[@]}"
+    continue
   fi
+  pre=epochs=6; fine=epochs=50
+  train $fine --dataset "$ds" --model sasrec
+  train $fine --dataset "$ds" --model sasrec --set dropout=0.2
+  run=$(train $pre --dataset "$ds" --model mp4sr --set stage=pretrain --tag pretrain)
+  train $fine --dataset "$ds" --model mp4sr --train "init_from=$run" "${ft[@]}"
+  train $fine --dataset "$ds" --model mp4sr --train "init_from=$run" --set dropout=0.5 "${ft[@]}"
+  train $fine --dataset "$ds" --model mp4sr --tag no-pretrain "${ft[@]}"
+  run=$(train $pre --dataset "$ds" --model mp4sr --set stage=pretrain --set modalities=text --tag text-only-pretrain)
+  train $fine --dataset "$ds" --model mp4sr --set modalities=text --train "init_from=$run" --tag text-only "${ft[@]}"
+  run=$(train $pre --dataset "$ds" --model mp4sr --set stage=pretrain --set mixup=false --tag no-mixup-pretrain)
+  train $fine --dataset "$ds" --model mp4sr --train "init_from=$run" --tag no-mixup "${ft[@]}"
+  run=$(train $pre --dataset "$ds" --model mp4sr --set stage=pretrain --set cross_modal_weight=0 \
+        --tag no-cross-modal-pretrain)
+  train $fine --dataset "$ds" --model mp4sr --train "init_from=$run" --tag no-cross-modal "${ft[@]}"
 done
 $MMREC results >/dev/null
