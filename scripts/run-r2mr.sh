@@ -20,10 +20,10 @@ for ds in ${datasets[@]}; do
            vbpr_caps=(--train max_minutes=8) ;;
   esac
   for seed in 2024 1 2; do
-    $MMREC train --dataset "$ds" --model r2mr "${caps[@]}" --train seed=$seed
-    $MMREC train --dataset "$ds" --model r2mr --tag no-rewriter --set rewriter=false "${caps[@]}" --train seed=$seed
-    $MMREC train --dataset "$ds" --model r2mr --tag no-reviewer --set reviewer=false "${caps[@]}" --train seed=$seed
-    $MMREC train --dataset "$ds" --model r2mr --tag k3 --set n_interests=3 "${caps[@]}" --train seed=$seed
+    $MMREC train --dataset "$ds" --model r2mr "${caps[@]}" --seed $seed
+    $MMREC train --dataset "$ds" --model r2mr --tag no-rewriter --set rewriter=false "${caps[@]}" --seed $seed
+    $MMREC train --dataset "$ds" --model r2mr --tag no-reviewer --set reviewer=false "${caps[@]}" --seed $seed
+    $MMREC train --dataset "$ds" --model r2mr --tag k3 --set n_interests=3 "${caps[@]}" --seed $seed
   done
   # cold start: 10 % of the items lose every interaction; one model at a time (each keeps its trainer settings)
   $PYTHON -m training.cold_start --dataset "$ds" --model r2mr "${caps[@]}"

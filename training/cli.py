@@ -67,6 +67,14 @@ def prepare(
                                                 "modalities", "report")}, indent=2))  # fmt: skip
 
 
+def seeded_train_settings(train_set: list[str], seed: int) -> dict[str, str]:
+    """The ``--train KEY=VALUE`` settings with ``--seed``; ``--train seed=N`` is refused, not silently overridden."""
+    values = parse_assignments(train_set)
+    if "seed" in values:
+        raise typer.BadParameter(f"give the seed as --seed {values['seed']}, not --train seed=...", param_hint="--train")
+    return {**values, "seed": str(seed)}
+
+
 def _train_config(values: dict[str, str], base: dict[str, Any]) -> TrainConfig:
     from models.config import build_config
 
@@ -85,11 +93,12 @@ def train_command(
     """Train one model; writes a run directory with config, metrics, learning curve and checkpoint."""
     from training.presets import preset
 
+    settings = seeded_train_settings(train_set, seed)
     paths = default_paths()
     directory = dataset_dir(paths, dataset)
     data = InteractionDataset.load(directory)
     model_layer, train_layer = preset(data.name, model)
-    config = _train_config({**parse_assignments(train_set), "seed": str(seed)}, train_layer)
+    config = _train_config(settings, train_layer)
     result = train(data, model, dataset_dir=directory, model_config={**model_layer, **parse_assignments(set_)},
                    train_config=config, runs_root=paths.runs, tag=tag)  # fmt: skip
     typer.echo(json.dumps({"run_dir": str(result.run_dir), "best_epoch": result.best_epoch,
@@ -109,12 +118,13 @@ def tune(
     """Train every grid point; report the one with the best VALIDATION Recall@20 (test is never looked at)."""
     from training.presets import preset
 
+    settings = seeded_train_settings(train_set, seed)
     paths = default_paths()
     directory = dataset_dir(paths, dataset)
     data = InteractionDataset.load(directory)
     model_layer, train_layer = preset(data.name, model)
     axes = {k: v.split(",") for k, v in parse_assignments(grid).items()}
-    config = _train_config({**parse_assignments(train_set), "seed": str(seed)}, train_layer)
+    config = _train_config(settings, train_layer)
     results = []
     for values in itertools.product(*axes.values()):
         point = dict(zip(axes, values, strict=True))
@@ -157,19 +167,20 @@ def qarm_command(
     from training.presets import preset
     from training.qarm_pipeline import AlignmentTrainConfig, PipelineConfig, run_qarm
 
+    settings = seeded_train_settings(train_set, seed)
     paths = default_paths()
     directory = paths.datasets / dataset
     if not (directory / "dataset.json").exists():
         raise typer.BadParameter(f"{dataset!r} is not a prepared dataset under {paths.datasets}; run `mmrec prepare`")
     model_layer, train_layer = preset(dataset, "qarm")
-    config = _train_config({**parse_assignments(train_set), "seed": str(seed)}, train_layer)
+    config = _train_config(settings, train_layer)
     _, lightgcn_train_layer = preset(dataset, "lightgcn")
     outcome = run_qarm(
         directory, runs_root=paths.runs, datasets_root=paths.datasets,
         model_config={**model_layer, **parse_assignments(set_)}, train_config=config,
         align_config=build_config(AlignmentTrainConfig, parse_assignments(align)),
         pipeline_config=PipelineConfig(cold_share=cold_share, cold_seed=cold_seed),
-        lightgcn_train_config=_train_config({**parse_assignments(train_set), "seed": str(seed)}, lightgcn_train_layer),
+        lightgcn_train_config=_train_config(settings, lightgcn_train_layer),
         tag=tag, echo=typer.echo,
     )  # fmt: skip
     typer.echo(f"report: {outcome.run_dir / 'qarm_report.json' if outcome.run_dir else '(no run directory)'}")
