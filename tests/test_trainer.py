@@ -291,3 +291,15 @@ def test_read_ledger_names_a_malformed_line(tmp_path: Path) -> None:
     ledger.write_text('{"run": "a/b/c"}\nnot json\n')
     with pytest.raises(ValueError, match=r"ledger\.jsonl:2: not a JSON object"):
         read_ledger(ledger)
+
+
+def test_fine_tuning_runs_from_each_seeds_own_pretraining_are_one_grid_point(tmp_path: Path) -> None:
+    for seed in (1, 2):
+        fake_run(tmp_path, "seq", "mp4sr", f"ft{seed}", model_config={}, seed=seed, valid=0.3, test=0.1 * seed)
+        config_path = tmp_path / "seq" / "mp4sr" / f"ft{seed}" / "config.json"
+        config = json.loads(config_path.read_text())
+        config["train_config"]["init_from"] = f"/runs/seq/mp4sr/20261124T12000{seed}Z-s{seed}-pretrain"
+        config_path.write_text(json.dumps(config))
+    fake_run(tmp_path, "seq", "mp4sr", "other", model_config={}, seed=1, valid=0.1, test=0.9)  # no init_from
+    row = table_row(render(read_runs(tmp_path)), "mp4sr")
+    assert row[2] == "0.1500 ± 0.0707" and row[-2] == "1,2" and row[-1] == "2"

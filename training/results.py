@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 COLUMNS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
@@ -75,10 +76,20 @@ def ledger_entry(run_dir: Path, runs_root: Path) -> dict[str, Any] | None:
     }
 
 
+def initialised_from(init_from: str) -> str:
+    """A fine-tuning run's starting point as a grid-point value: the source run's model and variant, without its
+    time stamp and seed (so seed s fine-tuned from seed s's pre-training run is one grid point over seeds)."""
+    path = PurePosixPath(init_from)
+    variant = re.sub(r"^\d{8}T\d{6}Z-s-?\d+-?", "", path.name)
+    return f"{path.parent.name}:{variant or 'untagged'}"
+
+
 def record_of(entry: dict[str, Any], path: Path) -> RunRecord:
     # a run written before a trainer setting existed ran with that setting's default: same grid point
     train = {**_train_defaults(), **entry["train_config"]}
     train = {k: v for k, v in train.items() if k not in ("seed", "progress", "device")}
+    if train.get("init_from"):
+        train["init_from"] = initialised_from(str(train["init_from"]))
     return RunRecord(
         dataset=entry["dataset"],
         model=entry["model"],
