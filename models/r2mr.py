@@ -38,7 +38,6 @@ from models.graph import mean_aggregation, normalized_bipartite_adjacency
 from models.losses import bpr_loss, squared_l2_penalty
 
 HIGH_QUALITY, DISPARITY, LOW_QUALITY = 0, 1, 2
-QUALITY_STATE_LABELS = ("high-quality", "disparity", "low-quality")  # indexed by the state codes above
 STATE_NAMES = ("high-quality", "disparity", "low-quality")  # index = state code
 ROUND_STAT_FIELDS = ("epoch", "rewriter_l1", "n_high", "n_disparity", "n_low")
 ROUND_STAT_PER_MODALITY = ("candidates", "kept_improves", "kept_threshold", "kept")
@@ -600,7 +599,7 @@ class R2MRContentEncoder(ContentEncoder):
         self.modality_names = model.modality_names
         self.extra_output_names = (*(f"quality_{m}" for m in self.modality_names), "quality_state",
                                    *(f"rewritten_{m}" for m in self.modality_names))  # fmt: skip
-        self.extra_output_labels = {"quality_state": QUALITY_STATE_LABELS}
+        self.extra_output_labels = {"quality_state": STATE_NAMES}
         trained_rewriter = bool(torch.isfinite(model.round_stats[:, 1]).any())
         self.rewrite_enabled = bool(config.reviewer and config.rewriter and trained_rewriter)
         self.generator = model.rewriter.generator
