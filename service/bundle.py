@@ -132,6 +132,7 @@ class Bundle:
     user_tower: UserTowerSpec | None
     plan: DevicePlan
     user_rows: dict[str, int] = field(default_factory=dict)
+    item_rows: dict[str, int] = field(default_factory=dict)  # external id -> trained row, built once per bundle
 
     @property
     def model_name(self) -> str:
@@ -215,6 +216,7 @@ def load_bundle(path: Path, *, plan: DevicePlan, verify_hashes: bool = True) -> 
         user_tower=user_tower,
         plan=plan,
         user_rows={u: r for r, u in enumerate(user_ids)},
+        item_rows={i: r for r, i in enumerate(item_ids)},
     )
 
 

@@ -1,8 +1,12 @@
-"""The recommendation cache: serialised responses keyed by user, parameters, bundle and catalogue version.
+"""The recommendation cache: serialised responses keyed by user, parameters and bundle version.
 
-Catalogue or bundle changes invalidate by changing the key. A user's events invalidate that user's entries by
-bumping the user's generation: a response computed before an event lands under the old generation and is never
-read again, so a request racing with an event cannot re-cache a stale list. Entries expire after the TTL.
+A bundle change (reload) invalidates by changing the key. Catalogue changes do not: an entry remembers the
+catalogue version it was computed on and the ids it lists, and the reader (service/reads.py) refuses an entry that
+names an item deleted since (deleted items are never served) or that predates the latest ingestion by more than
+``cache_new_item_staleness_s`` (new items reach cached lists within that bound). So a catalogue that takes new items
+all day still serves cached lists. A user's events invalidate that user's entries by bumping the user's generation:
+a response computed before an event lands under the old generation and is never read again, so a request racing
+with an event cannot re-cache a stale list. Entries expire after the TTL.
 
 Redis is used when configured (one hash per user plus a generation counter); otherwise an in-process LRU.
 A Redis failure is a miss, never an error: :class:`RedisDown` is left to the caller to count.
@@ -10,9 +14,11 @@ A Redis failure is a miss, never an error: :class:`RedisDown` is left to the cal
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from service.redis_pool import RedisPool
@@ -23,6 +29,31 @@ local gen = redis.call('GET', KEYS[1]) or '0'
 local value = redis.call('HGET', KEYS[2], gen .. '|' .. ARGV[1])
 return {gen, value or false}
 """
+
+
+@dataclass(frozen=True)
+class CachedList:
+    """One cached response: the JSON body served on a hit, and what decides whether it may still be served."""
+
+    catalogue_version: int  # the catalogue state it was computed on
+    computed_at: float  # wall-clock seconds (replicas share entries through Redis)
+    item_ids: list[str]
+    body: str
+
+    def encode(self) -> str:
+        # JSON never holds a raw tab, so tabs separate the fields.
+        return f"{self.catalogue_version}\t{self.computed_at:.3f}\t{json.dumps(self.item_ids)}\t{self.body}"
+
+    @classmethod
+    def decode(cls, raw: str) -> CachedList | None:
+        """None for a value in another format (e.g. written by an older version): a miss."""
+        parts = raw.split("\t", 3)
+        if len(parts) != 4:
+            return None
+        try:
+            return cls(int(parts[0]), float(parts[1]), list(json.loads(parts[2])), parts[3])
+        except ValueError:
+            return None
 
 
 class RecommendationCache(Protocol):

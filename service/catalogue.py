@@ -1,11 +1,13 @@
 """The live catalogue: the bundle's trained items, plus items ingested since, minus deletions.
 
 Two halves:
-- :class:`Catalogue` is the in-memory view: id <-> row, item vectors, and the FAISS index searched for top-K.
-  Row ``r`` is FAISS id ``r``: trained items keep their bundle rows, ingested items are appended.
-- A :class:`CatalogueStore` makes changes durable: ingested items (their modality features, vector and metadata)
-  and deletions go to Redis or, in embedded mode, to SQLite *before* the index changes, and are replayed into the
-  index at start-up. Items stored under another bundle version are re-encoded from their stored features.
+- :class:`Catalogue` is the in-memory view: id <-> row, item vectors, and top-K search. Row ``r < n_trained`` is a
+  trained item (FAISS id ``r`` in the bundle's index, which is never modified); ingested items get the next rows and
+  are searched exactly in a small array of their own. Every change publishes a new immutable
+  :class:`CatalogueState`; a search takes the state once and never waits on a lock, so it never sees a half-applied
+  change and a change never waits for searches.
+- A catalogue store (``service/catalogue_store.py``) makes changes durable and, with Redis, orders them for every
+  replica; the catalogue only applies changes that are already durable.
 """
 
 from __future__ import annotations
@@ -14,16 +16,14 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 
 from service.bundle import Bundle
-from service.errors import Unavailable, UnknownItem
-from service.redis_pool import RedisDown, RedisPool
-from service.state_db import StateDatabase
+from service.errors import UnknownItem
 
 
 @dataclass
@@ -77,105 +77,6 @@ def _unpack(text: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class StoreSnapshot:
-    items: list[StoredItem]  # in ingestion order
-    deleted: set[str]  # deleted trained item ids
-    version: int
-
-
-class CatalogueStore(Protocol):
-    backend: str
-
-    def load(self) -> StoreSnapshot: ...
-
-    def add(self, items: Sequence[StoredItem]) -> int: ...
-
-    def delete(self, item_id: str, *, ingested: bool) -> int: ...
-
-
-class RedisCatalogueStore:
-    """``{prefix}:items`` hash id -> record (with an ingestion sequence), ``{prefix}:deleted`` set of trained ids,
-    ``{prefix}:catalogue_version`` counter; every change one MULTI/EXEC transaction."""
-
-    backend = "redis"
-
-    def __init__(self, pool: RedisPool) -> None:
-        self.pool = pool
-        self.items_key = pool.key("items")
-        self.order_key = pool.key("items_order")
-        self.deleted_key = pool.key("deleted")
-        self.version_key = pool.key("catalogue_version")
-
-    def load(self) -> StoreSnapshot:
-        def read(client: Any) -> tuple[Any, ...]:
-            pipe = client.pipeline(transaction=True)
-            pipe.hgetall(self.items_key).zrange(self.order_key, 0, -1).smembers(self.deleted_key).get(self.version_key)
-            return tuple(pipe.execute())
-
-        records, order, deleted, version = self.pool.run(read)
-        items = [StoredItem.from_json(records[i]) for i in order if i in records]
-        return StoreSnapshot(items=items, deleted=set(deleted), version=int(version or 0))
-
-    def add(self, items: Sequence[StoredItem]) -> int:
-        def write(client: Any) -> int:
-            pipe = client.pipeline(transaction=True)
-            pipe.incr(self.version_key)
-            pipe.hset(self.items_key, mapping={item.id: item.to_json() for item in items})
-            pipe.zadd(self.order_key, {item.id: time.time_ns() + n for n, item in enumerate(items)})
-            return int(pipe.execute()[0])
-
-        return self._write(write)
-
-    def delete(self, item_id: str, *, ingested: bool) -> int:
-        def write(client: Any) -> int:
-            pipe = client.pipeline(transaction=True)
-            pipe.incr(self.version_key)
-            if ingested:
-                pipe.hdel(self.items_key, item_id).zrem(self.order_key, item_id)
-            else:
-                pipe.sadd(self.deleted_key, item_id)
-            return int(pipe.execute()[0])
-
-        return self._write(write)
-
-    def _write(self, operation: Any) -> int:
-        try:
-            return int(self.pool.run(operation))
-        except RedisDown as exc:
-            raise Unavailable(f"catalogue store unavailable, nothing was changed: {exc}") from exc
-
-
-class SqliteCatalogueStore:
-    backend = "sqlite"
-
-    def __init__(self, db: StateDatabase) -> None:
-        self.db = db
-
-    def load(self) -> StoreSnapshot:
-        with self.db.reading() as conn:
-            items = [StoredItem.from_json(r[0]) for r in conn.execute("SELECT record FROM items ORDER BY seq")]
-            deleted = {r[0] for r in conn.execute("SELECT id FROM tombstones")}
-            row = conn.execute("SELECT value FROM meta WHERE key = 'catalogue_version'").fetchone()
-        return StoreSnapshot(items=items, deleted=deleted, version=int(row[0]) if row else 0)
-
-    def add(self, items: Sequence[StoredItem]) -> int:
-        with self.db.transaction() as conn:
-            conn.executemany("INSERT INTO items (id, record) VALUES (?, ?)", [(i.id, i.to_json()) for i in items])
-            return self.db.bump_version(conn)
-
-    def delete(self, item_id: str, *, ingested: bool) -> int:
-        with self.db.transaction() as conn:
-            if ingested:
-                conn.execute("DELETE FROM items WHERE id = ?", (item_id,))
-            else:
-                conn.execute("INSERT OR IGNORE INTO tombstones (id) VALUES (?)", (item_id,))
-            return self.db.bump_version(conn)
-
-
-# --- the in-memory catalogue ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
 class ItemView:
     id: str
     source: Literal["trained", "ingested"]
@@ -186,59 +87,104 @@ class ItemView:
     created: float | None
 
 
-class Catalogue:
-    """Rows, vectors and the FAISS index of every live item. Thread-safe: one lock around index use."""
+@dataclass(frozen=True)
+class CatalogueState:
+    """One consistent view of the catalogue, never modified once published.
 
-    def __init__(self, bundle: Bundle) -> None:
+    Rows ``[0, n_rows)`` exist; ``active[r]`` says whether row ``r`` is live. ``ingested_vectors`` holds rows
+    ``n_trained ..`` (a view of an append-only buffer: later states may extend it, never rewrite it).
+    """
+
+    version: str
+    n_rows: int
+    active: np.ndarray  # (n_rows,) bool
+    ingested_vectors: np.ndarray  # (n_rows - n_trained, dim) float32
+    size: int  # live items
+    deleted_trained: int  # trained rows no longer live (searched past, see Catalogue.search)
+    last_ingest_version: int  # catalogue version of the latest ingestion (0: none): bounds cache staleness
+
+
+class Catalogue:
+    """Rows, vectors and search over every live item. One writer at a time (the caller serialises changes);
+    any number of concurrent readers, each working on the :class:`CatalogueState` it took."""
+
+    def __init__(self, bundle: Bundle, *, version: str = "0") -> None:
         self.bundle = bundle
         self.n_trained = len(bundle.item_ids)
-        self.lock = threading.RLock()
-        self.version = "0"
-        self._index = bundle.index
+        # Append-only: a row, once given, keeps its id; readers bound rows by their state's n_rows.
         self._ids: list[str] = list(bundle.item_ids)
-        self._rows: dict[str, int] = {item_id: row for row, item_id in enumerate(self._ids)}
-        self._vectors = np.array(bundle.item_vectors, dtype=np.float32)  # (capacity, dim); first len(_ids) used
-        self._active = np.ones(self.n_trained, dtype=bool)
+        self._rows: dict[str, int] = dict(bundle.item_rows)
         self._ingested: dict[int, StoredItem] = {}
-        self._unremoved: set[int] = set()  # deleted rows the index could not drop (HNSW, GPU): filtered out
+        self._buffer = np.zeros((0, bundle.dim), dtype=np.float32)  # ingested vectors, capacity >= used rows
         self._trained_modalities = self._modalities_of_trained()
+        active = np.ones(self.n_trained, dtype=bool)
+        active.flags.writeable = False
+        self._state = CatalogueState(
+            version=version,
+            n_rows=self.n_trained,
+            active=active,
+            ingested_vectors=self._buffer[:0],
+            size=self.n_trained,
+            deleted_trained=0,
+            last_ingest_version=0,
+        )
 
-    # reads
+    # --- reads: each takes (or is given) one state -------------------------------------------------------------
+
+    @property
+    def state(self) -> CatalogueState:
+        return self._state
+
+    @property
+    def version(self) -> str:
+        return self._state.version
 
     @property
     def size(self) -> int:
-        return len(self._rows)
+        return self._state.size
 
     def __contains__(self, item_id: str) -> bool:
-        return item_id in self._rows
+        return self.live_row(item_id) is not None
 
-    def row(self, item_id: str) -> int:
-        try:
-            return self._rows[item_id]
-        except KeyError:
-            raise UnknownItem(item_id) from None
+    def live_row(self, item_id: str, state: CatalogueState | None = None) -> int | None:
+        state = state or self._state
+        row = self._rows.get(item_id)
+        if row is None or row >= state.n_rows or not state.active[row]:
+            return None
+        return row
 
-    def rows_of(self, item_ids: Iterable[str]) -> list[int]:
+    def row(self, item_id: str, state: CatalogueState | None = None) -> int:
+        row = self.live_row(item_id, state)
+        if row is None:
+            raise UnknownItem(item_id)
+        return row
+
+    def rows_of(self, item_ids: Iterable[str], state: CatalogueState | None = None) -> list[int]:
         """Rows of the ids still live, in order; ids deleted since (or never known) are skipped."""
-        return [self._rows[i] for i in item_ids if i in self._rows]
+        state = state or self._state
+        rows = (self.live_row(i, state) for i in item_ids)
+        return [r for r in rows if r is not None]
 
     def item_id(self, row: int) -> str:
         return self._ids[row]
 
     def is_ingested(self, item_id: str) -> bool:
-        return self.row(item_id) in self._ingested
+        return self.row(item_id) >= self.n_trained
 
-    def vectors(self, rows: Sequence[int]) -> np.ndarray:
-        with self.lock:
-            return self._vectors[np.asarray(rows, dtype=np.int64)]
+    def vectors(self, rows: Sequence[int], state: CatalogueState | None = None) -> np.ndarray:
+        """(len(rows), dim) float32 vectors of the given rows (trained or ingested)."""
+        state = state or self._state
+        index = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(index), self.bundle.dim), dtype=np.float32)
+        trained = index < self.n_trained
+        out[trained] = self.bundle.item_vectors[index[trained]]
+        out[~trained] = state.ingested_vectors[index[~trained] - self.n_trained]
+        return out
 
-    def active_mask(self) -> np.ndarray:
-        with self.lock:
-            return self._active.copy()
-
-    def ingested_rows(self) -> list[int]:
-        with self.lock:
-            return list(self._ingested)
+    def ingested_rows(self, state: CatalogueState | None = None) -> Iterator[int]:
+        """Live ingested rows, in ingestion order."""
+        state = state or self._state
+        return (r for r in range(self.n_trained, state.n_rows) if state.active[r])
 
     def extra_of(self, row: int) -> dict[str, Any]:
         """The model outputs of a row: the encoder's extra outputs (ingested) or the metadata extras (trained)."""
@@ -251,15 +197,7 @@ class Catalogue:
         row = self.row(item_id)
         stored = self._ingested.get(row)
         if stored is not None:
-            return ItemView(
-                id=item_id,
-                source="ingested",
-                text=stored.text,
-                metadata=stored.metadata,
-                extra=stored.extra,
-                modalities=sorted(stored.features),
-                created=stored.created,
-            )
+            return describe_stored(stored)
         meta = self.bundle.item_metadata[row]
         text = meta.get("text")
         return ItemView(
@@ -272,62 +210,114 @@ class Catalogue:
             created=None,
         )
 
-    def search(self, queries: np.ndarray, k: int, exclude: Sequence[set[int]]) -> list[list[tuple[int, float]]]:
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[set[int]],
+               state: CatalogueState | None = None) -> list[list[tuple[int, float]]]:  # fmt: skip
         """Top-``k`` live rows by inner product for each query (B, dim), skipping each query's excluded rows.
 
-        Asks FAISS for ``k`` plus as many rows as could be filtered out, so filtering never leaves fewer than ``k``
-        when the catalogue has that many.
+        Over-fetch then filter: FAISS is asked for ``k`` plus each query's exclusions plus (a bounded share of) the
+        deleted trained rows; a query left short by filtering is asked again for more, so a query gets exactly
+        ``k`` rows whenever ``k`` live, non-excluded rows exist. Ingested rows are scored exactly with numpy.
         """
-        with self.lock:
-            ntotal = int(self._index.ntotal)
-            fetch = min(ntotal, k + max((len(e) for e in exclude), default=0) + len(self._unremoved))
-            if fetch == 0:
-                return [[] for _ in exclude]
-            scores, labels = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
-            results: list[list[tuple[int, float]]] = []
-            for q_scores, q_labels, q_exclude in zip(scores, labels, exclude, strict=True):
-                hits = [
-                    (int(row), float(score))
-                    for row, score in zip(q_labels, q_scores, strict=True)
-                    if row >= 0 and self._active[row] and int(row) not in q_exclude
-                ]
-                results.append(hits[:k])
-            return results
+        state = state or self._state
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(len(exclude), -1)  # (B, dim)
+        results: list[list[tuple[int, float]]] = [[] for _ in exclude]
+        pending = list(range(len(exclude)))
+        extra = min(state.deleted_trained, 4 * k + 64)  # deleted rows filtered out, beyond which we fetch again
+        fetch = k + max((len(e) for e in exclude), default=0) + extra
+        while pending:
+            hits = self._candidates(queries[pending], fetch, state)
+            short: list[int] = []
+            for q, candidates in zip(pending, hits, strict=True):
+                kept = [(r, s) for r, s in candidates if state.active[r] and r not in exclude[q]]
+                results[q] = kept[:k]
+                exhausted = len(candidates) < fetch  # nothing more to fetch from either part
+                if len(kept) < k and not exhausted:
+                    short.append(q)
+            pending, fetch = short, 2 * fetch
+        return results
 
-    # writes: the caller has made them durable first
+    def _candidates(self, queries: np.ndarray, fetch: int, state: CatalogueState) -> list[list[tuple[int, float]]]:
+        """The best ``fetch`` rows of the trained index and of the ingested rows, merged, best first (all rows,
+        deleted ones included: the caller filters)."""
+        index = self.bundle.index
+        trained_fetch = min(fetch, int(index.ntotal))
+        if trained_fetch > 0:
+            scores, labels = index.search(queries, trained_fetch)  # (B, trained_fetch)
+        else:
+            scores = labels = np.zeros((len(queries), 0))
+        ingested = state.ingested_vectors
+        if len(ingested) == 0:
+            return [
+                [(int(r), float(s)) for r, s in zip(row_labels, row_scores, strict=True) if r >= 0]
+                for row_labels, row_scores in zip(labels, scores, strict=True)
+            ]
+        new_scores = queries @ ingested.T  # (B, n_ingested)
+        take = min(fetch, new_scores.shape[1])
+        top = np.argpartition(-new_scores, take - 1, axis=1)[:, :take] if take < new_scores.shape[1] else (
+            np.broadcast_to(np.arange(new_scores.shape[1]), new_scores.shape))  # fmt: skip
+        merged: list[list[tuple[int, float]]] = []
+        for q in range(len(queries)):
+            candidates = [(int(r), float(s)) for r, s in zip(labels[q], scores[q], strict=True) if r >= 0]
+            candidates += [(self.n_trained + int(c), float(new_scores[q, c])) for c in top[q]]
+            candidates.sort(key=lambda pair: -pair[1])
+            merged.append(candidates[:fetch])
+        return merged
 
-    def add(self, items: Sequence[StoredItem]) -> None:
-        with self.lock:
-            start = len(self._ids)
-            rows = np.arange(start, start + len(items), dtype=np.int64)
-            vectors = np.stack([item.vector for item in items]).astype(np.float32)  # (n, dim)
-            self._index.add_with_ids(vectors, rows)
-            self._grow(start + len(items))
-            self._vectors[start : start + len(items)] = vectors
-            self._active = np.concatenate([self._active, np.ones(len(items), dtype=bool)])
-            for row, item in zip(rows, items, strict=True):
-                self._ids.append(item.id)
-                self._rows[item.id] = int(row)
-                self._ingested[int(row)] = item
+    # --- writes: the caller has made them durable first, and applies them one at a time ----------------------
 
-    def remove(self, item_id: str) -> None:
-        with self.lock:
-            row = self.row(item_id)
-            try:
-                removed = self._index.remove_ids(np.array([row], dtype=np.int64))
-            except RuntimeError:  # HNSW and GPU flat indexes cannot remove: filter the row out at search time
-                removed = 0
-            if removed != 1:
-                self._unremoved.add(row)
-            self._active[row] = False
-            del self._rows[item_id]
-            self._ingested.pop(row, None)
+    def add(self, items: Sequence[StoredItem], *, version: str, ingest_version: int) -> None:
+        """Append ingested items (their ids must not be live) and publish the new state."""
+        state = self._state
+        start = state.n_rows
+        used = start - self.n_trained
+        needed = used + len(items)
+        if needed > len(self._buffer):  # grow into a new buffer; states published earlier keep the old one
+            grown = np.zeros((max(needed, 2 * len(self._buffer), 64), self.bundle.dim), dtype=np.float32)
+            grown[:used] = self._buffer[:used]
+            self._buffer = grown
+        self._buffer[used:needed] = np.stack([item.vector for item in items]).astype(np.float32)
+        for offset, item in enumerate(items):
+            self._ids.append(item.id)
+            self._ingested[start + offset] = item
+            self._rows[item.id] = start + offset
+        active = np.concatenate([state.active, np.ones(len(items), dtype=bool)])
+        active.flags.writeable = False
+        self._state = CatalogueState(
+            version=version,
+            n_rows=start + len(items),
+            active=active,
+            ingested_vectors=self._buffer[:needed],
+            size=state.size + len(items),
+            deleted_trained=state.deleted_trained,
+            last_ingest_version=ingest_version,
+        )
 
-    def _grow(self, needed: int) -> None:
-        if needed > len(self._vectors):
-            grown = np.zeros((max(needed, 2 * len(self._vectors), 64), self.bundle.dim), dtype=np.float32)
-            grown[: len(self._vectors)] = self._vectors
-            self._vectors = grown
+    def remove(self, item_ids: Iterable[str], *, version: str) -> int:
+        """Take live items out of every later search and lookup, publish the new state; returns how many were
+        live (ids not live here are skipped)."""
+        state = self._state
+        rows = sorted({r for r in (self.live_row(i, state) for i in item_ids) if r is not None})
+        if not rows:
+            self.set_version(version)
+            return 0
+        active = state.active.copy()
+        active[rows] = False
+        active.flags.writeable = False
+        self._state = CatalogueState(
+            version=version,
+            n_rows=state.n_rows,
+            active=active,
+            ingested_vectors=state.ingested_vectors,
+            size=state.size - len(rows),
+            deleted_trained=state.deleted_trained + sum(r < self.n_trained for r in rows),
+            last_ingest_version=state.last_ingest_version,
+        )
+        return len(rows)
+
+    def set_version(self, version: str) -> None:
+        """A change that touched nothing here (e.g. a delete of an id this replica never had) still moves the
+        version, so every replica reports the same catalogue version."""
+        self._state = _replace_version(self._state, version)
 
     def _modalities_of_trained(self) -> dict[int, list[str]]:
         """Which modalities each trained item had, from the bundle's item_features masks (when shipped)."""
@@ -341,3 +331,48 @@ class Catalogue:
                 present.setdefault(int(row), []).append(name)
         return present
 
+
+def _replace_version(state: CatalogueState, version: str) -> CatalogueState:
+    return CatalogueState(
+        version=version,
+        n_rows=state.n_rows,
+        active=state.active,
+        ingested_vectors=state.ingested_vectors,
+        size=state.size,
+        deleted_trained=state.deleted_trained,
+        last_ingest_version=state.last_ingest_version,
+    )
+
+
+def describe_stored(stored: StoredItem) -> ItemView:
+    return ItemView(
+        id=stored.id,
+        source="ingested",
+        text=stored.text,
+        metadata=stored.metadata,
+        extra=stored.extra,
+        modalities=sorted(stored.features),
+        created=stored.created,
+    )
+
+
+class AppliedVersion:
+    """The catalogue version this process has applied, with a wait: a write answered only once its own change is
+    applied here reads its own write on this replica."""
+
+    def __init__(self) -> None:
+        self._version = 0
+        self._changed = threading.Condition()
+
+    @property
+    def value(self) -> int:
+        return self._version
+
+    def set(self, version: int) -> None:
+        with self._changed:
+            self._version = version
+            self._changed.notify_all()
+
+    def wait_for(self, version: int, timeout_s: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._version >= version, timeout=timeout_s)

@@ -7,8 +7,11 @@ Reads never fail because Redis is away: a cache error is a miss, and a user's re
 from __future__ import annotations
 
 import contextlib
+import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from service.cache import CachedList
 from service.catalogue import ItemView
 from service.errors import InvalidInput, Unavailable
 from service.recommender import CodeDiversity, Ranking
@@ -40,44 +43,93 @@ def resolve_diversity(runtime: Runtime, max_per_prefix: int | None, prefix_lengt
     return CodeDiversity(field=field, max_per_prefix=max_per_prefix, prefix_length=prefix_length)
 
 
-def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, exclude_seen: bool,
-                       diversity: CodeDiversity | None = None) -> RecommendationList:  # fmt: skip
-    k = resolve_k(runtime, k)
-    runtime.sync()
-    engine = runtime.engine
-    key = f"{engine.bundle.version}|{engine.catalogue.version}|k={k}|exclude_seen={int(exclude_seen)}"
-    if diversity is not None:
-        key += f"|code_prefix={diversity.prefix_length}x{diversity.max_per_prefix}"
-    generation: str | None = None
-    try:
-        generation, payload = runtime.cache.get(user_id, key)
-    except RedisDown:
-        runtime.metrics.cache_requests.labels(result="error").inc()
-        payload = None
-    if payload is not None:
-        runtime.metrics.cache_requests.labels(result="hit").inc()
-        return RecommendationList.model_validate_json(payload).model_copy(update={"cached": True})
-    if generation is not None:
-        runtime.metrics.cache_requests.labels(result="miss").inc()
+ANONYMOUS = ""  # the cache slot shared by every user the service knows nothing about (no user id is empty)
 
+
+def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, exclude_seen: bool,
+                       diversity: CodeDiversity | None = None) -> RecommendationList | CachedResponse:  # fmt: skip
+    """The user's list, from the cache when an entry is still valid (see service/cache.py); a cache hit comes back
+    as the stored JSON body, ready to send."""
+    k = resolve_k(runtime, k)
+    engine = runtime.engine
+    key = cache_key(engine, k=k, exclude_seen=exclude_seen, diversity=diversity)
+    generation, hit = _cached(runtime, engine, user_id, key)
+    if hit is not None:
+        return CachedResponse(hit.body)
     try:
         recent = [e.item_id for e in runtime.event_store.recent(user_id)]
     except RedisDown:
         recent = []  # degraded: only the training history filters seen items
         generation = None  # and this list must not be cached
+    anonymous = not recent and user_id not in engine.bundle.user_rows
+    if anonymous and generation is not None:  # shared by every unknown user: no cache entry per user id
+        _, shared = _cached(runtime, engine, ANONYMOUS, key)
+        if shared is not None:
+            body = RecommendationList.model_validate_json(shared.body)
+            return body.model_copy(update={"user_id": user_id})
+    state = engine.catalogue.state
     ranking = engine.recommender.for_user(user_id, recent, k=k, exclude_seen=exclude_seen, diversity=diversity)
-    response = _recommendation_list(runtime, engine, ranking, user_id=user_id, k=k, exclude_seen=exclude_seen)
-    if generation is not None:
+    response = _recommendation_list(runtime, engine, ranking, user_id=user_id, k=k, exclude_seen=exclude_seen,
+                                    catalogue_version=state.version)  # fmt: skip
+    if generation is not None and engine.synced:
+        entry = CachedList(
+            catalogue_version=int(state.version),
+            computed_at=time.time(),
+            item_ids=[item.id for item in response.items],
+            body=response.model_copy(update={"cached": True}).model_dump_json(),
+        )
         with contextlib.suppress(RedisDown):  # a failed put is a later miss
-            runtime.cache.put(user_id, key, generation, response.model_dump_json())
+            if anonymous:
+                runtime.cache.put(ANONYMOUS, key, "0", entry.encode())
+            else:
+                runtime.cache.put(user_id, key, generation, entry.encode())
     return response
+
+
+@dataclass(frozen=True)
+class CachedResponse:
+    """A cache hit: the response body as stored (``cached: true``)."""
+
+    body: str
+
+
+def cache_key(engine: Engine, *, k: int, exclude_seen: bool, diversity: CodeDiversity | None) -> str:
+    key = f"{engine.bundle.version}|k={k}|exclude_seen={int(exclude_seen)}"
+    if diversity is not None:
+        key += f"|code_prefix={diversity.prefix_length}x{diversity.max_per_prefix}"
+    return key
+
+
+def _cached(runtime: Runtime, engine: Engine, user_id: str, key: str) -> tuple[str | None, CachedList | None]:
+    """(the user's cache generation, or None when the cache is unreachable; a usable entry or None)."""
+    try:
+        generation, payload = runtime.cache.get(user_id, key)
+    except RedisDown:
+        runtime.metrics.cache_requests.labels(result="error").inc()
+        return None, None
+    entry = CachedList.decode(payload) if payload is not None else None
+    if entry is not None and usable(entry, engine, staleness_s=runtime.settings.cache_new_item_staleness_s):
+        runtime.metrics.cache_requests.labels(result="hit").inc()
+        return generation, entry
+    if user_id != ANONYMOUS:
+        runtime.metrics.cache_requests.labels(result="miss").inc()
+    return generation, None
+
+
+def usable(entry: CachedList, engine: Engine, *, staleness_s: float) -> bool:
+    """An entry may be served unless it lists an item deleted since, or items were ingested since it was computed
+    and it is older than the staleness bound."""
+    catalogue = engine.catalogue
+    state = catalogue.state
+    if state.last_ingest_version > entry.catalogue_version and time.time() - entry.computed_at > staleness_s:
+        return False
+    return all(catalogue.live_row(item_id, state) is not None for item_id in entry.item_ids)
 
 
 def recommend_for_history(runtime: Runtime, history: list[str], *, k: int | None, exclude_seen: bool,
                           diversity: CodeDiversity | None = None) -> RecommendationList:  # fmt: skip
     """Not cached: an explicit history is rarely asked for twice."""
     k = resolve_k(runtime, k)
-    runtime.sync()
     engine = runtime.engine
     ranking = engine.recommender.for_history(history, k=k, exclude_seen=exclude_seen, diversity=diversity)
     return _recommendation_list(runtime, engine, ranking, user_id=None, k=k, exclude_seen=exclude_seen)
@@ -85,7 +137,6 @@ def recommend_for_history(runtime: Runtime, history: list[str], *, k: int | None
 
 def similar_items(runtime: Runtime, item_id: str, *, k: int | None) -> SimilarItems:
     k = resolve_k(runtime, k)
-    runtime.sync()
     engine = runtime.engine
     ranking = engine.recommender.similar(item_id, k=k)
     return SimilarItems(
@@ -99,7 +150,6 @@ def similar_items(runtime: Runtime, item_id: str, *, k: int | None) -> SimilarIt
 
 
 def get_item(runtime: Runtime, item_id: str) -> ItemPublic:
-    runtime.sync()
     return item_public(runtime.engine.catalogue.describe(item_id))
 
 
@@ -127,7 +177,8 @@ def item_public(view: ItemView) -> ItemPublic:
 
 
 def _recommendation_list(
-    runtime: Runtime, engine: Engine, ranking: Ranking, *, user_id: str | None, k: int, exclude_seen: bool
+    runtime: Runtime, engine: Engine, ranking: Ranking, *, user_id: str | None, k: int, exclude_seen: bool,
+    catalogue_version: str | None = None,
 ) -> RecommendationList:
     runtime.metrics.recommendations.labels(strategy=ranking.strategy).inc()
     return RecommendationList(
@@ -137,5 +188,5 @@ def _recommendation_list(
         exclude_seen=exclude_seen,
         items=[ScoredItem(id=i, score=s) for i, s in ranking.items],
         bundle_version=engine.bundle.version,
-        catalogue_version=engine.catalogue.version,
+        catalogue_version=catalogue_version or engine.catalogue.version,
     )

@@ -4,8 +4,9 @@
 - sequence model (bundle with a ``user_tower``): the ONNX tower over the user's recent items ("user_tower");
 - unknown user with events, or an explicit history: the mean of the history's item vectors ("history");
 - otherwise: training popularity ("popularity").
-Items the user has seen (training history and recorded events) are excluded unless asked otherwise: FAISS is
-asked for ``k + n_seen`` and the seen rows are filtered out.
+Items the user has seen (training history and recorded events) are excluded unless asked otherwise: the search
+over-fetches and filters them out (``Catalogue.search``). Searches go through a :class:`SearchBatcher`, which
+answers concurrent requests with one FAISS call.
 
 Diversity by code prefix (bundles with semantic codes, QARM): walking the ranking best first, an item is skipped
 when ``max_per_prefix`` items already taken share its first ``prefix_length`` code values; FAISS is asked for more
@@ -14,14 +15,16 @@ rows until k items are taken or the catalogue is exhausted. Items without a code
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from service.batching import SearchBatcher
 from service.bundle import Bundle
-from service.catalogue import Catalogue
+from service.catalogue import Catalogue, CatalogueState
 
 Strategy = Literal["user_vector", "user_tower", "history", "popularity", "item_vector"]
 
@@ -47,9 +50,12 @@ class Ranking:
 
 
 class Recommender:
-    def __init__(self, bundle: Bundle, catalogue: Catalogue) -> None:
+    """Rankings over one catalogue. Each request takes the catalogue's state once and works on it throughout."""
+
+    def __init__(self, bundle: Bundle, catalogue: Catalogue, *, batcher: SearchBatcher | None = None) -> None:
         self.bundle = bundle
         self.catalogue = catalogue
+        self.batcher = batcher or SearchBatcher(max_wait_ms=0, max_size=1)
         self._by_popularity = np.argsort(-bundle.popularity, kind="stable")  # trained rows, most popular first
 
     def known_user(self, user_id: str) -> bool:
@@ -58,41 +64,44 @@ class Recommender:
     def for_user(self, user_id: str, recent_item_ids: Sequence[str], *, k: int, exclude_seen: bool,
                  diversity: CodeDiversity | None = None) -> Ranking:  # fmt: skip
         """``recent_item_ids``: the user's recorded events, oldest first (ids deleted since are ignored)."""
+        state = self.catalogue.state
         user_row = self.bundle.user_rows.get(user_id)
         trained = self.bundle.training_history(user_row).tolist() if user_row is not None else []
-        history = trained + self.catalogue.rows_of(recent_item_ids)  # oldest first
+        history = trained + self.catalogue.rows_of(recent_item_ids, state)  # oldest first
         seen = set(history) if exclude_seen else set()
         if self.bundle.user_tower is not None and history:
-            return self._rank(self._tower(history), "user_tower", k, seen, diversity)
+            return self._rank(self._tower(history, state), "user_tower", k, seen, state, diversity)
         if user_row is not None and self.bundle.user_vectors is not None:
-            return self._rank(self.bundle.user_vectors[user_row], "user_vector", k, seen, diversity)
+            return self._rank(self.bundle.user_vectors[user_row], "user_vector", k, seen, state, diversity)
         if history:
-            return self._rank(self.catalogue.vectors(history).mean(axis=0), "history", k, seen, diversity)
-        return self._popular(k, seen, diversity)
+            return self._rank(self.catalogue.vectors(history, state).mean(axis=0), "history", k, seen, state, diversity)
+        return self._popular(k, seen, state, diversity)
 
     def for_history(self, item_ids: Sequence[str], *, k: int, exclude_seen: bool,
                     diversity: CodeDiversity | None = None) -> Ranking:  # fmt: skip
         """An anonymous request: the history is given (oldest first); unknown ids raise UnknownItem (404)."""
-        history = [self.catalogue.row(i) for i in item_ids]
+        state = self.catalogue.state
+        history = [self.catalogue.row(i, state) for i in item_ids]
         seen = set(history) if exclude_seen else set()
         if not history:
-            return self._popular(k, seen, diversity)
+            return self._popular(k, seen, state, diversity)
         if self.bundle.user_tower is not None:
-            return self._rank(self._tower(history), "user_tower", k, seen, diversity)
-        return self._rank(self.catalogue.vectors(history).mean(axis=0), "history", k, seen, diversity)
+            return self._rank(self._tower(history, state), "user_tower", k, seen, state, diversity)
+        return self._rank(self.catalogue.vectors(history, state).mean(axis=0), "history", k, seen, state, diversity)
 
     def similar(self, item_id: str, *, k: int) -> Ranking:
-        row = self.catalogue.row(item_id)
-        return self._rank(self.catalogue.vectors([row])[0], "item_vector", k, {row})
+        state = self.catalogue.state
+        row = self.catalogue.row(item_id, state)
+        return self._rank(self.catalogue.vectors([row], state)[0], "item_vector", k, {row}, state)
 
-    def _rank(self, query: np.ndarray, strategy: Strategy, k: int, exclude: set[int],
+    def _rank(self, query: np.ndarray, strategy: Strategy, k: int, exclude: set[int], state: CatalogueState,
               diversity: CodeDiversity | None = None) -> Ranking:  # fmt: skip
         if diversity is None:
-            hits = self.catalogue.search(query.reshape(1, -1), k, [exclude])[0]
+            hits = self.batcher.search(self.catalogue, query, k, exclude, state)
             return Ranking(strategy, [(self.catalogue.item_id(row), score) for row, score in hits])
         fetch = 4 * k
         while True:
-            hits = self.catalogue.search(query.reshape(1, -1), fetch, [exclude])[0]
+            hits = self.catalogue.search(query.reshape(1, -1), fetch, [exclude], state)[0]
             taken = self._diversify(hits, k, diversity)
             if len(taken) == k or len(hits) < fetch:  # enough, or nothing more to fetch
                 return Ranking(strategy, [(self.catalogue.item_id(row), score) for row, score in taken])
@@ -113,11 +122,12 @@ class Recommender:
                 break
         return taken
 
-    def _popular(self, k: int, exclude: set[int], diversity: CodeDiversity | None = None) -> Ranking:
-        active = self.catalogue.active_mask()
+    def _popular(self, k: int, exclude: set[int], state: CatalogueState,
+                 diversity: CodeDiversity | None = None) -> Ranking:  # fmt: skip
+        active = state.active
         items: list[tuple[int, float]] = []
         # Ingested items have no interactions yet (popularity 0): they come after every trained item.
-        for row in [*self._by_popularity.tolist(), *self.catalogue.ingested_rows()]:
+        for row in itertools.chain(self._by_popularity.tolist(), self.catalogue.ingested_rows(state)):
             if len(items) == k and diversity is None:
                 break
             if active[row] and row not in exclude:
@@ -127,14 +137,14 @@ class Recommender:
             items = self._diversify(items, k, diversity)
         return Ranking("popularity", [(self.catalogue.item_id(row), score) for row, score in items])
 
-    def _tower(self, history: Sequence[int]) -> np.ndarray:
+    def _tower(self, history: Sequence[int], state: CatalogueState) -> np.ndarray:
         tower = self.bundle.user_tower
         assert tower is not None
         recent = list(history)[-tower.max_length :]
         length = tower.max_length
         vectors = np.zeros((1, length, self.bundle.dim), dtype=np.float32)  # (B, L, dim), left-padded
         mask = np.zeros((1, length), dtype=np.float32)  # (B, L)
-        vectors[0, length - len(recent) :] = self.catalogue.vectors(recent)
+        vectors[0, length - len(recent) :] = self.catalogue.vectors(recent, state)
         mask[0, length - len(recent) :] = 1.0
         output = tower.session.run([tower.output_name], {tower.vectors_input: vectors, tower.mask_input: mask})[0]
         return np.asarray(output, dtype=np.float32).reshape(-1)

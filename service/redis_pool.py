@@ -40,6 +40,13 @@ class RedisPool:
         self._down_until = 0.0
         self.last_error: str | None = None
 
+    def blocking_client(self, *, timeout_s: float) -> redis.Redis:
+        """A separate connection for blocking reads (XREAD BLOCK), with a socket timeout that outlasts them."""
+        return redis.Redis.from_url(
+            self.url, socket_timeout=timeout_s, socket_connect_timeout=self.client.connection_pool.connection_kwargs.get(
+                "socket_connect_timeout"), retry=Retry(NoBackoff(), 0), decode_responses=True,
+        )  # fmt: skip
+
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 

@@ -1,23 +1,40 @@
 """What the app holds while it runs: the loaded bundle with its live catalogue (an :class:`Engine`, swapped whole
-on reload), the stores, the cache and the metrics. Built in the app's lifespan: ``Runtime(settings, metrics)``.
+on reload or resync), the stores, the cache and the metrics. Built in the app's lifespan: ``Runtime(settings, metrics)``.
+
+How catalogue changes reach the catalogue:
+- embedded mode (SQLite, one process): a write is committed and applied under ``write_lock``, in that order;
+- Redis mode (any number of replicas): a write is one atomic script that also appends to the ``changes`` stream;
+  every replica's :class:`~service.changes.ChangeFollower` applies the stream in order, the writer's own included,
+  and the writer answers once its replica has applied the change (read-your-writes on that replica).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
-import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import faiss
 import numpy as np
 
+from service.batching import SearchBatcher
 from service.bundle import Bundle, DevicePlan, load_bundle, plan_device
 from service.cache import MemoryCache, RecommendationCache, RedisCache
-from service.catalogue import Catalogue, CatalogueStore, RedisCatalogueStore, SqliteCatalogueStore, StoredItem
+from service.catalogue import AppliedVersion, Catalogue, StoredItem
+from service.catalogue_store import (
+    CatalogueStore,
+    Change,
+    RedisCatalogueStore,
+    SqliteCatalogueStore,
+    StoreSnapshot,
+)
+from service.changes import ChangeFollower
 from service.encoding import ItemEncoder
-from service.errors import Unavailable
+from service.errors import Conflict, Unavailable
 from service.events import EventStore, RedisEventStore, SqliteEventStore
 from service.metrics import Metrics
 from service.recommender import Recommender
@@ -36,34 +53,43 @@ class Engine:
     encoder: ItemEncoder
     catalogue: Catalogue
     recommender: Recommender
-    synced: bool = False  # ingested items and deletions replayed from the store
+    synced: bool = False  # ingested items and deletions loaded from the store
 
     @classmethod
-    def open(cls, settings: ServiceSettings, plan: DevicePlan) -> Engine:
+    def open(cls, settings: ServiceSettings, plan: DevicePlan, batcher: SearchBatcher) -> Engine:
         bundle = load_bundle(settings.bundle_dir, plan=plan, verify_hashes=settings.verify_hashes)
-        catalogue = Catalogue(bundle)
-        catalogue.version = f"unsynced-{uuid.uuid4().hex[:12]}"  # never collides with a store version
-        return cls(bundle=bundle, encoder=ItemEncoder(bundle), catalogue=catalogue, recommender=Recommender(bundle, catalogue))
+        return cls.on(bundle, ItemEncoder(bundle), batcher)
 
-    def replay(self, store: CatalogueStore) -> int:
-        """Apply the store's deletions and ingested items; returns how many ingested items were indexed."""
-        snapshot = store.load()
-        catalogue, bundle = self.catalogue, self.bundle
-        for item_id in snapshot.deleted:
-            if item_id in catalogue and not catalogue.is_ingested(item_id):
-                catalogue.remove(item_id)
+    @classmethod
+    def on(cls, bundle: Bundle, encoder: ItemEncoder, batcher: SearchBatcher) -> Engine:
+        """A fresh engine: the bundle's trained items only (sharing its index, vectors and encoders)."""
+        catalogue = Catalogue(bundle, version=f"unsynced-{uuid.uuid4().hex[:12]}")  # never a store version
+        recommender = Recommender(bundle, catalogue, batcher=batcher)
+        return cls(bundle=bundle, encoder=encoder, catalogue=catalogue, recommender=recommender)
+
+    def load(self, snapshot: StoreSnapshot) -> int:
+        """Apply a store snapshot to this fresh engine; returns how many ingested items were indexed."""
+        version = str(snapshot.version)
+        self.catalogue.remove([i for i in snapshot.deleted if i in self.bundle.item_rows], version=version)
+        added = self.add(snapshot.items, version=snapshot.version)
+        self.synced = True
+        return added
+
+    def add(self, items: Sequence[StoredItem], *, version: int) -> int:
+        """Index stored items (re-encoded first when stored under another bundle); ids live here already are
+        skipped with a warning. Returns how many were indexed."""
         fresh: list[StoredItem] = []
-        for item in snapshot.items:  # in ingestion order
-            if item.id in catalogue:
-                log.warning("stored item %r is a trained item of bundle %s: the bundle's version is served", item.id, bundle.version)
+        for item in items:
+            if item.id in self.catalogue:
+                log.warning("stored item %r is live already in bundle %s: the live one is kept", item.id, self.bundle.version)
             else:
                 fresh.append(item)
-        unfit = self._reencode([item for item in fresh if item.bundle_version != bundle.version])
+        unfit = self._reencode([item for item in fresh if item.bundle_version != self.bundle.version])
         fresh = [item for item in fresh if item.id not in unfit]
         if fresh:
-            catalogue.add(fresh)
-        catalogue.version = str(snapshot.version)
-        self.synced = True
+            self.catalogue.add(fresh, version=str(version), ingest_version=version)
+        else:
+            self.catalogue.set_version(str(version))
         return len(fresh)
 
     def _reencode(self, stale: list[StoredItem], batch: int = 256) -> set[str]:
@@ -101,6 +127,7 @@ class Runtime:
         self.catalogue_store: CatalogueStore
         self.event_store: EventStore
         self.cache: RecommendationCache
+        self.follower: ChangeFollower | None = None
         if settings.redis_url is not None:
             self.pool = RedisPool(
                 settings.redis_url,
@@ -108,7 +135,7 @@ class Runtime:
                 timeout_s=settings.redis_timeout_s,
                 retry_after_s=settings.redis_retry_after_s,
             )
-            self.catalogue_store = RedisCatalogueStore(self.pool)
+            self.catalogue_store = RedisCatalogueStore(self.pool, stream_max_len=settings.changes_stream_max_len)
             self.event_store = RedisEventStore(self.pool, keep=settings.history_length)
             self.cache = RedisCache(self.pool, ttl_s=settings.cache_ttl_s)
         else:
@@ -116,53 +143,137 @@ class Runtime:
             self.catalogue_store = SqliteCatalogueStore(self.state_db)
             self.event_store = SqliteEventStore(self.state_db, keep=settings.history_length)
             self.cache = MemoryCache(ttl_s=settings.cache_ttl_s, max_entries=settings.cache_max_entries)
-        self.write_lock = threading.Lock()  # catalogue writes, sync and reload, one at a time
-        self._last_sync_attempt = -float("inf")
+        self.write_lock = threading.Lock()  # embedded writes; in Redis mode, the follower's changes and swaps
+        self.applied = AppliedVersion()
+        self._prepared: dict[str, Engine] = {}  # reloads announced by this replica: stream position -> engine
+        self.batcher = SearchBatcher(max_wait_ms=settings.batch_max_wait_ms, max_size=settings.batch_max_size)
+        faiss.omp_set_num_threads(settings.faiss_threads or ((os.cpu_count() or 1) if self.batcher.enabled else 1))
         try:
-            self.engine = Engine.open(settings, self.plan)
+            self.engine = Engine.open(settings, self.plan, self.batcher)
+            position = self._first_sync()
         except BaseException:
             self.close()
             raise
-        self.sync()
+        if isinstance(self.catalogue_store, RedisCatalogueStore):
+            self.follower = ChangeFollower(self, self.catalogue_store, position=position)
+            self.follower.start()
         metrics.track_index_size(lambda: self.engine.catalogue.size)
 
-    def sync(self) -> None:
-        """Replay the store into the current engine if not done yet (Redis may have been down at start-up)."""
-        engine = self.engine
-        if engine.synced:
-            return
-        now = time.monotonic()
-        if now - self._last_sync_attempt < self.settings.redis_retry_after_s:
-            return
+    # --- catalogue state ---------------------------------------------------------------------------------------
+
+    def _first_sync(self) -> str | None:
+        """Load the store at start-up; with Redis down, serve trained items until the follower gets it."""
+        try:
+            return self.resync()
+        except RedisDown as exc:
+            log.warning("catalogue not loaded from the store yet (%s): serving trained items only", exc)
+            return None
+
+    def resync(self, engine: Engine | None = None) -> str:
+        """Load the whole store into a fresh engine (on this bundle, or ``engine``'s) and swap it in; returns the
+        stream position the snapshot includes. Raises :class:`RedisDown`."""
+        base = engine or self.engine
+        fresh = Engine.on(base.bundle, base.encoder, self.batcher)
+        snapshot = self.catalogue_store.load()
+        replayed = fresh.load(snapshot)
         with self.write_lock:
-            if engine.synced or engine is not self.engine:
-                return
-            self._last_sync_attempt = now
+            self.engine = fresh
+            self.applied.set(snapshot.version)
+        log.info("catalogue %s: loaded %d ingested items, %d items live", fresh.catalogue.version, replayed, fresh.catalogue.size)
+        return snapshot.position
+
+    def apply(self, change: Change) -> str | None:
+        """Apply one change of the stream (the follower calls this, in stream order). Returns a new stream
+        position when the change made this replica load the whole store (a reload)."""
+        if change.op == "reload":
+            return self._apply_reload(change)
+        store = self.catalogue_store
+        assert isinstance(store, RedisCatalogueStore)
+        records = store.records(change.ids) if change.op == "add" else []  # before the lock: a Redis round trip
+        with self.write_lock:
+            engine = self.engine
+            if change.op == "add":
+                engine.add([r for r in records if r is not None], version=change.version)
+            else:
+                engine.catalogue.remove(change.ids, version=str(change.version))
+            self.applied.set(change.version)
+        return None
+
+    def _apply_reload(self, change: Change) -> str | None:
+        fresh = self._prepared.pop(change.position, None)
+        if fresh is None:
             try:
-                replayed = engine.replay(self.catalogue_store)
-            except RedisDown as exc:
-                log.warning("catalogue not loaded from the store yet (%s): serving trained items only", exc)
-                return
-            log.info("catalogue %s: replayed %d ingested items, %d items live", engine.catalogue.version, replayed, engine.catalogue.size)
+                fresh = Engine.open(self.settings, self.plan, self.batcher)
+            except Exception as exc:  # a bundle this replica cannot serve: keep serving the one it has
+                log.error("reload announced (bundle %s) but this replica cannot open %s: %s; still serving %s",
+                          change.bundle_version, self.settings.bundle_dir, exc, self.engine.bundle.version)  # fmt: skip
+                self.applied.set(change.version)
+                return None
+        return self.resync(fresh)
 
     def require_synced(self) -> Engine:
         """The engine, for a catalogue write: refused while ingested items are not loaded (they could collide)."""
-        self.sync()
         engine = self.engine
         if not engine.synced:
             raise Unavailable("catalogue store unavailable: ingested items are not loaded yet, so writes are refused")
         return engine
 
-    def reload(self) -> tuple[str, Engine]:
-        """Open the bundle directory again and swap it in; the old engine serves until the new one is ready."""
-        fresh = Engine.open(self.settings, self.plan)
+    # --- writes (the routes call these through service/writes.py) ----------------------------------------------
+
+    def commit_add(self, engine: Engine, items: Sequence[StoredItem]) -> int:
+        """Make new items durable and live; returns the catalogue version. 409 if an id exists anywhere."""
+        if isinstance(self.catalogue_store, RedisCatalogueStore):
+            written = self.catalogue_store.add(items, trained_ids=engine.bundle.item_rows)
+            self._await_applied(written.version)
+            return written.version
         with self.write_lock:
-            try:
-                fresh.replay(self.catalogue_store)
-            except RedisDown as exc:
-                raise Unavailable(f"catalogue store unavailable, bundle not reloaded: {exc}") from exc
-            previous, self.engine = self.engine.bundle.version, fresh
-        return previous, fresh
+            current = self.engine
+            _refuse_live(current.catalogue, [i.id for i in items])
+            written = self.catalogue_store.add(items, trained_ids=current.bundle.item_rows)
+            current.add(items, version=written.version)
+            self.applied.set(written.version)
+        return written.version
+
+    def commit_delete(self, item_id: str) -> int:
+        """Delete a live item everywhere; returns the catalogue version. 404 if it is gone."""
+        if isinstance(self.catalogue_store, RedisCatalogueStore):
+            written = self.catalogue_store.delete(item_id, trained_id=item_id in self.engine.bundle.item_rows)
+            self._await_applied(written.version)
+            return written.version
+        with self.write_lock:
+            engine = self.engine
+            engine.catalogue.row(item_id)  # 404 for an id not live
+            written = self.catalogue_store.delete(item_id, trained_id=item_id in engine.bundle.item_rows)
+            engine.catalogue.remove([item_id], version=str(written.version))
+            self.applied.set(written.version)
+        return written.version
+
+    def reload(self) -> tuple[str, Engine]:
+        """Open the bundle directory again and swap it in (every replica, with Redis); the old engine serves until
+        the new one is ready. BundleError (the bundle on disk cannot be served) changes nothing anywhere."""
+        previous = self.engine.bundle.version
+        fresh = Engine.open(self.settings, self.plan, self.batcher)
+        try:
+            if isinstance(self.catalogue_store, RedisCatalogueStore):
+                self.require_synced()
+                written = self.catalogue_store.announce_reload(fresh.bundle.version)
+                self._prepared[written.position] = fresh
+                if not self.applied.wait_for(written.version, self.settings.reload_timeout_s):
+                    raise Unavailable("the reload is announced but this replica has not applied it yet; see /v1/models")
+                return previous, self.engine
+            with self.write_lock:
+                written = self.catalogue_store.announce_reload(fresh.bundle.version)
+            self.resync(fresh)
+            return previous, self.engine
+        except RedisDown as exc:
+            raise Unavailable(f"catalogue store unavailable, bundle not reloaded: {exc}") from exc
+
+    def _await_applied(self, version: int) -> None:
+        if not self.applied.wait_for(version, self.settings.write_visibility_timeout_s):
+            log.warning("change %d is stored but not applied here within %.1f s (is the follower behind?)",
+                        version, self.settings.write_visibility_timeout_s)  # fmt: skip
+
+    # --- health ------------------------------------------------------------------------------------------------
 
     def readiness(self) -> dict[str, Any]:
         engine = self.engine
@@ -173,8 +284,8 @@ class Runtime:
         else:
             reachable = self.pool.ping()
             checks.update(cache="redis" if reachable else "unavailable", store="redis" if reachable else "unavailable")
-            if reachable:
-                self.sync()
+            if reachable and not engine.synced and self.follower is not None:
+                self.follower.wake()
             degraded = not reachable or not self.engine.synced
             if not reachable:
                 checks["redis_error"] = self.pool.last_error
@@ -183,7 +294,17 @@ class Runtime:
         return checks
 
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
+        self.batcher.close()
         if self.pool is not None:
             self.pool.close()
         if self.state_db is not None:
             self.state_db.close()
+
+
+def _refuse_live(catalogue: Catalogue, ids: Sequence[str]) -> None:
+    existing = [i for i in ids if i in catalogue]
+    if existing:
+        raise Conflict(f"item id {existing[0]!r} already exists; delete it first or use another id")
+

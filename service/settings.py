@@ -42,6 +42,29 @@ class ServiceSettings(BaseSettings):
     redis_timeout_s: float = Field(default=0.5, gt=0)
     redis_retry_after_s: float = Field(default=2.0, ge=0, description="After a Redis failure, skip Redis this long.")
 
+    # --- catalogue changes across replicas, cache staleness, search batching and threads (service core) ---
+    changes_stream_max_len: int = Field(
+        default=100_000, ge=100, description="Redis mode: entries kept in the changes stream (approximate trim); a "
+        "replica away for longer than that many changes reloads the whole store when it comes back.")  # fmt: skip
+    follower_block_ms: int = Field(default=1000, ge=10, le=60_000, description="Redis mode: how long one blocking "
+                                   "read of the changes stream waits (the stop signal is seen within this).")  # fmt: skip
+    write_visibility_timeout_s: float = Field(
+        default=2.0, gt=0, description="Redis mode: a write waits at most this long for this replica to apply its own "
+        "change before answering (it is durable either way).")  # fmt: skip
+    reload_timeout_s: float = Field(default=120.0, gt=0, description="Redis mode: how long POST /v1/admin/reload waits "
+                                    "for this replica to load the new bundle.")  # fmt: skip
+    cache_new_item_staleness_s: float = Field(
+        default=10.0, ge=0, description="A cached list computed before the latest ingestion is still served for this "
+        "many seconds (so steady ingestion does not empty the cache); new items reach cached lists within it. Deleted "
+        "items are never served: a cached list naming one is recomputed.")  # fmt: skip
+    batch_max_wait_ms: float = Field(
+        default=2.0, ge=0, le=100, description="Micro-batching: concurrent searches gathered for at most this long "
+        "are answered by one FAISS call; 0 turns batching off.")  # fmt: skip
+    batch_max_size: int = Field(default=64, ge=1, le=4096, description="Micro-batching: most searches in one batch.")
+    faiss_threads: int | None = Field(
+        default=None, ge=1, description="OpenMP threads of a FAISS search. Default: all cores with batching on (one "
+        "batch at a time), 1 with it off (concurrent requests each search; more would oversubscribe the cores).")  # fmt: skip
+
     @field_validator("api_key")
     @classmethod
     def _refuse_placeholder_key(cls, value: SecretStr | None) -> SecretStr | None:

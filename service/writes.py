@@ -1,6 +1,7 @@
 """What the write endpoints do. Every write is made durable (Redis or the SQLite state) before the in-memory
 catalogue changes and before the answer goes out; if the store cannot take it, nothing changes and the client
-gets 503, so nothing acknowledged is ever lost.
+gets 503, so nothing acknowledged is ever lost. With Redis, catalogue writes reach every replica through the
+changes stream (service/runtime.py, service/changes.py).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import time
 from collections.abc import Sequence
 
 from service.bundle import BundleError
-from service.catalogue import Catalogue, StoredItem
+from service.catalogue import Catalogue, StoredItem, describe_stored
 from service.encoding import ItemContent
-from service.errors import Conflict, InvalidInput, Unavailable
+from service.errors import Conflict, InvalidInput
 from service.events import Event
 from service.reads import item_public
 from service.redis_pool import RedisDown
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def ingest_items(runtime: Runtime, items: Sequence[ItemCreate]) -> list[ItemPublic]:
-    """Encode, store, then index a batch, all or nothing: 409 if an id exists, 422 if any item is invalid."""
+    """Encode, store, then index a batch, all or nothing: 409 if an id exists (on any replica), 422 if any item
+    is invalid. Answered once this replica serves the items."""
     if not items:
         raise InvalidInput("empty batch: send at least one item")
     if len(items) > runtime.settings.max_batch_items:
@@ -32,51 +34,37 @@ def ingest_items(runtime: Runtime, items: Sequence[ItemCreate]) -> list[ItemPubl
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise InvalidInput(f"item id {duplicates[0]!r} appears more than once in the batch")
+    engine = runtime.require_synced()
+    _refuse_existing(engine.catalogue, ids)  # early, before paying for encoding; the store decides for good
     contents = [ItemContent(text=i.text, image_base64=i.image_base64, features=i.features) for i in items]
-    for _ in range(2):  # a reload between encoding and storing means encoding again with the new bundle
-        engine = runtime.require_synced()
-        _refuse_existing(engine.catalogue, ids)
-        encoded = engine.encoder.encode(contents)
-        now = time.time()
-        stored = [
-            StoredItem(
-                id=item.id,
-                text=item.text,
-                metadata=dict(item.metadata),
-                features=enc.features,
-                vector=enc.vector,
-                extra=enc.extra,
-                bundle_version=engine.bundle.version,
-                created=now,
-            )
-            for item, enc in zip(items, encoded, strict=True)
-        ]
-        with runtime.write_lock:
-            if runtime.engine is not engine:
-                continue
-            _refuse_existing(engine.catalogue, ids)
-            version = runtime.catalogue_store.add(stored)
-            engine.catalogue.add(stored)
-            engine.catalogue.version = str(version)
-        runtime.metrics.items_ingested.inc(len(stored))
-        return [item_public(engine.catalogue.describe(i)) for i in ids]
-    raise Unavailable("the bundle was reloaded twice while these items were encoded; send them again")
+    encoded = engine.encoder.encode(contents)
+    now = time.time()
+    stored = [
+        StoredItem(
+            id=item.id,
+            text=item.text,
+            metadata=dict(item.metadata),
+            features=enc.features,
+            vector=enc.vector,
+            extra=enc.extra,
+            bundle_version=engine.bundle.version,
+            created=now,
+        )
+        for item, enc in zip(items, encoded, strict=True)
+    ]
+    runtime.commit_add(engine, stored)
+    runtime.metrics.items_ingested.inc(len(stored))
+    return [item_public(describe_stored(item)) for item in stored]
 
 
 def delete_item(runtime: Runtime, item_id: str) -> ItemDeleted:
     runtime.require_synced()
-    with runtime.write_lock:
-        engine = runtime.engine
-        ingested = engine.catalogue.is_ingested(item_id)  # 404 for an unknown id
-        version = runtime.catalogue_store.delete(item_id, ingested=ingested)
-        engine.catalogue.remove(item_id)
-        engine.catalogue.version = str(version)
+    version = runtime.commit_delete(item_id)
     runtime.metrics.items_deleted.inc()
-    return ItemDeleted(id=item_id, catalogue_version=engine.catalogue.version)
+    return ItemDeleted(id=item_id, catalogue_version=str(version))
 
 
 def record_events(runtime: Runtime, user_id: str, events: Sequence[EventCreate]) -> EventsRecorded:
-    runtime.sync()
     catalogue = runtime.engine.catalogue
     for event in events:
         catalogue.row(event.item_id)  # 404 naming the first unknown item
