@@ -47,6 +47,8 @@ def create_app(settings: ServiceSettings, *, on_ready: Callable[[Runtime], None]
         try:
             yield
         finally:
+            if runtime.pool is not None:
+                await runtime.pool.aclose()
             runtime.close()
 
     app = FastAPI(title="mmrec recommendation service", version="1", description=DESCRIPTION, lifespan=lifespan)

@@ -20,7 +20,7 @@ _api_key = APIKeyHeader(
 )
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:  # async: no thread hop for a dependency that only reads
     runtime: Runtime = request.app.state.runtime
     return runtime
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import redis
+import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -39,6 +40,7 @@ class RedisPool:
         self._lock = threading.Lock()
         self._down_until = 0.0
         self.last_error: str | None = None
+        self._async_client: redis.asyncio.Redis | None = None  # made on first use, inside the event loop
 
     def blocking_client(self, *, timeout_s: float) -> redis.Redis:
         """A separate connection for blocking reads (XREAD BLOCK), with a socket timeout that outlasts them."""
@@ -76,6 +78,29 @@ class RedisPool:
             self._down_until = 0.0
         self.last_error = None
         return True
+
+    async def run_async(self, operation: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
+        """:meth:`run` for the event loop (the cache lookup of a request answered without a thread), on a client
+        of its own; the same breaker."""
+        with self._lock:
+            if time.monotonic() < self._down_until:
+                raise RedisDown(self.last_error or "redis unreachable")
+        if self._async_client is None:
+            kwargs = self.client.connection_pool.connection_kwargs
+            self._async_client = redis.asyncio.Redis.from_url(
+                self.url, socket_timeout=kwargs.get("socket_timeout"), socket_connect_timeout=kwargs.get("socket_connect_timeout"),
+                retry=redis.asyncio.retry.Retry(NoBackoff(), 0), decode_responses=True,
+            )  # fmt: skip
+        try:
+            return await operation(self._async_client)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._mark_down(exc)
+            raise RedisDown(self.last_error or "redis unreachable") from exc
+
+    async def aclose(self) -> None:
+        if self._async_client is not None:
+            await self._async_client.aclose()
+            self._async_client = None
 
     def close(self) -> None:
         self.client.close()
