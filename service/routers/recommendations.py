@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service import reads
-from service.deps import CodePrefixLengthParam, KParam, MaxPerCodePrefixParam, RuntimeDep, UserIdPath
+from service.deps import CodePrefixLengthParam, KParam, MaxPerCodePrefixParam, ReadAccess, RuntimeDep, UserIdPath
 from service.schemas import ErrorResponse, RecommendationList, RecommendationRequest
 
 router = APIRouter(prefix="/v1", tags=["recommendations"])
@@ -14,7 +14,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-@router.get("/users/{user_id}/recommendations", response_model=RecommendationList, responses=ERRORS)
+@router.get("/users/{user_id}/recommendations", response_model=RecommendationList, responses=ERRORS, dependencies=[ReadAccess])
 def recommend_for_user(
     user_id: UserIdPath, runtime: RuntimeDep, k: KParam = None, exclude_seen: bool = True,
     max_per_code_prefix: MaxPerCodePrefixParam = None, code_prefix_length: CodePrefixLengthParam = 1,
@@ -26,7 +26,7 @@ def recommend_for_user(
     return reads.recommend_for_user(runtime, user_id, k=k, exclude_seen=exclude_seen, diversity=diversity)
 
 
-@router.post("/recommendations", response_model=RecommendationList, responses=ERRORS)
+@router.post("/recommendations", response_model=RecommendationList, responses=ERRORS, dependencies=[ReadAccess])
 def recommend(body: RecommendationRequest, runtime: RuntimeDep) -> RecommendationList:
     """Top-k items for a user id, or for an explicit recent-item history (most recent last)."""
     diversity = reads.resolve_diversity(runtime, body.max_per_code_prefix, body.code_prefix_length)
