@@ -3,7 +3,14 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service import reads
-from service.deps import CodePrefixLengthParam, KParam, MaxPerCodePrefixParam, ReadAccess, RuntimeDep, UserIdPath
+from service.deps import (
+    CodePrefixLengthParam,
+    KParam,
+    MaxPerCodePrefixParam,
+    ReadAccess,
+    RuntimeDep,
+    UserIdPath,
+)
 from service.schemas import ErrorResponse, RecommendationList, RecommendationRequest
 
 router = APIRouter(prefix="/v1", tags=["recommendations"])
