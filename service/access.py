@@ -80,6 +80,7 @@ class _Key:
 class _Budget:
     setting: str  # names the setting in 429 messages
     items: tuple[limits.RateLimitItem, ...]
+    strategy: type[RateLimiter]
 
 
 class AccessControl:
@@ -91,14 +92,17 @@ class AccessControl:
         )
         self.read_access = settings.read_access
         self.enabled = settings.rate_limit_enabled
-        self._per_client = _Budget("rate_limit_per_client", tuple(limits.parse_many(settings.rate_limit_per_client)))
-        self._per_key = _Budget("rate_limit_per_key", tuple(limits.parse_many(settings.rate_limit_per_key)))
+        strategy = _STRATEGIES[settings.rate_limit_strategy]
+        self._per_client = _Budget("rate_limit_per_client", tuple(limits.parse_many(settings.rate_limit_per_client)), strategy)
+        self._per_key = _Budget("rate_limit_per_key", tuple(limits.parse_many(settings.rate_limit_per_key)), strategy)
+        # Failed authentications are counted exactly (at most N in any window, never more as a sliding counter
+        # would allow once the previous window fades); a moving window's Redis list stays short, the budget is small.
         self._auth_failures = _Budget(
-            "rate_limit_auth_failures", tuple(limits.parse_many(settings.rate_limit_auth_failures))
+            "rate_limit_auth_failures", tuple(limits.parse_many(settings.rate_limit_auth_failures)), MovingWindowRateLimiter
         )
-        self._strategy = _STRATEGIES[settings.rate_limit_strategy]
-        self._memory: RateLimiter | None = None  # built on first use (MemoryStorage starts a timer thread)
-        self._redis: tuple[RedisPool, RateLimiter] | None = None
+        self._memory: MemoryStorage | None = None  # built on first use (MemoryStorage starts a timer thread)
+        self._redis: tuple[RedisPool, RedisStorage] | None = None
+        self._limiters: dict[tuple[int, type[RateLimiter]], RateLimiter] = {}
 
     @property
     def keyed(self) -> bool:
@@ -138,45 +142,49 @@ class AccessControl:
     def _refuse_if_blocked(self, pool: RedisPool | None, client: str) -> None:
         """429 when the client has spent its failed-authentication budget (nothing is spent here)."""
         for item in self._auth_failures.items if self.enabled else ():
-            allowed, reset_at = self._run(pool, _test, item, f"authfail:{client}")
+            allowed, reset_at = self._run(pool, self._auth_failures, _test, item, f"authfail:{client}")
             if not allowed:
                 raise _too_many(self._auth_failures, item, reset_at, what="failed authentications", who="this client address")
 
     def _spend(self, pool: RedisPool | None, budget: _Budget, identity: str, *, who: str) -> None:
         """Take one request from every limit of the budget; 429 past one of them."""
         for item in budget.items if self.enabled else ():
-            allowed, reset_at = self._run(pool, _hit, item, identity)
+            allowed, reset_at = self._run(pool, budget, _hit, item, identity)
             if not allowed:
                 raise _too_many(budget, item, reset_at, what="requests", who=who)
 
     def _note_failure(self, pool: RedisPool | None, client: str) -> None:
         """A failed authentication spends from the client's failure budget (the 401 is answered either way)."""
         for item in self._auth_failures.items if self.enabled else ():
-            self._run(pool, _hit, item, f"authfail:{client}")
+            self._run(pool, self._auth_failures, _hit, item, f"authfail:{client}")
 
-    def _run(self, pool: RedisPool | None, check: _Check, item: limits.RateLimitItem, identity: str) -> tuple[bool, float]:
+    def _run(
+        self, pool: RedisPool | None, budget: _Budget, check: _Check, item: limits.RateLimitItem, identity: str
+    ) -> tuple[bool, float]:
         if pool is not None:
             try:
-                limiter = self._redis_limiter(pool)
+                limiter = self._limiter(self._redis_storage(pool), budget.strategy)
                 return pool.run(lambda _client: check(limiter, item, identity))
             except RedisDown:
                 pass  # counted in memory below until Redis answers (the pool's breaker decides when to retry)
             except redis.RedisError as exc:
                 log.warning("rate limit store error (%s): counting in memory for now", type(exc).__name__)
-        return check(self._memory_limiter(), item, identity)
+        if self._memory is None:
+            self._memory = MemoryStorage()
+        return check(self._limiter(self._memory, budget.strategy), item, identity)
 
-    def _redis_limiter(self, pool: RedisPool) -> RateLimiter:
+    def _redis_storage(self, pool: RedisPool) -> RedisStorage:
         if self._redis is None or self._redis[0] is not pool:
-            storage: Storage = RedisStorage(
-                "redis://", connection_pool=pool.client.connection_pool, key_prefix=pool.key("ratelimit")
-            )
-            self._redis = (pool, self._strategy(storage))
+            storage = RedisStorage("redis://", connection_pool=pool.client.connection_pool, key_prefix=pool.key("ratelimit"))
+            self._redis = (pool, storage)
+            self._limiters.clear()  # none may outlive the storage it was built on (ids are reused)
         return self._redis[1]
 
-    def _memory_limiter(self) -> RateLimiter:
-        if self._memory is None:
-            self._memory = self._strategy(MemoryStorage())
-        return self._memory
+    def _limiter(self, storage: Storage, strategy: type[RateLimiter]) -> RateLimiter:
+        key = (id(storage), strategy)
+        if key not in self._limiters:
+            self._limiters[key] = strategy(storage)
+        return self._limiters[key]
 
 
 _Check = Callable[[RateLimiter, limits.RateLimitItem, str], tuple[bool, float]]  # (allowed, reset time)

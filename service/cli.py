@@ -23,6 +23,7 @@ from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from uvicorn.config import LOGGING_CONFIG
 
 from service.app import create_app
@@ -93,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "settings"
             print(f"mmrec-serve: {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # an MMREC_* variable that is not valid JSON (MMREC_API_KEYS); names no value
+        print(f"mmrec-serve: {exc} (expected JSON)", file=sys.stderr)
         return 2
     if not (settings.bundle_dir / "manifest.json").is_file():
         print(f"mmrec-serve: {settings.bundle_dir} is not a bundle (no manifest.json); export one with `mmrec export`", file=sys.stderr)

@@ -197,8 +197,9 @@ class ServiceSettings(BaseSettings):
     rate_limit_enabled: bool = Field(default=True, description="Apply the rate limits below.")
     rate_limit_strategy: RateLimitStrategy = Field(
         default="sliding-window-counter",
-        description="The `limits` library's strategy: sliding-window-counter (two counters per client, smooth), "
-        "moving-window (exact, one entry per request), fixed-window (one counter, bursts at window edges).",
+        description="The `limits` library's strategy for rate_limit_per_client and rate_limit_per_key: "
+        "sliding-window-counter (two counters per client, smooth), moving-window (exact, one entry per request), "
+        "fixed-window (one counter, bursts at window edges). rate_limit_auth_failures is always a moving window.",
     )
     rate_limit_per_client: str = Field(
         default="3000/minute",

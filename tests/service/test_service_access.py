@@ -252,10 +252,27 @@ def test_settings_refuse_unreadable_secret_files(tmp_path: Path, setup: str, mes
 
 
 # --- rate limits ---
+# Tests that count exactly use the moving window (at most N in any window); the default sliding-window counter may
+# let one more through when a window boundary falls inside the test (test_rate_limit_default_strategy_...).
+EXACT = "moving-window"
+
+
+@pytest.mark.parametrize("backend", ["embedded", "redis"])
+def test_rate_limit_default_strategy_lets_about_the_limit_through(
+    make_settings: Callable[..., ServiceSettings], serve: Serve, backend: str, request: pytest.FixtureRequest
+) -> None:
+    store = {} if backend == "embedded" else {"redis_url": request.getfixturevalue("redis_url"),
+                                              "redis_prefix": request.getfixturevalue("redis_prefix")}  # fmt: skip
+    settings = make_settings(rate_limit_per_client="10/minute", **store)
+    assert settings.rate_limit_strategy == "sliding-window-counter"
+    with serve(settings) as client:
+        statuses = [client.get("/v1/items/i1").status_code for _ in range(25)]
+    assert set(statuses) == {200, 429} and 10 <= statuses.count(200) <= 11
+    assert statuses[:10] == [200] * 10 and statuses[-10:] == [429] * 10
 
 
 def test_rate_limit_per_client_answers_429_with_retry_after(make_settings: Callable[..., ServiceSettings], serve: Serve) -> None:
-    with serve(make_settings(rate_limit_per_client="5/minute")) as client:
+    with serve(make_settings(rate_limit_per_client="5/minute", rate_limit_strategy=EXACT)) as client:
         assert [client.get("/v1/items/i1").status_code for _ in range(5)] == [200] * 5
         limited = client.get("/v1/users/u1/recommendations")
         assert limited.status_code == 429
@@ -267,7 +284,7 @@ def test_rate_limit_per_client_answers_429_with_retry_after(make_settings: Calla
 
 
 def test_rate_limit_per_key_is_the_keys_own_budget(make_settings: Callable[..., ServiceSettings], serve: Serve) -> None:
-    with serve(make_settings(**_keys(rate_limit_per_key="3/minute", rate_limit_per_client="2/minute"))) as client:
+    with serve(make_settings(**_keys(rate_limit_per_key="3/minute", rate_limit_per_client="2/minute", rate_limit_strategy=EXACT))) as client:
         reader = {"X-API-Key": READER}
         assert [client.get("/v1/items/i1", headers=reader).status_code for _ in range(3)] == [200] * 3
         limited = client.get("/v1/items/i1", headers=reader)
@@ -307,7 +324,7 @@ def test_rate_limit_is_shared_by_two_app_instances_through_redis(
     make_settings: Callable[..., ServiceSettings], serve: Serve, redis_url: str, redis_prefix: str, redis_client: redis.Redis
 ) -> None:
     settings = make_settings(**_keys(redis_url=redis_url, redis_prefix=redis_prefix, rate_limit_per_client="6/minute",
-                                     rate_limit_per_key="4/minute"))  # fmt: skip
+                                     rate_limit_per_key="4/minute", rate_limit_strategy=EXACT))  # fmt: skip
     with serve(settings) as a, serve(settings) as b:
         assert [c.get("/v1/items/i1").status_code for c in (a, b, a, b, a, b)] == [200] * 6
         assert b.get("/v1/items/i1").status_code == 429 and a.get("/v1/items/i1").status_code == 429
@@ -323,7 +340,7 @@ def test_rate_limit_is_shared_by_two_app_instances_through_redis(
 def test_rate_limit_with_redis_down_reads_succeed_and_are_counted_in_memory(
     make_settings: Callable[..., ServiceSettings], serve: Serve, private_redis: RedisProcess
 ) -> None:
-    with serve(make_settings(redis_url=private_redis.url, rate_limit_per_client="5/minute")) as client:
+    with serve(make_settings(redis_url=private_redis.url, rate_limit_per_client="5/minute", rate_limit_strategy=EXACT)) as client:
         assert client.get("/v1/users/u1/recommendations").status_code == 200  # counted in Redis
         private_redis.stop()
         statuses = [client.get("/v1/users/u1/recommendations").status_code for _ in range(6)]
@@ -347,6 +364,13 @@ def test_cli_refuses_a_short_key_with_a_clear_message(features_bundle: Synthetic
     monkeypatch.setenv("MMREC_API_KEY", "x")
     assert main(["--bundle", str(features_bundle.path)]) == 2
     assert "mmrec-serve: api_key: Value error, api_key is too short (1 characters): keys need at least 16" in capsys.readouterr().err
+
+
+def test_cli_reports_keys_that_are_not_json(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMREC_API_KEYS", '[{"name": "web", "key": secret-not-quoted}]')
+    assert main(["--bundle", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == 'mmrec-serve: error parsing value for field "api_keys" from source "EnvSettingsSource" (expected JSON)\n'
 
 
 def test_cli_warns_about_secrets_on_the_command_line_without_echoing_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
