@@ -17,6 +17,7 @@ are counted in this process's memory until it answers again: a request never fai
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import secrets
@@ -72,7 +73,7 @@ class Caller:
 @dataclass(frozen=True)
 class _Key:
     name: str
-    secret: bytes
+    digest: bytes  # sha256 of the key: every comparison is of 32 bytes, so not even a key's length shows in timing
     scopes: frozenset[str]
 
 
@@ -88,17 +89,24 @@ class AccessControl:
 
     def __init__(self, settings: ServiceSettings) -> None:
         self._keys = tuple(
-            _Key(k.name, k.key.get_secret_value().encode(), frozenset(k.scopes)) for k in settings.keys
+            _Key(k.name, hashlib.sha256(k.key.get_secret_value().encode()).digest(), frozenset(k.scopes))
+            for k in settings.keys
         )
         self.read_access = settings.read_access
         self.enabled = settings.rate_limit_enabled
         strategy = _STRATEGIES[settings.rate_limit_strategy]
-        self._per_client = _Budget("rate_limit_per_client", tuple(limits.parse_many(settings.rate_limit_per_client)), strategy)
-        self._per_key = _Budget("rate_limit_per_key", tuple(limits.parse_many(settings.rate_limit_per_key)), strategy)
+        self._per_client = _Budget(
+            "rate_limit_per_client", tuple(limits.parse_many(settings.rate_limit_per_client)), strategy
+        )
+        self._per_key = _Budget(
+            "rate_limit_per_key", tuple(limits.parse_many(settings.rate_limit_per_key)), strategy
+        )
         # Failed authentications are counted exactly (at most N in any window, never more as a sliding counter
         # would allow once the previous window fades); a moving window's Redis list stays short, the budget is small.
         self._auth_failures = _Budget(
-            "rate_limit_auth_failures", tuple(limits.parse_many(settings.rate_limit_auth_failures)), MovingWindowRateLimiter
+            "rate_limit_auth_failures",
+            tuple(limits.parse_many(settings.rate_limit_auth_failures)),
+            MovingWindowRateLimiter,
         )
         self._memory: MemoryStorage | None = None  # built on first use (MemoryStorage starts a timer thread)
         self._redis: tuple[RedisPool, RedisStorage] | None = None
@@ -108,7 +116,9 @@ class AccessControl:
     def keyed(self) -> bool:
         return bool(self._keys)
 
-    def authorize(self, *, scope: Scope, need: Need, presented: str | None, client: str, pool: RedisPool | None) -> Caller:
+    def authorize(
+        self, *, scope: Scope, need: Need, presented: str | None, client: str, pool: RedisPool | None
+    ) -> Caller:
         """The caller of one request, or :class:`Unauthorized` (401), :class:`Forbidden` (403), :class:`RateLimited`
         (429). ``pool``: the app's Redis (shared counters), None in embedded mode."""
         required = self.keyed and (need == "keyed" or self.read_access == "keyed")
@@ -120,20 +130,24 @@ class AccessControl:
         if key is None:
             self._note_failure(pool, client)
             if presented is None:
-                raise Unauthorized(f"missing {API_KEY_HEADER} header: this endpoint needs an API key with the {scope!r} scope")
+                raise Unauthorized(
+                    f"missing {API_KEY_HEADER} header: this endpoint needs an API key with the {scope!r} scope"
+                )
             raise Unauthorized(f"invalid API key in {API_KEY_HEADER}")
         if required and scope not in key.scopes:
             has = ", ".join(s for s in SCOPES if s in key.scopes)
-            raise Forbidden(f"the API key {key.name!r} in {API_KEY_HEADER} lacks the {scope!r} scope this endpoint needs (it has: {has})")
+            raise Forbidden(
+                f"the API key {key.name!r} in {API_KEY_HEADER} lacks the {scope!r} scope this endpoint needs (it has: {has})"
+            )
         self._spend(pool, self._per_key, f"key:{key.name}", who=f"API key {key.name!r}")
         return Caller(key_name=key.name, client=client)
 
     def _match(self, presented: str) -> _Key | None:
         """Compare with every key in constant time (no early exit, so timing does not tell which one matched)."""
-        candidate = presented.encode("utf-8", "surrogateescape")
+        candidate = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
         found: _Key | None = None
         for key in self._keys:
-            if secrets.compare_digest(candidate, key.secret):
+            if secrets.compare_digest(candidate, key.digest):
                 found = key
         return found
 
@@ -144,7 +158,13 @@ class AccessControl:
         for item in self._auth_failures.items if self.enabled else ():
             allowed, reset_at = self._run(pool, self._auth_failures, _test, item, f"authfail:{client}")
             if not allowed:
-                raise _too_many(self._auth_failures, item, reset_at, what="failed authentications", who="this client address")
+                raise _too_many(
+                    self._auth_failures,
+                    item,
+                    reset_at,
+                    what="failed authentications",
+                    who="this client address",
+                )
 
     def _spend(self, pool: RedisPool | None, budget: _Budget, identity: str, *, who: str) -> None:
         """Take one request from every limit of the budget; 429 past one of them."""
@@ -159,7 +179,12 @@ class AccessControl:
             self._run(pool, self._auth_failures, _hit, item, f"authfail:{client}")
 
     def _run(
-        self, pool: RedisPool | None, budget: _Budget, check: _Check, item: limits.RateLimitItem, identity: str
+        self,
+        pool: RedisPool | None,
+        budget: _Budget,
+        check: _Check,
+        item: limits.RateLimitItem,
+        identity: str,
     ) -> tuple[bool, float]:
         if pool is not None:
             try:
@@ -175,7 +200,9 @@ class AccessControl:
 
     def _redis_storage(self, pool: RedisPool) -> RedisStorage:
         if self._redis is None or self._redis[0] is not pool:
-            storage = RedisStorage("redis://", connection_pool=pool.client.connection_pool, key_prefix=pool.key("ratelimit"))
+            storage = RedisStorage(
+                "redis://", connection_pool=pool.client.connection_pool, key_prefix=pool.key("ratelimit")
+            )
             self._redis = (pool, storage)
             self._limiters.clear()  # none may outlive the storage it was built on (ids are reused)
         return self._redis[1]
@@ -202,7 +229,9 @@ def _test(limiter: RateLimiter, item: limits.RateLimitItem, identity: str) -> tu
     return False, float(limiter.get_window_stats(item, identity).reset_time)
 
 
-def _too_many(budget: _Budget, item: limits.RateLimitItem, reset_at: float, *, what: str, who: str) -> RateLimited:
+def _too_many(
+    budget: _Budget, item: limits.RateLimitItem, reset_at: float, *, what: str, who: str
+) -> RateLimited:
     retry_after = max(1, math.ceil(reset_at - time.time()))
     return RateLimited(
         f"too many {what} from {who}: the limit is {item} ({budget.setting}); retry in {retry_after} s",

@@ -56,6 +56,8 @@ class RedactSecrets(logging.Filter):
             record.args = tuple(redact_text(a) if isinstance(a, str) else a for a in record.args)
         elif isinstance(record.args, dict):
             record.args = {k: redact_text(v) if isinstance(v, str) else v for k, v in record.args.items()}
-        elif isinstance(record.msg, str):  # no arguments: the message is the text (a format string is left alone)
+        elif isinstance(
+            record.msg, str
+        ):  # no arguments: the message is the text (a format string is left alone)
             record.msg = redact_text(record.msg)
         return True
