@@ -464,3 +464,25 @@ def test_mmrec_serve_keeps_secrets_out_of_banner_logs_and_process_list(
     assert "writes: need the X-API-Key header (keys: api_key [read write admin]); reads: open" in output
     assert '"GET /v1/items/i1?api_key=*** HTTP/1.1" 200' in output  # uvicorn's access log, redacted
     assert "WARNING service.redis_pool: redis unreachable at redis://:***@127.0.0.1:" in output
+
+
+def test_mmrec_serve_counts_the_client_named_by_a_trusted_proxy(
+    features_bundle: SyntheticBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a load balancer (compose's lb), X-Forwarded-For from a trusted proxy names the client: each client
+    gets its own budget instead of all sharing the proxy's."""
+    monkeypatch.setenv("MMREC_RATE_LIMIT_PER_CLIENT", "3/minute")
+    monkeypatch.setenv("MMREC_RATE_LIMIT_STRATEGY", EXACT)
+    url, process = start_mmrec_serve(features_bundle.path, ["--device", "cpu", "--log-level", "warning",
+                                                            "--forwarded-allow-ips", "127.0.0.1"], cwd=tmp_path)  # fmt: skip
+    try:
+        with httpx.Client(base_url=url, timeout=10) as http:
+
+            def statuses(client_address: str, n: int) -> list[int]:
+                return [http.get("/v1/items/i1", headers={"X-Forwarded-For": client_address}).status_code for _ in range(n)]
+
+            assert statuses("198.51.100.1", 4) == [200, 200, 200, 429]
+            assert statuses("198.51.100.2", 3) == [200, 200, 200]
+            assert [http.get("/v1/items/i1").status_code for _ in range(4)] == [200, 200, 200, 429]  # the proxy itself
+    finally:
+        stop_mmrec_serve(process)
