@@ -195,7 +195,7 @@ def load_bundle(path: Path, *, plan: DevicePlan, verify_hashes: bool = True) -> 
     modalities = _read_modalities(manifest, sessions, files)
     item_encoder = _read_item_encoder(manifest, modalities, sessions)
     user_tower = _read_user_tower(manifest, sessions)
-    index, index_type, index_on_gpu = _read_index(files, manifest, n_items=n_items, dim=dim, plan=plan)
+    index, index_type, index_on_gpu = _read_index(files, manifest, item_vectors=item_vectors, plan=plan)
 
     return Bundle(
         path=path,
@@ -560,8 +560,9 @@ def _read_user_tower(manifest: dict[str, Any], sessions: _SessionFactory) -> Use
 
 
 def _read_index(
-    files: dict[str, Path], manifest: dict[str, Any], *, n_items: int, dim: int, plan: DevicePlan
+    files: dict[str, Path], manifest: dict[str, Any], *, item_vectors: np.ndarray, plan: DevicePlan
 ) -> tuple[Any, str, bool]:
+    n_items, dim = item_vectors.shape
     try:
         # Flat codes are mapped, not copied (never modified: see service/catalogue.py); other indexes are read.
         index = faiss.read_index(str(files["item_index.faiss"]), faiss.IO_FLAG_MMAP_IFC)
@@ -577,6 +578,7 @@ def _read_index(
     spec = manifest.get("index") or {}
     index_type = str(spec.get("type", "flat_ip"))
     inner = faiss.downcast_index(index.index)
+    _check_index_holds_the_vectors(inner, item_vectors)
     ef_search = (spec.get("params") or {}).get("efSearch")
     if ef_search is not None and hasattr(inner, "hnsw"):
         inner.hnsw.efSearch = int(ef_search)
@@ -586,3 +588,36 @@ def _read_index(
         except (RuntimeError, AttributeError) as exc:  # e.g. HNSW has no GPU version: stay on CPU
             log.warning("FAISS index stays on CPU: %s", exc)
     return index, index_type, False
+
+
+def _check_index_holds_the_vectors(inner: Any, item_vectors: np.ndarray) -> None:
+    """The index must hold exactly the bundle's item vectors: a sha256 recomputed over a damaged index would pass
+    the hash check, then serve wrong neighbours.
+
+    Flat and HNSW-flat indexes store every vector verbatim as float32 (``mmrec export`` adds ``item_vectors.npy``
+    as it is), so every row is compared bit for bit, in chunks, against a view of the index's storage (no copy):
+    not a sample, since one damaged row is enough to serve a wrong item. Other index types (quantising ones) are
+    refused: they cannot be checked this way, and the bundle format does not write them."""
+    if isinstance(inner, faiss.IndexHNSWFlat):
+        storage = faiss.downcast_index(inner.storage)  # (FAISS checks the graph's links itself when reading)
+    elif isinstance(inner, faiss.IndexFlat):
+        storage = inner
+    else:
+        raise BundleError(
+            f"item_index.faiss: an index of type {type(inner).__name__} cannot be checked against item_vectors.npy "
+            "(supported: flat and HNSW-flat indexes, as docs/bundle-format.md says)"
+        )
+    n, dim = item_vectors.shape
+    if not isinstance(storage, faiss.IndexFlat) or storage.ntotal != n or storage.d != dim:
+        raise BundleError("item_index.faiss: its vector storage does not hold the item vectors")
+    stored = faiss.rev_swig_ptr(storage.get_xb(), n * dim).reshape(n, dim) if n else np.empty((0, dim), np.float32)
+    chunk = max(1, (1 << 22) // max(dim, 1))  # 16 MiB of float32 per comparison
+    for start in range(0, n, chunk):
+        # As bits (uint32): a verbatim copy, nothing less (NaN equals NaN, -0.0 differs from 0.0).
+        rows = slice(start, start + chunk)
+        differ = np.flatnonzero((stored[rows].view(np.uint32) != item_vectors[rows].view(np.uint32)).any(axis=1))
+        if differ.size:
+            raise BundleError(
+                f"item_index.faiss: its vectors differ from item_vectors.npy (first at row {start + int(differ[0])}): "
+                "the index is damaged or was built from other vectors"
+            )

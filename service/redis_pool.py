@@ -17,6 +17,8 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from service.redaction import redact_url
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -28,6 +30,7 @@ class RedisDown(Exception):
 class RedisPool:
     def __init__(self, url: str, *, prefix: str, timeout_s: float, retry_after_s: float) -> None:
         self.url = url
+        self.safe_url = redact_url(url)  # for log lines and messages: no password
         self.prefix = prefix
         self.client: redis.Redis = redis.Redis.from_url(
             url,
@@ -63,7 +66,7 @@ class RedisPool:
             self._mark_down(exc)
             raise RedisDown(self.last_error or "redis unreachable") from exc
         if self.last_error is not None:
-            log.info("redis reachable again at %s", self.url)
+            log.info("redis reachable again at %s", self.safe_url)
         self.last_error = None
         return result
 
@@ -108,14 +111,7 @@ class RedisPool:
     def _mark_down(self, exc: BaseException) -> None:
         with self._lock:
             if self.last_error is None:
-                log.warning("redis unreachable at %s: %s", self.url, exc)
-            self.last_error = f"redis unreachable at {_safe_url(self.url)}: {exc}"
+                log.warning("redis unreachable at %s: %s", self.safe_url, exc)
+            self.last_error = f"redis unreachable at {self.safe_url}: {exc}"
             self._down_until = time.monotonic() + self.retry_after_s
 
-
-def _safe_url(url: str) -> str:
-    """The URL without a password, for messages."""
-    if "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"

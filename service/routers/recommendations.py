@@ -4,7 +4,14 @@ from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import reads
-from service.deps import CodePrefixLengthParam, KParam, MaxPerCodePrefixParam, RuntimeDep, UserIdPath
+from service.deps import (
+    CodePrefixLengthParam,
+    KParam,
+    MaxPerCodePrefixParam,
+    ReadAccess,
+    RuntimeDep,
+    UserIdPath,
+)
 from service.schemas import ErrorResponse, RecommendationList, RecommendationRequest
 
 router = APIRouter(prefix="/v1", tags=["recommendations"])
@@ -15,7 +22,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-@router.get("/users/{user_id}/recommendations", response_model=RecommendationList, responses=ERRORS)
+@router.get("/users/{user_id}/recommendations", response_model=RecommendationList, responses=ERRORS, dependencies=[ReadAccess])
 async def recommend_for_user(
     user_id: UserIdPath, runtime: RuntimeDep, k: KParam = None, exclude_seen: bool = True,
     max_per_code_prefix: MaxPerCodePrefixParam = None, code_prefix_length: CodePrefixLengthParam = 1,
@@ -27,7 +34,7 @@ async def recommend_for_user(
     return _send(await reads.recommend_for_user(runtime, user_id, k=k, exclude_seen=exclude_seen, diversity=diversity))
 
 
-@router.post("/recommendations", response_model=RecommendationList, responses=ERRORS)
+@router.post("/recommendations", response_model=RecommendationList, responses=ERRORS, dependencies=[ReadAccess])
 async def recommend(body: RecommendationRequest, runtime: RuntimeDep) -> RecommendationList | Response:
     """Top-k items for a user id, or for an explicit recent-item history (most recent last)."""
     diversity = reads.resolve_diversity(runtime, body.max_per_code_prefix, body.code_prefix_length)
