@@ -45,6 +45,7 @@ from service_test_support import API_KEY, start_mmrec_serve, stop_mmrec_serve
 from service.openapi import IMAGE_FORMAT
 
 EXAMPLES_PER_OPERATION = 25  # generated requests per operation (besides schema examples and coverage cases)
+pytestmark = pytest.mark.timeout(300)  # about a minute on 2 cores
 
 # Schema-valid requests the service refuses by rules the schema cannot express (documented in the 422 text).
 UNEXPRESSIBLE_422 = (
