@@ -3,7 +3,9 @@ opened in the lifespan, so importing this module opens nothing."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,12 +14,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 
 from service.access import AccessControl
 from service.bundle import BundleError
 from service.errors import ServiceError
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics
+from service.openapi import install_openapi
 from service.routers import items, recommendations, system, users
 from service.runtime import Runtime
 from service.settings import ServiceSettings
@@ -30,6 +35,8 @@ user events, Redis caching and Prometheus metrics. Once API keys are configured,
 writes need the `write` scope, deletes and reload `admin`, a user's events `read` (other reads too when read access
 is keyed). Requests are rate-limited per key and per client address (429 with `Retry-After`).
 Errors are `{"detail": "..."}` naming the problem; 422s also list each problem under `errors`.
+This document describes the bundle served now and the service's settings (k up to max_k, batch sizes, the
+modalities an item may carry): it changes with a reload.
 """
 
 
@@ -58,6 +65,7 @@ def create_app(settings: ServiceSettings, *, on_ready: Callable[[Runtime], None]
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.access = AccessControl(settings)
+    install_openapi(app, settings, lambda: app.state.runtime.engine.bundle if hasattr(app.state, "runtime") else None)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: 413s are timed too
@@ -71,6 +79,18 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's and FastAPI's own errors (404 no route, 405, 400 unreadable body) as ErrorResponse."""
+        headers = dict(exc.headers or {})
+        detail = str(exc.detail)
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
+            detail = f"Method Not Allowed: {request.method} {request.url.path} (allowed: {headers['Allow']})"
+        elif exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            detail = f"body: not valid UTF-8 JSON ({exc.__cause__.reason} at byte {exc.__cause__.start})"
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [_describe(error) for error in exc.errors()]
@@ -81,6 +101,23 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:  # a bug, never bad input
         log.exception("unhandled error", exc_info=exc)
         return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+
+def _allowed_methods(request: Request) -> str | None:
+    """The methods the OpenAPI document has for this path. Starlette's 405 names only the route that matched first,
+    so GET and DELETE of /v1/items/{item_id} (two routes) would each hide the other."""
+    methods = {
+        method.upper()
+        for template, operations in request.app.openapi().get("paths", {}).items()
+        if _path_pattern(template).fullmatch(request.scope["path"])
+        for method in operations
+    }
+    return ", ".join(sorted(methods)) if methods else None
+
+
+@functools.cache
+def _path_pattern(template: str) -> re.Pattern[str]:
+    return compile_path(template)[0]
 
 
 def _describe(error: dict[str, Any]) -> dict[str, str]:

@@ -35,15 +35,16 @@ def resolve_k(runtime: Runtime, k: int | None) -> int:
 
 
 def resolve_diversity(runtime: Runtime, max_per_prefix: int | None, prefix_length: int) -> CodeDiversity | None:
-    """Diversity by code prefix, checked against the bundle (422 when it has no semantic codes or fewer levels)."""
-    if max_per_prefix is None:
-        return None
+    """Diversity by code prefix, checked against the bundle (422 when it has no semantic codes or fewer levels;
+    a bundle with codes checks code_prefix_length even without max_per_code_prefix, as its OpenAPI schema says)."""
     bundle = runtime.engine.bundle
     field = bundle.code_field
+    if field is not None and prefix_length > bundle.code_levels:
+        raise InvalidInput(f"code_prefix_length must be between 1 and {bundle.code_levels}, got {prefix_length}")
+    if max_per_prefix is None:
+        return None
     if field is None:
         raise InvalidInput(f"max_per_code_prefix needs a bundle with semantic codes; model {bundle.model_name!r} has none")
-    if prefix_length > bundle.code_levels:
-        raise InvalidInput(f"code_prefix_length must be between 1 and {bundle.code_levels}, got {prefix_length}")
     return CodeDiversity(field=field, max_per_prefix=max_per_prefix, prefix_length=prefix_length)
 
 

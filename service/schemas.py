@@ -8,12 +8,15 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
     StringConstraints,
+    field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 Strategy = Literal["user_vector", "user_tower", "history", "popularity", "item_vector"]
 
@@ -29,13 +32,26 @@ NewItemId = Annotated[
     str,
     StringConstraints(min_length=1, max_length=256, pattern=r"^[^/\x00-\x1f\x7f]+$"),
     AfterValidator(_not_dots),
+    Field(json_schema_extra={"not": {"enum": [".", ".."]}}),
 ]
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 FeatureValue = Annotated[float, Field(allow_inf_nan=False)]
 
 
+def _whole_number(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value  # anything else meets the strict int check: true, "5" and 5.5 are refused
+
+
+# An integer as JSON Schema means it (the OpenAPI document's "type": "integer"): 5 and 5.0, never true or "5".
+JsonInteger = Annotated[int, BeforeValidator(_whole_number)]
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies are strict: JSON types as the schema says them (``false`` is no number, ``"5"`` no integer)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # --- items ---------------------------------------------------------------------------------------------------
@@ -52,7 +68,7 @@ class ItemCreate(_Request):
         },
     )
 
-    id: NewItemId = Field(description="New, unique item id (no '/', no control characters).")
+    id: NewItemId = Field(description="New, unique item id (no '/', no control characters, not '.' or '..').")
     text: str | None = Field(default=None, max_length=100_000, description="Encoded by the bundle's text encoder.")
     image_base64: str | None = Field(
         default=None, description="An image file (JPEG, PNG, ...) in base64, or a data: URL; encoded by the image encoder."
@@ -64,6 +80,22 @@ class ItemCreate(_Request):
 
 
 class ItemPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "new-item-1",
+                    "source": "ingested",
+                    "text": "A quiet film about a lighthouse keeper.",
+                    "metadata": {"year": 2024},
+                    "extra": {},
+                    "modalities": ["text"],
+                    "created": "2024-05-01T12:00:00Z",
+                }
+            ]
+        }
+    )
+
     id: str
     source: Literal["trained", "ingested"]
     text: str | None
@@ -74,6 +106,8 @@ class ItemPublic(BaseModel):
 
 
 class ItemDeleted(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"id": "new-item-1", "deleted": True, "catalogue_version": "8"}]})
+
     id: str
     deleted: Literal[True] = True
     catalogue_version: str
@@ -85,6 +119,21 @@ class ScoredItem(BaseModel):
 
 
 class SimilarItems(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "item_id": "item-1",
+                    "k": 2,
+                    "strategy": "item_vector",
+                    "items": [{"id": "item-7", "score": 0.91}, {"id": "item-3", "score": 0.88}],
+                    "bundle_version": "ml100k-lightgcn-20240501",
+                    "catalogue_version": "8",
+                }
+            ]
+        }
+    )
+
     item_id: str
     k: int
     strategy: Strategy
@@ -101,17 +150,31 @@ class RecommendationRequest(_Request):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"user_id": "42", "k": 10}, {"history": ["item-1", "item-2"], "k": 5}]},
+        json_schema_extra={
+            "examples": [{"user_id": "42", "k": 10}, {"history": ["item-1", "item-2"], "k": 5}],
+            # exactly one subject; the fields are not nullable, so "present" means "given"
+            "oneOf": [{"required": ["user_id"]}, {"required": ["history"]}],
+        },
     )
 
-    user_id: UserId | None = None
-    history: list[ItemId] | None = Field(default=None, max_length=1000, description="Item ids, most recent last.")
-    k: int | None = Field(default=None, description="How many items (default: the service's default_k).")
+    # ``SkipJsonSchema[None]``: None is the default for an absent field, never a value a client may send.
+    user_id: UserId | SkipJsonSchema[None] = Field(default=None, description="A user id; or give history.")
+    history: list[ItemId] | SkipJsonSchema[None] = Field(
+        default=None, max_length=1000, description="Item ids, most recent last; or give user_id."
+    )
+    k: JsonInteger | None = Field(default=None, description="How many items, 1..max_k (default: the service's default_k).")
     exclude_seen: bool = True
-    max_per_code_prefix: int | None = Field(
+    max_per_code_prefix: JsonInteger | None = Field(
         default=None, ge=1, description="Diversify (bundles with semantic codes, QARM): at most this many items whose "
         "semantic codes share their first code_prefix_length values.")  # fmt: skip
-    code_prefix_length: int = Field(default=1, ge=1, description="Code values compared by max_per_code_prefix.")
+    code_prefix_length: JsonInteger = Field(default=1, ge=1, description="Code values compared by max_per_code_prefix.")
+
+    @field_validator("user_id", "history", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("must not be null: leave the field out")
+        return value
 
     @model_validator(mode="after")
     def _one_subject(self) -> RecommendationRequest:
@@ -121,6 +184,23 @@ class RecommendationRequest(_Request):
 
 
 class RecommendationList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "42",
+                    "strategy": "user_vector",
+                    "k": 2,
+                    "exclude_seen": True,
+                    "items": [{"id": "item-7", "score": 5.63}, {"id": "item-3", "score": 5.10}],
+                    "bundle_version": "ml100k-lightgcn-20240501",
+                    "catalogue_version": "8",
+                    "cached": False,
+                }
+            ]
+        }
+    )
+
     user_id: str | None
     strategy: Strategy = Field(
         description="user_vector: the model's user vector; user_tower: the sequence model over recent items; "
@@ -146,7 +226,15 @@ class EventCreate(_Request):
 
 
 class EventsCreate(_Request):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"events": [{"item_id": "item-1"}]}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"events": [{"item_id": "item-1"}]},
+                {"events": [{"item_id": "item-1", "kind": "view", "timestamp": 1714564800.0}, {"item_id": "item-2"}]},
+            ]
+        },
+    )
 
     events: list[EventCreate] = Field(min_length=1, max_length=1000)
 
@@ -158,12 +246,20 @@ class EventPublic(BaseModel):
 
 
 class EventsRecorded(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"user_id": "42", "recorded": 2, "retained": 17}]})
+
     user_id: str
     recorded: int
     retained: int = Field(description="Events now kept for the user (the oldest are dropped beyond history_length).")
 
 
 class UserEvents(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"user_id": "42", "events": [{"item_id": "item-1", "kind": "interaction", "timestamp": 1714564800.0}]}]
+        }
+    )
+
     user_id: str
     events: list[EventPublic]
 
@@ -172,10 +268,28 @@ class UserEvents(BaseModel):
 
 
 class Health(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+
     status: Literal["ok"] = "ok"
 
 
 class Readiness(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "degraded",
+                    "bundle": "loaded",
+                    "bundle_version": "ml100k-lightgcn-20240501",
+                    "cache": "unavailable",
+                    "store": "unavailable",
+                    "catalogue": "loaded",
+                    "redis_error": "ConnectionError: Error 111 connecting to redis:6379. Connection refused.",
+                }
+            ]
+        }
+    )
+
     status: Literal["ready", "degraded"]
     bundle: Literal["loaded"]
     bundle_version: str
@@ -199,6 +313,34 @@ class IndexInfo(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "lightgcn",
+                    "kind": "collaborative",
+                    "bundle_version": "ml100k-lightgcn-20240501",
+                    "created": "2024-05-01T12:00:00Z",
+                    "dataset": {"name": "ml100k-posters", "n_users": 943, "n_items": 1682},
+                    "dim": 64,
+                    "score": "inner_product",
+                    "index": {"type": "flat_ip", "approximate": False, "size": 1682, "faiss_gpu": False},
+                    "modalities": {"text": {"dim": 384, "encoder": "all-MiniLM-L6-v2", "accepts": ["features", "text"]}},
+                    "item_encoder_method": "ridge-map",
+                    "extra_outputs": [],
+                    "user_tower": False,
+                    "device": "cpu",
+                    "ort_providers": ["CPUExecutionProvider"],
+                    "faiss_gpu": False,
+                    "index_size": 1682,
+                    "catalogue_version": "8",
+                    "fallback": "history-mean, else popularity",
+                    "metrics": {"test": {"recall@20": 0.21}},
+                }
+            ]
+        }
+    )
+
     model: str
     kind: str | None
     bundle_version: str
@@ -221,6 +363,19 @@ class ModelInfo(BaseModel):
 
 
 class ReloadResult(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "previous_version": "ml100k-lightgcn-20240501",
+                    "bundle_version": "ml100k-lightgcn-20240601",
+                    "index_size": 1682,
+                    "catalogue_version": "9",
+                }
+            ]
+        }
+    )
+
     previous_version: str
     bundle_version: str
     index_size: int
@@ -233,5 +388,19 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """Every error answer (4xx and 5xx) has this shape."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"detail": "k must be between 1 and 100, got 500"},
+                {
+                    "detail": "body.events[0].item_id: Field required",
+                    "errors": [{"location": "body.events[0].item_id", "message": "Field required"}],
+                },
+            ]
+        }
+    )
+
     detail: str = Field(description="What was wrong, naming the field, item or limit.")
     errors: list[ErrorDetail] | None = Field(default=None, description="Each validation problem, for 422s.")

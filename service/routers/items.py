@@ -3,11 +3,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, status
-from pydantic import Discriminator, Tag
+from pydantic import Discriminator, Field, Tag
 
 from service import reads, writes
 from service.deps import AdminAccess, ItemIdPath, KParam, ReadAccess, RuntimeDep, WriteAccess
-from service.schemas import ErrorResponse, ItemCreate, ItemDeleted, ItemPublic, SimilarItems
+from service.routers.responses import error_responses
+from service.schemas import ItemCreate, ItemDeleted, ItemPublic, SimilarItems
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
 
@@ -17,9 +18,9 @@ def _single_or_batch(value: Any) -> str:
 
 
 ItemsBody = Annotated[
-    Annotated[ItemCreate, Tag("item")] | Annotated[list[ItemCreate], Tag("batch")],
+    Annotated[ItemCreate, Tag("item")] | Annotated[list[ItemCreate], Field(min_length=1), Tag("batch")],
     Discriminator(_single_or_batch),
-    Body(description="One item, or a list of items ingested all or nothing."),
+    Body(description="One item, or a list of 1..max_batch_items items ingested all or nothing."),
 ]
 
 
@@ -28,14 +29,15 @@ ItemsBody = Annotated[
     status_code=status.HTTP_201_CREATED,
     response_model=ItemPublic | list[ItemPublic],
     dependencies=[WriteAccess],
-    responses={
-        401: {"model": ErrorResponse, "description": "Missing or wrong API key."},
-        409: {"model": ErrorResponse, "description": "The id exists already."},
-        413: {"model": ErrorResponse, "description": "Body larger than max_body_bytes."},
-        422: {"model": ErrorResponse, "description": "Wrong feature size, unknown modality, unreadable image, ..."},
-        503: {"model": ErrorResponse, "description": "The store cannot take the write; nothing was stored."},
-    },
-)
+    responses=error_responses(
+        400, 401, 403, 409, 413, 422, 429, 503,
+        described={
+            409: "An id exists already (nothing was stored).",
+            422: "Breaks the schema, or what the schema cannot say: the same id twice in a batch, an image that "
+            "does not decode, features that give a non-finite or huge item vector, a bundle without item encoder.",
+        },
+    ),
+)  # fmt: skip
 def ingest(body: ItemsBody, runtime: RuntimeDep) -> ItemPublic | list[ItemPublic]:
     """Encode new items with the bundle's item encoder, store them durably and add them to the index: they are
     recommendable on the next request. Send one item or a list."""
@@ -44,12 +46,16 @@ def ingest(body: ItemsBody, runtime: RuntimeDep) -> ItemPublic | list[ItemPublic
     return writes.ingest_items(runtime, [body])[0]
 
 
-@router.get("/{item_id}", response_model=ItemPublic, responses={404: {"model": ErrorResponse}}, dependencies=[ReadAccess])
+@router.get("/{item_id}", response_model=ItemPublic, responses=error_responses(401, 403, 404, 422, 429),
+            dependencies=[ReadAccess])  # fmt: skip
 def get_item(item_id: ItemIdPath, runtime: RuntimeDep) -> ItemPublic:
+    """A live item: where it comes from (trained or ingested), its text and metadata, the model's outputs for it
+    (``extra``) and the modalities its vector was computed from."""
     return reads.get_item(runtime, item_id)
 
 
-@router.get("/{item_id}/similar", response_model=SimilarItems, responses={404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}, dependencies=[ReadAccess])
+@router.get("/{item_id}/similar", response_model=SimilarItems, dependencies=[ReadAccess],
+            responses=error_responses(401, 403, 404, 422, 429, described={422: "k out of range (1..max_k)."}))  # fmt: skip
 def similar(item_id: ItemIdPath, runtime: RuntimeDep, k: KParam = None) -> SimilarItems:
     """The k items whose vectors have the largest inner product with this item's vector."""
     return reads.similar_items(runtime, item_id, k=k)
@@ -59,7 +65,7 @@ def similar(item_id: ItemIdPath, runtime: RuntimeDep, k: KParam = None) -> Simil
     "/{item_id}",
     response_model=ItemDeleted,
     dependencies=[AdminAccess],
-    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses=error_responses(401, 403, 404, 422, 429, 503),
 )
 def delete(item_id: ItemIdPath, runtime: RuntimeDep) -> ItemDeleted:
     """Remove an item (trained or ingested) from the index and from every future response; durable."""

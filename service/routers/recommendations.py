@@ -4,25 +4,17 @@ from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import reads
-from service.deps import (
-    CodePrefixLengthParam,
-    KParam,
-    MaxPerCodePrefixParam,
-    ReadAccess,
-    RuntimeDep,
-    UserIdPath,
-)
-from service.schemas import ErrorResponse, RecommendationList, RecommendationRequest
+from service.deps import CodePrefixLengthParam, KParam, MaxPerCodePrefixParam, ReadAccess, RuntimeDep, UserIdPath
+from service.routers.responses import error_responses
+from service.schemas import RecommendationList, RecommendationRequest
 
 router = APIRouter(prefix="/v1", tags=["recommendations"])
 
-ERRORS: dict[int | str, dict[str, object]] = {
-    404: {"model": ErrorResponse, "description": "An item of the history is unknown."},
-    422: {"model": ErrorResponse, "description": "k out of range or a malformed request."},
-}
+DIVERSITY_422 = "k out of range (1..max_k), or max_per_code_prefix / code_prefix_length beyond the bundle's codes."
 
 
-@router.get("/users/{user_id}/recommendations", response_model=RecommendationList, responses=ERRORS, dependencies=[ReadAccess])
+@router.get("/users/{user_id}/recommendations", response_model=RecommendationList, dependencies=[ReadAccess],
+            responses=error_responses(401, 403, 422, 429, described={422: DIVERSITY_422}))  # fmt: skip
 async def recommend_for_user(
     user_id: UserIdPath, runtime: RuntimeDep, k: KParam = None, exclude_seen: bool = True,
     max_per_code_prefix: MaxPerCodePrefixParam = None, code_prefix_length: CodePrefixLengthParam = 1,
@@ -34,7 +26,9 @@ async def recommend_for_user(
     return _send(await reads.recommend_for_user(runtime, user_id, k=k, exclude_seen=exclude_seen, diversity=diversity))
 
 
-@router.post("/recommendations", response_model=RecommendationList, responses=ERRORS, dependencies=[ReadAccess])
+@router.post("/recommendations", response_model=RecommendationList, dependencies=[ReadAccess],
+             responses=error_responses(400, 401, 403, 404, 413, 422, 429,
+                                       described={404: "An item of the history is unknown.", 422: DIVERSITY_422}))  # fmt: skip
 async def recommend(body: RecommendationRequest, runtime: RuntimeDep) -> RecommendationList | Response:
     """Top-k items for a user id, or for an explicit recent-item history (most recent last)."""
     diversity = reads.resolve_diversity(runtime, body.max_per_code_prefix, body.code_prefix_length)

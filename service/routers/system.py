@@ -5,7 +5,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import writes
 from service.deps import AdminAccess, ReadAccess, RuntimeDep
-from service.schemas import ErrorResponse, Health, IndexInfo, ModalityInfo, ModelInfo, Readiness, ReloadResult
+from service.routers.responses import error_responses
+from service.schemas import Health, IndexInfo, ModalityInfo, ModelInfo, Readiness, ReloadResult
 
 router = APIRouter(tags=["system"])
 
@@ -73,7 +74,11 @@ def models(runtime: RuntimeDep) -> ModelInfo:
     response_model=ReloadResult,
     dependencies=[AdminAccess],
     tags=["admin"],
-    responses={401: {"model": ErrorResponse}, 409: {"model": ErrorResponse, "description": "The bundle on disk is invalid; the old one keeps serving."}},
+    responses=error_responses(
+        400, 401, 403, 409, 413, 429, 503,
+        described={409: "The bundle on disk is invalid; the old one keeps serving.",
+                   503: "The catalogue store cannot be read, so ingested items cannot be replayed: not reloaded."},
+    ),  # fmt: skip
 )
 def reload(runtime: RuntimeDep) -> ReloadResult:
     """Open the bundle directory again (e.g. after a new export) and serve it; ingested items are re-encoded."""
