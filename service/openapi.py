@@ -33,6 +33,10 @@ FASTAPI_ERROR_REF = "#/components/schemas/HTTPValidationError"
 Document = dict[str, Any]
 
 
+READ_ACCESS_MARK = "x-mmrec-read-access"  # openapi_extra of the reads gated by read_access (removed from the document)
+OPEN_READ: dict[str, Any] = {READ_ACCESS_MARK: True}
+
+
 def install_openapi(app: FastAPI, settings: ServiceSettings, bundle: Callable[[], Bundle | None]) -> None:
     """Make ``app.openapi()`` (and ``/openapi.json``) the completed document; ``bundle()`` gives the bundle served
     now (None before start-up). Built once per bundle version."""
@@ -59,6 +63,10 @@ def complete(generated: Document, settings: ServiceSettings, bundle: Bundle | No
     access = AccessControl(settings)
     if not access.keyed:
         _open_writes(doc)
+    elif settings.read_access == "open":
+        _optional_key(doc)
+    for _, _, operation in _operations(doc):
+        operation.pop(READ_ACCESS_MARK, None)
     if not access.enabled:
         for _, _, operation in _operations(doc):
             operation.get("responses", {}).pop("429", None)
@@ -113,6 +121,14 @@ def _settings_limits(doc: Document, settings: ServiceSettings) -> None:
     for variant in body.get("oneOf", []):
         if variant.get("type") == "array":
             variant["maxItems"] = settings.max_batch_items
+
+
+def _optional_key(doc: Document) -> None:
+    """Open reads: a key may be sent (an unknown one is still 401) but none is needed, so no 403 either."""
+    for _, _, operation in _operations(doc):
+        if operation.get(READ_ACCESS_MARK) and "security" in operation:
+            operation["security"] = [{}, *operation["security"]]
+            operation.get("responses", {}).pop("403", None)
 
 
 def _open_writes(doc: Document) -> None:

@@ -7,6 +7,7 @@ from pydantic import Discriminator, Field, Tag
 
 from service import reads, writes
 from service.deps import AdminAccess, ItemIdPath, KParam, ReadAccess, RuntimeDep, WriteAccess
+from service.openapi import OPEN_READ
 from service.routers.responses import error_responses
 from service.schemas import ItemCreate, ItemDeleted, ItemPublic, SimilarItems
 
@@ -47,14 +48,14 @@ def ingest(body: ItemsBody, runtime: RuntimeDep) -> ItemPublic | list[ItemPublic
 
 
 @router.get("/{item_id}", response_model=ItemPublic, responses=error_responses(401, 403, 404, 422, 429),
-            dependencies=[ReadAccess])  # fmt: skip
+            dependencies=[ReadAccess], openapi_extra=OPEN_READ)  # fmt: skip
 def get_item(item_id: ItemIdPath, runtime: RuntimeDep) -> ItemPublic:
     """A live item: where it comes from (trained or ingested), its text and metadata, the model's outputs for it
     (``extra``) and the modalities its vector was computed from."""
     return reads.get_item(runtime, item_id)
 
 
-@router.get("/{item_id}/similar", response_model=SimilarItems, dependencies=[ReadAccess],
+@router.get("/{item_id}/similar", response_model=SimilarItems, dependencies=[ReadAccess], openapi_extra=OPEN_READ,
             responses=error_responses(401, 403, 404, 422, 429, described={422: "k out of range (1..max_k)."}))  # fmt: skip
 def similar(item_id: ItemIdPath, runtime: RuntimeDep, k: KParam = None) -> SimilarItems:
     """The k items whose vectors have the largest inner product with this item's vector."""

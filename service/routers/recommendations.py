@@ -4,7 +4,15 @@ from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import reads
-from service.deps import CodePrefixLengthParam, KParam, MaxPerCodePrefixParam, ReadAccess, RuntimeDep, UserIdPath
+from service.deps import (
+    CodePrefixLengthParam,
+    KParam,
+    MaxPerCodePrefixParam,
+    ReadAccess,
+    RuntimeDep,
+    UserIdPath,
+)
+from service.openapi import OPEN_READ
 from service.routers.responses import error_responses
 from service.schemas import RecommendationList, RecommendationRequest
 
@@ -13,7 +21,7 @@ router = APIRouter(prefix="/v1", tags=["recommendations"])
 DIVERSITY_422 = "k out of range (1..max_k), or max_per_code_prefix / code_prefix_length beyond the bundle's codes."
 
 
-@router.get("/users/{user_id}/recommendations", response_model=RecommendationList, dependencies=[ReadAccess],
+@router.get("/users/{user_id}/recommendations", response_model=RecommendationList, dependencies=[ReadAccess], openapi_extra=OPEN_READ,
             responses=error_responses(401, 403, 422, 429, described={422: DIVERSITY_422}))  # fmt: skip
 async def recommend_for_user(
     user_id: UserIdPath, runtime: RuntimeDep, k: KParam = None, exclude_seen: bool = True,
@@ -26,7 +34,7 @@ async def recommend_for_user(
     return _send(await reads.recommend_for_user(runtime, user_id, k=k, exclude_seen=exclude_seen, diversity=diversity))
 
 
-@router.post("/recommendations", response_model=RecommendationList, dependencies=[ReadAccess],
+@router.post("/recommendations", response_model=RecommendationList, dependencies=[ReadAccess], openapi_extra=OPEN_READ,
              responses=error_responses(400, 401, 403, 404, 413, 422, 429,
                                        described={404: "An item of the history is unknown.", 422: DIVERSITY_422}))  # fmt: skip
 async def recommend(body: RecommendationRequest, runtime: RuntimeDep) -> RecommendationList | Response:

@@ -5,6 +5,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import writes
 from service.deps import AdminAccess, ReadAccess, RuntimeDep
+from service.openapi import OPEN_READ
 from service.routers.responses import error_responses
 from service.schemas import Health, IndexInfo, ModalityInfo, ModelInfo, Readiness, ReloadResult
 
@@ -30,7 +31,7 @@ def metrics(runtime: RuntimeDep) -> Response:
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models", response_model=ModelInfo, tags=["models"], dependencies=[ReadAccess])
+@router.get("/v1/models", response_model=ModelInfo, tags=["models"], dependencies=[ReadAccess], openapi_extra=OPEN_READ)
 def models(runtime: RuntimeDep) -> ModelInfo:
     """The served model, its bundle, and where it runs (device, onnxruntime providers, FAISS on GPU)."""
     engine = runtime.engine

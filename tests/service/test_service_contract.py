@@ -77,6 +77,9 @@ def live_service(content_bundle: SyntheticBundle, tmp_path_factory: pytest.TempP
     with pytest.MonkeyPatch.context() as env:
         for name in [n for n in os.environ if n.startswith("MMREC_")]:
             env.delenv(name)
+        # schemathesis sends wrong keys on purpose (its ignored_auth check): with the default budget of failed
+        # authentications the client would be blocked (429) part-way; the limiter has tests of its own.
+        env.setenv("MMREC_RATE_LIMIT_AUTH_FAILURES", "1000000/minute")
         args = ["--api-key", API_KEY, "--state-dir", str(workdir / "state"), "--device", "cpu", "--log-level", "warning"]
         url, process = start_mmrec_serve(content_bundle.path, args, cwd=workdir)
     yield url
