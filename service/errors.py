@@ -38,3 +38,9 @@ class Unavailable(ServiceError):
     """A backing store (Redis, the state database) cannot take a write right now: nothing was accepted."""
 
     status_code = 503
+
+
+class RequestTooLarge(ServiceError):
+    """The request as a whole costs more than a limit allows (items, pixels, characters or tokens per request)."""
+
+    status_code = 413

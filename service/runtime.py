@@ -16,7 +16,7 @@ import numpy as np
 from service.bundle import Bundle, DevicePlan, load_bundle, plan_device
 from service.cache import MemoryCache, RecommendationCache, RedisCache
 from service.catalogue import Catalogue, CatalogueStore, RedisCatalogueStore, SqliteCatalogueStore, StoredItem
-from service.encoding import ItemEncoder
+from service.encoding import EncodingLimits, ItemEncoder
 from service.errors import Unavailable
 from service.events import EventStore, RedisEventStore, SqliteEventStore
 from service.metrics import Metrics
@@ -43,7 +43,8 @@ class Engine:
         bundle = load_bundle(settings.bundle_dir, plan=plan, verify_hashes=settings.verify_hashes)
         catalogue = Catalogue(bundle)
         catalogue.version = f"unsynced-{uuid.uuid4().hex[:12]}"  # never collides with a store version
-        return cls(bundle=bundle, encoder=ItemEncoder(bundle), catalogue=catalogue, recommender=Recommender(bundle, catalogue))
+        encoder = ItemEncoder(bundle, limits=EncodingLimits.from_settings(settings))
+        return cls(bundle=bundle, encoder=encoder, catalogue=catalogue, recommender=Recommender(bundle, catalogue))
 
     def replay(self, store: CatalogueStore) -> int:
         """Apply the store's deletions and ingested items; returns how many ingested items were indexed."""
