@@ -3,16 +3,23 @@ bundle's preprocessing and image ONNX graph, then all modality features through 
 
 What one request may cost is bounded (:class:`EncodingLimits`, the limits group of ``ServiceSettings``): texts are
 measured in characters, then in tokens; images from their header, before any pixel is decoded. Both run through
-onnxruntime in chunks of ``encode_chunk_size``, and each image is decoded, reduced and released one at a time.
+onnxruntime in chunks of ``encode_chunk_size``, and each image is decoded, reduced and released one at a time; at
+most ``max_concurrent_encodes`` requests do so at once.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import ctypes
+import functools
 import io
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import re
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -43,6 +50,7 @@ class EncodingLimits:
     max_request_pixels: int
     max_request_images: int
     encode_chunk_size: int
+    max_concurrent_encodes: int
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> EncodingLimits:
@@ -65,6 +73,24 @@ class EncodedItem:
     extra: dict[str, Any]  # extra_outputs of the item encoder, by response field
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (another libc, another OS)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    trim: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    return trim
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the OS. After a large request, glibc keeps what the tokenizer, Pillow
+    and numpy freed (measured: 20-130 MB after the worst allowed requests, none of it in use); ``malloc_trim(0)``
+    returns it."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _chunks(count: int, size: int) -> Iterator[range]:
     for start in range(0, count, size):
         yield range(start, min(start + size, count))
@@ -85,8 +111,10 @@ def open_image(image_base64: str, limits: EncodingLimits) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError as exc:
         raise InvalidInput("image_base64: not a readable image (accepted formats: JPEG, PNG, WebP, GIF)") from exc
-    except Image.DecompressionBombError as exc:  # Pillow's own bound, far above max_image_pixels' default
-        raise InvalidInput(f"image_base64: image is too large ({exc}), above max_image_pixels={limits.max_image_pixels}") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own bound (2 x Image.MAX_IMAGE_PIXELS), checked at open
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{found.group(1)} pixels" if found else "too many pixels"
+        raise InvalidInput(f"image_base64: image is {pixels}, above max_image_pixels={limits.max_image_pixels}") from exc
     except _PIL_ERRORS as exc:
         raise InvalidInput(f"image_base64: not a readable image ({exc})") from exc
     _check_image_size(*image.size, limits)
@@ -134,19 +162,31 @@ def preprocess_image(image: Image.Image, spec: ImageSpec) -> np.ndarray:
 
     Returns float32 (3, size, size).
     """
-    rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert("RGB") of an RGB image is a full copy
-    width, height = rgb.size
+    width, height = image.size
     if width <= height:
         new_w, new_h = spec.resize, height * spec.resize // width
     else:
         new_w, new_h = width * spec.resize // height, spec.resize
-    resized = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    del rgb
+    resized = _resized_rgb(image, (new_w, new_h))
     left, top = (new_w - spec.size) // 2, (new_h - spec.size) // 2
     cropped = resized.crop((left, top, left + spec.size, top + spec.size))
     scaled = np.asarray(cropped, dtype=np.float32) / np.float32(255.0)  # (H, W, 3) in [0, 1]
     normalised = (scaled - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32)  # (3, H, W)
+
+
+def _resized_rgb(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image.convert("RGB").resize(size, BILINEAR)``, pixel for pixel, without a full-size RGB copy: Pillow
+    resamples each 8-bit band alone with the same weights, so RGB bands of an RGBA image (what convert keeps) and
+    the grey band of an L image (which convert repeats) can be resized first (tests/service/test_service_limits.py)."""
+    bilinear = Image.Resampling.BILINEAR
+    if image.mode == "RGB":
+        return image.resize(size, bilinear)
+    if image.mode in ("RGBA", "RGBX"):
+        return Image.merge("RGB", [image.getchannel(band).resize(size, bilinear) for band in "RGB"])
+    if image.mode in ("L", "LA"):
+        return image.getchannel("L").resize(size, bilinear).convert("RGB")
+    return image.convert("RGB").resize(size, bilinear)  # palette, CMYK, 1-bit, 16/32-bit: convert's own rules
 
 
 class ImageEncoder:
@@ -181,8 +221,9 @@ class ImageEncoder:
 
 
 class TextEncoder:
-    """Tokenise (truncating to ``max_length``), then run the sentence-embedding graph ``chunk_size`` texts at a time,
-    texts of similar length together, each chunk padded to its longest text."""
+    """Tokenise (truncating to ``max_length``), then run the sentence-embedding graph chunk by chunk (at most
+    ``chunk_size * max_length`` padded tokens a run), texts of similar length together, each chunk padded to its
+    longest text."""
 
     def __init__(self, spec: TextSpec, *, chunk_size: int) -> None:
         self.spec = spec
@@ -209,16 +250,27 @@ class TextEncoder:
 
     def run(self, encodings: Sequence[Encoding]) -> np.ndarray:
         """Returns float32 (N, d) in the order of ``encodings``."""
-        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
         out: np.ndarray | None = None
-        for chunk in _chunks(len(order), self.chunk_size):
-            rows = [order[i] for i in chunk]
+        for rows in self._chunks(encodings):
             vectors = self._run_chunk([encodings[r] for r in rows])
             if out is None:
                 out = np.empty((len(encodings), vectors.shape[1]), dtype=np.float32)
             out[rows] = vectors
         assert out is not None, "run() needs at least one text"
         return out
+
+    def _chunks(self, encodings: Sequence[Encoding]) -> Iterator[list[int]]:
+        """Rows by increasing length, a chunk holding at most the padded tokens of ``chunk_size`` full-length texts
+        (``chunk_size * max_length``): many short texts share a run, long ones take ``chunk_size`` each."""
+        budget = self.chunk_size * self.spec.max_length
+        chunk: list[int] = []
+        for row in sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids)):
+            if chunk and (len(chunk) + 1) * max(1, len(encodings[row].ids)) > budget:
+                yield chunk
+                chunk = []
+            chunk.append(row)
+        if chunk:
+            yield chunk
 
     def _run_chunk(self, encodings: Sequence[Encoding]) -> np.ndarray:
         length = max(1, max(len(e.ids) for e in encodings))
@@ -248,6 +300,7 @@ class ItemEncoder:
         self.limits = limits
         self.spec = bundle.item_encoder
         self.run_options = shrinking_run_options()
+        self.encoding = threading.BoundedSemaphore(limits.max_concurrent_encodes)  # held while tokenising and decoding
         text, image = bundle.text_modality, bundle.image_modality
         self.text_modality = text.name if text else None
         self.image_modality = image.name if image else None
@@ -259,7 +312,8 @@ class ItemEncoder:
     def encode(self, contents: Sequence[ItemContent]) -> list[EncodedItem]:
         """Validate and encode a batch; :class:`InvalidInput` (422) names the item (by position) and the problem,
         :class:`RequestTooLarge` (413) the request-wide limit. Every check that needs no decoding or tokenising
-        runs before any of it, and nothing is encoded before every limit has passed."""
+        runs before any of it; then at most ``max_concurrent_encodes`` requests tokenise, decode and encode at once.
+        Nothing is encoded before the text limits have passed."""
         if self.spec is None:
             raise InvalidInput(
                 f"bundle {self.bundle.version} has no item encoder (model trained without content features): "
@@ -271,14 +325,15 @@ class ItemEncoder:
                 raise InvalidInput(f"{_where(i, len(contents))}item has no content: give text, image_base64 or features")
         text_rows = self._check_texts(contents)
         image_rows, images = self._open_images(contents)
-        if text_rows and self.text_encoder is not None and self.text_modality is not None:
-            encodings = self._tokenize([contents[i].text or "" for i in text_rows])
-            for i, vector in zip(text_rows, self.text_encoder.run(encodings), strict=True):
-                features[i][self.text_modality] = vector
-        if images and self.image_encoder is not None and self.image_modality is not None:
-            encoded = self.image_encoder.encode(images, prefixes=[_where(i, len(contents)) for i in image_rows])
-            for i, vector in zip(image_rows, encoded, strict=True):
-                features[i][self.image_modality] = vector
+        with self.encoding, _releasing_memory():
+            if text_rows and self.text_encoder is not None and self.text_modality is not None:
+                encodings = self._tokenize([contents[i].text or "" for i in text_rows])
+                for i, vector in zip(text_rows, self.text_encoder.run(encodings), strict=True):
+                    features[i][self.text_modality] = vector
+            if images and self.image_encoder is not None and self.image_modality is not None:
+                encoded = self.image_encoder.encode(images, prefixes=[_where(i, len(contents)) for i in image_rows])
+                for i, vector in zip(image_rows, encoded, strict=True):
+                    features[i][self.image_modality] = vector
         vectors, extras = self.run(features)
         for i, vector in enumerate(vectors):
             if not np.isfinite(vector).all() or float(np.linalg.norm(vector)) > MAX_VECTOR_NORM:
@@ -405,6 +460,14 @@ class ItemEncoder:
         vectors, _ = self.run([probe])
         if vectors.shape != (1, self.bundle.dim):
             raise BundleError(f"item encoder: output {self.spec.vector_output} has shape {vectors.shape}, expected (N, {self.bundle.dim})")
+
+
+@contextlib.contextmanager
+def _releasing_memory() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        release_free_memory()
 
 
 def _where(position: int, batch: int) -> str:

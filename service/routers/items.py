@@ -31,8 +31,10 @@ ItemsBody = Annotated[
     responses={
         401: {"model": ErrorResponse, "description": "Missing or wrong API key."},
         409: {"model": ErrorResponse, "description": "The id exists already."},
-        413: {"model": ErrorResponse, "description": "Body larger than max_body_bytes."},
-        422: {"model": ErrorResponse, "description": "Wrong feature size, unknown modality, unreadable image, ..."},
+        413: {"model": ErrorResponse, "description": "Body larger than max_body_bytes; more items, characters, tokens, "
+              "images or pixels than the request limits allow (service/README.md, Limits)."},
+        422: {"model": ErrorResponse, "description": "Wrong feature size, unknown modality, unreadable image, a text or "
+              "image over its limit, ..."},
         503: {"model": ErrorResponse, "description": "The store cannot take the write; nothing was stored."},
     },
 )

@@ -5,10 +5,14 @@ WebP and GIF are ever decoded; encoding in chunks gives the same vectors as one 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import struct
+import threading
+import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -37,19 +41,28 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """Signature and IHDR of an 8-bit greyscale PNG of that size."""
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+
+
 def _grey_png(width: int, height: int) -> bytes:
     """A valid all-black 8-bit greyscale PNG, compressed row by row (Pillow takes seconds for 1x20,000,000)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     row = b"\x00" * (width + 1)  # filter byte 0, then the row's pixels
     compressor = zlib.compressobj(9)
     rows_per_piece = max(1, (1 << 20) // len(row))
     pieces = [compressor.compress(row * min(rows_per_piece, height - done)) for done in range(0, height, rows_per_piece)]
     idat = b"".join(pieces) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return _png_header(width, height) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _png_without_pixels(width: int, height: int) -> bytes:
+    """A PNG of that size whose pixel data stops after 64 bytes: only its header can be read."""
+    return _png_header(width, height) + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
 
 
 def _encoded(image: Image.Image, image_format: str, **options: Any) -> bytes:
@@ -153,9 +166,13 @@ def test_image_longer_than_max_image_side_is_422(serve_content: Callable[..., Ab
 
 
 def test_image_size_is_checked_from_the_header_before_decoding(content_client: TestClient) -> None:
-    truncated = _grey_png(6000, 6000)[:60]  # signature and IHDR only: no pixel data at all
-    body = {"id": "header-only", "image_base64": _b64(truncated)}
+    body = {"id": "header-only", "image_base64": _b64(_png_without_pixels(6000, 6000))}
     _refused(content_client, body, 422, "image_base64: 6000x6000 is 36000000 pixels, above max_image_pixels=25000000")
+
+
+def test_image_over_pillows_own_bound_is_422_naming_max_image_pixels(content_client: TestClient) -> None:
+    body = {"id": "bomb", "image_base64": _b64(_png_without_pixels(20_000, 20_000))}  # Pillow refuses it while opening
+    _refused(content_client, body, 422, "image_base64: image is 400000000 pixels, above max_image_pixels=25000000")
 
 
 def test_fractional_aspect_ratio_is_shown_with_one_decimal(serve_content: Callable[..., AbstractContextManager[TestClient]]) -> None:
@@ -199,17 +216,46 @@ def test_refused_request_stores_nothing(serve_content: Callable[..., AbstractCon
         assert client.get("/v1/items/new-first").status_code == 404
 
 
-def test_limits_settings_refuse_a_text_limit_above_the_schema(tmp_path: Any) -> None:
-    with pytest.raises(ValueError, match="less than or equal to 100000"):
-        ServiceSettings(bundle_dir=tmp_path, max_text_chars=200_000)
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [("max_text_chars", 200_000, "less than or equal to 100000"),  # the request schema's own bound on a text
+     ("max_image_pixels", 100_000_000, "less than or equal to 89478485"),  # Pillow's decompression-bomb bound
+     ("encode_chunk_size", 0, "greater than or equal to 1")],
+)
+def test_limit_settings_refuse_values_the_service_cannot_honour(tmp_path: Any, setting: str, value: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServiceSettings(bundle_dir=tmp_path, **{setting: value})
 
 
 # --- chunks and early reduction ------------------------------------------------------------------------------------
 
 
-def _encoder(bundle: SyntheticBundle, chunk_size: int) -> ItemEncoder:
-    limits = EncodingLimits.from_settings(DEFAULTS.model_copy(update={"encode_chunk_size": chunk_size}))
-    return ItemEncoder(load_bundle(bundle.path, plan=plan_device("cpu")), limits=limits)
+def _encoder(bundle: SyntheticBundle, chunk_size: int = 4, concurrent: int = 1) -> ItemEncoder:
+    settings = DEFAULTS.model_copy(update={"encode_chunk_size": chunk_size, "max_concurrent_encodes": concurrent})
+    return ItemEncoder(load_bundle(bundle.path, plan=plan_device("cpu")), limits=EncodingLimits.from_settings(settings))
+
+
+@pytest.mark.parametrize("concurrent", [1, 2])
+def test_at_most_max_concurrent_encodes_requests_encode_at_once(content_bundle: SyntheticBundle, monkeypatch: pytest.MonkeyPatch, concurrent: int) -> None:
+    encoder = _encoder(content_bundle, concurrent=concurrent)
+    assert encoder.text_encoder is not None
+    run, lock, inside, most = encoder.text_encoder.run, threading.Lock(), [0], [0]
+    together = threading.Barrier(concurrent, timeout=10)  # passes only once `concurrent` requests are encoding
+
+    def observed_run(encodings: Sequence[Any]) -> np.ndarray:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        together.wait()
+        time.sleep(0.05)  # long enough for the other threads to pile in, were they let through
+        with lock:
+            inside[0] -= 1
+        return run(encodings)
+
+    monkeypatch.setattr(encoder.text_encoder, "run", observed_run)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda n: encoder.encode([ItemContent(text=f"dog {n}")]), range(4)))
+    assert most[0] == concurrent
 
 
 def test_encoding_in_chunks_gives_the_vectors_of_one_batch(content_bundle: SyntheticBundle) -> None:
@@ -226,6 +272,17 @@ def test_encoding_in_chunks_gives_the_vectors_of_one_batch(content_bundle: Synth
         np.testing.assert_allclose(b.vector, a.vector, atol=1e-5)
         np.testing.assert_allclose(b.features["image"], a.features["image"], atol=1e-5)
         np.testing.assert_allclose(b.features["text"], content_bundle.encode_text(content.text or ""), atol=1e-5)
+
+
+def test_text_chunks_hold_at_most_chunk_size_full_length_texts_of_tokens(content_bundle: SyntheticBundle) -> None:
+    encoder = _encoder(content_bundle, chunk_size=2).text_encoder  # max_length 16: at most 32 padded tokens a run
+    assert encoder is not None
+    texts = ["dog " * 20, "cat", "dog cat", "a quiet film", "dog " * 20, "robot " * 9, "cat"]  # 16, 1, 2, 3, 16, 9, 1 tokens
+    encodings = encoder.tokenize(texts)
+    chunks = list(encoder._chunks(encodings))
+    # by length: the 4 short ones (4 x 3 = 12; a 9 would make 5 x 9 > 32), then 9 and 16 (2 x 16), then 16 alone
+    assert chunks == [[1, 6, 2, 3], [5, 0], [4]]
+    assert sorted(row for chunk in chunks for row in chunk) == list(range(len(texts)))
 
 
 def _spec(content_bundle: SyntheticBundle) -> ImageSpec:
@@ -258,3 +315,19 @@ def test_decoded_image_is_released_after_preprocessing(content_bundle: Synthetic
     image_pixels(opened, _spec(content_bundle))
     with pytest.raises(ValueError, match="closed image"):
         opened.getpixel((0, 0))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1"])
+def test_preprocess_image_without_a_full_size_copy_equals_the_training_recipe(content_bundle: SyntheticBundle, mode: str) -> None:
+    """Bands resized one at a time give exactly convert("RGB") then resize, as training does it."""
+    spec = dataclasses.replace(_spec(content_bundle), resize=24, size=20)
+    rng = np.random.default_rng(11)
+    image = Image.fromarray(rng.integers(0, 256, size=(307, 211, 4), dtype=np.uint8), "RGBA").convert(mode)
+    rgb = image.convert("RGB")
+    width, height = rgb.size  # the recipe of training/encoders.py: shorter side to `resize`, centre crop `size`
+    new_w, new_h = (spec.resize, height * spec.resize // width) if width <= height else (width * spec.resize // height, spec.resize)
+    resized = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left, top = (new_w - spec.size) // 2, (new_h - spec.size) // 2
+    pixels = np.asarray(resized.crop((left, top, left + spec.size, top + spec.size)), dtype=np.float32) / np.float32(255.0)
+    expected = ((pixels - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)).transpose(2, 0, 1)
+    np.testing.assert_array_equal(preprocess_image(image, spec), expected)
