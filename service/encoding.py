@@ -1,26 +1,60 @@
 """Turn an item's content into its vector: text through the tokenizer and text ONNX graph, images through the
 bundle's preprocessing and image ONNX graph, then all modality features through the item encoder graph.
+
+What one request may cost is bounded (:class:`EncodingLimits`, the limits group of ``ServiceSettings``): texts are
+measured in characters, then in tokens; images from their header, before any pixel is decoded. Both run through
+onnxruntime in chunks of ``encode_chunk_size``, and each image is decoded, reduced and released one at a time; at
+most ``max_concurrent_encodes`` requests do so at once.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import ctypes
+import functools
 import io
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import re
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
-from service.bundle import Bundle, BundleError, ImageSpec, TextSpec
-from service.errors import InvalidInput
+from service.bundle import Bundle, BundleError, ImageSpec, TextSpec, shrinking_run_options
+from service.errors import InvalidInput, RequestTooLarge
+from service.settings import ServiceSettings
 
-MAX_IMAGE_PIXELS = 40_000_000  # refuse larger images before decoding them (decompression bombs)
+# Only these decoders ever see client bytes: Pillow would otherwise hand EPS to Ghostscript, among other plugins.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 MAX_VECTOR_NORM = 1e12  # item vectors beyond this are surely a client bug, and would overflow float32 scores
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class EncodingLimits:
+    """What one request may cost; the fields are the settings of the same names (``ServiceSettings``)."""
+
+    max_text_chars: int
+    max_request_text_chars: int
+    max_request_tokens: int
+    max_image_side: int
+    max_image_aspect_ratio: float
+    max_image_pixels: int
+    max_request_pixels: int
+    max_request_images: int
+    encode_chunk_size: int
+    max_concurrent_encodes: int
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> EncodingLimits:
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -39,30 +73,86 @@ class EncodedItem:
     extra: dict[str, Any]  # extra_outputs of the item encoder, by response field
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (another libc, another OS)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    trim: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    return trim
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the OS. After a large request, glibc keeps what the tokenizer, Pillow
+    and numpy freed (measured: 20-130 MB after the worst allowed requests, none of it in use); ``malloc_trim(0)``
+    returns it."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _chunks(count: int, size: int) -> Iterator[range]:
+    for start in range(0, count, size):
+        yield range(start, min(start + size, count))
+
+
 # --- images --------------------------------------------------------------------------------------------------
 
 
-def decode_image(image_base64: str) -> Image.Image:
-    """Base64 (optionally a ``data:`` URL) -> a decoded PIL image; :class:`InvalidInput` when unreadable."""
+def open_image(image_base64: str, limits: EncodingLimits) -> Image.Image:
+    """Base64 (optionally a ``data:`` URL) -> an opened image whose header passed the per-image limits; its pixels
+    are not decoded yet (:func:`image_pixels` does that). :class:`InvalidInput` when unreadable or too large."""
     payload = image_base64.split(",", 1)[1] if image_base64.startswith("data:") else image_base64
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidInput(f"image_base64: not valid base64 ({exc})") from exc
     try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise InvalidInput(f"image_base64: image is {width}x{height}, more than {MAX_IMAGE_PIXELS} pixels")
-        image.load()
-    except InvalidInput:
-        raise
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError as exc:
-        raise InvalidInput("image_base64: not a readable image (unknown or unsupported image format)") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+        raise InvalidInput("image_base64: not a readable image (accepted formats: JPEG, PNG, WebP, GIF)") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own bound (2 x Image.MAX_IMAGE_PIXELS), checked at open
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{found.group(1)} pixels" if found else "too many pixels"
+        raise InvalidInput(f"image_base64: image is {pixels}, above max_image_pixels={limits.max_image_pixels}") from exc
+    except _PIL_ERRORS as exc:
         raise InvalidInput(f"image_base64: not a readable image ({exc})") from exc
+    _check_image_size(*image.size, limits)
     return image
+
+
+def _check_image_size(width: int, height: int, limits: EncodingLimits) -> None:
+    size = f"image_base64: {width}x{height}"
+    if min(width, height) < 1:
+        raise InvalidInput(f"{size} is not a readable image (empty)")
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_image_aspect_ratio:
+        shown = f"{ratio:.0f}" if ratio >= 100 or ratio.is_integer() else f"{ratio:.1f}"
+        raise InvalidInput(f"{size} has aspect ratio {shown}:1, above max_image_aspect_ratio={limits.max_image_aspect_ratio:g}")
+    if max(width, height) > limits.max_image_side:
+        raise InvalidInput(f"{size} has a side of {max(width, height)} pixels, above max_image_side={limits.max_image_side}")
+    if width * height > limits.max_image_pixels:
+        raise InvalidInput(f"{size} is {width * height} pixels, above max_image_pixels={limits.max_image_pixels}")
+
+
+def image_pixels(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """Decode an opened image and apply the bundle's recipe (:func:`preprocess_image`), then release it.
+
+    A JPEG at least twice the size the recipe needs is decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``, DCT
+    scaling, its shorter side staying at least ``resize``), so its full-size pixels never exist; smaller images,
+    like the posters the models are trained on, follow the training recipe exactly. Returns float32 (3, size, size).
+    """
+    try:
+        width, height = image.size
+        if image.format == "JPEG":
+            short = min(width, height)
+            image.draft("RGB", (math.ceil(width * spec.resize / short), math.ceil(height * spec.resize / short)))
+        image.load()
+        return preprocess_image(image, spec)
+    except _PIL_ERRORS as exc:
+        raise InvalidInput(f"image_base64: not a readable image ({exc})") from exc
+    finally:
+        image.close()  # frees the decoded pixels now, not when the request's objects are collected
 
 
 def preprocess_image(image: Image.Image, spec: ImageSpec) -> np.ndarray:
@@ -72,53 +162,122 @@ def preprocess_image(image: Image.Image, spec: ImageSpec) -> np.ndarray:
 
     Returns float32 (3, size, size).
     """
-    image = image.convert("RGB")
     width, height = image.size
     if width <= height:
         new_w, new_h = spec.resize, height * spec.resize // width
     else:
         new_w, new_h = width * spec.resize // height, spec.resize
-    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    resized = _resized_rgb(image, (new_w, new_h))
     left, top = (new_w - spec.size) // 2, (new_h - spec.size) // 2
-    image = image.crop((left, top, left + spec.size, top + spec.size))
-    scaled = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # (H, W, 3) in [0, 1]
+    cropped = resized.crop((left, top, left + spec.size, top + spec.size))
+    scaled = np.asarray(cropped, dtype=np.float32) / np.float32(255.0)  # (H, W, 3) in [0, 1]
     normalised = (scaled - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32)  # (3, H, W)
 
 
-def encode_images(spec: ImageSpec, images: Sequence[Image.Image]) -> np.ndarray:
-    batch = np.stack([preprocess_image(image, spec) for image in images])  # (N, 3, size, size)
-    features = spec.session.run([spec.output_name], {spec.input_name: batch})[0]
-    return np.asarray(features, dtype=np.float32).reshape(len(images), -1)
+def _resized_rgb(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image.convert("RGB").resize(size, BILINEAR)``, pixel for pixel, without a full-size RGB copy: Pillow
+    resamples each 8-bit band alone with the same weights, so RGB bands of an RGBA image (what convert keeps) and
+    the grey band of an L image (which convert repeats) can be resized first (tests/service/test_service_limits.py)."""
+    bilinear = Image.Resampling.BILINEAR
+    if image.mode == "RGB":
+        return image.resize(size, bilinear)
+    if image.mode in ("RGBA", "RGBX"):
+        return Image.merge("RGB", [image.getchannel(band).resize(size, bilinear) for band in "RGB"])
+    if image.mode in ("L", "LA"):
+        return image.getchannel("L").resize(size, bilinear).convert("RGB")
+    return image.convert("RGB").resize(size, bilinear)  # palette, CMYK, 1-bit, 16/32-bit: convert's own rules
+
+
+class ImageEncoder:
+    """Opened images -> features, ``chunk_size`` images per onnxruntime run, each decoded only for its chunk."""
+
+    def __init__(self, spec: ImageSpec, *, chunk_size: int) -> None:
+        self.spec = spec
+        self.chunk_size = chunk_size
+        self.run_options = shrinking_run_options()
+
+    def encode(self, images: Sequence[Image.Image], *, prefixes: Sequence[str] | None = None) -> np.ndarray:
+        """Returns float32 (N, d). An image that does not decode raises :class:`InvalidInput`, its message
+        starting with ``prefixes[i]`` (where the caller has it: ``items[3]: ``)."""
+        out: list[np.ndarray] = []
+        for chunk in _chunks(len(images), self.chunk_size):
+            batch = np.stack([self._pixels(images[i], prefixes[i] if prefixes else "") for i in chunk])  # (n, 3, S, S)
+            out.append(self.run(batch))
+        return np.concatenate(out)
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        features = self.spec.session.run([self.spec.output_name], {self.spec.input_name: pixels}, self.run_options)[0]
+        return np.asarray(features, dtype=np.float32).reshape(len(pixels), -1)
+
+    def _pixels(self, image: Image.Image, prefix: str) -> np.ndarray:
+        try:
+            return image_pixels(image, self.spec)
+        except InvalidInput as exc:
+            raise InvalidInput(prefix + exc.message) from exc
 
 
 # --- text ----------------------------------------------------------------------------------------------------
 
 
 class TextEncoder:
-    """Tokenise (truncating to ``max_length``; padding as the tokenizer file says, else to the longest text) and
-    run the sentence-embedding graph."""
+    """Tokenise (truncating to ``max_length``), then run the sentence-embedding graph chunk by chunk (at most
+    ``chunk_size * max_length`` padded tokens a run), texts of similar length together, each chunk padded to its
+    longest text."""
 
-    def __init__(self, spec: TextSpec) -> None:
+    def __init__(self, spec: TextSpec, *, chunk_size: int) -> None:
         self.spec = spec
-        # A private copy: truncation is tokenizer state, and the bundle's tokenizer may be shared.
+        self.chunk_size = chunk_size
+        self.run_options = shrinking_run_options()
+        # A private copy: truncation and padding are tokenizer state, and the bundle's tokenizer may be shared.
         self.tokenizer = Tokenizer.from_str(spec.tokenizer.to_str())
         self.tokenizer.enable_truncation(spec.max_length)
         padding = self.tokenizer.padding
         self.pad_id = int(padding["pad_id"]) if padding else 0
+        self.tokenizer.no_padding()  # each chunk is padded here, to its own longest text
         types = {i.name: i.type for i in spec.session.get_inputs()}
         self.dtypes = {name: np.int32 if types.get(name) == "tensor(int32)" else np.int64 for name in spec.input_names}
         unknown = [n for n in spec.input_names if n not in ("input_ids", "attention_mask", "token_type_ids")]
         if unknown:
             raise BundleError(f"text encoder input {unknown[0]!r} is not one of input_ids, attention_mask, token_type_ids")
 
+    def tokenize(self, texts: Sequence[str]) -> list[Encoding]:
+        """Token ids of each text, truncated to ``max_length``: ``len(encoding.ids)`` is what the graph runs on."""
+        return list(self.tokenizer.encode_batch(list(texts)))
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(list(texts))
+        return self.run(self.tokenize(texts))
+
+    def run(self, encodings: Sequence[Encoding]) -> np.ndarray:
+        """Returns float32 (N, d) in the order of ``encodings``."""
+        out: np.ndarray | None = None
+        for rows in self._chunks(encodings):
+            vectors = self._run_chunk([encodings[r] for r in rows])
+            if out is None:
+                out = np.empty((len(encodings), vectors.shape[1]), dtype=np.float32)
+            out[rows] = vectors
+        assert out is not None, "run() needs at least one text"
+        return out
+
+    def _chunks(self, encodings: Sequence[Encoding]) -> Iterator[list[int]]:
+        """Rows by increasing length, a chunk holding at most the padded tokens of ``chunk_size`` full-length texts
+        (``chunk_size * max_length``): many short texts share a run, long ones take ``chunk_size`` each."""
+        budget = self.chunk_size * self.spec.max_length
+        chunk: list[int] = []
+        for row in sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids)):
+            if chunk and (len(chunk) + 1) * max(1, len(encodings[row].ids)) > budget:
+                yield chunk
+                chunk = []
+            chunk.append(row)
+        if chunk:
+            yield chunk
+
+    def _run_chunk(self, encodings: Sequence[Encoding]) -> np.ndarray:
         length = max(1, max(len(e.ids) for e in encodings))
         arrays = {
-            "input_ids": np.full((len(texts), length), self.pad_id, dtype=np.int64),
-            "attention_mask": np.zeros((len(texts), length), dtype=np.int64),
-            "token_type_ids": np.zeros((len(texts), length), dtype=np.int64),
+            "input_ids": np.full((len(encodings), length), self.pad_id, dtype=np.int64),
+            "attention_mask": np.zeros((len(encodings), length), dtype=np.int64),
+            "token_type_ids": np.zeros((len(encodings), length), dtype=np.int64),
         }
         for row, enc in enumerate(encodings):
             n = len(enc.ids)
@@ -126,8 +285,8 @@ class TextEncoder:
             arrays["attention_mask"][row, :n] = enc.attention_mask
             arrays["token_type_ids"][row, :n] = enc.type_ids
         feeds = {name: arrays[name].astype(self.dtypes[name]) for name in self.spec.input_names}
-        output = self.spec.session.run([self.spec.output_name], feeds)[0]
-        return np.asarray(output, dtype=np.float32).reshape(len(texts), -1)
+        output = self.spec.session.run([self.spec.output_name], feeds, self.run_options)[0]
+        return np.asarray(output, dtype=np.float32).reshape(len(encodings), -1)
 
 
 # --- the item encoder ----------------------------------------------------------------------------------------
@@ -136,28 +295,45 @@ class TextEncoder:
 class ItemEncoder:
     """Content -> item vector in the bundle's space, per the manifest's ``item_encoder`` (docs/bundle-format.md)."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, *, limits: EncodingLimits) -> None:
         self.bundle = bundle
+        self.limits = limits
         self.spec = bundle.item_encoder
+        self.run_options = shrinking_run_options()
+        self.encoding = threading.BoundedSemaphore(limits.max_concurrent_encodes)  # held while tokenising and decoding
         text, image = bundle.text_modality, bundle.image_modality
         self.text_modality = text.name if text else None
         self.image_modality = image.name if image else None
-        self.text_encoder = TextEncoder(text.text) if text and text.text else None
+        chunk = limits.encode_chunk_size
+        self.text_encoder = TextEncoder(text.text, chunk_size=chunk) if text and text.text else None
+        self.image_encoder = ImageEncoder(image.image, chunk_size=chunk) if image and image.image else None
         self._self_check()
 
     def encode(self, contents: Sequence[ItemContent]) -> list[EncodedItem]:
-        """Validate and encode a batch; :class:`InvalidInput` names the item (by position) and the problem."""
+        """Validate and encode a batch; :class:`InvalidInput` (422) names the item (by position) and the problem,
+        :class:`RequestTooLarge` (413) the request-wide limit. Every check that needs no decoding or tokenising
+        runs before any of it; then at most ``max_concurrent_encodes`` requests tokenise, decode and encode at once.
+        Nothing is encoded before the text limits have passed."""
         if self.spec is None:
             raise InvalidInput(
                 f"bundle {self.bundle.version} has no item encoder (model trained without content features): "
                 "it cannot ingest new items"
             )
         features = [self._given_features(c, position=i, batch=len(contents)) for i, c in enumerate(contents)]
-        self._encode_texts(contents, features)
-        self._encode_images(contents, features)
-        for i, f in enumerate(features):
-            if not f:
+        for i, (content, given) in enumerate(zip(contents, features, strict=True)):
+            if not given and content.text is None and content.image_base64 is None:
                 raise InvalidInput(f"{_where(i, len(contents))}item has no content: give text, image_base64 or features")
+        text_rows = self._check_texts(contents)
+        image_rows, images = self._open_images(contents)
+        with self.encoding, _releasing_memory():
+            if text_rows and self.text_encoder is not None and self.text_modality is not None:
+                encodings = self._tokenize([contents[i].text or "" for i in text_rows])
+                for i, vector in zip(text_rows, self.text_encoder.run(encodings), strict=True):
+                    features[i][self.text_modality] = vector
+            if images and self.image_encoder is not None and self.image_modality is not None:
+                encoded = self.image_encoder.encode(images, prefixes=[_where(i, len(contents)) for i in image_rows])
+                for i, vector in zip(image_rows, encoded, strict=True):
+                    features[i][self.image_modality] = vector
         vectors, extras = self.run(features)
         for i, vector in enumerate(vectors):
             if not np.isfinite(vector).all() or float(np.linalg.norm(vector)) > MAX_VECTOR_NORM:
@@ -178,7 +354,7 @@ class ItemEncoder:
                 zeros = np.zeros(dim, dtype=np.float32)
                 feeds[inp.name] = np.stack([f.get(inp.modality, zeros) for f in features]).astype(np.float32)
         names = [self.spec.vector_output, *self.spec.extra_outputs]
-        outputs = self.spec.session.run(names, feeds)
+        outputs = self.spec.session.run(names, feeds, self.run_options)
         vectors = np.asarray(outputs[0], dtype=np.float32).reshape(n, -1)
         extras: list[dict[str, Any]] = [{} for _ in range(n)]
         for (name, field), out in zip(self.spec.extra_outputs.items(), outputs[1:], strict=True):
@@ -212,27 +388,57 @@ class ItemEncoder:
             raise InvalidInput(f"{where}give either image_base64 or features.{self.image_modality}, not both")
         return features
 
-    def _encode_texts(self, contents: Sequence[ItemContent], features: list[dict[str, np.ndarray]]) -> None:
+    def _check_texts(self, contents: Sequence[ItemContent]) -> list[int]:
+        """Rows with text, after the character limits (per text: 422; per request: 413)."""
         rows = [i for i, c in enumerate(contents) if c.text is not None]
-        if not rows or self.text_encoder is None or self.text_modality is None:
-            return
-        encoded = self.text_encoder.encode([contents[i].text or "" for i in rows])
-        for i, vector in zip(rows, encoded, strict=True):
-            features[i][self.text_modality] = vector
+        limits, total = self.limits, 0
+        for i in rows:
+            chars = len(contents[i].text or "")
+            if chars > limits.max_text_chars:
+                raise InvalidInput(
+                    f"{_where(i, len(contents))}text has {chars} characters, above max_text_chars={limits.max_text_chars}"
+                )
+            total += chars
+        if total > limits.max_request_text_chars:
+            raise RequestTooLarge(
+                f"the texts of this request have {total} characters together, "
+                f"above max_request_text_chars={limits.max_request_text_chars}"
+            )
+        return rows
 
-    def _encode_images(self, contents: Sequence[ItemContent], features: list[dict[str, np.ndarray]]) -> None:
-        image = self.bundle.image_modality
+    def _open_images(self, contents: Sequence[ItemContent]) -> tuple[list[int], list[Image.Image]]:
+        """Rows with an image and the opened (undecoded) images, after the size limits: per image from its header
+        (422), then per request (413)."""
         rows = [i for i, c in enumerate(contents) if c.image_base64 is not None]
-        if not rows or image is None or image.image is None:
-            return
-        images = []
+        limits = self.limits
+        if not rows or self.image_encoder is None:  # without an image encoder, _given_features refused image_base64
+            return [], []
+        if len(rows) > limits.max_request_images:
+            raise RequestTooLarge(f"this request has {len(rows)} images, above max_request_images={limits.max_request_images}")
+        images: list[Image.Image] = []
         for i in rows:
             try:
-                images.append(decode_image(contents[i].image_base64 or ""))
+                images.append(open_image(contents[i].image_base64 or "", limits))
             except InvalidInput as exc:
                 raise InvalidInput(_where(i, len(contents)) + exc.message) from exc
-        for i, vector in zip(rows, encode_images(image.image, images), strict=True):
-            features[i][image.name] = vector
+        total = sum(image.size[0] * image.size[1] for image in images)
+        if total > limits.max_request_pixels:
+            raise RequestTooLarge(
+                f"the images of this request have {total} pixels together, above max_request_pixels={limits.max_request_pixels}"
+            )
+        return rows, images
+
+    def _tokenize(self, texts: Sequence[str]) -> list[Encoding]:
+        """Token ids of each text (truncated to the bundle's max_length), after the request's token limit (413)."""
+        assert self.text_encoder is not None
+        encodings = self.text_encoder.tokenize(texts)
+        tokens = sum(len(e.ids) for e in encodings)
+        if tokens > self.limits.max_request_tokens:
+            raise RequestTooLarge(
+                f"the texts of this request are {tokens} tokens together (each truncated to "
+                f"{self.text_encoder.spec.max_length}), above max_request_tokens={self.limits.max_request_tokens}"
+            )
+        return encodings
 
     def _self_check(self) -> None:
         """Run each graph once on dummy input so a bundle with wrong output shapes fails at load, not per request."""
@@ -240,9 +446,9 @@ class ItemEncoder:
         for modality in self.bundle.modalities.values():
             if modality.text is not None and self.text_encoder is not None:
                 probe[modality.name] = self.text_encoder.encode(["probe"])[0]
-            elif modality.image is not None:
+            elif modality.image is not None and self.image_encoder is not None:
                 blank = Image.new("RGB", (modality.image.resize, modality.image.resize))
-                probe[modality.name] = encode_images(modality.image, [blank])[0]
+                probe[modality.name] = self.image_encoder.run(preprocess_image(blank, modality.image)[None])[0]
             else:
                 probe[modality.name] = np.zeros(modality.dim, dtype=np.float32)
             if probe[modality.name].shape != (modality.dim,):
@@ -254,6 +460,14 @@ class ItemEncoder:
         vectors, _ = self.run([probe])
         if vectors.shape != (1, self.bundle.dim):
             raise BundleError(f"item encoder: output {self.spec.vector_output} has shape {vectors.shape}, expected (N, {self.bundle.dim})")
+
+
+@contextlib.contextmanager
+def _releasing_memory() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        release_free_memory()
 
 
 def _where(position: int, batch: int) -> str:

@@ -44,3 +44,9 @@ class Forbidden(ServiceError):
     """A valid API key without the scope the endpoint needs."""
 
     status_code = 403
+
+
+class RequestTooLarge(ServiceError):
+    """The request as a whole costs more than a limit allows (items, pixels, characters or tokens per request)."""
+
+    status_code = 413

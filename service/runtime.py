@@ -32,7 +32,7 @@ from service.catalogue_store import (
     StoreSnapshot,
 )
 from service.changes import ChangeFollower
-from service.encoding import ItemEncoder
+from service.encoding import EncodingLimits, ItemEncoder
 from service.errors import Conflict, Unavailable
 from service.events import EventStore, RedisEventStore, SqliteEventStore
 from service.metrics import Metrics
@@ -57,7 +57,7 @@ class Engine:
     @classmethod
     def open(cls, settings: ServiceSettings, plan: DevicePlan, batcher: SearchBatcher) -> Engine:
         bundle = load_bundle(settings.bundle_dir, plan=plan, verify_hashes=settings.verify_hashes)
-        return cls.on(bundle, ItemEncoder(bundle), batcher)
+        return cls.on(bundle, ItemEncoder(bundle, limits=EncodingLimits.from_settings(settings)), batcher)
 
     @classmethod
     def on(cls, bundle: Bundle, encoder: ItemEncoder, batcher: SearchBatcher) -> Engine:

@@ -71,7 +71,7 @@ class ItemCreate(_Request):
     id: NewItemId = Field(description="New, unique item id (no '/', no control characters, not '.' or '..').")
     text: str | None = Field(default=None, max_length=100_000, description="Encoded by the bundle's text encoder.")
     image_base64: str | None = Field(
-        default=None, description="An image file (JPEG, PNG, ...) in base64, or a data: URL; encoded by the image encoder."
+        default=None, description="An image file (JPEG, PNG, WebP or GIF) in base64, or a data: URL; encoded by the image encoder."
     )
     features: dict[str, list[FeatureValue]] = Field(
         default_factory=dict, description="Precomputed modality features: {modality: [d_m floats]}, see /v1/models."

@@ -238,3 +238,43 @@ class ServiceSettings(BaseSettings):
         description="Failed authentications (missing or unknown key where one is needed) per client address; past "
         "it, every request of that client that presents or needs a key answers 429 until the window frees up.",
     )
+    # --- limits: what one POST /v1/items may cost (service/encoding.py; the defaults and their measurements are in
+    # service/README.md, "Limits"). Per-item limits answer 422, per-request totals 413; every message names its setting.
+    max_text_chars: int = Field(
+        default=20_000, ge=1, le=100_000,  # le: the request schema's own bound on a text
+        description="Characters in one item's text (the text encoder reads its first max_length tokens only).",
+    )
+    max_request_text_chars: int = Field(
+        default=500_000, ge=1, description="Characters of all texts of one request together (bounds tokenisation)."
+    )
+    max_request_tokens: int = Field(
+        default=2048, ge=1,
+        description="Tokens the text encoder runs on for one request, summed over its texts after truncation to the "
+        "bundle's max_length (bounds the text encoder's time).",
+    )
+    max_image_side: int = Field(default=8192, ge=1, description="Longest side of an image, in pixels.")
+    max_image_aspect_ratio: float = Field(
+        default=20.0, ge=1.0, description="Longer side over shorter side of an image (a 1x10000 strip is refused)."
+    )
+    max_image_pixels: int = Field(
+        default=25_000_000, ge=1, le=89_478_485,  # le: Pillow's Image.MAX_IMAGE_PIXELS, above which it warns or refuses
+        description="Pixels of one image (width x height), checked from its header before decoding: bounds the "
+        "decoded buffer (up to 4 bytes a pixel, plus an RGB copy).",
+    )
+    max_request_pixels: int = Field(
+        default=50_000_000, ge=1, description="Pixels of all images of one request together (bounds decoding time)."
+    )
+    max_request_images: int = Field(
+        default=16, ge=1, description="Images in one request (bounds the image encoder's time)."
+    )
+    encode_chunk_size: int = Field(
+        default=4, ge=1,
+        description="Images, or full-length texts, per onnxruntime run (shorter texts share a run up to the same "
+        "number of tokens): a request is encoded chunk by chunk, so the encoders' working memory is bounded by this, "
+        "not by the batch.",
+    )
+    max_concurrent_encodes: int = Field(
+        default=1, ge=1,
+        description="Requests encoding content at the same time; more wait their turn (each onnxruntime run already "
+        "uses every core, so this bounds memory without costing throughput).",
+    )

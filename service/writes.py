@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from service.bundle import BundleError
 from service.catalogue import Catalogue, StoredItem, describe_stored
 from service.encoding import ItemContent
-from service.errors import Conflict, InvalidInput
+from service.errors import Conflict, InvalidInput, RequestTooLarge
 from service.events import Event
 from service.reads import item_public
 from service.redis_pool import RedisDown
@@ -29,7 +29,7 @@ def ingest_items(runtime: Runtime, items: Sequence[ItemCreate]) -> list[ItemPubl
     if not items:
         raise InvalidInput("empty batch: send at least one item")
     if len(items) > runtime.settings.max_batch_items:
-        raise InvalidInput(f"batch has {len(items)} items, at most {runtime.settings.max_batch_items} are accepted")
+        raise RequestTooLarge(f"batch has {len(items)} items, above max_batch_items={runtime.settings.max_batch_items}")
     ids = [item.id for item in items]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:

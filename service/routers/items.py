@@ -34,8 +34,11 @@ ItemsBody = Annotated[
         400, 401, 403, 409, 413, 422, 429, 503,
         described={
             409: "An id exists already (nothing was stored).",
+            413: "Body larger than max_body_bytes; more items, characters, tokens, images or pixels than the request "
+            "limits allow (service/README.md, Limits).",
             422: "Breaks the schema, or what the schema cannot say: the same id twice in a batch, an image that "
-            "does not decode, features that give a non-finite or huge item vector, a bundle without item encoder.",
+            "does not decode, a text or image over its limit, features that give a non-finite or huge item vector, "
+            "a bundle without item encoder.",
         },
     ),
 )  # fmt: skip

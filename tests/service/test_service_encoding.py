@@ -11,20 +11,29 @@ from bundle_factory import IMAGE_MEAN, IMAGE_STD, SyntheticBundle
 from PIL import Image
 
 from service.bundle import ImageSpec, load_bundle, plan_device
-from service.encoding import ItemContent, ItemEncoder, decode_image, preprocess_image
+from service.encoding import (
+    EncodingLimits,
+    ItemContent,
+    ItemEncoder,
+    image_pixels,
+    open_image,
+    preprocess_image,
+)
 from service.errors import InvalidInput
+from service.settings import ServiceSettings
 
 TOLERANCE = 1e-5  # float32 graphs vs float32/64 numpy
+LIMITS = EncodingLimits.from_settings(ServiceSettings(bundle_dir="unused"))  # the defaults
 
 
 @pytest.fixture(scope="module")
 def content_encoder(content_bundle: SyntheticBundle) -> ItemEncoder:
-    return ItemEncoder(load_bundle(content_bundle.path, plan=plan_device("cpu")))
+    return ItemEncoder(load_bundle(content_bundle.path, plan=plan_device("cpu")), limits=LIMITS)
 
 
 @pytest.fixture(scope="module")
 def features_encoder(features_bundle: SyntheticBundle) -> ItemEncoder:
-    return ItemEncoder(load_bundle(features_bundle.path, plan=plan_device("cpu")))
+    return ItemEncoder(load_bundle(features_bundle.path, plan=plan_device("cpu")), limits=LIMITS)
 
 
 def _png(image: Image.Image) -> str:
@@ -116,16 +125,18 @@ def test_item_encoder_reproduces_trained_item_vectors(features_encoder: ItemEnco
         (_png(Image.new("RGB", (4, 4)))[:40], "image_base64: not a readable image"),  # truncated
     ],
 )
-def test_decode_image_refuses_unreadable_input(payload: str, message: str) -> None:
+def test_open_image_refuses_unreadable_input(payload: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
-        decode_image(payload)
+        open_image(payload, LIMITS)
 
 
-def test_decode_image_accepts_a_data_url() -> None:
-    image = decode_image("data:image/png;base64," + _png(Image.new("RGB", (5, 3), (1, 2, 3))))
+def test_truncated_image_is_refused_when_decoded(content_encoder: ItemEncoder) -> None:
+    noise = Image.fromarray(np.random.default_rng(5).integers(0, 256, size=(64, 64, 3), dtype=np.uint8))
+    image = open_image(_png(noise)[:400], LIMITS)  # the header is intact, the pixels are not
+    with pytest.raises(InvalidInput, match="image_base64: not a readable image"):
+        image_pixels(image, _spec(content_encoder))
+
+
+def test_open_image_accepts_a_data_url() -> None:
+    image = open_image("data:image/png;base64," + _png(Image.new("RGB", (5, 3), (1, 2, 3))), LIMITS)
     assert image.size == (5, 3)
-
-
-def test_decode_image_refuses_too_many_pixels() -> None:
-    with pytest.raises(InvalidInput, match="image_base64: image is 7000x7000, more than 40000000 pixels"):
-        decode_image(_png(Image.new("1", (7000, 7000))))

@@ -66,7 +66,7 @@ def test_unreadable_image_is_422_naming_the_field(make_settings: Callable[..., S
     with serve(make_settings(bundle_dir=content_bundle.path)) as client:
         response = client.post("/v1/items", json={"id": "x", "image_base64": "aGVsbG8gd29ybGQ="})
         assert response.status_code == 422
-        assert response.json()["detail"] == "image_base64: not a readable image (unknown or unsupported image format)"
+        assert response.json()["detail"] == "image_base64: not a readable image (accepted formats: JPEG, PNG, WebP, GIF)"
         response = client.post("/v1/items", json={"id": "x", "text": "dog", "features": {"text": [0.0] * 10}})
         assert response.status_code == 422
         assert response.json()["detail"] == "give either text or features.text, not both"
@@ -87,12 +87,12 @@ def test_oversized_chunked_body_is_413(make_settings: Callable[..., ServiceSetti
         assert "more than max_body_bytes (4096 bytes)" in response.json()["detail"]
 
 
-def test_batch_larger_than_max_batch_items_is_422(make_settings: Callable[..., ServiceSettings], serve: Serve) -> None:
+def test_batch_larger_than_max_batch_items_is_413(make_settings: Callable[..., ServiceSettings], serve: Serve) -> None:
     with serve(make_settings(max_batch_items=2)) as client:
         batch = [{"id": f"b{n}", "features": {"tags": TAGS}} for n in range(3)]
         response = client.post("/v1/items", json=batch)
-        assert response.status_code == 422
-        assert response.json()["detail"] == "batch has 3 items, at most 2 are accepted"
+        assert response.status_code == 413
+        assert response.json()["detail"] == "batch has 3 items, above max_batch_items=2"
 
 
 def test_ingest_into_a_bundle_without_item_encoder_is_422(make_settings: Callable[..., ServiceSettings], serve: Serve, tmp_path: Any) -> None:
