@@ -529,6 +529,9 @@ def _read_index(
     ef_search = (spec.get("params") or {}).get("efSearch")
     if ef_search is not None and hasattr(inner, "hnsw"):
         inner.hnsw.efSearch = int(ef_search)
+    nprobe = (spec.get("params") or {}).get("nprobe")
+    if nprobe is not None and hasattr(inner, "nprobe"):
+        inner.nprobe = int(nprobe)
     if plan.faiss_gpu:
         try:
             return faiss.index_cpu_to_all_gpus(index), index_type, True
