@@ -74,13 +74,14 @@ def run_wrk(server: Server, *, ids_file: Path, path_template: str, connections: 
     seconds = stats["duration_us"] / 1e6
     wrk_cpu = (children_after.ru_utime - children_before.ru_utime) + (children_after.ru_stime - children_before.ru_stime)
     errors = stats["errors"]
-    latency = {key: value / 1000 for key, value in stats["latency_us"].items()}  # ms
+    # ms; wrk reports zeros when nothing completed
+    latency = {key: value / 1000 if requests else None for key, value in stats["latency_us"].items()}
     result: dict[str, Any] = {
         "connections": connections,
         "requests": requests,
         "seconds": round(seconds, 3),
         "req_per_s": round(requests / seconds, 1) if seconds else 0.0,
-        "latency_ms": {key: round(value, 3) for key, value in latency.items()},
+        "latency_ms": {key: None if value is None else round(value, 3) for key, value in latency.items()},
         "errors": errors,
         "failed": int(sum(errors.values())),
         "server_cpu_s": round(server_cpu, 3),

@@ -94,7 +94,10 @@ def _goals(results: dict[str, Any]) -> list[str]:
         rows += [
             ("ingestion (text + image) at c=8, vs 48 items/s when filed",
              f"{_ratio(ingest['c8_items_per_s'], ISSUE_INGEST_C8)} ({_n(ingest['c8_items_per_s'], 1)} items/s)", "≥ 3×"),
-            ("POST → recommendable (listed), p99", f"{_n(ingest['listed_p99_ms'], 1)} ms", "≤ 100 ms"),
+            ("POST → recommendable, p99: served by /similar; in a matching user's list",
+             f"{_n(ingest['visible_p99_ms'], 1)} ms; {_n(ingest['listed_p99_ms'], 1)} ms "
+             f"({_n(ingest['items_with_a_matching_user'])} of {_n(ingest['recommendable_items'])} items have such a user)",
+             "≤ 100 ms"),
         ]  # fmt: skip
     start = summary["starts"].get(size, {}).get("service", {})
     bundle = results["bundles"].get(f"{size}-exact", {})
@@ -188,8 +191,9 @@ def _ingestion_table(results: dict[str, Any]) -> list[str]:
         f"| items/s at c=8 (p50 / p99 ms) | {_n(s['c8_items_per_s'], 1)} ({_n(s['c8_p50_ms'], 1)} / {_n(s['c8_p99_ms'], 1)}) |",
         f"| server CPU per item (ms) | {_n(s['cpu_ms_per_item'], 1)} |",
         f"| POST start → served by /similar, p50 / p99 (ms) | {_n(s['visible_p50_ms'], 1)} / {_n(s['visible_p99_ms'], 1)} |",
-        f"| POST start → in its own history's list (k = max_k), p50 / p99 (ms) | {_n(s['listed_p50_ms'], 1)} / {_n(s['listed_p99_ms'], 1)} |",
-        f"| share of items in that list within 2 s | {_n(s['listed_share'], 2)} |",
+        f"| POST start → in its matching user's top-100 list, p50 / p99 (ms) | {_n(s['listed_p50_ms'], 1)} / {_n(s['listed_p99_ms'], 1)} |",
+        f"| items timed / with a matching user / not listed within 2 s | {_n(s['recommendable_items'])} / "
+        f"{_n(s['items_with_a_matching_user'])} / {_n(s['not_listed_within_deadline'])} |",
         f"| start-up (s) / peak RSS (MiB) | {_n(s['startup_s'], 2)} / {_n(s['peak_rss_mib'])} |",
         "",
     ]  # fmt: skip

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -52,7 +53,6 @@ from bench.load import run_wrk, write_ids, wrk_binary
 from bench.processes import Server, free_port
 from bench.report import render_markdown, render_plot
 from bench.synthetic_bundle import SyntheticSpec, ensure_bundle
-from service.settings import ServiceSettings
 from training.item_index import IndexConfig, recall_at_k
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +61,7 @@ PATH_TEMPLATE = f"/v1/users/{{id}}/recommendations?k={K}"
 UNCACHED_TTL_S = "0.001"
 CACHED_TTL_S = "3600"
 HOT_USERS = 256
+LISTED_K = 100  # the service's default max_k: the longest list a new item can be looked for in
 SIZES = {"100k": 100_000, "1m": 1_000_000}
 
 
@@ -217,13 +218,18 @@ class Suite:
                 self.warm_cache(server, ids)
             run_wrk(server, ids_file=ids, path_template=PATH_TEMPLATE, connections=8, duration_s=self.args.warmup,
                     offset=random.randrange(1 << 30))  # fmt: skip
+            rate = None
             for connections in self.args.concurrency:
                 result = run_wrk(server, ids_file=ids, path_template=PATH_TEMPLATE, connections=connections,
-                                 duration_s=self.args.duration, offset=random.randrange(1 << 30))  # fmt: skip
+                                 duration_s=point_seconds(self.args.duration, connections, rate),
+                                 offset=random.randrange(1 << 30))  # fmt: skip
+                rate = result["req_per_s"] or rate
                 self.results["runs"].append({"size": size, "variant": variant.name, "rep": rep, **result})
-                print(f"    c={connections:>3}: {result['req_per_s']:>8.1f} req/s  p50 {result['latency_ms']['p50']:>8.2f} ms"
-                      f"  p99 {result['latency_ms']['p99']:>8.2f} ms  cpu/req {result['server_cpu_ms_per_req']} ms"
-                      f"  failed {result['failed']}  hit {result.get('cache_hit_rate')}", flush=True)  # fmt: skip
+                latency = result["latency_ms"]
+                print(f"    c={connections:>3} ({result['seconds']:.0f} s): {result['req_per_s']:>8.1f} req/s  "
+                      f"p50 {latency['p50']} ms  p99 {latency['p99']} ms  cpu/req {result['server_cpu_ms_per_req']} ms  "
+                      f"failed {result['failed']}  hit {result.get('cache_hit_rate')}  other cpu {result['other_cpu_cores']}",
+                      flush=True)  # fmt: skip
             if check_recall and variant.kind == "service" and not variant.cached and not variant.redis:
                 self.results["recall"].append(self.measure_recall(server, bundle, size=size, variant=variant.name))
             start_record["peak_rss_mib"] = _mib(server.peak_rss_kib())
@@ -268,7 +274,7 @@ class Suite:
     # --- ingestion ---
 
     def bench_ingestion(self) -> None:
-        from bench.ingestion import ingestion_content, run_ingestion, run_recommendable
+        from bench.ingestion import ingestion_content, matching_users, run_ingestion, run_recommendable
 
         bundle = Path(self.args.real_bundle).resolve()
         manifest = json.loads((bundle / "manifest.json").read_text())
@@ -278,6 +284,7 @@ class Suite:
             return
         single, concurrent = (int(x) for x in self.args.ingest_items.split(","))
         content, source = ingestion_content(single + concurrent + self.args.recommendable)
+        matches = matching_users(bundle, content[single + concurrent :], k=LISTED_K)
         variant = Variant("service-ingest", "service, ingestion (embedded)", "service", cached=True)
         for rep in range(self.args.reps):
             server, context = self.server_for(variant, bundle, f"real-r{rep}")
@@ -294,9 +301,8 @@ class Suite:
                                              id_prefix=f"{tag}-b")  # fmt: skip
                 created = record["c1"]["created"] + record["c8"]["created"]
                 record["server_cpu_ms_per_item"] = round(1000 * (server.cpu_seconds() - cpu) / created, 2) if created else None
-                max_k = int(ServiceSettings.model_fields["max_k"].default)  # the server runs with the default
-                record["recommendable"] = run_recommendable(server.url, content[single + concurrent :],
-                                                            id_prefix=f"{tag}-c", k=max_k)  # fmt: skip
+                record["recommendable"] = run_recommendable(server.url, content[single + concurrent :], matches,
+                                                            id_prefix=f"{tag}-c", k=LISTED_K)  # fmt: skip
                 record["peak_rss_mib"] = _mib(server.peak_rss_kib())
                 print(f"    c=1 {record['c1']['items_per_s']} items/s, c=8 {record['c8']['items_per_s']} items/s, "
                       f"listed p99 {record['recommendable']['listed_ms']['p99']} ms", flush=True)  # fmt: skip
@@ -355,6 +361,15 @@ class Suite:
                          "uncached_ttl_s": float(UNCACHED_TTL_S), "hot_users": HOT_USERS,
                          "redis": self.args.redis_url if self.redis_ok else None},  # fmt: skip
         }
+
+
+def point_seconds(duration: int, connections: int, rate: float | None) -> int:
+    """The measured seconds of a point: ``duration``, stretched (up to 5×) so that a closed loop of
+    ``connections`` at the rate of the previous point completes each connection's request about 3 times: a slow
+    server at c = 64 would otherwise finish nothing in a few seconds."""
+    if not rate:
+        return duration
+    return int(min(5 * duration, max(duration, math.ceil(3 * connections / rate))))
 
 
 def _mib(kib: int | None) -> float | None:
@@ -422,7 +437,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             "visible_p99_ms": _median([r["recommendable"]["visible_ms"]["p99"] for r in ok_ingest]),
             "listed_p50_ms": _median([r["recommendable"]["listed_ms"]["p50"] for r in ok_ingest]),
             "listed_p99_ms": _median([r["recommendable"]["listed_ms"]["p99"] for r in ok_ingest]),
-            "listed_share": _median([r["recommendable"]["listed_share"] for r in ok_ingest]),
+            "items_with_a_matching_user": _median([r["recommendable"]["items_with_a_matching_user"] for r in ok_ingest]),
+            "not_listed_within_deadline": _median([r["recommendable"]["not_listed_within_deadline"] for r in ok_ingest]),
+            "recommendable_items": _median([r["recommendable"]["items"] for r in ok_ingest]),
             "startup_s": _median([r["startup_s"] for r in ok_ingest]),
             "peak_rss_mib": _median([r["peak_rss_mib"] for r in ok_ingest]),
         }
