@@ -19,6 +19,8 @@ What runs (every server a separate process started here, loaded by ``wrk`` in it
   req/s, p50/p99 latency, server CPU ms per request (``/proc/<pid>/stat``), other CPU on the host meanwhile;
 - start-up time to ``/readyz`` and RSS (at ready, and peak ``VmHWM`` after the load) of every server started;
 - recall@20 of each service bundle against exact numpy search, through the API (``exclude_seen=false``);
+- a ``py-spy --native`` profile of every non-floor variant in the first repetition, at its best concurrency, as an
+  extra unrecorded point (``bench/profiling.py``; skipped with ``--no-profile`` or without py-spy);
 - with ``--real-bundle`` (a bundle with text and image encoders): ingestion items/s at c=1 and c=8 and time from
   POST to recommendable (``bench/ingestion.py``); skipped with a note otherwise.
 
@@ -51,6 +53,8 @@ import numpy as np
 
 from bench.load import run_wrk, write_ids, wrk_binary
 from bench.processes import Server, free_port
+from bench.profiling import start_recording
+from bench.profiling import summarise as summarise_profile
 from bench.report import render_markdown, render_plot
 from bench.synthetic_bundle import SyntheticSpec, ensure_bundle
 from training.item_index import IndexConfig, recall_at_k
@@ -110,8 +114,8 @@ class Suite:
         self.args = args
         self.work = Path(args.work_dir).resolve()
         self.logs = self.work / "logs"
-        self.results: dict[str, Any] = {"runs": [], "starts": [], "recall": [], "ingestion": [], "notes": [],
-                                        "bundles": {}}  # fmt: skip
+        self.results: dict[str, Any] = {"runs": [], "starts": [], "recall": [], "ingestion": [], "profiles": [],
+                                        "notes": [], "bundles": {}}  # fmt: skip
         self.redis_ok = self._redis_answers() if args.redis_url else False
 
     # --- set-up ---
@@ -230,6 +234,8 @@ class Suite:
                       f"p50 {latency['p50']} ms  p99 {latency['p99']} ms  cpu/req {result['server_cpu_ms_per_req']} ms  "
                       f"failed {result['failed']}  hit {result.get('cache_hit_rate')}  other cpu {result['other_cpu_cores']}",
                       flush=True)  # fmt: skip
+            if self.args.profile and rep == 0 and variant.kind != "floor":
+                self.profile(server, ids, size=size, variant=variant.name)
             if check_recall and variant.kind == "service" and not variant.cached and not variant.redis:
                 self.results["recall"].append(self.measure_recall(server, bundle, size=size, variant=variant.name))
             start_record["peak_rss_mib"] = _mib(server.peak_rss_kib())
@@ -241,6 +247,25 @@ class Suite:
             start_record["notes"] = server.notes
             self.cleanup(context)
             self.results["starts"].append(start_record)
+
+    def profile(self, server: Server, ids: Path, *, size: str, variant: str) -> None:
+        """An extra, unrecorded wrk point at this variant's best concurrency so far, under ``py-spy``."""
+        ran = [r for r in self.results["runs"] if r["size"] == size and r["variant"] == variant and r["rep"] == 0]
+        best = max(ran, key=lambda r: r["req_per_s"])
+        seconds = max(5, point_seconds(self.args.duration, best["connections"], best["req_per_s"]))
+        raw = self.work / "profiles" / f"{size}-{variant}.txt"
+        recorder = start_recording(server.pid, seconds, raw)
+        if recorder is None:
+            self.results["notes"].append("py-spy is not installed: no profiles (pip install py-spy)")
+            self.args.profile = False
+            return
+        result = run_wrk(server, ids_file=ids, path_template=PATH_TEMPLATE, connections=best["connections"],
+                         duration_s=seconds + 1, offset=random.randrange(1 << 30))  # fmt: skip
+        recorder.wait(timeout=seconds + 60)
+        summary = summarise_profile(raw) if raw.is_file() else {"samples": 0, "self": [], "inclusive": []}
+        self.results["profiles"].append({"size": size, "variant": variant, "connections": best["connections"],
+                                         "seconds": seconds, "req_per_s_while_profiled": result["req_per_s"],
+                                         "raw": str(raw), **summary})  # fmt: skip
 
     def warm_cache(self, server: Server, ids: Path) -> None:
         users = ids.read_text().split()
@@ -464,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ingest-items", help="items posted at c=1 and at c=8, e.g. 60,200")
     parser.add_argument("--recommendable", type=int, help="items timed from POST to recommendable")
     parser.add_argument("--recall-users", type=int, help="users whose lists are checked against exact search")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip the py-spy profile of each non-floor variant (first repetition, best concurrency)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12", help="Redis for the Redis variants ('' : none)")
     parser.add_argument("--work-dir", default=str(ROOT / "var" / "bench"), help="bundles, id lists, server logs")
     parser.add_argument("--out", help="results directory (default bench/results/<preset>)")
