@@ -1,4 +1,7 @@
-"""Tables (Markdown) and the throughput-vs-p99 figure (PNG) of a ``bench.serving`` result."""
+"""Tables (Markdown) and the throughput-vs-p99 figure (PNG) of a ``bench.serving`` result.
+
+    python -m bench.report bench/results/quick      # re-render serving.md and serving.png from serving.json
+"""
 
 from __future__ import annotations
 
@@ -210,21 +213,30 @@ def _profiles(results: dict[str, Any]) -> list[str]:
     if not profiles:
         return []
     lines = ["## Profiles (py-spy --native, first repetition, each variant at its best concurrency)", "",
-             "Share of samples of the server's busy threads. *In*: the frame is on the stack (project code, FAISS, "
+             "Share of the busy samples (threads waiting for work and the idle event loop left out; *idle* is their "
+             "count). *In*: the frame is on the stack (project code, FAISS, "
              "BLAS/OpenMP, onnxruntime, torch, Redis, JSON/pydantic; one frame per share, as the wrappers of a call "
              "chain share their callee's); *leaf*: the frame is where time is spent (a bare `libc` address under a "
              "lock or a queue is usually a futex wait).", "",
-             "| size | variant (c) | samples | top frames, in | top leaves |", "|---|---|---|---|---|"]  # fmt: skip
+             "| size | variant (c) | busy / idle samples | top frames, in | top leaves |", "|---|---|---|---|---|"]  # fmt: skip
     for p in profiles:
         shown: list[list[Any]] = []
         for frame, pct in p["inclusive"]:  # one frame per call chain: wrappers share their callee's share
             if len(shown) < 6 and all(abs(pct - other) > 0.5 for _, other in shown):
                 shown.append([frame, pct])
-        inclusive = "<br>".join(f"{pct}% {frame}" for frame, pct in shown)
-        leaves = "<br>".join(f"{pct}% {frame}" for frame, pct in p["self"][:4])
-        lines.append(f"| {p['size']} | {LABELS.get(p['variant'], p['variant'])} (c={p['connections']}) | {p['samples']} | "
+        inclusive = "<br>".join(f"{pct}% {_short_frame(frame)}" for frame, pct in shown)
+        leaves = "<br>".join(f"{pct}% {_short_frame(frame)}" for frame, pct in p["self"][:4])
+        lines.append(f"| {p['size']} | {LABELS.get(p['variant'], p['variant'])} (c={p['connections']}) | {p['samples']} / {p.get('idle_samples', 0)} | "
                      f"{inclusive} | {leaves} |")  # fmt: skip
     return [*lines, ""]
+
+
+def _short_frame(frame: str, width: int = 90) -> str:
+    """A C++ frame can be a page long: keep its start and its library."""
+    if len(frame) <= width:
+        return frame
+    name, _, where = frame.rpartition(" (")
+    return f"{name[: width - len(where) - 6]}… ({where}"
 
 
 def render_plot(results: dict[str, Any], path: Path) -> None:
@@ -257,3 +269,20 @@ def render_plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description="Re-render a run's tables and figure.")
+    parser.add_argument("folder", type=Path, help="a results folder holding serving.json")
+    args = parser.parse_args(argv)
+    results = json.loads((args.folder / "serving.json").read_text())
+    (args.folder / "serving.md").write_text(render_markdown(results))
+    render_plot(results, args.folder / "serving.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
