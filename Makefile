@@ -25,7 +25,7 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check models training service tests
+	$(BIN)/ruff check models training service tests bench
 
 typecheck: install
 	$(BIN)/mypy

@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import mmap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -600,6 +600,9 @@ def _read_index(
     ef_search = (spec.get("params") or {}).get("efSearch")
     if ef_search is not None and hasattr(inner, "hnsw"):
         inner.hnsw.efSearch = int(ef_search)
+    nprobe = (spec.get("params") or {}).get("nprobe")
+    if nprobe is not None and hasattr(inner, "nprobe"):
+        inner.nprobe = int(nprobe)
     if plan.faiss_gpu:
         try:
             return faiss.index_cpu_to_all_gpus(index), index_type, True
@@ -612,28 +615,34 @@ def _check_index_holds_the_vectors(inner: Any, item_vectors: np.ndarray) -> None
     """The index must hold exactly the bundle's item vectors: a sha256 recomputed over a damaged index would pass
     the hash check, then serve wrong neighbours.
 
-    Flat and HNSW-flat indexes store every vector verbatim as float32 (``mmrec export`` adds ``item_vectors.npy``
+    Flat, HNSW-flat and IVF-flat indexes store every vector verbatim as float32 (``mmrec export`` adds ``item_vectors.npy``
     as it is), so every row is compared bit for bit, in chunks, against a view of the index's storage (no copy):
     not a sample, since one damaged row is enough to serve a wrong item. Other index types (quantising ones) are
     refused: they cannot be checked this way, and the bundle format does not write them."""
-    if isinstance(inner, faiss.IndexHNSWFlat):
-        storage = faiss.downcast_index(inner.storage)  # (FAISS checks the graph's links itself when reading)
-    elif isinstance(inner, faiss.IndexFlat):
-        storage = inner
+    n, dim = item_vectors.shape
+    rows_of: Callable[[int, int], np.ndarray]
+    if isinstance(inner, (faiss.IndexHNSWFlat, faiss.IndexFlat)):
+        storage = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSWFlat) else inner
+        if not isinstance(storage, faiss.IndexFlat) or storage.ntotal != n or storage.d != dim:
+            raise BundleError("item_index.faiss: its vector storage does not hold the item vectors")
+        stored = faiss.rev_swig_ptr(storage.get_xb(), n * dim).reshape(n, dim) if n else np.empty((0, dim), np.float32)
+        rows_of = lambda start, stop: stored[start:stop]  # noqa: E731  (a view of the index's storage: no copy)
+    elif isinstance(inner, faiss.IndexIVFFlat):  # full vectors in the inverted lists, read back through the direct map
+        try:
+            inner.make_direct_map()
+        except RuntimeError as exc:
+            raise BundleError(f"item_index.faiss: its IVF lists cannot be read back ({exc})") from exc
+        rows_of = lambda start, stop: inner.reconstruct_n(start, stop - start)  # noqa: E731
     else:
         raise BundleError(
             f"item_index.faiss: an index of type {type(inner).__name__} cannot be checked against item_vectors.npy "
-            "(supported: flat and HNSW-flat indexes, as docs/bundle-format.md says)"
+            "(supported: flat, HNSW-flat and IVF-flat indexes, as docs/bundle-format.md says)"
         )
-    n, dim = item_vectors.shape
-    if not isinstance(storage, faiss.IndexFlat) or storage.ntotal != n or storage.d != dim:
-        raise BundleError("item_index.faiss: its vector storage does not hold the item vectors")
-    stored = faiss.rev_swig_ptr(storage.get_xb(), n * dim).reshape(n, dim) if n else np.empty((0, dim), np.float32)
     chunk = max(1, (1 << 22) // max(dim, 1))  # 16 MiB of float32 per comparison
     for start in range(0, n, chunk):
         # As bits (uint32): a verbatim copy, nothing less (NaN equals NaN, -0.0 differs from 0.0).
-        rows = slice(start, start + chunk)
-        differ = np.flatnonzero((stored[rows].view(np.uint32) != item_vectors[rows].view(np.uint32)).any(axis=1))
+        stop = min(n, start + chunk)
+        differ = np.flatnonzero((rows_of(start, stop).view(np.uint32) != item_vectors[start:stop].view(np.uint32)).any(axis=1))
         if differ.size:
             raise BundleError(
                 f"item_index.faiss: its vectors differ from item_vectors.npy (first at row {start + int(differ[0])}): "

@@ -12,6 +12,7 @@ import typer
 
 from models import MODELS
 from training.dataset import InteractionDataset
+from training.item_index import IndexConfig
 from training.prepare import SplitKind, prepare_named, pretrained_encoders
 from training.settings import PROJECT_ROOT, Paths, default_paths
 from training.sources import SOURCES
@@ -204,11 +205,18 @@ def export_command(
     run_dir: Annotated[Path, typer.Argument(help="A training run directory (has checkpoint.pt).")],
     out: Annotated[Path, typer.Option(help="Bundle directory to write (replaced if it exists).")],
     modality_encoders: Annotated[bool, typer.Option(help="Include the ONNX text/image encoders (for raw-content ingestion).")] = True,
+    exact_up_to: Annotated[int, typer.Option(help="Items up to which the index is exact (flat inner product); above it, approximate.")] = IndexConfig.approximate_threshold,
+    approximate: Annotated[str, typer.Option(help="Approximate index above the threshold: ivf or hnsw.")] = IndexConfig.approximate,
+    target_recall: Annotated[float, typer.Option(help="recall@20 against exact search that the approximate index's nprobe / efSearch must reach.")] = IndexConfig.target_recall_at_20,
 ) -> None:
     """Export a run as a bundle: manifest, FAISS index, arrays and ONNX graphs (docs/bundle-format.md)."""
     from training.export import ExportConfig, export_run
 
-    bundle = export_run(run_dir, out, config=ExportConfig(include_modality_encoders=modality_encoders))
+    if approximate not in ("ivf", "hnsw"):
+        raise typer.BadParameter(f"--approximate must be ivf or hnsw, got {approximate!r}")
+    index = IndexConfig(approximate_threshold=exact_up_to, approximate="ivf" if approximate == "ivf" else "hnsw",
+                        target_recall_at_20=target_recall)  # fmt: skip
+    bundle = export_run(run_dir, out, config=ExportConfig(include_modality_encoders=modality_encoders, index=index))
     manifest = json.loads((bundle / "manifest.json").read_text())
     typer.echo(f"bundle {manifest['bundle_version']} written to {bundle}")
 

@@ -24,6 +24,7 @@ from torch import nn
 from models.base import ContentEncoder, UserTower
 from models.config import config_to_dict
 from training.dataset import TEST, InteractionDataset
+from training.item_index import IndexConfig, build_index
 from training.runs import LoadedRun, load_run
 
 BUNDLE_FORMAT = "mmrec-bundle"
@@ -35,9 +36,7 @@ _MANIFEST_KEYS = frozenset({"format", "format_version", "bundle_version", "creat
 
 @dataclass(frozen=True)
 class ExportConfig:
-    approximate_threshold: int = 200_000  # items; above it the index is HNSW instead of exact inner product
-    hnsw_m: int = 32
-    hnsw_ef_search: int = 128
+    index: IndexConfig = IndexConfig()  # exact below a size threshold, else IVF/HNSW tuned to a recall target
     include_modality_encoders: bool = True  # export MiniLM / EfficientNet-Lite0 so raw text and images can be ingested
     ridge_holdout: float = 0.1  # share of trained items held out to choose the ridge strength
 
@@ -154,23 +153,6 @@ class _PositionalInputs(nn.Module):
         return outputs
 
 
-def build_index(item_vectors: np.ndarray, config: ExportConfig) -> tuple[Any, dict[str, Any]]:
-    import faiss
-
-    dim = item_vectors.shape[1]
-    base: Any
-    if item_vectors.shape[0] > config.approximate_threshold:
-        base = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        base.hnsw.efSearch = config.hnsw_ef_search
-        info = {"type": "hnsw_ip", "approximate": True, "params": {"M": config.hnsw_m, "efSearch": config.hnsw_ef_search}}
-    else:
-        base = faiss.IndexFlatIP(dim)
-        info = {"type": "flat_ip", "approximate": False, "params": {}}
-    index = faiss.IndexIDMap2(base)
-    index.add_with_ids(np.ascontiguousarray(item_vectors, dtype=np.float32), np.arange(item_vectors.shape[0], dtype=np.int64))
-    return index, info
-
-
 def _modality_encoder_entries(dataset: InteractionDataset, out: Path, config: ExportConfig) -> dict[str, Any]:
     """Manifest "modalities": dims of every modality, plus the ONNX encoder for text (MiniLM) and image."""
     entries: dict[str, Any] = {}
@@ -242,7 +224,7 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
     for name, m in dataset.modalities.items():
         np.save(staging / "item_features" / f"{name}.npy", m.features.astype(np.float32))
         np.save(staging / "item_features" / f"{name}.mask.npy", m.present.astype(bool))
-    index, index_info = build_index(item_vectors, config)
+    index, index_info = build_index(item_vectors, config.index, user_vectors=user_vectors)
     faiss.write_index(index, str(staging / "item_index.faiss"))
 
     item_encoder: dict[str, Any] | None = None
