@@ -188,6 +188,9 @@ class RedisCatalogueStore:
         try:
             return list(self.pool.run(lambda client: script(keys=keys, args=args, client=client)))
         except RedisDown as exc:
+            if exc.unanswered:
+                raise Unavailable(f"catalogue store did not answer, the change may still be applied (look it up "
+                                  f"before retrying): {exc}") from exc  # fmt: skip
             raise Unavailable(f"catalogue store unavailable, nothing was changed: {exc}") from exc
 
 

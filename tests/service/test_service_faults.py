@@ -4,7 +4,8 @@
 - a replica's change follower resumes after its Redis is killed and restarted (append-only file), applying the
   changes made while it was cut off;
 - a follower that sees a gap in the changes stream, or a store that went back in time (a Redis that lost its data),
-  reloads the whole store instead of serving what the store no longer says.
+  reloads the whole store instead of serving what the store no longer says;
+- a write a paused Redis received but did not answer in time is a 503 that says it may still be applied (it is).
 """
 
 from __future__ import annotations
@@ -206,3 +207,32 @@ def test_replica_whose_redis_lost_its_data_follows_the_new_history(
             _eventually(lambda client=client: _item_status(client, "old-1") == 404, "the lost items are dropped")
         assert a.get("/v1/models").json()["catalogue_version"] == b.get("/v1/models").json()["catalogue_version"] == "1"
         assert a.post("/v1/items", json={"id": "old-1", "features": {"tags": [1.0] * 8}}).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message", "lookup", "stored"),
+    [
+        ("/v1/items", {"id": "unanswered", "features": {"tags": [1.0] * 8}},
+         "catalogue store did not answer, the change may still be applied (look it up before retrying)",
+         "/v1/items/unanswered", '"id":"unanswered"'),
+        ("/v1/users/patient/events", {"events": [{"item_id": "i3", "timestamp": 1.5}]},
+         "event store did not answer, the events may still be recorded (look them up before retrying)",
+         "/v1/users/patient/events", '"item_id":"i3"'),
+    ],
+)  # fmt: skip
+def test_write_a_paused_redis_does_not_answer_is_503_saying_it_may_still_be_applied(
+    replica_settings: Callable[..., ServiceSettings], serve: Serve, private_redis: RedisProcess,
+    path: str, body: dict[str, Any], message: str, lookup: str, stored: str,
+) -> None:
+    with serve(replica_settings("a")) as a:
+        # a first write loads the Lua script, so the paused Redis holds a command it can run once resumed
+        assert a.post("/v1/items", json={"id": "first", "features": {"tags": [1.0] * 8}}).status_code == 201
+        assert private_redis.process is not None
+        private_redis.process.send_signal(signal.SIGSTOP)
+        try:
+            response = a.post(path, json=body)
+        finally:
+            private_redis.process.send_signal(signal.SIGCONT)
+        assert response.status_code == 503 and message in response.json()["detail"], response.text
+        # and indeed: the resumed Redis runs the command it had received
+        _eventually(lambda: stored in a.get(lookup).text, "the unanswered write, applied once Redis resumed")
