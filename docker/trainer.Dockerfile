@@ -21,6 +21,13 @@ COPY models ./models
 COPY training ./training
 RUN pip install ".[train]"
 
+# Not root, like the service images (same uid, so the api reads what the trainer writes). The volume mount points
+# exist and belong to it before VOLUME: a fresh named volume takes their ownership, so it can write there.
+RUN useradd --system --uid 10001 --home-dir /var/lib/mmrec --create-home mmrec \
+    && mkdir -p /bundles \
+    && chown mmrec:mmrec /bundles /var/lib/mmrec
+USER mmrec
+
 ENV MMREC_DATA_ROOT=/data \
     MMREC_HOME=/var/lib/mmrec
 VOLUME ["/bundles", "/var/lib/mmrec"]

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from service.access import AccessControl
 from service.bundle import BundleError
 from service.errors import ServiceError
 from service.metrics import Metrics
@@ -25,7 +26,9 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = """
 Top-K recommendations from an exported model bundle (see docs/bundle-format.md), with live item ingestion,
-user events, Redis caching and Prometheus metrics. Writes need the `X-API-Key` header when a key is configured.
+user events, Redis caching and Prometheus metrics. Once API keys are configured, the `X-API-Key` header carries one:
+writes need the `write` scope, deletes and reload `admin`, a user's events `read` (other reads too when read access
+is keyed). Requests are rate-limited per key and per client address (429 with `Retry-After`).
 Errors are `{"detail": "..."}` naming the problem; 422s also list each problem under `errors`.
 """
 
@@ -47,11 +50,14 @@ def create_app(settings: ServiceSettings, *, on_ready: Callable[[Runtime], None]
         try:
             yield
         finally:
+            if runtime.pool is not None:
+                await runtime.pool.aclose()
             runtime.close()
 
     app = FastAPI(title="mmrec recommendation service", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.access = AccessControl(settings)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: 413s are timed too

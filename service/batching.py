@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import faiss
 import numpy as np
 
 from service.catalogue import Catalogue, CatalogueState
@@ -35,9 +36,10 @@ class _Search:
 
 
 class SearchBatcher:
-    def __init__(self, *, max_wait_ms: float, max_size: int) -> None:
+    def __init__(self, *, max_wait_ms: float, max_size: int, faiss_threads: int = 1) -> None:
         self.max_wait_s = max_wait_ms / 1000
         self.max_size = max_size
+        self.faiss_threads = faiss_threads
         self.batches = 0
         self.searches = 0
         self._queue: queue.SimpleQueue[_Search | None] = queue.SimpleQueue()
@@ -58,6 +60,7 @@ class SearchBatcher:
         request that took an older state still gets a valid (slightly newer) answer.
         """
         if self._thread is None:
+            faiss.omp_set_num_threads(self.faiss_threads)  # per thread: OpenMP's thread count is a per-thread setting
             return catalogue.search(query.reshape(1, -1), k, [exclude], state)[0]
         request = _Search(catalogue=catalogue, query=np.asarray(query, dtype=np.float32).reshape(-1), k=k, exclude=exclude)
         self._queue.put(request)
@@ -70,6 +73,7 @@ class SearchBatcher:
             self._thread = None
 
     def _run(self) -> None:
+        faiss.omp_set_num_threads(self.faiss_threads)  # this thread's own OpenMP setting (the default: every core)
         while True:
             first = self._queue.get()
             if first is None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import faiss
 import numpy as np
@@ -123,7 +125,7 @@ class Bundle:
     popularity: np.ndarray  # (n_items,) float32
     history_indptr: np.ndarray  # (n_users + 1,) int64
     history_indices: np.ndarray  # (nnz,) int64 item rows, oldest first within a user
-    item_metadata: list[dict[str, Any]]
+    item_metadata: ItemMetadata
     index: Any  # faiss.IndexIDMap2 (possibly GPU-backed)
     index_type: str
     index_on_gpu: bool
@@ -193,7 +195,7 @@ def load_bundle(path: Path, *, plan: DevicePlan, verify_hashes: bool = True) -> 
     modalities = _read_modalities(manifest, sessions, files)
     item_encoder = _read_item_encoder(manifest, modalities, sessions)
     user_tower = _read_user_tower(manifest, sessions)
-    index, index_type, index_on_gpu = _read_index(files, manifest, n_items=n_items, dim=dim, plan=plan)
+    index, index_type, index_on_gpu = _read_index(files, manifest, item_vectors=item_vectors, plan=plan)
 
     return Bundle(
         path=path,
@@ -301,8 +303,10 @@ def _read_json_list(files: dict[str, Path], name: str) -> list[Any]:
 
 
 def _read_array(files: dict[str, Path], name: str) -> np.ndarray:
+    """The array, memory-mapped read-only: pages are read when touched and shared by every process serving the
+    bundle (several workers or replicas on one host hold one copy in the page cache)."""
     try:
-        array: np.ndarray = np.load(_require(files, name), allow_pickle=False)
+        array: np.ndarray = np.load(_require(files, name), allow_pickle=False, mmap_mode="r")
     except (ValueError, OSError) as exc:
         raise BundleError(f"{name}: not a readable .npy array ({exc})") from exc
     return array
@@ -314,7 +318,7 @@ def _read_matrix(files: dict[str, Path], name: str, shape: tuple[int, int]) -> n
         raise BundleError(f"{name}: shape {array.shape}, expected {shape}")
     if not np.issubdtype(array.dtype, np.floating):
         raise BundleError(f"{name}: dtype {array.dtype}, expected float32")
-    return np.ascontiguousarray(array, dtype=np.float32)
+    return np.ascontiguousarray(array, dtype=np.float32)  # a float32 file stays mapped: no copy
 
 
 def _read_history(files: dict[str, Path], *, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
@@ -333,25 +337,69 @@ def _read_history(files: dict[str, Path], *, n_users: int, n_items: int) -> tupl
     return indptr, indices
 
 
-def _read_metadata(files: dict[str, Path], item_ids: list[str]) -> list[dict[str, Any]]:
+METADATA_FULL_CHECK_ROWS = 100_000  # above this, item_metadata.jsonl is checked on a sample at load (sha256 guards the rest)
+
+
+class ItemMetadata(Sequence[dict[str, Any]]):
+    """``item_metadata.jsonl`` kept as its mapped bytes and line offsets; a row is parsed when asked for. A million
+    items cost 8 MB of offsets instead of a million dicts."""
+
+    def __init__(self, data: bytes | mmap.mmap | None, starts: np.ndarray, item_ids: list[str]) -> None:
+        self._data = data
+        self._starts = starts  # (n + 1,) int64: row r is data[starts[r]:starts[r + 1]]
+        self._ids = item_ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @overload
+    def __getitem__(self, row: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, row: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, row: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(row, slice):
+            return [self[r] for r in range(*row.indices(len(self)))]
+        if self._data is None:
+            return {"id": self._ids[row]}
+        value = json.loads(self._data[int(self._starts[row]) : int(self._starts[row + 1])])
+        return value if isinstance(value, dict) else {}
+
+
+def _read_metadata(files: dict[str, Path], item_ids: list[str]) -> ItemMetadata:
     if "item_metadata.jsonl" not in files:
-        return [{"id": i} for i in item_ids]
-    rows: list[dict[str, Any]] = []
-    with files["item_metadata.jsonl"].open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BundleError(f"item_metadata.jsonl line {line_no}: not valid JSON ({exc})") from exc
-            rows.append(row if isinstance(row, dict) else {})
-    if len(rows) != len(item_ids):
-        raise BundleError(f"item_metadata.jsonl: {len(rows)} rows, expected {len(item_ids)} (one per item)")
-    for r, (row, item_id) in enumerate(zip(rows, item_ids, strict=True)):
-        if str(row.get("id", item_id)) != item_id:
-            raise BundleError(f"item_metadata.jsonl row {r}: id {row.get('id')!r} differs from item_ids.json {item_id!r}")
-    return rows
+        return ItemMetadata(None, np.zeros(len(item_ids) + 1, dtype=np.int64), item_ids)
+    file = files["item_metadata.jsonl"]
+    if file.stat().st_size == 0:
+        data: bytes | mmap.mmap = b""
+    else:
+        with file.open("rb") as fh:
+            data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n")) + 1 if len(data) else np.zeros(0, np.int64)
+    if len(data) and data[-1:] != b"\n":
+        ends = np.append(ends, len(data))
+    starts = np.concatenate([[0], ends]).astype(np.int64)
+    blank = np.flatnonzero(starts[1:] - starts[:-1] <= 1)  # empty lines (just "\n") are skipped, as before
+    if len(blank):
+        keep = np.setdiff1d(np.arange(len(starts) - 1), blank)
+        lines = [bytes(data[starts[r] : starts[r + 1]]) for r in keep]
+        data = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
+        starts = np.concatenate([[0], np.cumsum([len(line) + (not line.endswith(b"\n")) for line in lines])]).astype(np.int64)
+    if len(starts) - 1 != len(item_ids):
+        raise BundleError(f"item_metadata.jsonl: {len(starts) - 1} rows, expected {len(item_ids)} (one per item)")
+    metadata = ItemMetadata(data, starts, item_ids)
+    n = len(item_ids)
+    rows = range(n) if n <= METADATA_FULL_CHECK_ROWS else sorted(
+        {0, n - 1, *np.random.default_rng(0).choice(n, size=1000, replace=False).tolist()})  # fmt: skip
+    for r in rows:
+        try:
+            row = metadata[r]
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"item_metadata.jsonl line {r + 1}: not valid JSON ({exc})") from exc
+        if str(row.get("id", item_ids[r])) != item_ids[r]:
+            raise BundleError(f"item_metadata.jsonl row {r}: id {row.get('id')!r} differs from item_ids.json {item_ids[r]!r}")
+    return metadata
 
 
 # --- ONNX graphs ---------------------------------------------------------------------------------------------
@@ -512,10 +560,12 @@ def _read_user_tower(manifest: dict[str, Any], sessions: _SessionFactory) -> Use
 
 
 def _read_index(
-    files: dict[str, Path], manifest: dict[str, Any], *, n_items: int, dim: int, plan: DevicePlan
+    files: dict[str, Path], manifest: dict[str, Any], *, item_vectors: np.ndarray, plan: DevicePlan
 ) -> tuple[Any, str, bool]:
+    n_items, dim = item_vectors.shape
     try:
-        index = faiss.read_index(str(files["item_index.faiss"]))
+        # Flat codes are mapped, not copied (never modified: see service/catalogue.py); other indexes are read.
+        index = faiss.read_index(str(files["item_index.faiss"]), faiss.IO_FLAG_MMAP_IFC)
     except RuntimeError as exc:
         raise BundleError(f"item_index.faiss: FAISS cannot read it ({exc})") from exc
     # No downcast_index here: its proxy would not own the index, which the original proxy frees on collection.
@@ -528,6 +578,7 @@ def _read_index(
     spec = manifest.get("index") or {}
     index_type = str(spec.get("type", "flat_ip"))
     inner = faiss.downcast_index(index.index)
+    _check_index_holds_the_vectors(inner, item_vectors)
     ef_search = (spec.get("params") or {}).get("efSearch")
     if ef_search is not None and hasattr(inner, "hnsw"):
         inner.hnsw.efSearch = int(ef_search)
@@ -537,3 +588,36 @@ def _read_index(
         except (RuntimeError, AttributeError) as exc:  # e.g. HNSW has no GPU version: stay on CPU
             log.warning("FAISS index stays on CPU: %s", exc)
     return index, index_type, False
+
+
+def _check_index_holds_the_vectors(inner: Any, item_vectors: np.ndarray) -> None:
+    """The index must hold exactly the bundle's item vectors: a sha256 recomputed over a damaged index would pass
+    the hash check, then serve wrong neighbours.
+
+    Flat and HNSW-flat indexes store every vector verbatim as float32 (``mmrec export`` adds ``item_vectors.npy``
+    as it is), so every row is compared bit for bit, in chunks, against a view of the index's storage (no copy):
+    not a sample, since one damaged row is enough to serve a wrong item. Other index types (quantising ones) are
+    refused: they cannot be checked this way, and the bundle format does not write them."""
+    if isinstance(inner, faiss.IndexHNSWFlat):
+        storage = faiss.downcast_index(inner.storage)  # (FAISS checks the graph's links itself when reading)
+    elif isinstance(inner, faiss.IndexFlat):
+        storage = inner
+    else:
+        raise BundleError(
+            f"item_index.faiss: an index of type {type(inner).__name__} cannot be checked against item_vectors.npy "
+            "(supported: flat and HNSW-flat indexes, as docs/bundle-format.md says)"
+        )
+    n, dim = item_vectors.shape
+    if not isinstance(storage, faiss.IndexFlat) or storage.ntotal != n or storage.d != dim:
+        raise BundleError("item_index.faiss: its vector storage does not hold the item vectors")
+    stored = faiss.rev_swig_ptr(storage.get_xb(), n * dim).reshape(n, dim) if n else np.empty((0, dim), np.float32)
+    chunk = max(1, (1 << 22) // max(dim, 1))  # 16 MiB of float32 per comparison
+    for start in range(0, n, chunk):
+        # As bits (uint32): a verbatim copy, nothing less (NaN equals NaN, -0.0 differs from 0.0).
+        rows = slice(start, start + chunk)
+        differ = np.flatnonzero((stored[rows].view(np.uint32) != item_vectors[rows].view(np.uint32)).any(axis=1))
+        if differ.size:
+            raise BundleError(
+                f"item_index.faiss: its vectors differ from item_vectors.npy (first at row {start + int(differ[0])}): "
+                "the index is damaged or was built from other vectors"
+            )

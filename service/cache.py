@@ -39,19 +39,21 @@ class CachedList:
     computed_at: float  # wall-clock seconds (replicas share entries through Redis)
     item_ids: list[str]
     body: str
+    user_vector: bool = False  # ranked by the user's own vector, undiversified: new items can be merged in exactly
 
     def encode(self) -> str:
         # JSON never holds a raw tab, so tabs separate the fields.
-        return f"{self.catalogue_version}\t{self.computed_at:.3f}\t{json.dumps(self.item_ids)}\t{self.body}"
+        return "\t".join([str(self.catalogue_version), f"{self.computed_at:.3f}", "1" if self.user_vector else "0",
+                          json.dumps(self.item_ids), self.body])  # fmt: skip
 
     @classmethod
     def decode(cls, raw: str) -> CachedList | None:
         """None for a value in another format (e.g. written by an older version): a miss."""
-        parts = raw.split("\t", 3)
-        if len(parts) != 4:
+        parts = raw.split("\t", 4)
+        if len(parts) != 5:
             return None
         try:
-            return cls(int(parts[0]), float(parts[1]), list(json.loads(parts[2])), parts[3])
+            return cls(int(parts[0]), float(parts[1]), list(json.loads(parts[3])), parts[4], user_vector=parts[2] == "1")
         except ValueError:
             return None
 
@@ -61,6 +63,10 @@ class RecommendationCache(Protocol):
 
     def get(self, user_id: str, key: str) -> tuple[str, str | None]:
         """(the user's generation, the cached payload or None)."""
+        ...
+
+    async def get_async(self, user_id: str, key: str) -> tuple[str, str | None]:
+        """:meth:`get` without blocking the event loop."""
         ...
 
     def put(self, user_id: str, key: str, generation: str, payload: str) -> None: ...
@@ -90,6 +96,9 @@ class MemoryCache:
             self._entries.move_to_end((user_id, generation, key))
             return generation, entry[1]
 
+    async def get_async(self, user_id: str, key: str) -> tuple[str, str | None]:
+        return self.get(user_id, key)  # in memory: never waits
+
     def put(self, user_id: str, key: str, generation: str, payload: str) -> None:
         with self._lock:
             if generation != str(self._generations.get(user_id, 0)):
@@ -112,6 +121,7 @@ class RedisCache:
         self.pool = pool
         self.ttl_s = ttl_s
         self._get = pool.client.register_script(_GET_SCRIPT)
+        self._get_async: Any = None
 
     def _keys(self, user_id: str) -> tuple[str, str]:
         return self.pool.key("recgen", user_id), self.pool.key("rec", user_id)
@@ -119,6 +129,21 @@ class RedisCache:
     def get(self, user_id: str, key: str) -> tuple[str, str | None]:
         gen_key, hash_key = self._keys(user_id)
         generation, value = self.pool.run(lambda client: self._get(keys=[gen_key, hash_key], args=[key], client=client))
+        return self._entry(generation, value)
+
+    async def get_async(self, user_id: str, key: str) -> tuple[str, str | None]:
+        gen_key, hash_key = self._keys(user_id)
+
+
+        async def lookup(client: Any) -> Any:
+            if self._get_async is None or self._get_async.registered_client is not client:
+                self._get_async = client.register_script(_GET_SCRIPT)  # reloads itself after NOSCRIPT
+            return await self._get_async(keys=[gen_key, hash_key], args=[key])
+
+        generation, value = await self.pool.run_async(lookup)
+        return self._entry(generation, value)
+
+    def _entry(self, generation: Any, value: Any) -> tuple[str, str | None]:
         if value is None:
             return str(generation), None
         expires, _, payload = str(value).partition("|")

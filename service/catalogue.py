@@ -13,6 +13,7 @@ Two halves:
 from __future__ import annotations
 
 import base64
+import bisect
 import json
 import threading
 import time
@@ -111,12 +112,14 @@ class Catalogue:
     def __init__(self, bundle: Bundle, *, version: str = "0") -> None:
         self.bundle = bundle
         self.n_trained = len(bundle.item_ids)
-        # Append-only: a row, once given, keeps its id; readers bound rows by their state's n_rows.
-        self._ids: list[str] = list(bundle.item_ids)
-        self._rows: dict[str, int] = dict(bundle.item_rows)
+        # Trained ids and rows are the bundle's (shared, never copied); ingested ones are appended here. A row, once
+        # given, keeps its id; readers bound rows by their state's n_rows.
+        self._ingested_ids: list[str] = []
+        self._ingested_rows: dict[str, int] = {}  # wins over the bundle's row: a deleted trained id ingested again
+        self._ingest_versions: list[int] = []  # catalogue version that added each ingested row (non-decreasing)
         self._ingested: dict[int, StoredItem] = {}
         self._buffer = np.zeros((0, bundle.dim), dtype=np.float32)  # ingested vectors, capacity >= used rows
-        self._trained_modalities = self._modalities_of_trained()
+        self._masks = self._modality_masks()
         active = np.ones(self.n_trained, dtype=bool)
         active.flags.writeable = False
         self._state = CatalogueState(
@@ -148,7 +151,9 @@ class Catalogue:
 
     def live_row(self, item_id: str, state: CatalogueState | None = None) -> int | None:
         state = state or self._state
-        row = self._rows.get(item_id)
+        row = self._ingested_rows.get(item_id)
+        if row is None:
+            row = self.bundle.item_rows.get(item_id)
         if row is None or row >= state.n_rows or not state.active[row]:
             return None
         return row
@@ -166,7 +171,7 @@ class Catalogue:
         return [r for r in rows if r is not None]
 
     def item_id(self, row: int) -> str:
-        return self._ids[row]
+        return self.bundle.item_ids[row] if row < self.n_trained else self._ingested_ids[row - self.n_trained]
 
     def is_ingested(self, item_id: str) -> bool:
         return self.row(item_id) >= self.n_trained
@@ -185,6 +190,12 @@ class Catalogue:
         """Live ingested rows, in ingestion order."""
         state = state or self._state
         return (r for r in range(self.n_trained, state.n_rows) if state.active[r])
+
+    def ingested_since(self, version: int, state: CatalogueState | None = None) -> list[int]:
+        """Live rows ingested by changes after catalogue version ``version``, oldest first."""
+        state = state or self._state
+        first = bisect.bisect_right(self._ingest_versions, version, 0, state.n_rows - self.n_trained)
+        return [r for r in range(self.n_trained + first, state.n_rows) if state.active[r]]
 
     def extra_of(self, row: int) -> dict[str, Any]:
         """The model outputs of a row: the encoder's extra outputs (ingested) or the metadata extras (trained)."""
@@ -206,7 +217,7 @@ class Catalogue:
             text=text if isinstance(text, str) else None,
             metadata={},
             extra={k: v for k, v in meta.items() if k not in ("id", "text")},
-            modalities=self._trained_modalities.get(row, []),
+            modalities=self._modalities_of_trained(row),
             created=None,
         )
 
@@ -277,9 +288,10 @@ class Catalogue:
             self._buffer = grown
         self._buffer[used:needed] = np.stack([item.vector for item in items]).astype(np.float32)
         for offset, item in enumerate(items):
-            self._ids.append(item.id)
+            self._ingested_ids.append(item.id)
+            self._ingest_versions.append(ingest_version)
             self._ingested[start + offset] = item
-            self._rows[item.id] = start + offset
+            self._ingested_rows[item.id] = start + offset
         active = np.concatenate([state.active, np.ones(len(items), dtype=bool)])
         active.flags.writeable = False
         self._state = CatalogueState(
@@ -319,17 +331,17 @@ class Catalogue:
         version, so every replica reports the same catalogue version."""
         self._state = _replace_version(self._state, version)
 
-    def _modalities_of_trained(self) -> dict[int, list[str]]:
-        """Which modalities each trained item had, from the bundle's item_features masks (when shipped)."""
-        present: dict[int, list[str]] = {}
+    def _modality_masks(self) -> dict[str, np.ndarray]:
+        """Which trained items have each modality, from the bundle's item_features masks (when shipped)."""
+        masks: dict[str, np.ndarray] = {}
         for name in sorted(self.bundle.modalities):
             mask_file = self.bundle.path / "item_features" / f"{name}.mask.npy"
-            if not mask_file.is_file():
-                continue
-            mask = np.load(mask_file, allow_pickle=False).astype(bool).reshape(-1)
-            for row in np.flatnonzero(mask[: self.n_trained]):
-                present.setdefault(int(row), []).append(name)
-        return present
+            if mask_file.is_file():
+                masks[name] = np.load(mask_file, allow_pickle=False, mmap_mode="r").reshape(-1)
+        return masks
+
+    def _modalities_of_trained(self, row: int) -> list[str]:
+        return [name for name, mask in self._masks.items() if row < len(mask) and bool(mask[row])]
 
 
 def _replace_version(state: CatalogueState, version: str) -> CatalogueState:

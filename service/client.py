@@ -46,13 +46,17 @@ _ITEM_LIST = TypeAdapter(list[ItemPublic])
 
 
 class ServiceHTTPError(Exception):
-    """The service answered with an error status; ``detail`` is its message."""
+    """The service answered with an error status; ``detail`` is its message, ``retry_after_s`` its Retry-After
+    (429: rate limited) if it sent one."""
 
-    def __init__(self, status_code: int, detail: str, *, errors: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, status_code: int, detail: str, *, errors: list[dict[str, Any]] | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"{status_code}: {detail}")
         self.status_code = status_code
         self.detail = detail
         self.errors = errors or []
+        self.retry_after_s = retry_after_s
 
 
 class RecommendationClient:
@@ -109,7 +113,7 @@ class RecommendationClient:
     def record_events(self, user_id: str, events: Iterable[str | EventCreate]) -> EventsRecorded:
         """Record interactions, oldest first: item ids, or :class:`EventCreate` for a kind or timestamp."""
         body = EventsCreate(events=[e if isinstance(e, EventCreate) else EventCreate(item_id=e) for e in events])
-        return self._call("POST", f"/v1/users/{_segment(user_id)}/events", EventsRecorded, json=_dump(body), write=True)
+        return self._call("POST", f"/v1/users/{_segment(user_id)}/events", EventsRecorded, json=_dump(body))
 
     def user_events(self, user_id: str) -> UserEvents:
         return self._call("GET", f"/v1/users/{_segment(user_id)}/events", UserEvents)
@@ -117,11 +121,11 @@ class RecommendationClient:
     # --- items ---
 
     def add_item(self, item: ItemCreate) -> ItemPublic:
-        return self._call("POST", "/v1/items", ItemPublic, json=_dump(item), write=True)
+        return self._call("POST", "/v1/items", ItemPublic, json=_dump(item))
 
     def add_items(self, items: Sequence[ItemCreate]) -> list[ItemPublic]:
         """A batch, stored all or nothing."""
-        response = self._send("POST", "/v1/items", json=[_dump(i) for i in items], write=True)
+        response = self._send("POST", "/v1/items", json=[_dump(i) for i in items])
         return _ITEM_LIST.validate_python(response.json())
 
     def get_item(self, item_id: str) -> ItemPublic:
@@ -132,7 +136,7 @@ class RecommendationClient:
         return self._call("GET", f"/v1/items/{_segment(item_id)}/similar", SimilarItems, params=params)
 
     def delete_item(self, item_id: str) -> ItemDeleted:
-        return self._call("DELETE", f"/v1/items/{_segment(item_id)}", ItemDeleted, write=True)
+        return self._call("DELETE", f"/v1/items/{_segment(item_id)}", ItemDeleted)
 
     # --- system ---
 
@@ -152,7 +156,7 @@ class RecommendationClient:
         return self._send("GET", "/metrics").text
 
     def reload(self) -> ReloadResult:
-        return self._call("POST", "/v1/admin/reload", ReloadResult, write=True)
+        return self._call("POST", "/v1/admin/reload", ReloadResult)
 
     # --- plumbing ---
 
@@ -168,19 +172,21 @@ class RecommendationClient:
     ) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, model: type[M], *, write: bool = False, **kwargs: Any) -> M:
-        return model.model_validate(self._send(method, path, write=write, **kwargs).json())
+    def _call(self, method: str, path: str, model: type[M], **kwargs: Any) -> M:
+        return model.model_validate(self._send(method, path, **kwargs).json())
 
-    def _send(self, method: str, path: str, *, write: bool = False, **kwargs: Any) -> httpx.Response:
-        headers = self._headers if write else {}
-        response = self._http.request(method, path, headers=headers, **kwargs)
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        # The key goes with every request: writes need it, and so do reads where the service keys them.
+        response = self._http.request(method, path, headers=self._headers, **kwargs)
         if response.status_code >= 400:
             try:
                 body = response.json()
                 detail, errors = str(body.get("detail", response.text)), body.get("errors")
             except ValueError:
                 detail, errors = response.text, None
-            raise ServiceHTTPError(response.status_code, detail, errors=errors)
+            retry_after = response.headers.get("retry-after")
+            raise ServiceHTTPError(response.status_code, detail, errors=errors,
+                                   retry_after_s=float(retry_after) if retry_after and retry_after.isdigit() else None)  # fmt: skip
         return response
 
 

@@ -38,3 +38,9 @@ class Unavailable(ServiceError):
     """A backing store (Redis, the state database) cannot take a write right now: nothing was accepted."""
 
     status_code = 503
+
+
+class Forbidden(ServiceError):
+    """A valid API key without the scope the endpoint needs."""
+
+    status_code = 403

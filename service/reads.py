@@ -7,9 +7,13 @@ Reads never fail because Redis is away: a cache error is a miss, and a user's re
 from __future__ import annotations
 
 import contextlib
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
 
 from service.cache import CachedList
 from service.catalogue import ItemView
@@ -46,16 +50,28 @@ def resolve_diversity(runtime: Runtime, max_per_prefix: int | None, prefix_lengt
 ANONYMOUS = ""  # the cache slot shared by every user the service knows nothing about (no user id is empty)
 
 
-def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, exclude_seen: bool,
-                       diversity: CodeDiversity | None = None) -> RecommendationList | CachedResponse:  # fmt: skip
-    """The user's list, from the cache when an entry is still valid (see service/cache.py); a cache hit comes back
-    as the stored JSON body, ready to send."""
+async def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, exclude_seen: bool,
+                             diversity: CodeDiversity | None = None) -> RecommendationList | CachedResponse:  # fmt: skip
+    """The user's list, from the cache when an entry is still valid (see service/cache.py): a hit is answered on
+    the event loop as the stored JSON body, ready to send; a miss is computed on a worker thread."""
     k = resolve_k(runtime, k)
     engine = runtime.engine
     key = cache_key(engine, k=k, exclude_seen=exclude_seen, diversity=diversity)
-    generation, hit = _cached(runtime, engine, user_id, key)
+    try:
+        generation, payload = await runtime.cache.get_async(user_id, key)
+    except RedisDown:
+        runtime.metrics.cache_requests.labels(result="error").inc()
+        generation, payload = None, None
+    hit = _usable_hit(runtime, engine, user_id, payload, counted=generation is not None)
     if hit is not None:
         return CachedResponse(hit.body)
+    return await run_in_threadpool(
+        _compute_for_user, runtime, engine, user_id, key, generation, k=k, exclude_seen=exclude_seen, diversity=diversity
+    )
+
+
+def _compute_for_user(runtime: Runtime, engine: Engine, user_id: str, key: str, generation: str | None, *, k: int,
+                      exclude_seen: bool, diversity: CodeDiversity | None) -> RecommendationList:  # fmt: skip
     try:
         recent = [e.item_id for e in runtime.event_store.recent(user_id)]
     except RedisDown:
@@ -63,7 +79,7 @@ def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, exclude
         generation = None  # and this list must not be cached
     anonymous = not recent and user_id not in engine.bundle.user_rows
     if anonymous and generation is not None:  # shared by every unknown user: no cache entry per user id
-        _, shared = _cached(runtime, engine, ANONYMOUS, key)
+        shared = _cached(runtime, engine, ANONYMOUS, key)
         if shared is not None:
             body = RecommendationList.model_validate_json(shared.body)
             return body.model_copy(update={"user_id": user_id})
@@ -77,6 +93,7 @@ def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, exclude
             computed_at=time.time(),
             item_ids=[item.id for item in response.items],
             body=response.model_copy(update={"cached": True}).model_dump_json(),
+            user_vector=ranking.strategy == "user_vector" and diversity is None,
         )
         with contextlib.suppress(RedisDown):  # a failed put is a later miss
             if anonymous:
@@ -100,30 +117,63 @@ def cache_key(engine: Engine, *, k: int, exclude_seen: bool, diversity: CodeDive
     return key
 
 
-def _cached(runtime: Runtime, engine: Engine, user_id: str, key: str) -> tuple[str | None, CachedList | None]:
-    """(the user's cache generation, or None when the cache is unreachable; a usable entry or None)."""
+def _cached(runtime: Runtime, engine: Engine, user_id: str, key: str) -> CachedList | None:
+    """A usable entry of the cache, or None (also when the cache is unreachable)."""
     try:
-        generation, payload = runtime.cache.get(user_id, key)
+        _, payload = runtime.cache.get(user_id, key)
     except RedisDown:
-        runtime.metrics.cache_requests.labels(result="error").inc()
-        return None, None
+        return None
+    return _usable_hit(runtime, engine, user_id, payload, counted=user_id != ANONYMOUS)
+
+
+def _usable_hit(runtime: Runtime, engine: Engine, user_id: str, payload: str | None, *, counted: bool) -> CachedList | None:
     entry = CachedList.decode(payload) if payload is not None else None
-    if entry is not None and usable(entry, engine, staleness_s=runtime.settings.cache_new_item_staleness_s):
+    body = served_body(entry, engine, user_id, staleness_s=runtime.settings.cache_new_item_staleness_s) if entry else None
+    if entry is not None and body is not None:
         runtime.metrics.cache_requests.labels(result="hit").inc()
-        return generation, entry
-    if user_id != ANONYMOUS:
+        return entry if body is entry.body else replace(entry, body=body)
+    if counted:
         runtime.metrics.cache_requests.labels(result="miss").inc()
-    return generation, None
+    return None
 
 
-def usable(entry: CachedList, engine: Engine, *, staleness_s: float) -> bool:
-    """An entry may be served unless it lists an item deleted since, or items were ingested since it was computed
-    and it is older than the staleness bound."""
+MAX_MERGED_NEW_ITEMS = 4096  # beyond this many items ingested since an entry, recomputing costs less than merging
+
+
+def served_body(entry: CachedList, engine: Engine, user_id: str, *, staleness_s: float) -> str | None:
+    """The body to serve for a cache entry, or None when it must be recomputed.
+
+    Never when it lists an item deleted since. When items were ingested since it was computed: a list ranked by the
+    user's own vector gets them merged in (scored against that vector: the same list a fresh computation gives);
+    any other list is served until it is ``staleness_s`` old.
+    """
     catalogue = engine.catalogue
     state = catalogue.state
-    if state.last_ingest_version > entry.catalogue_version and time.time() - entry.computed_at > staleness_s:
-        return False
-    return all(catalogue.live_row(item_id, state) is not None for item_id in entry.item_ids)
+    if not all(catalogue.live_row(item_id, state) is not None for item_id in entry.item_ids):
+        return None
+    if state.last_ingest_version <= entry.catalogue_version:
+        return entry.body
+    user_row = engine.bundle.user_rows.get(user_id)
+    if entry.user_vector and user_row is not None and engine.bundle.user_vectors is not None:
+        new_rows = catalogue.ingested_since(entry.catalogue_version, state)
+        if len(new_rows) <= MAX_MERGED_NEW_ITEMS:
+            return _merged(entry, engine, new_rows, engine.bundle.user_vectors[user_row], state.version)
+    if time.time() - entry.computed_at > staleness_s:
+        return None
+    return entry.body
+
+
+def _merged(entry: CachedList, engine: Engine, rows: list[int], query: np.ndarray, version: str) -> str:
+    if not rows:
+        return entry.body
+    body = json.loads(entry.body)
+    scores = engine.catalogue.vectors(rows) @ query  # (n_new,)
+    candidates = [(item["id"], float(item["score"])) for item in body["items"]]
+    candidates += [(engine.catalogue.item_id(r), float(s)) for r, s in zip(rows, scores, strict=True)]
+    candidates.sort(key=lambda pair: -pair[1])
+    body["items"] = [{"id": i, "score": s} for i, s in candidates[: body["k"]]]
+    body["catalogue_version"] = version
+    return json.dumps(body, separators=(",", ":"))
 
 
 def recommend_for_history(runtime: Runtime, history: list[str], *, k: int | None, exclude_seen: bool,

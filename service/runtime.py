@@ -11,7 +11,6 @@ How catalogue changes reach the catalogue:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
 from collections.abc import Sequence
@@ -146,8 +145,9 @@ class Runtime:
         self.write_lock = threading.Lock()  # embedded writes; in Redis mode, the follower's changes and swaps
         self.applied = AppliedVersion()
         self._prepared: dict[str, Engine] = {}  # reloads announced by this replica: stream position -> engine
-        self.batcher = SearchBatcher(max_wait_ms=settings.batch_max_wait_ms, max_size=settings.batch_max_size)
-        faiss.omp_set_num_threads(settings.faiss_threads or ((os.cpu_count() or 1) if self.batcher.enabled else 1))
+        self.batcher = SearchBatcher(max_wait_ms=settings.batch_max_wait_ms, max_size=settings.batch_max_size,
+                                     faiss_threads=settings.faiss_threads)  # fmt: skip
+        faiss.cvar.distance_compute_blas_threshold = settings.faiss_blas_threshold
         try:
             self.engine = Engine.open(settings, self.plan, self.batcher)
             position = self._first_sync()

@@ -5,13 +5,47 @@ Build it explicitly (``ServiceSettings(bundle_dir=...)``) in tests and the CLI; 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+import limits
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.redaction import redact_url
+
 Device = Literal["auto", "cpu", "cuda"]
+Scope = Literal["read", "write", "admin"]
+SCOPES: tuple[Scope, ...] = ("read", "write", "admin")
+MIN_KEY_LENGTH = 16  # 16 random characters; `secrets.token_urlsafe(32)` gives 43
+KEY_HINT = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+RateLimitStrategy = Literal["sliding-window-counter", "moving-window", "fixed-window"]
+# Settings that can be read from a file instead (Docker secrets): the file's text, surrounding whitespace stripped.
+SECRET_FILES = {"api_key_file": "api_key", "api_keys_file": "api_keys", "redis_url_file": "redis_url"}
+
+
+class ApiKey(BaseModel):
+    """One named key: what a client sends in X-API-Key, and what it may do."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
+                      description="Names the key in 403 messages and rate limits (never the secret itself).")  # fmt: skip
+    key: SecretStr = Field(description=f"The secret, at least {MIN_KEY_LENGTH} characters.")
+    scopes: frozenset[Scope] = Field(min_length=1, description="read, write and/or admin.")
+
+    @field_validator("key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        _check_key_length("key", value)
+        return value
+
+
+def _check_key_length(what: str, value: SecretStr) -> None:
+    length = len(value.get_secret_value())
+    if length < MIN_KEY_LENGTH:
+        raise ValueError(f"{what} is too short ({length} characters): keys need at least {MIN_KEY_LENGTH}; {KEY_HINT}")
 
 
 class ServiceSettings(BaseSettings):
@@ -21,6 +55,7 @@ class ServiceSettings(BaseSettings):
     bundle_dir: Path = Field(description="Directory holding manifest.json and the bundle files.")
     redis_url: str | None = Field(
         default=None,
+        repr=False,  # may hold a password
         description="redis://host:port/db. None: embedded mode (in-process cache, SQLite state in state_dir).",
     )
     redis_prefix: str = Field(default="mmrec", min_length=1, max_length=64, description="Prefix of every Redis key.")
@@ -30,7 +65,11 @@ class ServiceSettings(BaseSettings):
         "(default: a 'state' directory next to bundle_dir, so it outlives bundle upgrades).",
     )
     device: Device = "auto"
-    api_key: SecretStr | None = Field(default=None, description="Required in X-API-Key on writes; None: writes open.")
+    api_key: SecretStr | None = Field(
+        default=None,
+        description=f"One key with every scope (read, write, admin), at least {MIN_KEY_LENGTH} characters; "
+        "None and no api_keys: everything open.",
+    )
     cache_ttl_s: float = Field(default=300.0, gt=0)
     cache_max_entries: int = Field(default=50_000, ge=1, description="Embedded cache only: LRU bound.")
     default_k: int = Field(default=10, ge=1)
@@ -61,9 +100,13 @@ class ServiceSettings(BaseSettings):
         default=2.0, ge=0, le=100, description="Micro-batching: concurrent searches gathered for at most this long "
         "are answered by one FAISS call; 0 turns batching off.")  # fmt: skip
     batch_max_size: int = Field(default=64, ge=1, le=4096, description="Micro-batching: most searches in one batch.")
-    faiss_threads: int | None = Field(
-        default=None, ge=1, description="OpenMP threads of a FAISS search. Default: all cores with batching on (one "
-        "batch at a time), 1 with it off (concurrent requests each search; more would oversubscribe the cores).")  # fmt: skip
+    faiss_threads: int = Field(
+        default=1, ge=1, description="OpenMP threads of a FAISS search. 1: the event loop needs the other core, and "
+        "OpenMP threads that spin-wait collapse when the cores are oversubscribed (a 2-thread batch measured 10-20x "
+        "slower than a 1-thread one on a loaded 2-core machine).")  # fmt: skip
+    faiss_blas_threshold: int = Field(
+        default=16, ge=1, description="Batches of at least this many queries are scored by one BLAS matrix product "
+        "(FAISS's distance_compute_blas_threshold, whose default 128000 never lets a micro-batch use BLAS).")  # fmt: skip
 
     @field_validator("api_key")
     @classmethod
@@ -71,13 +114,15 @@ class ServiceSettings(BaseSettings):
         # Like full-stack-fastapi-template: a placeholder secret is worse than none, it looks protected.
         if value is not None and value.get_secret_value() in {"", "changethis", "changeme"}:
             raise ValueError("api_key is a placeholder; set a real secret or leave it unset")
+        if value is not None:
+            _check_key_length("api_key", value)
         return value
 
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {value!r}")
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {redact_url(value)!r}")
         return value
 
     @model_validator(mode="after")
@@ -86,6 +131,60 @@ class ServiceSettings(BaseSettings):
             raise ValueError(f"default_k ({self.default_k}) exceeds max_k ({self.max_k})")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        """``*_file`` settings (Docker secrets): the value of their twin setting, read from the file."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for file_field, field in SECRET_FILES.items():
+            path = data.get(file_field)
+            if path is None:
+                continue
+            if data.get(field) not in (None, (), []):
+                raise ValueError(f"set {field} or {file_field}, not both")
+            try:
+                text = Path(path).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{file_field}: cannot read {path} ({type(exc).__name__}: {exc.strerror if isinstance(exc, OSError) else exc})") from exc
+            if not text:
+                raise ValueError(f"{file_field}: {path} is empty")
+            if field == "api_keys":
+                try:
+                    data[field] = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{file_field}: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+            else:
+                data[field] = text
+        return data
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> ServiceSettings:
+        keys = self.keys
+        names = [k.name for k in keys]
+        if len(set(names)) != len(names):
+            raise ValueError(f"api key names must be unique, got {sorted(names)} (api_key is named 'api_key')")
+        secrets_ = [k.key.get_secret_value() for k in keys]
+        if len(set(secrets_)) != len(secrets_):
+            raise ValueError("two api keys have the same secret: give every key its own")
+        return self
+
+    @field_validator("rate_limit_per_client", "rate_limit_per_key", "rate_limit_auth_failures")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        try:
+            limits.parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a rate limit: write e.g. '600/minute' or '20/second; 600/minute'") from exc
+        return value
+
+    @property
+    def keys(self) -> tuple[ApiKey, ...]:
+        """Every configured key: ``api_key`` (named 'api_key', all scopes) and the named ``api_keys``."""
+        legacy = () if self.api_key is None else (ApiKey(name="api_key", key=self.api_key, scopes=frozenset(SCOPES)),)
+        return legacy + self.api_keys
+
     @property
     def resolved_state_dir(self) -> Path:
         return self.state_dir if self.state_dir is not None else self.bundle_dir.resolve().parent / "state"
@@ -93,3 +192,49 @@ class ServiceSettings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.redis_url is None
+
+    # --- access: keys, scopes, secrets from files, rate limits (access helper) ---
+    api_key_file: Path | None = Field(
+        default=None,
+        description="A file holding api_key (e.g. a Docker secret in /run/secrets/); instead of api_key.",
+    )
+    api_keys: tuple[ApiKey, ...] = Field(
+        default=(),
+        description='Named keys with scopes, as JSON: [{"name": "ingest", "key": "...", "scopes": ["write"]}]. '
+        "Several keys with the same scopes allow rotation: add the new one, move clients, remove the old one.",
+    )
+    api_keys_file: Path | None = Field(default=None, description="A file holding api_keys (JSON); instead of api_keys.")
+    redis_url_file: Path | None = Field(
+        default=None, description="A file holding redis_url (it may carry the Redis password); instead of redis_url."
+    )
+    read_access: Literal["open", "keyed"] = Field(
+        default="open",
+        description="open: reads need no key; keyed: reads need a key with the read scope (once keys are configured). "
+        "GET /v1/users/{id}/events (per-user data) needs the read scope whenever keys are configured.",
+    )
+    allow_open_writes: bool = Field(
+        default=False,
+        description="mmrec-serve refuses to listen on a non-loopback address without keys unless this is set.",
+    )
+    forwarded_allow_ips: str = Field(
+        default="127.0.0.1,::1",
+        description="Proxies whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips): the per-client "
+        "rate limits count that address. '*' trusts every peer: only where clients cannot reach the service directly.",
+    )
+    rate_limit_enabled: bool = Field(default=True, description="Apply the rate limits below.")
+    rate_limit_strategy: RateLimitStrategy = Field(
+        default="sliding-window-counter",
+        description="The `limits` library's strategy for rate_limit_per_client and rate_limit_per_key: "
+        "sliding-window-counter (two counters per client, smooth), moving-window (exact, one entry per request), "
+        "fixed-window (one counter, bursts at window edges). rate_limit_auth_failures is always a moving window.",
+    )
+    rate_limit_per_client: str = Field(
+        default="3000/minute",
+        description="Requests without a valid key, per client address (limits notation: '50/second; 3000/minute').",
+    )
+    rate_limit_per_key: str = Field(default="30000/minute", description="Requests with a valid key, per key name.")
+    rate_limit_auth_failures: str = Field(
+        default="30/minute",
+        description="Failed authentications (missing or unknown key where one is needed) per client address; past "
+        "it, every request of that client that presents or needs a key answers 429 until the window frees up.",
+    )

@@ -110,7 +110,7 @@ def test_compose_gpu_api_reserves_an_nvidia_gpu(compose: dict[str, Any]) -> None
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert env_of(api_gpu)["MMREC_DEVICE"] == "cuda"
     assert api_gpu["build"]["dockerfile"] == "docker/service-gpu.Dockerfile"
-    published = {p.split(":")[0] for s in ("api", "api-gpu") for p in compose["services"][s]["ports"]}
+    published = {p.split(":")[0] for s in ("lb", "api-gpu") for p in compose["services"][s]["ports"]}
     assert len(published) == 2  # both can run at once
 
 
@@ -152,6 +152,25 @@ def test_trainer_image_installs_cpu_torch_and_the_train_extra() -> None:
     assert installs == ["pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu", 'pip install ".[train]"']
 
 
+@pytest.mark.parametrize("dockerfile", ["service-cpu.Dockerfile", "service-gpu.Dockerfile", "trainer.Dockerfile"])
+def test_images_run_as_the_same_non_root_user(dockerfile: str) -> None:
+    parsed = instructions(dockerfile)
+    users = [args for kw, args in parsed if kw == "USER"]
+    assert users == ["mmrec"]
+    useradd = next(args for kw, args in parsed if kw == "RUN" and "useradd" in args)
+    assert "--uid 10001" in useradd  # one uid in every image: the api reads what the trainer wrote
+    assert [kw for kw, _ in parsed].index("USER") > max(i for i, (kw, args) in enumerate(parsed) if kw == "RUN")
+
+
+def test_trainer_image_owns_its_volume_mount_points_before_declaring_them() -> None:
+    parsed = instructions("trainer.Dockerfile")
+    volumes = next(args for kw, args in parsed if kw == "VOLUME")
+    chown = next(args for kw, args in parsed if kw == "RUN" and "chown" in args)
+    for mount in ("/bundles", "/var/lib/mmrec"):
+        assert mount in volumes and mount in chown.split("chown", 1)[1]
+    assert [kw for kw, _ in parsed].index("USER") < [kw for kw, _ in parsed].index("VOLUME")
+
+
 @pytest.mark.parametrize("dockerfile", ["service-cpu.Dockerfile", "service-gpu.Dockerfile"])
 def test_service_images_run_mmrec_serve_as_non_root_with_a_readyz_healthcheck(dockerfile: str) -> None:
     parsed = instructions(dockerfile)
@@ -159,3 +178,90 @@ def test_service_images_run_mmrec_serve_as_non_root_with_a_readyz_healthcheck(do
     assert "USER" in keywords and dict(parsed)["USER"] != "root"
     assert "/readyz" in dict(parsed)["HEALTHCHECK"]
     assert dict(parsed)["CMD"].startswith('["mmrec-serve", "--host", "0.0.0.0"')
+
+
+# --- secure by default, several replicas behind a load balancer ---
+
+
+def resolved_env(service: dict[str, Any], **variables: str) -> dict[str, str]:
+    """The service's environment as compose interpolates it: ``${VAR:-default}`` and ``${VAR:?error}`` from
+    ``variables``, else the default; an unset ``${VAR:?error}`` raises, as ``docker compose up`` would refuse."""
+
+    def one(match: re.Match[str]) -> str:
+        name, kind, text = match["name"], match["kind"], match["text"]
+        if variables.get(name):
+            return variables[name]
+        if kind == ":?":
+            raise LookupError(f"{name}: {text}")
+        return text
+
+    return {k: re.sub(r"\$\{(?P<name>\w+)(?P<kind>:-|:\?)(?P<text>[^}]*)\}", one, v) for k, v in env_of(service).items()}
+
+
+@pytest.mark.parametrize("name", ["api", "api-gpu"])
+def test_compose_refuses_to_start_without_an_api_key(compose: dict[str, Any], name: str) -> None:
+    api = compose["services"][name]
+    assert re.fullmatch(r"\$\{MMREC_API_KEY:\?.*MMREC_API_KEY.*README.*\}", env_of(api)["MMREC_API_KEY"])
+    with pytest.raises(LookupError, match="set MMREC_API_KEY \\(at least 16 characters"):
+        resolved_env(api)
+
+
+@pytest.mark.parametrize("name", ["api", "api-gpu"])
+def test_compose_api_environment_is_valid_settings_with_a_key(compose: dict[str, Any], name: str) -> None:
+    from service.settings import ServiceSettings
+
+    env = resolved_env(compose["services"][name], MMREC_API_KEY="k" * 32)
+    settings = ServiceSettings(**{k.removeprefix("MMREC_").lower(): v for k, v in env.items()})
+    assert [k.name for k in settings.keys] == ["api_key"] and settings.read_access == "open"
+    assert not settings.allow_open_writes
+
+
+def test_compose_api_replicas_sit_behind_the_load_balancer(compose: dict[str, Any]) -> None:
+    api, lb = compose["services"]["api"], compose["services"]["lb"]
+    # `docker compose up --scale api=N` needs replicas without a fixed host port or container name.
+    assert "ports" not in api and "container_name" not in api and "8000" in [str(p) for p in api["expose"]]
+    assert lb["image"].startswith("nginx:")
+    assert lb["depends_on"]["api"]["condition"] == "service_healthy"
+    assert lb["ports"] == ["8000:8000"]
+    source, mode = mounts(lb)["/etc/nginx/conf.d/default.conf"]
+    assert (ROOT / source).resolve() == DOCKER / "nginx.conf" and mode == "ro"
+    assert any("/readyz" in part for part in lb["healthcheck"]["test"])
+    # The replicas take the client's address from lb's X-Forwarded-For: only lb can reach them (no published port).
+    assert env_of(api)["MMREC_FORWARDED_ALLOW_IPS"] == "*"
+
+
+def nginx_directives() -> list[tuple[str, str]]:
+    """(directive, arguments) of docker/nginx.conf: comments dropped, blocks flattened."""
+    text = "\n".join(line.split("#", 1)[0] for line in (DOCKER / "nginx.conf").read_text().splitlines())
+    statements = re.split(r"[;{}]", text)
+    return [(s.split()[0], " ".join(s.split()[1:])) for s in statements if s.split()]
+
+
+def test_nginx_conf_spreads_requests_over_every_replica_and_passes_the_client_address() -> None:
+    from service.settings import ServiceSettings
+
+    directives = nginx_directives()
+    values = dict(directives)
+    assert values["resolver"].startswith("127.0.0.11 valid=")  # Docker's DNS: every replica of `api`, re-resolved
+    assert values["set"] == "$api http://api:8000" and values["proxy_pass"] == "$api"
+    assert values["listen"] == "8000"
+    headers = {args.split()[0]: args.split(None, 1)[1] for d, args in directives if d == "proxy_set_header"}
+    assert headers["X-Forwarded-For"] == "$remote_addr"  # overwritten, so a client cannot pick its own address
+    size = values["client_max_body_size"]
+    assert int(size.rstrip("m")) * 1024 * 1024 > ServiceSettings.model_fields["max_body_bytes"].default
+    assert "non_idempotent" not in values["proxy_next_upstream"]  # a write is never sent twice
+
+
+def test_nginx_access_log_leaves_query_strings_out() -> None:
+    directives = nginx_directives()
+    log_format = next(args for d, args in directives if d == "log_format")
+    assert log_format.startswith("mmrec ") and "$uri" in log_format
+    for leaky in ("$request ", "$request\"", "$request_uri", "$args", "$query_string", "$http_x_api_key"):
+        assert leaky not in log_format
+    assert dict(directives)["access_log"].endswith(" mmrec")
+
+
+def test_readme_documents_replicas_and_the_key() -> None:
+    deploying = (ROOT / "README.md").read_text().split("## Deploying", 1)[1].split("\n## ", 1)[0]
+    assert "docker compose up --scale api=3" in deploying
+    assert "MMREC_API_KEY" in deploying and "refuses" in deploying

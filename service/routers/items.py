@@ -6,7 +6,7 @@ from fastapi import APIRouter, Body, status
 from pydantic import Discriminator, Tag
 
 from service import reads, writes
-from service.deps import ItemIdPath, KParam, RuntimeDep, WriteAccess
+from service.deps import AdminAccess, ItemIdPath, KParam, ReadAccess, RuntimeDep, WriteAccess
 from service.schemas import ErrorResponse, ItemCreate, ItemDeleted, ItemPublic, SimilarItems
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
@@ -44,12 +44,12 @@ def ingest(body: ItemsBody, runtime: RuntimeDep) -> ItemPublic | list[ItemPublic
     return writes.ingest_items(runtime, [body])[0]
 
 
-@router.get("/{item_id}", response_model=ItemPublic, responses={404: {"model": ErrorResponse}})
+@router.get("/{item_id}", response_model=ItemPublic, responses={404: {"model": ErrorResponse}}, dependencies=[ReadAccess])
 def get_item(item_id: ItemIdPath, runtime: RuntimeDep) -> ItemPublic:
     return reads.get_item(runtime, item_id)
 
 
-@router.get("/{item_id}/similar", response_model=SimilarItems, responses={404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}})
+@router.get("/{item_id}/similar", response_model=SimilarItems, responses={404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}, dependencies=[ReadAccess])
 def similar(item_id: ItemIdPath, runtime: RuntimeDep, k: KParam = None) -> SimilarItems:
     """The k items whose vectors have the largest inner product with this item's vector."""
     return reads.similar_items(runtime, item_id, k=k)
@@ -58,7 +58,7 @@ def similar(item_id: ItemIdPath, runtime: RuntimeDep, k: KParam = None) -> Simil
 @router.delete(
     "/{item_id}",
     response_model=ItemDeleted,
-    dependencies=[WriteAccess],
+    dependencies=[AdminAccess],
     responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
 def delete(item_id: ItemIdPath, runtime: RuntimeDep) -> ItemDeleted:

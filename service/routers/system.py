@@ -4,7 +4,7 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import writes
-from service.deps import RuntimeDep, WriteAccess
+from service.deps import AdminAccess, ReadAccess, RuntimeDep
 from service.schemas import ErrorResponse, Health, IndexInfo, ModalityInfo, ModelInfo, Readiness, ReloadResult
 
 router = APIRouter(tags=["system"])
@@ -29,7 +29,7 @@ def metrics(runtime: RuntimeDep) -> Response:
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models", response_model=ModelInfo, tags=["models"])
+@router.get("/v1/models", response_model=ModelInfo, tags=["models"], dependencies=[ReadAccess])
 def models(runtime: RuntimeDep) -> ModelInfo:
     """The served model, its bundle, and where it runs (device, onnxruntime providers, FAISS on GPU)."""
     engine = runtime.engine
@@ -71,7 +71,7 @@ def models(runtime: RuntimeDep) -> ModelInfo:
 @router.post(
     "/v1/admin/reload",
     response_model=ReloadResult,
-    dependencies=[WriteAccess],
+    dependencies=[AdminAccess],
     tags=["admin"],
     responses={401: {"model": ErrorResponse}, 409: {"model": ErrorResponse, "description": "The bundle on disk is invalid; the old one keeps serving."}},
 )

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from service import reads, writes
-from service.deps import RuntimeDep, UserIdPath, WriteAccess
+from service.deps import RuntimeDep, UserDataAccess, UserIdPath, WriteAccess
 from service.schemas import ErrorResponse, EventsCreate, EventsRecorded, UserEvents
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
@@ -26,7 +26,7 @@ def record_events(user_id: UserIdPath, body: EventsCreate, runtime: RuntimeDep) 
     return writes.record_events(runtime, user_id, body.events)
 
 
-@router.get("/{user_id}/events", response_model=UserEvents, responses={503: {"model": ErrorResponse}})
+@router.get("/{user_id}/events", response_model=UserEvents, responses={503: {"model": ErrorResponse}}, dependencies=[UserDataAccess])
 def list_events(user_id: UserIdPath, runtime: RuntimeDep) -> UserEvents:
     """The user's retained events, most recent last."""
     return reads.user_events(runtime, user_id)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-API_KEY = "test-secret-key"
+API_KEY = "test-secret-key-0123"
 REPO = Path(__file__).resolve().parents[2]
 REDIS_DB = 11  # away from db 0, which a developer's own service may use
 

@@ -78,6 +78,62 @@ def test_load_bundle_refuses_vectors_of_the_wrong_shape(bundle_copy: Path) -> No
         load_bundle(bundle_copy, plan=CPU)
 
 
+def _flip_bytes_in_the_index_vectors(bundle: Path, row: int) -> None:
+    """Flip bytes inside the float32 payload of the FAISS index (row ``row``), then recompute every sha256: the
+    index passes the hash check and FAISS reads it."""
+    vectors = np.load(bundle / "item_vectors.npy")
+    data = bytearray((bundle / "item_index.faiss").read_bytes())
+    start = bytes(data).find(vectors.tobytes())
+    assert start > 0, "the index stores the vectors verbatim"
+    offset = start + vectors[:row].nbytes + 5
+    data[offset : offset + 3] = bytes(b ^ 0x5A for b in data[offset : offset + 3])
+    (bundle / "item_index.faiss").write_bytes(bytes(data))
+    write_manifest(bundle, json.loads((bundle / "manifest.json").read_text()))
+
+
+@pytest.mark.parametrize("row", [0, 77, 119])
+def test_load_bundle_refuses_an_index_whose_vectors_were_flipped_under_a_recomputed_sha256(bundle_copy: Path, row: int) -> None:
+    _flip_bytes_in_the_index_vectors(bundle_copy, row)
+    import faiss
+
+    assert faiss.read_index(str(bundle_copy / "item_index.faiss")).ntotal == 120  # FAISS itself sees nothing wrong
+    with pytest.raises(BundleError, match=rf"item_index\.faiss: its vectors differ from item_vectors\.npy \(first at row {row}\)"):
+        load_bundle(bundle_copy, plan=CPU)
+
+
+def test_load_bundle_refuses_a_flipped_hnsw_index(tmp_path: Path, sequence_bundle: SyntheticBundle) -> None:
+    target = tmp_path / "hnsw"
+    shutil.copytree(sequence_bundle.path, target)
+    _flip_bytes_in_the_index_vectors(target, 3)
+    with pytest.raises(BundleError, match=r"item_index\.faiss: its vectors differ from item_vectors\.npy \(first at row 3\)"):
+        load_bundle(target, plan=CPU)
+
+
+def test_load_bundle_refuses_an_index_built_from_other_vectors(bundle_copy: Path) -> None:
+    import faiss
+
+    vectors = np.load(bundle_copy / "item_vectors.npy")
+    other = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+    other.add_with_ids(vectors[::-1].copy(), np.arange(len(vectors), dtype=np.int64))  # same rows, other order
+    faiss.write_index(other, str(bundle_copy / "item_index.faiss"))
+    write_manifest(bundle_copy, json.loads((bundle_copy / "manifest.json").read_text()))
+    with pytest.raises(BundleError, match=r"item_index\.faiss: its vectors differ from item_vectors\.npy \(first at row 0\)"):
+        load_bundle(bundle_copy, plan=CPU)
+
+
+def test_load_bundle_refuses_an_index_type_it_cannot_check(bundle_copy: Path) -> None:
+    import faiss
+
+    vectors = np.load(bundle_copy / "item_vectors.npy")
+    quantised = faiss.IndexIDMap2(faiss.IndexScalarQuantizer(vectors.shape[1], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT))
+    quantised.train(vectors)
+    quantised.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
+    faiss.write_index(quantised, str(bundle_copy / "item_index.faiss"))
+    write_manifest(bundle_copy, json.loads((bundle_copy / "manifest.json").read_text()))
+    with pytest.raises(BundleError, match=r"item_index\.faiss: an index of type IndexScalarQuantizer cannot be checked against item_vectors\.npy"):
+        load_bundle(bundle_copy, plan=CPU)
+
+
 def test_load_bundle_refuses_a_file_outside_the_bundle(bundle_copy: Path) -> None:
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["files"]["../elsewhere.npy"] = "0" * 64

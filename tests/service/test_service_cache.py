@@ -90,13 +90,27 @@ def test_cache_ingestion_keeps_cached_lists_within_the_staleness_bound(cached_cl
 def test_cache_ingestion_refreshes_lists_older_than_the_staleness_bound(
     make_settings: Callable[..., ServiceSettings], serve: Serve, backend: dict[str, Any]
 ) -> None:
+    """A list not ranked by a user vector (here: an unknown user's history mean) cannot take new items in, so it
+    is recomputed once it predates an ingestion by more than the bound (0 here)."""
+    with serve(make_settings(cache_new_item_staleness_s=0, **backend)) as client:
+        assert client.post("/v1/users/stranger/events", json={"events": [{"item_id": "i3"}]}).status_code == 201
+        before = _recommend(client, user="stranger")
+        assert before["strategy"] == "history" and _recommend(client, user="stranger")["cached"] is True
+        assert client.post("/v1/items", json={"id": "brand-new", "features": {"tags": [1.0] * 8}}).status_code == 201
+        after = _recommend(client, user="stranger")
+        assert after["cached"] is False and after["catalogue_version"] != before["catalogue_version"]
+        assert _recommend(client, user="stranger")["cached"] is True  # computed after the ingestion: served again
+
+
+def test_cache_merges_new_items_into_lists_ranked_by_the_users_vector(
+    make_settings: Callable[..., ServiceSettings], serve: Serve, backend: dict[str, Any]
+) -> None:
     with serve(make_settings(cache_new_item_staleness_s=0, **backend)) as client:
         before = _recommend(client)
-        assert _recommend(client)["cached"] is True
+        assert before["strategy"] == "user_vector"
         assert client.post("/v1/items", json={"id": "brand-new", "features": {"tags": [1.0] * 8}}).status_code == 201
         after = _recommend(client)
-        assert after["cached"] is False and after["catalogue_version"] != before["catalogue_version"]
-        assert _recommend(client)["cached"] is True  # computed after the ingestion: served again
+        assert after["cached"] is True and after["catalogue_version"] != before["catalogue_version"]
 
 
 def test_cache_never_serves_a_deleted_item(cached_client: TestClient) -> None:

@@ -11,7 +11,7 @@ from service.client import RecommendationClient, ServiceHTTPError
 from service.schemas import ItemCreate
 
 
-def test_client_sends_the_api_key_on_writes_only_and_quotes_ids() -> None:
+def test_client_sends_the_api_key_on_every_request_and_quotes_ids() -> None:
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -23,7 +23,7 @@ def test_client_sends_the_api_key_on_writes_only_and_quotes_ids() -> None:
     with RecommendationClient("http://svc", api_key="k", transport=httpx.MockTransport(handler)) as client:
         client.get_item("a/b")
         client.delete_item("a/b")
-    assert seen[0].url.raw_path == b"/v1/items/a%2Fb" and "x-api-key" not in seen[0].headers
+    assert seen[0].url.raw_path == b"/v1/items/a%2Fb" and seen[0].headers["x-api-key"] == "k"
     assert seen[1].headers["x-api-key"] == "k"
 
 

@@ -107,18 +107,18 @@ def test_ingest_into_a_bundle_without_item_encoder_is_422(make_settings: Callabl
 
 
 WRITES = [
-    ("POST", "/v1/items", {"json": {"id": "w", "features": {"tags": TAGS}}}),
-    ("DELETE", "/v1/items/i1", {}),
-    ("POST", "/v1/users/u1/events", {"json": {"events": [{"item_id": "i1"}]}}),
-    ("POST", "/v1/admin/reload", {}),
+    ("POST", "/v1/items", {"json": {"id": "w", "features": {"tags": TAGS}}}, "write"),
+    ("DELETE", "/v1/items/i1", {}, "admin"),
+    ("POST", "/v1/users/u1/events", {"json": {"events": [{"item_id": "i1"}]}}, "write"),
+    ("POST", "/v1/admin/reload", {}, "admin"),
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "kwargs"), WRITES, ids=[f"{m} {p}" for m, p, _ in WRITES])
-def test_writes_need_the_api_key(secured_client: TestClient, method: str, path: str, kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("method", "path", "kwargs", "scope"), WRITES, ids=[f"{m} {p}" for m, p, _, _ in WRITES])
+def test_writes_need_the_api_key(secured_client: TestClient, method: str, path: str, kwargs: dict[str, Any], scope: str) -> None:
     missing = secured_client.request(method, path, **kwargs)
     assert missing.status_code == 401
-    assert missing.json()["detail"] == "missing X-API-Key header: writes need the service's API key"
+    assert missing.json()["detail"] == f"missing X-API-Key header: this endpoint needs an API key with the {scope!r} scope"
     wrong = secured_client.request(method, path, headers={"X-API-Key": "guess"}, **kwargs)
     assert wrong.status_code == 401 and wrong.json()["detail"] == "invalid API key in X-API-Key"
     right = secured_client.request(method, path, headers={"X-API-Key": API_KEY}, **kwargs)

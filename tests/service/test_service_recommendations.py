@@ -119,6 +119,26 @@ def test_ingested_item_is_ranked_with_trained_items(client: TestClient, features
     assert ids(body)[0] == "fresh"
 
 
+def test_cached_list_takes_an_ingested_item_at_once(client: TestClient, features_bundle: SyntheticBundle) -> None:
+    """A user's list cached before an ingestion is served from the cache with the new item merged in: the same
+    list as numpy over trained + new items (no staleness for lists ranked by the user's vector)."""
+    user_row = 2
+    user_vector = features_bundle.user_vectors[user_row]  # type: ignore[index]
+    assert client.get(f"/v1/users/u{user_row}/recommendations", params={"k": 10}).json()["cached"] is False
+    target = 10 * user_vector / np.linalg.norm(user_vector)
+    tags_weight = features_bundle.weight[:8]
+    tags = np.linalg.lstsq(tags_weight.T, target - features_bundle.bias - features_bundle.weight[8], rcond=None)[0]
+    assert client.post("/v1/items", json={"id": "fresh", "features": {"tags": tags.tolist()}}).status_code == 201
+    new_vector = features_bundle.encode({"tags": tags.astype(np.float32)})
+    expected = exact_top_k(np.vstack([features_bundle.item_vectors, new_vector]), user_vector, 10,
+                           exclude=features_bundle.history[user_row])  # fmt: skip
+    body = client.get(f"/v1/users/u{user_row}/recommendations", params={"k": 10}).json()
+    assert body["cached"] is True
+    assert ids(body) == [(features_bundle.item_ids + ["fresh"])[r] for r in expected] and ids(body)[0] == "fresh"
+    scores = np.vstack([features_bundle.item_vectors, new_vector]) @ user_vector
+    np.testing.assert_allclose([i["score"] for i in body["items"]], scores[expected], rtol=1e-4)
+
+
 def test_deleted_item_leaves_every_ranking(make_settings: Callable[..., ServiceSettings], serve: Serve) -> None:
     with serve(make_settings(max_k=500)) as client:
         top = ids(client.get("/v1/users/u1/recommendations", params={"k": 5}).json())

@@ -14,10 +14,10 @@ def test_settings_read_mmrec_environment(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setenv("MMREC_BUNDLE_DIR", str(tmp_path / "bundle"))
     monkeypatch.setenv("MMREC_REDIS_URL", "redis://example:6379/2")
     monkeypatch.setenv("MMREC_MAX_K", "50")
-    monkeypatch.setenv("MMREC_API_KEY", "s3cret")
+    monkeypatch.setenv("MMREC_API_KEY", "s3cret-of-16-chars")
     settings = ServiceSettings()
     assert settings.bundle_dir == tmp_path / "bundle" and settings.redis_url == "redis://example:6379/2"
-    assert settings.max_k == 50 and settings.api_key is not None and settings.api_key.get_secret_value() == "s3cret"
+    assert settings.max_k == 50 and settings.api_key is not None and settings.api_key.get_secret_value() == "s3cret-of-16-chars"
     assert "s3cret" not in repr(settings)
 
 
