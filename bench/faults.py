@@ -64,6 +64,9 @@ from bench.fault_harness import (
 
 PROPAGATION_GOAL_S = 1.0  # issue 12: a change made through one replica is served by the other within 1 s
 HIT_RATE_GOAL = 0.90  # issue 12: repeated users at 5 ingests/s
+# The bench's own key may send more than the default per-key budget: the limiter stays on (and in the path of
+# every request, Redis faults included), but this load is not what it is there to stop.
+BENCH_SETTINGS = {"MMREC_RATE_LIMIT_PER_KEY": "1000000/minute"}
 
 
 @dataclass(frozen=True)
@@ -462,24 +465,34 @@ def _contested_create(a: Server, b: Server, catalogue: Catalogue, tally: Tally, 
 
 
 def cache_under_ingestion(ctx: Context) -> Row:
+    """Two kinds of repeated users: trained users, whose lists are ranked by their own vector (new items are merged
+    into a cached list at once), and users known by their events only, whose lists are the mean of their history
+    (served from the cache until ``cache_new_item_staleness_s`` after an ingestion, then recomputed)."""
     work = ctx.workdir / "cache"
     plan, row, tally, ledger = ctx.plan, Row("6 cache under steady ingestion"), Tally(), Ledger()
     staleness_s = float(ctx.env.get("MMREC_CACHE_NEW_ITEM_STALENESS_S", os.environ.get("MMREC_CACHE_NEW_ITEM_STALENESS_S", 10.0)))
     store = RedisServer(work / "redis")
     store.start()
     server = Server("api", ctx.bundle, work / "api", redis_url=store.url, env=ctx.env)
-    users = ctx.catalogue.user_ids[: plan.cache_users]
+    n_history = plan.cache_users // 5
+    kinds = {u: "user vector" for u in ctx.catalogue.user_ids[: plan.cache_users - n_history]}
+    kinds |= {f"events-only-{n}": "history" for n in range(n_history)}
     stop_ingesting, stop_reading = threading.Event(), threading.Event()
     ingested_at: list[float] = []
+    cached_by_kind: dict[str, list[int]] = {kind: [0, 0] for kind in set(kinds.values())}  # [cached, answered]
     probes: list[dict[str, Any]] = []
     try:
         server.start()
+        rng = random.Random(6)
         with server.client() as client:
-            for user in users:  # each user's first request fills the cache: not counted in the window
+            for user, kind in kinds.items():
+                if kind == "history":
+                    _give_history(client, tally, ctx.catalogue, user, rng)
+                # each user's first request fills the cache: not counted in the window
                 send(client, tally, "GET", f"/v1/users/{user}/recommendations", params={"k": 10})
 
         def ingest() -> None:
-            rng = random.Random(6)
+            rng = random.Random(7)
             with server.client() as client:
                 next_at = time.monotonic()
                 while not stop_ingesting.is_set():
@@ -494,14 +507,18 @@ def cache_under_ingestion(ctx: Context) -> Row:
 
         def read(n: int) -> None:
             rng = random.Random(60 + n)
-            order = list(users)
+            order = list(kinds)
             with server.client() as client:
                 while not stop_reading.is_set():
                     rng.shuffle(order)
                     for user in order:
                         if stop_reading.is_set():
                             break
-                        send(client, tally, "GET", f"/v1/users/{user}/recommendations", params={"k": 10})
+                        response = send(client, tally, "GET", f"/v1/users/{user}/recommendations", params={"k": 10})
+                        if response is not None and response.status_code == 200:
+                            counts = cached_by_kind[kinds[user]]
+                            counts[0] += bool(response.json()["cached"])
+                            counts[1] += 1
 
         ingester = threading.Thread(target=ingest, daemon=True)
         ingester.start()
@@ -518,9 +535,14 @@ def cache_under_ingestion(ctx: Context) -> Row:
         for thread in readers:
             thread.join(timeout=60)
         ingests_in_window = sum(window_start <= t <= window_start + window_s for t in ingested_at)
-        # how long until a new item reaches a cached user's list, several users at once
-        probe_threads = [threading.Thread(target=lambda u=u: probes.append(_appearance(server, ctx.catalogue, tally, ledger, u, staleness_s)))
-                         for u in users[: plan.appearance_probes]]  # fmt: skip
+        # how long until a new item reaches a cached list, several users of each kind at once
+        probe_users = [u for u, k in kinds.items() if k == "user vector"][: plan.appearance_probes]
+        probe_users += [u for u, k in kinds.items() if k == "history"][: plan.appearance_probes]
+        probe_threads = [
+            threading.Thread(target=lambda u=u: probes.append(
+                _appearance(server, ctx.catalogue, tally, ledger, u, kinds[u], staleness_s)))
+            for u in probe_users
+        ]  # fmt: skip
         for thread in probe_threads:
             thread.start()
         for thread in probe_threads:
@@ -537,25 +559,44 @@ def cache_under_ingestion(ctx: Context) -> Row:
         store.stop()
     hits, misses = after["hit"] - before["hit"], after["miss"] - before["miss"]
     hit_rate = hits / (hits + misses) if hits + misses else 0.0
-    appeared = [p["seconds"] for p in probes if p["appeared"]]
+    by_kind = {kind: round(c[0] / c[1], 4) if c[1] else None for kind, c in cached_by_kind.items()}
+    appeared = {kind: sorted(p["seconds"] for p in probes if p["appeared"] and p["kind"] == kind) for kind in by_kind}
     row.count(tally)
     row.written(ledger, found)
     row.peaks(server)
     row.checks = {
         f"hit rate >= {HIT_RATE_GOAL:.0%} on repeated users": hit_rate >= HIT_RATE_GOAL,
-        f"new items in cached lists within the staleness bound ({staleness_s:g} s) + 1 s": bool(appeared)
-        and len(appeared) == len(probes) and max(appeared) <= staleness_s + 1.0,
+        f"new items in cached lists within the staleness bound ({staleness_s:g} s) + 1 s": bool(probes)
+        and all(p["appeared"] and p["seconds"] <= staleness_s + 1.0 for p in probes),
         "deleted items never served": all(p["deleted_served"] == 0 for p in probes),
         "0 failed requests": tally.failed == 0,
     }
-    row.notes = (f"hit rate {hit_rate:.1%} ({hits:.0f} hits, {misses:.0f} misses) over {window_s:.0f} s: {reads / window_s:.0f} "
-                 f"reads/s of {len(users)} users while {ingests_in_window / window_s:.1f} items/s were ingested; a new item "
-                 f"reached a cached user's list after {', '.join(f'{s:.1f}' for s in sorted(appeared)) or '-'} s "
+    row.notes = (f"hit rate {hit_rate:.1%} ({hits:.0f} hits, {misses:.0f} misses in /metrics) over {window_s:.0f} s: "
+                 f"{reads / window_s:.0f} reads/s of {len(kinds)} users while {ingests_in_window / window_s:.1f} items/s "
+                 f"were ingested; answered from the cache: {_share(by_kind['user vector'])} of the "
+                 f"{plan.cache_users - n_history} user-vector lists' reads, {_share(by_kind['history'])} of the "
+                 f"{n_history} history lists'; a new item reached cached user-vector lists after "
+                 f"{_seconds(appeared['user vector'])} s and history lists after {_seconds(appeared['history'])} s "
                  f"(bound {staleness_s:g} s); {sum(not p['appeared'] for p in probes)} did not")  # fmt: skip
-    row.details |= {"hit_rate": round(hit_rate, 4), "hits": hits, "misses": misses, "window_s": round(window_s, 1),
-                    "reads_per_s": round(reads / window_s, 1), "ingests_per_s": round(ingests_in_window / window_s, 2),
-                    "staleness_s": staleness_s, "appearance": probes}  # fmt: skip
+    row.details |= {"hit_rate": round(hit_rate, 4), "hits": hits, "misses": misses, "cached_share_by_kind": by_kind,
+                    "window_s": round(window_s, 1), "reads_per_s": round(reads / window_s, 1),
+                    "ingests_per_s": round(ingests_in_window / window_s, 2), "staleness_s": staleness_s,
+                    "appearance": probes}  # fmt: skip
     return row
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _seconds(values: list[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values) or "-"
+
+
+def _give_history(client: httpx.Client, tally: Tally, catalogue: Catalogue, user: str, rng: random.Random) -> None:
+    """Three events on trained items: a user the bundle does not know, ranked by the mean of its history."""
+    events = [{"item_id": item} for item in rng.sample(catalogue.item_ids, 3)]
+    send(client, tally, "POST", f"/v1/users/{user}/events", allowed=(201,), json={"events": events})
 
 
 def _cache_counts(server: Server) -> dict[str, float]:
@@ -568,7 +609,7 @@ def _cache_counts(server: Server) -> dict[str, float]:
     return counts
 
 
-def _appearance(server: Server, catalogue: Catalogue, tally: Tally, ledger: Ledger, user: str,
+def _appearance(server: Server, catalogue: Catalogue, tally: Tally, ledger: Ledger, user: str, kind: str,
                 staleness_s: float) -> dict[str, Any]:  # fmt: skip
     """Ingest a copy of the first trained item of a cached user's list (it scores as high, so it belongs in the
     list) and poll the list every 0.1 s: seconds until the copy is listed. Then delete the copy: it must never be
@@ -576,7 +617,7 @@ def _appearance(server: Server, catalogue: Catalogue, tally: Tally, ledger: Ledg
     encoder that does not reproduce trained vectors): reported, not timed."""
     path = f"/v1/users/{user}/recommendations"
     clone = f"appear-{user}"
-    result: dict[str, Any] = {"user": user, "appeared": False, "seconds": None, "deleted_served": 0}
+    result: dict[str, Any] = {"user": user, "kind": kind, "appeared": False, "seconds": None, "deleted_served": 0}
     with server.client() as client:
         listed: list[str] = []
         for _ in range(5):  # until the list is served from the cache
@@ -745,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in selected if s not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}")
-    env = dict(pair.split("=", 1) for pair in args.env)
+    env = BENCH_SETTINGS | dict(pair.split("=", 1) for pair in args.env)
     started, load_before = time.monotonic(), os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="mmrec-faults-"))
     other: Path | None
