@@ -390,6 +390,7 @@ class Load:
         self._threads = [threading.Thread(target=self._reader, args=(n,), daemon=True) for n in range(readers)]
         self._threads += [threading.Thread(target=self._writer, args=(n,), daemon=True) for n in range(writers)]
         self.last_write_ack = 0.0  # monotonic time of the latest 201 to a write
+        self.writes_in_flight = 0  # sent, not answered yet (read without a lock: a gauge for the bench to wait on)
         self.write_answers: list[tuple[float, float, int]] = []  # (sent, answered, status) of every write
 
     def start(self) -> Load:
@@ -439,6 +440,7 @@ class Load:
             while not self._stop.is_set():
                 client = clients[(turn // 2) % len(clients)]  # items and events through every server
                 sent = time.monotonic()
+                self.writes_in_flight += 1
                 if turn % 2 == 0:
                     item_id = f"{self.tag}-w{n}-{turn}"
                     response = send(client, self.tally, "POST", "/v1/items", allowed=allowed,
@@ -454,6 +456,7 @@ class Load:
                     if status in (201, 503):
                         self.ledger.add(_ledger_kind(response, "events"), (user, item_id, timestamp))
                 answered = time.monotonic()
+                self.writes_in_flight -= 1
                 if status == 201:
                     self.last_write_ack = answered
                 self.write_answers.append((sent, answered, status))

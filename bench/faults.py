@@ -238,7 +238,9 @@ def _service_killed(ctx: Context, title: str, *, embedded: bool) -> Row:
         server.start()
         load = Load([server.url], ctx.catalogue, tally, ledger, tag=work.name, readers=1, writers=3).start()
         wait_until(lambda: ledger.acknowledged >= ctx.plan.sigkill_acks, timeout_s=120)
+        wait_until(lambda: load.writes_in_flight > 0, timeout_s=10, interval_s=0.0005)  # mid-write, then:
         tally.expect_no_answer = True
+        writes_at_kill = load.writes_in_flight
         load.stop_soon()
         server.kill()
         load.stop()
@@ -258,8 +260,8 @@ def _service_killed(ctx: Context, title: str, *, embedded: bool) -> Row:
         "every acknowledged item and event found": found.total == ledger.acknowledged,
         "no answer other than 2xx before the kill": tally.failed == 0,
     }
-    row.notes = (f"killed with {in_flight} requests in flight (no answer, never acknowledged: counted apart, not as "
-                 f"failed); {found.items}/{len(ledger.items)} items, {found.events}/{len(ledger.events)} events found "
+    row.notes = (f"killed with {writes_at_kill} writes in flight; {in_flight} requests got no answer (never "
+                 f"acknowledged: counted apart, not as failed); {found.items}/{len(ledger.items)} items, {found.events}/{len(ledger.events)} events found "
                  "after the restart")  # fmt: skip
     return row
 
