@@ -162,6 +162,10 @@ class RedisCatalogueStore:
         raw: list[Any] = self.pool.run(lambda client: list(client.hmget(self.items_key, list(ids))))
         return [StoredItem.from_json(r) if r is not None else None for r in raw]
 
+    def stored_version(self, client: redis.Redis) -> int:
+        """The store's catalogue version now (0: an empty store), read on the follower's own connection."""
+        return int(client.get(self.version_key) or 0)
+
     def read_changes(self, client: redis.Redis, position: str, *, block_ms: int, count: int = 512) -> list[Change]:
         """Entries after ``position``, waiting up to ``block_ms`` for one (``client``: a connection of the
         follower's own, whose socket timeout outlasts the block)."""
@@ -184,6 +188,9 @@ class RedisCatalogueStore:
         try:
             return list(self.pool.run(lambda client: script(keys=keys, args=args, client=client)))
         except RedisDown as exc:
+            if exc.unanswered:
+                raise Unavailable(f"catalogue store did not answer, the change may still be applied (look it up "
+                                  f"before retrying): {exc}") from exc  # fmt: skip
             raise Unavailable(f"catalogue store unavailable, nothing was changed: {exc}") from exc
 
 

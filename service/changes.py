@@ -5,6 +5,10 @@ consumer group: every replica must see every entry, so each keeps its own positi
 consecutive; when the next entry's version is not the next number (entries trimmed while this replica was away, or a
 Redis that lost its data) the replica reloads the whole store and goes on from the snapshot's position. While Redis
 is unreachable it retries from the same position, so nothing is skipped; the catalogue keeps serving what it has.
+
+A store whose history is not the one applied here (a Redis restarted without its data, or a flushed prefix) starts
+its version counter again: an entry whose version is not above the applied one, or a store found behind this replica
+when Redis answers again, also makes the replica reload the whole store, so it serves what the store now holds.
 """
 
 from __future__ import annotations
@@ -70,12 +74,22 @@ class ChangeFollower:
             self.position = self.runtime.resync()
             return
         applied = self.runtime.applied
+        if self._failing:  # back after an outage: is it still the store this replica followed?
+            stored = self.store.stored_version(self.client)
+            if stored < applied.value:
+                log.warning("the catalogue store is at version %d, behind the %d applied here: it lost its data; "
+                            "loading the whole store", stored, applied.value)  # fmt: skip
+                self.position = None
+                return
         for change in self.store.read_changes(self.client, self.position, block_ms=self.block_ms):
             if self._stop.is_set():
                 return
-            if change.version <= applied.value:  # already in the snapshot this replica loaded
-                self.position = change.position
-                continue
+            if change.version <= applied.value:
+                # Entries after a snapshot's position always carry later versions: this is another history.
+                log.warning("catalogue change %d follows %d here: the store's history restarted; loading the whole "
+                            "store", change.version, applied.value)  # fmt: skip
+                self.position = None
+                return
             if change.version != applied.value + 1:
                 log.warning("catalogue change %d follows %d here: entries were missed, loading the whole store",
                             change.version, applied.value)  # fmt: skip

@@ -57,6 +57,9 @@ class RedisEventStore:
         try:
             return self.pool.run(write)
         except RedisDown as exc:
+            if exc.unanswered:
+                raise Unavailable(f"event store did not answer, the events may still be recorded (look them up "
+                                  f"before retrying): {exc}") from exc  # fmt: skip
             raise Unavailable(f"event store unavailable, events not recorded: {exc}") from exc
 
     def recent(self, user_id: str) -> list[Event]:

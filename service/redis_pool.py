@@ -26,6 +26,11 @@ T = TypeVar("T")
 class RedisDown(Exception):
     """Redis is unreachable (or was a moment ago)."""
 
+    @property
+    def unanswered(self) -> bool:
+        """A command was sent and no answer came within the timeout: a paused or slow Redis may still run it."""
+        return isinstance(self.__cause__, redis.TimeoutError)
+
 
 class RedisPool:
     def __init__(self, url: str, *, prefix: str, timeout_s: float, retry_after_s: float) -> None:

@@ -1,6 +1,7 @@
 """What the write endpoints do. Every write is made durable (Redis or the SQLite state) before the in-memory
 catalogue changes and before the answer goes out; if the store cannot take it, nothing changes and the client
-gets 503, so nothing acknowledged is ever lost. With Redis, catalogue writes reach every replica through the
+gets 503, so nothing acknowledged is ever lost. (A Redis that took the command but did not answer in time, e.g.
+paused, may still apply it: that 503 says so, and the client looks the write up before retrying.) With Redis, catalogue writes reach every replica through the
 changes stream (service/runtime.py, service/changes.py).
 """
 
