@@ -468,6 +468,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             "items_with_a_matching_user": _median([r["recommendable"]["items_with_a_matching_user"] for r in ok_ingest]),
             "not_listed_within_deadline": _median([r["recommendable"]["not_listed_within_deadline"] for r in ok_ingest]),
             "recommendable_items": _median([r["recommendable"]["items"] for r in ok_ingest]),
+            "visible_on_the_first_get": _median([r["recommendable"]["visible_on_the_first_get"] for r in ok_ingest]),
+            "listed_on_the_first_get": _median([r["recommendable"]["listed_on_the_first_get"] for r in ok_ingest]),
             "startup_s": _median([r["startup_s"] for r in ok_ingest]),
             "peak_rss_mib": _median([r["peak_rss_mib"] for r in ok_ingest]),
         }
