@@ -203,6 +203,8 @@ def _ingestion_table(results: dict[str, Any]) -> list[str]:
         f"| POST start → in its matching user's top-100 list, p50 / p99 (ms) | {_n(s['listed_p50_ms'], 1)} / {_n(s['listed_p99_ms'], 1)} |",
         f"| items timed / with a matching user / not listed within 5 s | {_n(s['recommendable_items'])} / "
         f"{_n(s['items_with_a_matching_user'])} / {_n(s['not_listed_within_deadline'])} |",
+        f"| served by /similar / in the user's list on the first GET after the POST's answer | "
+        f"{_n(s.get('visible_on_the_first_get'))} / {_n(s.get('listed_on_the_first_get'))} |",
         f"| start-up (s) / peak RSS (MiB) | {_n(s['startup_s'], 2)} / {_n(s['peak_rss_mib'])} |",
         "",
     ]  # fmt: skip

@@ -1,6 +1,6 @@
 """Serving benchmark suite: the service against a naive reference and the HTTP floor, measured from outside.
 
-    python -m bench.serving --preset quick                                  # ~5 min: 1M items, 1 repetition
+    python -m bench.serving --preset quick                                  # ~6 min: 1M items, 1 repetition
     python -m bench.serving --preset full --real-bundle var/bundles/ml100k-posters-lightgcn   # ~35-40 min
 
 What runs (every server a separate process started here, loaded by ``wrk`` in its own process, one wrk thread):
@@ -15,8 +15,9 @@ What runs (every server a separate process started here, loaded by ``wrk`` in it
   (``bench/floor_server.py``: constant answer);
 - uncached variants run with ``MMREC_CACHE_TTL_S=0.001`` (every lookup misses; the measured hit rate is reported)
   over all users in a shuffled order; cached variants with a 1 h TTL over 256 users requested once beforehand;
-- each point: ``wrk -t1 -c{1,8,32,64} -d{duration}s --latency`` on ``GET /v1/users/{id}/recommendations?k=20``:
-  req/s, p50/p99 latency, server CPU ms per request (``/proc/<pid>/stat``), other CPU on the host meanwhile;
+- each point: ``wrk -t1 -c{1,8,32,64} -d{duration}s --latency`` on ``GET /v1/users/{id}/recommendations?k=20``
+  (the duration stretched, up to 5×, where the previous point's rate would leave a connection fewer than 3
+  answers): req/s, p50/p99 latency, server CPU ms per request (``/proc/<pid>/stat``), other CPU on the host;
 - start-up time to ``/readyz`` and RSS (at ready, and peak ``VmHWM`` after the load) of every server started;
 - recall@20 of each service bundle against exact numpy search, through the API (``exclude_seen=false``);
 - a ``py-spy --native`` profile of every non-floor variant in the first repetition, at its best concurrency, as an
@@ -117,6 +118,8 @@ class Suite:
         self.results: dict[str, Any] = {"runs": [], "starts": [], "recall": [], "ingestion": [], "profiles": [],
                                         "notes": [], "bundles": {}}  # fmt: skip
         self.redis_ok = self._redis_answers() if args.redis_url else False
+        if not args.redis_url:
+            self.results["notes"].append("--redis-url '': Redis variants skipped")
 
     # --- set-up ---
 
@@ -465,6 +468,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             "items_with_a_matching_user": _median([r["recommendable"]["items_with_a_matching_user"] for r in ok_ingest]),
             "not_listed_within_deadline": _median([r["recommendable"]["not_listed_within_deadline"] for r in ok_ingest]),
             "recommendable_items": _median([r["recommendable"]["items"] for r in ok_ingest]),
+            "visible_on_the_first_get": _median([r["recommendable"]["visible_on_the_first_get"] for r in ok_ingest]),
+            "listed_on_the_first_get": _median([r["recommendable"]["listed_on_the_first_get"] for r in ok_ingest]),
             "startup_s": _median([r["startup_s"] for r in ok_ingest]),
             "peak_rss_mib": _median([r["peak_rss_mib"] for r in ok_ingest]),
         }
@@ -476,8 +481,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 2)[2])  # fmt: skip
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                        help="quick: 1M items, 1 repetition, 3 s points (~5 min once the bundles exist); "
-                             "full: 100k and 1M, 3 repetitions, 7 s points (~35-40 min)")  # fmt: skip
+                        help="quick: 1M items, 1 repetition, 3 s points (~6 min on a quiet machine once the bundles "
+                             "exist; 11 min with other work on 1.5 of 2 cores); full: 100k and 1M, 3 repetitions, 7 s "
+                             "points (~35-40 min)")  # fmt: skip
     parser.add_argument("--sizes", help="catalogue sizes, comma-separated: 100k, 1m or a number (preset's otherwise)")
     parser.add_argument("--reps", type=int, help="repetitions of every variant (medians are reported)")
     parser.add_argument("--duration", type=int, help="seconds of each measured wrk run (whole seconds)")
