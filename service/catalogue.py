@@ -18,13 +18,13 @@ import json
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 
 from service.bundle import Bundle
-from service.errors import UnknownItem
+from service.errors import Conflict, UnknownItem
 
 
 @dataclass
@@ -148,6 +148,12 @@ class Catalogue:
 
     def __contains__(self, item_id: str) -> bool:
         return self.live_row(item_id) is not None
+
+    def refuse_live(self, item_ids: Iterable[str]) -> None:
+        """:class:`Conflict` (409) naming the first of these ids that is live here."""
+        existing = next((i for i in item_ids if i in self), None)
+        if existing is not None:
+            raise Conflict(f"item id {existing!r} already exists; delete it first or use another id")
 
     def live_row(self, item_id: str, state: CatalogueState | None = None) -> int | None:
         state = state or self._state
@@ -294,15 +300,9 @@ class Catalogue:
             self._ingested_rows[item.id] = start + offset
         active = np.concatenate([state.active, np.ones(len(items), dtype=bool)])
         active.flags.writeable = False
-        self._state = CatalogueState(
-            version=version,
-            n_rows=start + len(items),
-            active=active,
-            ingested_vectors=self._buffer[:needed],
-            size=state.size + len(items),
-            deleted_trained=state.deleted_trained,
-            last_ingest_version=ingest_version,
-        )
+        self._state = replace(state, version=version, n_rows=start + len(items), active=active,
+                              ingested_vectors=self._buffer[:needed], size=state.size + len(items),
+                              last_ingest_version=ingest_version)  # fmt: skip
 
     def remove(self, item_ids: Iterable[str], *, version: str) -> int:
         """Take live items out of every later search and lookup, publish the new state; returns how many were
@@ -315,21 +315,14 @@ class Catalogue:
         active = state.active.copy()
         active[rows] = False
         active.flags.writeable = False
-        self._state = CatalogueState(
-            version=version,
-            n_rows=state.n_rows,
-            active=active,
-            ingested_vectors=state.ingested_vectors,
-            size=state.size - len(rows),
-            deleted_trained=state.deleted_trained + sum(r < self.n_trained for r in rows),
-            last_ingest_version=state.last_ingest_version,
-        )
+        self._state = replace(state, version=version, active=active, size=state.size - len(rows),
+                              deleted_trained=state.deleted_trained + sum(r < self.n_trained for r in rows))  # fmt: skip
         return len(rows)
 
     def set_version(self, version: str) -> None:
         """A change that touched nothing here (e.g. a delete of an id this replica never had) still moves the
         version, so every replica reports the same catalogue version."""
-        self._state = _replace_version(self._state, version)
+        self._state = replace(self._state, version=version)
 
     def _modality_masks(self) -> dict[str, np.ndarray]:
         """Which trained items have each modality, from the bundle's item_features masks (when shipped)."""
@@ -342,18 +335,6 @@ class Catalogue:
 
     def _modalities_of_trained(self, row: int) -> list[str]:
         return [name for name, mask in self._masks.items() if row < len(mask) and bool(mask[row])]
-
-
-def _replace_version(state: CatalogueState, version: str) -> CatalogueState:
-    return CatalogueState(
-        version=version,
-        n_rows=state.n_rows,
-        active=state.active,
-        ingested_vectors=state.ingested_vectors,
-        size=state.size,
-        deleted_trained=state.deleted_trained,
-        last_ingest_version=state.last_ingest_version,
-    )
 
 
 def describe_stored(stored: StoredItem) -> ItemView:

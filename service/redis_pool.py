@@ -62,9 +62,7 @@ class RedisPool:
 
     def run(self, operation: Callable[[redis.Redis], T]) -> T:
         """Run one operation (a command or a pipeline) against Redis; :class:`RedisDown` if it cannot."""
-        with self._lock:
-            if time.monotonic() < self._down_until:
-                raise RedisDown(self.last_error or "redis unreachable")
+        self._refuse_while_down()
         try:
             result = operation(self.client)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
@@ -90,9 +88,7 @@ class RedisPool:
     async def run_async(self, operation: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
         """:meth:`run` for the event loop (the cache lookup of a request answered without a thread), on a client
         of its own; the same breaker."""
-        with self._lock:
-            if time.monotonic() < self._down_until:
-                raise RedisDown(self.last_error or "redis unreachable")
+        self._refuse_while_down()
         if self._async_client is None:
             kwargs = self.client.connection_pool.connection_kwargs
             self._async_client = redis.asyncio.Redis.from_url(
@@ -112,6 +108,12 @@ class RedisPool:
 
     def close(self) -> None:
         self.client.close()
+
+    def _refuse_while_down(self) -> None:
+        """The breaker: :class:`RedisDown` at once while a recent failure's ``retry_after_s`` runs."""
+        with self._lock:
+            if time.monotonic() < self._down_until:
+                raise RedisDown(self.last_error or "redis unreachable")
 
     def _mark_down(self, exc: BaseException) -> None:
         with self._lock:

@@ -33,7 +33,7 @@ from service.catalogue_store import (
 )
 from service.changes import ChangeFollower
 from service.encoding import EncodingLimits, ItemEncoder
-from service.errors import Conflict, Unavailable
+from service.errors import Unavailable
 from service.events import EventStore, RedisEventStore, SqliteEventStore
 from service.metrics import Metrics
 from service.recommender import Recommender
@@ -228,7 +228,7 @@ class Runtime:
             return written.version
         with self.write_lock:
             current = self.engine
-            _refuse_live(current.catalogue, [i.id for i in items])
+            current.catalogue.refuse_live(i.id for i in items)
             written = self.catalogue_store.add(items, trained_ids=current.bundle.item_rows)
             current.add(items, version=written.version)
             self.applied.set(written.version)
@@ -301,10 +301,3 @@ class Runtime:
             self.pool.close()
         if self.state_db is not None:
             self.state_db.close()
-
-
-def _refuse_live(catalogue: Catalogue, ids: Sequence[str]) -> None:
-    existing = [i for i in ids if i in catalogue]
-    if existing:
-        raise Conflict(f"item id {existing[0]!r} already exists; delete it first or use another id")
-

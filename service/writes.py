@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from service.bundle import BundleError
-from service.catalogue import Catalogue, StoredItem, describe_stored
+from service.catalogue import StoredItem, describe_stored
 from service.encoding import ItemContent
 from service.errors import Conflict, InvalidInput, RequestTooLarge
 from service.events import Event
@@ -36,7 +36,7 @@ def ingest_items(runtime: Runtime, items: Sequence[ItemCreate]) -> list[ItemPubl
     if duplicates:
         raise InvalidInput(f"item id {duplicates[0]!r} appears more than once in the batch")
     engine = runtime.require_synced()
-    _refuse_existing(engine.catalogue, ids)  # early, before paying for encoding; the store decides for good
+    engine.catalogue.refuse_live(ids)  # early, before paying for encoding; the store decides for good
     contents = [ItemContent(text=i.text, image_base64=i.image_base64, features=i.features) for i in items]
     encoded = engine.encoder.encode(contents)
     now = time.time()
@@ -94,9 +94,3 @@ def reload_bundle(runtime: Runtime) -> ReloadResult:
         index_size=engine.catalogue.size,
         catalogue_version=engine.catalogue.version,
     )
-
-
-def _refuse_existing(catalogue: Catalogue, ids: Sequence[str]) -> None:
-    existing = [i for i in ids if i in catalogue]
-    if existing:
-        raise Conflict(f"item id {existing[0]!r} already exists; delete it first or use another id")
