@@ -98,9 +98,14 @@ def write_bundle(spec: SyntheticSpec, out: Path) -> Path:
     index, index_info = build_index(items, config, user_vectors=users)
     faiss.write_index(index, str(staging / "item_index.faiss"))
 
-    from training.export import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, sha256_file  # imports torch: only here
+    from training.export import (  # imports torch: only here
+        BUNDLE_FORMAT,
+        BUNDLE_FORMAT_VERSION,
+        publish_bundle,
+        staged_file_hashes,
+    )
 
-    files = {p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+    files = staged_file_hashes(staging)
     manifest = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_FORMAT_VERSION,
@@ -119,11 +124,7 @@ def write_bundle(spec: SyntheticSpec, out: Path) -> Path:
         "metrics": {"valid": {}, "test": {}, "best_epoch": None},
         "files": files,
     }
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out
+    return publish_bundle(staging, out, manifest)
 
 
 def _vectors(spec: SyntheticSpec, rng: np.random.Generator

@@ -49,6 +49,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def staged_file_hashes(staging: Path) -> dict[str, str]:
+    """The manifest's ``files``: every file of a bundle being written, by relative path, to its sha256."""
+    return {p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+
+
+def publish_bundle(staging: Path, out: Path, manifest: dict[str, Any]) -> Path:
+    """Write the manifest last and move the finished bundle to ``out`` (replacing one there): a reader never
+    sees a half-written bundle at ``out``."""
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
+
+
 def content_inputs(dataset: InteractionDataset) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, features (I, d), mask (I, 1) float32) per modality, in sorted order: the item encoder's inputs."""
     return [
@@ -250,9 +265,7 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
     user_tower = None if tower is None else export_user_tower(tower, item_vectors.shape[1], staging / "user_tower.onnx")
 
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    files = {
-        str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
-    }
+    files = staged_file_hashes(staging)
     content_hash = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]
     metrics = run.metrics
     manifest = {
@@ -276,8 +289,4 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
         **sections,
         "files": files,
     }
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out
+    return publish_bundle(staging, out, manifest)
