@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.routing import compile_path
@@ -28,6 +29,8 @@ from service.runtime import Runtime
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+
+DOCS_ASSETS_URL = "/docs-assets"  # swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js, favicon.png
 
 DESCRIPTION = """
 Top-K recommendations from an exported model bundle (see docs/bundle-format.md), with live item ingestion,
@@ -61,7 +64,9 @@ def create_app(settings: ServiceSettings, *, on_ready: Callable[[Runtime], None]
                 await runtime.pool.aclose()
             runtime.close()
 
-    app = FastAPI(title="mmrec recommendation service", version="1", description=DESCRIPTION, lifespan=lifespan)
+    # Swagger UI and ReDoc from the assets packaged in fastapi-offline, not from a CDN: /docs works offline.
+    app = FastAPIOffline(title="mmrec recommendation service", version="1", description=DESCRIPTION, lifespan=lifespan,
+                         static_url=DOCS_ASSETS_URL)  # fmt: skip
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.access = AccessControl(settings)

@@ -265,3 +265,49 @@ def test_readme_documents_replicas_and_the_key() -> None:
     deploying = (ROOT / "README.md").read_text().split("## Deploying", 1)[1].split("\n## ", 1)[0]
     assert "docker compose up --scale api=3" in deploying
     assert "MMREC_API_KEY" in deploying and "refuses" in deploying
+
+
+def _dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip().rstrip("/") for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.mark.parametrize("heavy", [".venv", "var", ".git", ".env", "**/__pycache__", "tests", "bench/results"])
+def test_dockerignore_keeps_the_virtualenv_data_and_secrets_out_of_the_build_context(heavy: str) -> None:
+    assert heavy in _dockerignore_patterns()
+
+
+@pytest.mark.parametrize("dockerfile", ["service-cpu.Dockerfile", "service-gpu.Dockerfile", "trainer.Dockerfile"])
+def test_dockerignore_excludes_nothing_an_image_copies(dockerfile: str) -> None:
+    ignored = {p for p in _dockerignore_patterns() if "*" not in p}
+    copied = [src for kw, args in instructions(dockerfile) if kw == "COPY" and "--from" not in args for src in args.split()[:-1]]
+    assert copied
+    for source in copied:
+        assert source.split("/")[0] not in ignored, f"{dockerfile} copies {source}, which .dockerignore leaves out"
+
+
+@pytest.mark.parametrize("dockerfile", ["service-cpu.Dockerfile", "service-gpu.Dockerfile"])
+def test_service_images_copy_every_package_the_service_imports(dockerfile: str) -> None:
+    import ast
+
+    copied = {src.split("/")[0] for kw, args in instructions(dockerfile) if kw == "COPY" for src in args.split()[:-1]}
+    local = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()} | {p.stem for p in ROOT.glob("*.py")}
+    imported: set[str] = set()
+    for path in (ROOT / "service").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+    needed = imported & local
+    assert "service" in needed
+    for package in needed:
+        assert package in copied or f"{package}.py" in copied, f"{dockerfile} does not copy {package}, which service/ imports"
+
+
+def test_compose_trainer_picks_the_multimodal_dataset_when_the_shared_data_is_mounted(compose: dict[str, Any]) -> None:
+    trainer = compose["services"]["trainer"]
+    command = " ".join(trainer["command"])
+    assert "mmrec pipeline" in command and "--dataset" not in command, "a fixed --dataset would skip ml100k-posters"
+    assert env_of(trainer)["MMREC_DATA_ROOT"] == "/data"
+    assert any(str(volume).endswith(":/data:ro") for volume in trainer["volumes"])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from bundle_factory import SyntheticBundle
 from fastapi.testclient import TestClient
 
@@ -76,3 +78,15 @@ def test_openapi_documents_typed_requests_and_responses(client: TestClient) -> N
     for name in ("ItemCreate", "ItemPublic", "RecommendationRequest", "RecommendationList", "EventsCreate", "ErrorResponse", "ModelInfo"):
         assert name in schemas, name
     assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_pages_load_their_assets_from_the_service_not_a_cdn(client: TestClient, page: str) -> None:
+    html = client.get(page).text
+    assert "cdn" not in html.lower(), "the docs page would be blank offline"
+    assets = re.findall(r'(?:src|href)="(/docs-assets/[^"]+)"', html)
+    assert assets, html
+    for asset in assets:
+        response = client.get(asset)
+        assert response.status_code == 200, asset
+        assert len(response.content) > 1000, asset
