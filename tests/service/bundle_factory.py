@@ -104,6 +104,8 @@ def make_bundle(
     index_type: str = "flat_ip",
     model_name: str = "toy-mf",
     version: str | None = None,
+    item_ids: list[str] | None = None,
+    user_ids: list[str] | None = None,
 ) -> SyntheticBundle:
     """Write a bundle to ``out`` (created) and return it with its numpy reference."""
     rng = np.random.default_rng(seed)
@@ -111,8 +113,9 @@ def make_bundle(
     (out / "item_features").mkdir(exist_ok=True)
     dims = dict(feature_modalities if feature_modalities is not None else {"tags": 8, "audio": 12})
     modalities: dict[str, dict[str, Any]] = {name: {"dim": d, "encoder": None} for name, d in dims.items()}
-    item_ids = [f"i{r}" for r in range(n_items)]
-    user_ids = [f"u{r}" for r in range(n_users)]
+    item_ids = list(item_ids) if item_ids is not None else [f"i{r}" for r in range(n_items)]
+    user_ids = list(user_ids) if user_ids is not None else [f"u{r}" for r in range(n_users)]
+    n_items, n_users = len(item_ids), len(user_ids)
     texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 7)))) for _ in range(n_items)]
     bundle = SyntheticBundle(
         path=out, manifest={}, item_ids=item_ids, user_ids=user_ids, item_vectors=np.zeros(0), user_vectors=None,
