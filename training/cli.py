@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+import bundle_format as bf
 from models import MODELS
 from training.dataset import InteractionDataset
 from training.item_index import IndexConfig
@@ -217,7 +218,7 @@ def export_command(
     index = IndexConfig(approximate_threshold=exact_up_to, approximate="ivf" if approximate == "ivf" else "hnsw",
                         target_recall_at_20=target_recall)  # fmt: skip
     bundle = export_run(run_dir, out, config=ExportConfig(include_modality_encoders=modality_encoders, index=index))
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((bundle / bf.MANIFEST).read_text())
     typer.echo(f"bundle {manifest['bundle_version']} written to {bundle}")
 
 
