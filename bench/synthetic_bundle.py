@@ -17,7 +17,7 @@ How the vectors look (what makes search behave as on trained vectors, not on iso
   catalogue, both by popularity;
 - ``popularity.npy`` counts those histories, as the exporter counts training interactions.
 
-The index comes from ``training.item_index.build_index``, the function ``mmrec export`` uses: ``--index exact``
+The index comes from ``training.export.item_index.build_index``, the function ``mmrec export`` uses: ``--index exact``
 forces a flat index, ``--index approximate`` the exporter's approximate index with its recall-tuned parameters.
 """
 
@@ -36,7 +36,7 @@ import faiss
 import numpy as np
 
 import bundle_format as bf
-from training.item_index import IndexConfig, build_index
+from training.export.item_index import IndexConfig, build_index
 
 GENERATOR_VERSION = 1  # bump when the generated data changes, so cached bundles are rebuilt
 WORDS = ("red", "blue", "quiet", "loud", "classic", "modern", "wool", "steel", "garden", "travel", "kitchen",
@@ -100,7 +100,7 @@ def write_bundle(spec: SyntheticSpec, out: Path) -> Path:
     index, index_info = build_index(items, config, user_vectors=users)
     faiss.write_index(index, str(staging / bf.ITEM_INDEX))
 
-    from training.export import publish_bundle, staged_file_hashes  # imports torch: only here
+    from training.export.bundle import publish_bundle, staged_file_hashes  # imports torch: only here
 
     files = staged_file_hashes(staging)
     manifest = {

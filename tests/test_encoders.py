@@ -18,7 +18,7 @@ import pytest
 from numpy.typing import NDArray
 from PIL import Image
 
-from training.encoders import (
+from training.data.encoders import (
     IMAGE_DIM,
     IMAGE_ENCODER_VERSION,
     IMAGE_MEAN,
@@ -34,9 +34,9 @@ from training.encoders import (
     preprocess_image,
     text_model_dir,
 )
-from training.feature_cache import FeatureCache, feature_key
-from training.features import encode_images, encode_texts
-from training.onnx_export import export_image_encoder, export_text_encoder
+from training.data.feature_cache import FeatureCache, feature_key
+from training.data.features import encode_images, encode_texts
+from training.export.onnx_export import export_image_encoder, export_text_encoder
 from training.settings import default_paths
 
 ort = pytest.importorskip("onnxruntime")

@@ -13,10 +13,11 @@ import torch
 from synthetic_datasets import multimodal_dataset
 
 import bundle_format as bf
-from training.dataset import InteractionDataset
-from training.export import ExportConfig, export_run, fit_ridge_map, sha256_file
+from training.data.dataset import InteractionDataset
+from training.export.bundle import ExportConfig, export_run, sha256_file
+from training.export.ridge import fit_ridge_map
+from training.fit.trainer import TrainConfig, train
 from training.runs import load_run
-from training.trainer import TrainConfig, train
 
 ONNX_TOLERANCE = 1e-4
 

@@ -15,8 +15,8 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from training.dataset import InteractionDataset, Modality
-from training.splits import random_811
+from training.data.dataset import InteractionDataset, Modality
+from training.data.splits import random_811
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = Path(__file__).with_name("fixtures") / "renovation_fingerprint_synthetic.json"

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import bundle_format as bf
-from training.encoders import (
+from training.data.encoders import (
     IMAGE_MEAN,
     IMAGE_RESIZE,
     IMAGE_SIZE,

@@ -3,8 +3,7 @@
 The bundle holds the model's item vectors in a FAISS index keyed by row, its user vectors, id maps, popularity,
 user histories, the raw content features of trained items, an ONNX item encoder (content → item vector) and the
 ONNX modality encoders (MiniLM, EfficientNet-Lite0) so the service can turn raw text and images of NEW items into
-item vectors. Models without their own content encoder (ID models) get a ridge map from content features to
-their item vectors, fitted at export time with the ridge strength chosen on held-out trained items.
+item vectors. Models without their own content encoder (ID models) get the ridge map of ``training.export.ridge``.
 """
 
 from __future__ import annotations
@@ -24,11 +23,10 @@ from torch import nn
 import bundle_format as bf
 from models.base import ContentEncoder, UserTower
 from models.config import config_to_dict
-from training.dataset import TEST, InteractionDataset
-from training.item_index import IndexConfig, build_index
+from training.data.dataset import TEST, InteractionDataset
+from training.export.item_index import IndexConfig, build_index
+from training.export.ridge import fit_ridge_map
 from training.runs import LoadedRun, load_run
-
-RIDGE_STRENGTHS = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 @dataclass(frozen=True)
@@ -61,65 +59,9 @@ def publish_bundle(staging: Path, out: Path, manifest: dict[str, Any]) -> Path:
     return out
 
 
-def content_inputs(dataset: InteractionDataset) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, features (I, d), mask (I, 1) float32) per modality, in sorted order: the item encoder's inputs."""
-    return [
-        (name, m.features.astype(np.float32), m.present.astype(np.float32)[:, None])
-        for name, m in sorted(dataset.modalities.items())
-    ]
-
-
-class RidgeContentMap(ContentEncoder):
-    """x = [f_m · mask_m, mask_m for each modality, 1] → x W: a linear cold-start map for ID models."""
-
-    weight: torch.Tensor
-
-    def __init__(self, modality_names: tuple[str, ...], weight: np.ndarray) -> None:
-        super().__init__()
-        self.modality_names = modality_names
-        self.register_buffer("weight", torch.from_numpy(weight.astype(np.float32)))  # (F + 1, dim)
-
-    def forward(self, *features_and_masks: torch.Tensor) -> torch.Tensor:
-        parts = []
-        for k in range(len(self.modality_names)):
-            features, mask = features_and_masks[2 * k], features_and_masks[2 * k + 1]
-            parts += [features * mask, mask]
-        x = torch.cat([*parts, torch.ones_like(parts[-1])], dim=1)  # (N, F + 1)
-        return x @ self.weight
-
-
-def fit_ridge_map(dataset: InteractionDataset, item_vectors: np.ndarray, *, holdout: float, seed: int = 0
-                  ) -> tuple[RidgeContentMap, dict[str, Any]]:  # fmt: skip
-    """Least squares with an L2 penalty from content to item vectors; strength chosen by held-out cosine."""
-    inputs = content_inputs(dataset)
-    x = np.concatenate([np.concatenate([f * m, m], axis=1) for _, f, m in inputs] + [np.ones((dataset.n_items, 1))],
-                       axis=1).astype(np.float64)  # fmt: skip
-    y = item_vectors.astype(np.float64)
-    rng = np.random.default_rng(seed)
-    held = rng.random(dataset.n_items) < holdout
-    fit, check = ~held, held
-
-    def solve(rows: np.ndarray, strength: float) -> np.ndarray:
-        a = x[rows]
-        gram = a.T @ a + strength * np.eye(a.shape[1])
-        return np.linalg.solve(gram, a.T @ y[rows])
-
-    def mean_cosine(w: np.ndarray, rows: np.ndarray) -> float:
-        pred, true = x[rows] @ w, y[rows]
-        denom = np.linalg.norm(pred, axis=1) * np.linalg.norm(true, axis=1) + 1e-12
-        return float(((pred * true).sum(axis=1) / denom).mean())
-
-    scores = {s: mean_cosine(solve(fit, s), check) for s in RIDGE_STRENGTHS}
-    best = max(scores, key=lambda s: scores[s])
-    weight = solve(np.ones(dataset.n_items, dtype=bool), best)
-    names = tuple(name for name, _, _ in inputs)
-    report = {"ridge_strength": best, "holdout_cosine": {str(k): round(v, 4) for k, v in scores.items()}}
-    return RidgeContentMap(names, weight), report
-
-
 def export_item_encoder(encoder: ContentEncoder, dims: dict[str, int], path: Path) -> list[dict[str, Any]]:
     """Write the item encoder as ONNX with inputs ``<modality>`` (N, d) and ``<modality>_mask`` (N, 1)."""
-    from training.onnx_export import export_onnx
+    from training.export.onnx_export import export_onnx
 
     names: list[str] = []
     example: list[torch.Tensor] = []
@@ -139,7 +81,7 @@ def export_item_encoder(encoder: ContentEncoder, dims: dict[str, int], path: Pat
 def export_user_tower(tower: UserTower, dim: int, path: Path) -> dict[str, Any]:
     """Write a sequence model's user tower as ONNX, ``item_vectors`` (B, max_length, dim) and ``mask``
     (B, max_length) float32 → ``user_vector`` (B, dim); returns the manifest's ``user_tower`` entry."""
-    from training.onnx_export import export_onnx
+    from training.export.onnx_export import export_onnx
 
     length = tower.max_length
     vectors = torch.randn(2, length, dim, generator=torch.Generator().manual_seed(0))
@@ -172,15 +114,15 @@ def _modality_encoder_entries(dataset: InteractionDataset, out: Path, config: Ex
     for name, m in sorted(dataset.modalities.items()):
         entry: dict[str, Any] = {"dim": m.dim, "encoder": m.encoder}
         if config.include_modality_encoders:
-            from training.encoders import encoder_kind
+            from training.data.encoders import encoder_kind
 
             kind = encoder_kind(m.encoder)
             if kind == bf.TEXT:
-                from training.onnx_export import export_text_encoder
+                from training.export.onnx_export import export_text_encoder
 
                 entry = {**export_text_encoder(out), "encoder": m.encoder}
             elif kind == bf.IMAGE:
-                from training.onnx_export import export_image_encoder
+                from training.export.onnx_export import export_image_encoder
 
                 entry = {**export_image_encoder(out), "encoder": m.encoder}
         entries[name] = entry
