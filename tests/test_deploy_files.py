@@ -4,11 +4,11 @@ services, healthchecks, volumes and environment; the Dockerfiles for what they i
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

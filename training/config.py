@@ -5,11 +5,10 @@
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import tomllib
 
 from models.config import build_config
 
