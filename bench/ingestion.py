@@ -41,7 +41,7 @@ def ingestion_content(n: int, *, seed: int = 0) -> tuple[list[tuple[str, str]], 
 
     root = default_paths().data_root / "ml100k-posters"
     if root.is_dir():
-        from training.sources import read_ml100k_posters
+        from training.data.sources import read_ml100k_posters
 
         raw = read_ml100k_posters(default_paths())
         pairs = [(t, p) for t, p in zip(raw.item_text, raw.item_image, strict=True) if t and p]

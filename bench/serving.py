@@ -58,7 +58,7 @@ from bench.profiling import start_recording
 from bench.profiling import summarise as summarise_profile
 from bench.report import render_markdown, render_plot
 from bench.synthetic_bundle import SyntheticSpec, ensure_bundle
-from training.item_index import IndexConfig, recall_at_k
+from training.export.item_index import IndexConfig, recall_at_k
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 20

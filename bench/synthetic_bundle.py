@@ -17,7 +17,7 @@ How the vectors look (what makes search behave as on trained vectors, not on iso
   catalogue, both by popularity;
 - ``popularity.npy`` counts those histories, as the exporter counts training interactions.
 
-The index comes from ``training.item_index.build_index``, the function ``mmrec export`` uses: ``--index exact``
+The index comes from ``training.export.item_index.build_index``, the function ``mmrec export`` uses: ``--index exact``
 forces a flat index, ``--index approximate`` the exporter's approximate index with its recall-tuned parameters.
 """
 
@@ -35,7 +35,8 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from training.item_index import IndexConfig, build_index
+import bundle_format as bf
+from training.export.item_index import IndexConfig, build_index
 
 GENERATOR_VERSION = 1  # bump when the generated data changes, so cached bundles are rebuilt
 WORDS = ("red", "blue", "quiet", "loud", "classic", "modern", "wool", "steel", "garden", "travel", "kitchen",
@@ -60,7 +61,7 @@ def ensure_bundle(spec: SyntheticSpec, root: Path) -> tuple[Path, dict[str, Any]
     """The bundle of ``spec`` under ``root`` (built when missing or made by another generator version), and a
     report: whether it was reused, build seconds, the manifest's index entry, file sizes."""
     out = root / spec.name
-    manifest_path = out / "manifest.json"
+    manifest_path = out / bf.MANIFEST
     reused = False
     seconds = 0.0
     if manifest_path.is_file():
@@ -85,42 +86,38 @@ def write_bundle(spec: SyntheticSpec, out: Path) -> Path:
 
     items, users, popularity_weight, home, cluster = _vectors(spec, rng)
     indptr, indices = _histories(spec, rng, popularity_weight, home, cluster)
-    np.save(staging / "item_vectors.npy", items)
-    np.save(staging / "user_vectors.npy", users)
-    np.save(staging / "popularity.npy", np.bincount(indices, minlength=spec.n_items).astype(np.float32))
-    np.savez(staging / "user_history.npz", indptr=indptr, indices=indices)
-    (staging / "item_ids.json").write_text(json.dumps([f"i{r}" for r in range(spec.n_items)]))
-    (staging / "user_ids.json").write_text(json.dumps([f"u{r}" for r in range(spec.n_users)]))
-    _write_metadata(staging / "item_metadata.jsonl", spec.n_items, rng)
+    np.save(staging / bf.ITEM_VECTORS, items)
+    np.save(staging / bf.USER_VECTORS, users)
+    np.save(staging / bf.POPULARITY, np.bincount(indices, minlength=spec.n_items).astype(np.float32))
+    history: dict[str, Any] = {bf.HISTORY_INDPTR: indptr, bf.HISTORY_INDICES: indices}
+    np.savez(staging / bf.USER_HISTORY, **history)
+    (staging / bf.ITEM_IDS).write_text(json.dumps([f"i{r}" for r in range(spec.n_items)]))
+    (staging / bf.USER_IDS).write_text(json.dumps([f"u{r}" for r in range(spec.n_users)]))
+    _write_metadata(staging / bf.ITEM_METADATA, spec.n_items, rng)
 
     threshold = spec.n_items if spec.index == "exact" else 0
     config = IndexConfig(approximate_threshold=threshold, target_recall_at_20=spec.target_recall_at_20, seed=spec.seed)
     index, index_info = build_index(items, config, user_vectors=users)
-    faiss.write_index(index, str(staging / "item_index.faiss"))
+    faiss.write_index(index, str(staging / bf.ITEM_INDEX))
 
-    from training.export import (  # imports torch: only here
-        BUNDLE_FORMAT,
-        BUNDLE_FORMAT_VERSION,
-        publish_bundle,
-        staged_file_hashes,
-    )
+    from training.export.bundle import publish_bundle, staged_file_hashes  # imports torch: only here
 
     files = staged_file_hashes(staging)
     manifest = {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
+        "format": bf.FORMAT,
+        "format_version": bf.FORMAT_VERSION,
         "bundle_version": f"{spec.name}-g{GENERATOR_VERSION}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"name": "synthetic-mixture", "kind": "collaborative",
                   "config": {**asdict(spec), "generator_version": GENERATOR_VERSION}},  # fmt: skip
         "dataset": {"name": spec.name, "split": "none", "n_users": spec.n_users, "n_items": spec.n_items},
         "dim": spec.dim,
-        "score": "inner_product",
+        "score": bf.SCORE,
         "index": index_info,
         "modalities": {},
         "item_encoder": None,
         "user_tower": None,
-        "fallback": {"unknown_user": "history-mean, else popularity"},
+        "fallback": {"unknown_user": bf.FALLBACK_UNKNOWN_USER},
         "metrics": {"valid": {}, "test": {}, "best_epoch": None},
         "files": files,
     }

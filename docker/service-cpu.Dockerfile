@@ -15,6 +15,7 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY bundle_format ./bundle_format
 COPY service ./service
 RUN pip install ".[serve]"
 

@@ -18,6 +18,7 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY bundle_format ./bundle_format
 COPY service ./service
 # `serve` names the CPU wheels (onnxruntime, faiss-cpu), which ship the same import packages as the GPU ones:
 # install both extras, drop the CPU wheels, then reinstall the GPU wheels so none of their files is missing.

@@ -17,6 +17,7 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY bundle_format ./bundle_format
 COPY models ./models
 COPY training ./training
 RUN pip install ".[train]"

@@ -26,9 +26,9 @@ for ds in ${datasets[@]}; do
     $MMREC train --dataset "$ds" --model r2mr --tag k3 --set n_interests=3 "${caps[@]}" --seed $seed
   done
   # cold start: 10 % of the items lose every interaction; one model at a time (each keeps its trainer settings)
-  $PYTHON -m training.cold_start --dataset "$ds" --model r2mr "${caps[@]}"
-  $PYTHON -m training.cold_start --dataset "$ds" --model vbpr "${vbpr_caps[@]}"
+  $PYTHON -m training.experiments.cold_start --dataset "$ds" --model r2mr "${caps[@]}"
+  $PYTHON -m training.experiments.cold_start --dataset "$ds" --model vbpr "${vbpr_caps[@]}"
   latest=$(ls -d var/runs/"$ds"/r2mr/*-s2024 | sort | tail -n1)
-  $PYTHON -m training.r2mr_report "$latest"
+  $PYTHON -m training.experiments.r2mr_report "$latest"
 done
 $MMREC results >/dev/null

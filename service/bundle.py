@@ -19,12 +19,11 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+import bundle_format as bf
 from service.settings import Device
 
 log = logging.getLogger(__name__)
 
-FORMAT = "mmrec-bundle"
-SUPPORTED_FORMAT_VERSIONS = (1,)
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 
@@ -82,8 +81,10 @@ class Modality:
 
     name: str
     dim: int
+    encoder: str | None = None  # the encoder that made the trained items' features (manifest "encoder")
     text: TextSpec | None = None
     image: ImageSpec | None = None
+    present: np.ndarray | None = None  # bool (n_items,): which trained items have it (item_features mask, if shipped)
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,38 @@ class Bundle:
         return str(self.manifest["model"]["name"])
 
     @property
+    def model_kind(self) -> str | None:
+        kind = self.manifest["model"].get("kind")
+        return None if kind is None else str(kind)
+
+    @property
+    def created(self) -> str | None:
+        created = self.manifest.get("created")
+        return None if created is None else str(created)
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        return dict(self.manifest.get("dataset") or {})
+
+    @property
     def dataset_name(self) -> str:
-        return str(self.manifest.get("dataset", {}).get("name", "unknown"))
+        return str(self.dataset.get("name", "unknown"))
+
+    @property
+    def score(self) -> str:
+        return str(self.manifest.get("score", bf.SCORE))
+
+    @property
+    def index_approximate(self) -> bool:
+        return bool((self.manifest.get("index") or {}).get("approximate", False))
+
+    @property
+    def unknown_user_fallback(self) -> str:
+        return str((self.manifest.get("fallback") or {}).get("unknown_user", bf.FALLBACK_UNKNOWN_USER))
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return dict(self.manifest.get("metrics") or {})
 
     @property
     def text_modality(self) -> Modality | None:
@@ -173,26 +204,24 @@ def load_bundle(path: Path, *, plan: DevicePlan, verify_hashes: bool = True) -> 
     manifest = _read_manifest(path)
     files = _bundle_files(path, manifest, verify_hashes=verify_hashes)
     dim = _positive_int(manifest, "dim")
-    if manifest.get("score", "inner_product") != "inner_product":
+    if manifest.get("score", bf.SCORE) != bf.SCORE:
         raise BundleError(f"manifest.json: score {manifest['score']!r} is not supported (inner_product only)")
 
-    item_ids = [str(i) for i in _read_json_list(files, "item_ids.json")]
+    item_ids = [str(i) for i in _read_json_list(files, bf.ITEM_IDS)]
     n_items = len(item_ids)
     if len(set(item_ids)) != n_items:
-        raise BundleError("item_ids.json: item ids are not unique")
-    item_vectors = _read_matrix(files, "item_vectors.npy", (n_items, dim))
-    user_ids = [str(u) for u in _read_json_list(files, "user_ids.json")] if "user_ids.json" in files else []
-    user_vectors = (
-        _read_matrix(files, "user_vectors.npy", (len(user_ids), dim)) if "user_vectors.npy" in files else None
-    )
-    popularity = _read_array(files, "popularity.npy").astype(np.float32, copy=False)
+        raise BundleError(f"{bf.ITEM_IDS}: item ids are not unique")
+    item_vectors = _read_matrix(files, bf.ITEM_VECTORS, (n_items, dim))
+    user_ids = [str(u) for u in _read_json_list(files, bf.USER_IDS)] if bf.USER_IDS in files else []
+    user_vectors = _read_matrix(files, bf.USER_VECTORS, (len(user_ids), dim)) if bf.USER_VECTORS in files else None
+    popularity = _read_array(files, bf.POPULARITY).astype(np.float32, copy=False)
     if popularity.shape != (n_items,):
-        raise BundleError(f"popularity.npy: shape {popularity.shape}, expected ({n_items},)")
+        raise BundleError(f"{bf.POPULARITY}: shape {popularity.shape}, expected ({n_items},)")
     indptr, indices = _read_history(files, n_users=len(user_ids), n_items=n_items)
     metadata = _read_metadata(files, item_ids)
 
     sessions = _SessionFactory(files, plan)
-    modalities = _read_modalities(manifest, sessions, files)
+    modalities = _read_modalities(manifest, sessions, files, n_items=n_items)
     item_encoder = _read_item_encoder(manifest, modalities, sessions)
     user_tower = _read_user_tower(manifest, sessions)
     index, index_type, index_on_gpu = _read_index(files, manifest, item_vectors=item_vectors, plan=plan)
@@ -226,24 +255,24 @@ def load_bundle(path: Path, *, plan: DevicePlan, verify_hashes: bool = True) -> 
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    manifest_path = path / "manifest.json"
+    manifest_path = path / bf.MANIFEST
     if not manifest_path.is_file():
-        raise BundleError(f"{path}: no manifest.json (is this a bundle directory?)")
+        raise BundleError(f"{path}: no {bf.MANIFEST} (is this a bundle directory?)")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"manifest.json: not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict):
         raise BundleError("manifest.json: expected a JSON object")
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"manifest.json: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") != bf.FORMAT:
+        raise BundleError(f"manifest.json: format is {manifest.get('format')!r}, expected {bf.FORMAT!r}")
     version = manifest.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
-        supported = ", ".join(str(v) for v in SUPPORTED_FORMAT_VERSIONS)
+    if version not in bf.READABLE_FORMAT_VERSIONS:
+        supported = ", ".join(str(v) for v in bf.READABLE_FORMAT_VERSIONS)
         raise BundleError(
             f"manifest.json: bundle format_version {version!r} is not supported by this service (supports {supported})"
         )
-    for key in ("bundle_version", "model", "dim", "files"):
+    for key in bf.REQUIRED_MANIFEST_FIELDS:
         if key not in manifest:
             raise BundleError(f"manifest.json: missing required field {key!r}")
     return manifest
@@ -265,7 +294,7 @@ def _bundle_files(path: Path, manifest: dict[str, Any], *, verify_hashes: bool) 
         if verify_hashes and _sha256(file) != str(digest).lower():
             raise BundleError(f"bundle file {name}: sha256 differs from manifest.json (corrupted or modified)")
         files[name] = file
-    for required in ("item_ids.json", "item_vectors.npy", "item_index.faiss", "popularity.npy"):
+    for required in bf.REQUIRED_FILES:
         if required not in files:
             raise BundleError(f"manifest.json: required file {required} is not listed in 'files'")
     return files
@@ -322,18 +351,20 @@ def _read_matrix(files: dict[str, Path], name: str, shape: tuple[int, int]) -> n
 
 
 def _read_history(files: dict[str, Path], *, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
-    if "user_history.npz" not in files:
+    if bf.USER_HISTORY not in files:
         return np.zeros(n_users + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
     try:
-        with np.load(files["user_history.npz"], allow_pickle=False) as npz:
-            indptr = np.asarray(npz["indptr"], dtype=np.int64)
-            indices = np.asarray(npz["indices"], dtype=np.int64)
+        with np.load(files[bf.USER_HISTORY], allow_pickle=False) as npz:
+            indptr = np.asarray(npz[bf.HISTORY_INDPTR], dtype=np.int64)
+            indices = np.asarray(npz[bf.HISTORY_INDICES], dtype=np.int64)
     except (KeyError, ValueError, OSError) as exc:
-        raise BundleError(f"user_history.npz: expected arrays 'indptr' and 'indices' ({exc})") from exc
+        raise BundleError(
+            f"{bf.USER_HISTORY}: expected arrays {bf.HISTORY_INDPTR!r} and {bf.HISTORY_INDICES!r} ({exc})"
+        ) from exc
     if indptr.shape != (n_users + 1,) or indptr[0] != 0 or indptr[-1] != len(indices) or np.any(np.diff(indptr) < 0):
-        raise BundleError(f"user_history.npz: indptr is not a CSR row pointer for {n_users} users")
+        raise BundleError(f"{bf.USER_HISTORY}: indptr is not a CSR row pointer for {n_users} users")
     if len(indices) and (indices.min() < 0 or indices.max() >= n_items):
-        raise BundleError(f"user_history.npz: item rows out of range [0, {n_items})")
+        raise BundleError(f"{bf.USER_HISTORY}: item rows out of range [0, {n_items})")
     return indptr, indices
 
 
@@ -368,9 +399,9 @@ class ItemMetadata(Sequence[dict[str, Any]]):
 
 
 def _read_metadata(files: dict[str, Path], item_ids: list[str]) -> ItemMetadata:
-    if "item_metadata.jsonl" not in files:
+    if bf.ITEM_METADATA not in files:
         return ItemMetadata(None, np.zeros(len(item_ids) + 1, dtype=np.int64), item_ids)
-    file = files["item_metadata.jsonl"]
+    file = files[bf.ITEM_METADATA]
     if file.stat().st_size == 0:
         data: bytes | mmap.mmap = b""
     else:
@@ -444,7 +475,22 @@ def _check_names(session: ort.InferenceSession, names: list[str], *, kind: str, 
         raise BundleError(f"{file}: the graph has no {kind} named {', '.join(missing)} (it has {', '.join(have)})")
 
 
-def _read_modalities(manifest: dict[str, Any], sessions: _SessionFactory, files: dict[str, Path]) -> dict[str, Modality]:
+def _encoder_kind(spec: dict[str, Any], *, format_version: int, where: str) -> bf.EncoderKind | None:
+    """Which encoder a modality entry ships: named by ``encoder_kind`` (format 2); format 1 bundles name none, and
+    an entry with a ``tokenizer`` is the text one."""
+    if not spec.get("encoder_onnx"):
+        return None
+    if format_version == 1 and "encoder_kind" not in spec:
+        return bf.TEXT if "tokenizer" in spec else bf.IMAGE
+    kind = spec.get("encoder_kind")
+    if kind not in bf.ENCODER_KINDS:
+        raise BundleError(f"{where}: encoder_kind must be one of {', '.join(bf.ENCODER_KINDS)}, got {kind!r}")
+    return bf.TEXT if kind == bf.TEXT else bf.IMAGE
+
+
+def _read_modalities(
+    manifest: dict[str, Any], sessions: _SessionFactory, files: dict[str, Path], *, n_items: int
+) -> dict[str, Modality]:
     raw = manifest.get("modalities") or {}
     if not isinstance(raw, dict):
         raise BundleError("manifest.json: 'modalities' must be an object")
@@ -454,18 +500,28 @@ def _read_modalities(manifest: dict[str, Any], sessions: _SessionFactory, files:
         if not isinstance(spec, dict):
             raise BundleError(f"{where}: expected an object")
         dim = _positive_int(spec, "dim", where)
-        onnx_file = spec.get("encoder_onnx")
-        text = image = None
-        if onnx_file and "tokenizer" in spec:
-            text = _read_text_spec(spec, sessions, files, where)
-        elif onnx_file:
-            image = _read_image_spec(spec, sessions, where)
-        modalities[name] = Modality(name=name, dim=dim, text=text, image=image)
+        kind = _encoder_kind(spec, format_version=int(manifest["format_version"]), where=where)
+        text = _read_text_spec(spec, sessions, files, where) if kind == bf.TEXT else None
+        image = _read_image_spec(spec, sessions, where) if kind == bf.IMAGE else None
+        encoder = spec.get("encoder")
+        modalities[name] = Modality(name=name, dim=dim, encoder=None if encoder is None else str(encoder), text=text,
+                                    image=image, present=_read_presence(files, name, n_items=n_items))  # fmt: skip
     if sum(m.text is not None for m in modalities.values()) > 1:
         raise BundleError("manifest.json: more than one modality has a text encoder; the service supports one")
     if sum(m.image is not None for m in modalities.values()) > 1:
         raise BundleError("manifest.json: more than one modality has an image encoder; the service supports one")
     return modalities
+
+
+def _read_presence(files: dict[str, Path], modality: str, *, n_items: int) -> np.ndarray | None:
+    """Which trained items have ``modality`` (``item_features/<m>.mask.npy``), when the bundle ships it."""
+    name = bf.item_features_mask_file(modality)
+    if name not in files:
+        return None
+    mask = _read_array(files, name).reshape(-1)
+    if mask.shape != (n_items,):
+        raise BundleError(f"{name}: shape {mask.shape}, expected ({n_items},)")
+    return mask
 
 
 def _read_text_spec(spec: dict[str, Any], sessions: _SessionFactory, files: dict[str, Path], where: str) -> TextSpec:
@@ -583,7 +639,7 @@ def _read_index(
     n_items, dim = item_vectors.shape
     try:
         # Flat codes are mapped, not copied (never modified: see service/catalogue.py); other indexes are read.
-        index = faiss.read_index(str(files["item_index.faiss"]), faiss.IO_FLAG_MMAP_IFC)
+        index = faiss.read_index(str(files[bf.ITEM_INDEX]), faiss.IO_FLAG_MMAP_IFC)
     except RuntimeError as exc:
         raise BundleError(f"item_index.faiss: FAISS cannot read it ({exc})") from exc
     # No downcast_index here: its proxy would not own the index, which the original proxy frees on collection.

@@ -326,12 +326,7 @@ class Catalogue:
 
     def _modality_masks(self) -> dict[str, np.ndarray]:
         """Which trained items have each modality, from the bundle's item_features masks (when shipped)."""
-        masks: dict[str, np.ndarray] = {}
-        for name in sorted(self.bundle.modalities):
-            mask_file = self.bundle.path / "item_features" / f"{name}.mask.npy"
-            if mask_file.is_file():
-                masks[name] = np.load(mask_file, allow_pickle=False, mmap_mode="r").reshape(-1)
-        return masks
+        return {name: m.present for name, m in sorted(self.bundle.modalities.items()) if m.present is not None}
 
     def _modalities_of_trained(self, row: int) -> list[str]:
         return [name for name, mask in self._masks.items() if row < len(mask) and bool(mask[row])]

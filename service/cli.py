@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 from uvicorn.config import LOGGING_CONFIG
 
+import bundle_format as bf
 from service.app import create_app
 from service.redaction import RedactSecrets, redact_url
 from service.runtime import Runtime
@@ -98,8 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:  # an MMREC_* variable that is not valid JSON (MMREC_API_KEYS); names no value
         print(f"mmrec-serve: {exc} (expected JSON)", file=sys.stderr)
         return 2
-    if not (settings.bundle_dir / "manifest.json").is_file():
-        print(f"mmrec-serve: {settings.bundle_dir} is not a bundle (no manifest.json); export one with `mmrec export`", file=sys.stderr)
+    if not (settings.bundle_dir / bf.MANIFEST).is_file():
+        print(f"mmrec-serve: {settings.bundle_dir} is not a bundle (no {bf.MANIFEST}); export one with `mmrec export`", file=sys.stderr)
         return 2
     if not settings.keys and not settings.allow_open_writes and not is_loopback(args.host):
         print(

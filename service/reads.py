@@ -10,7 +10,7 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -215,7 +215,7 @@ def user_events(runtime: Runtime, user_id: str) -> UserEvents:
 
 
 def item_public(view: ItemView) -> ItemPublic:
-    created = datetime.fromtimestamp(view.created, tz=timezone.utc) if view.created is not None else None
+    created = datetime.fromtimestamp(view.created, tz=UTC) if view.created is not None else None
     return ItemPublic(
         id=view.id,
         source=view.source,

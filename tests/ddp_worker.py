@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.dataset import InteractionDataset
-from training.splits import random_811
-from training.trainer import TrainConfig, train
+from training.data.dataset import InteractionDataset
+from training.data.splits import random_811
+from training.fit.trainer import TrainConfig, train
 
 
 def synthetic_dataset() -> InteractionDataset:

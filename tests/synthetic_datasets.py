@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from training.dataset import InteractionDataset, Modality
-from training.splits import random_811
+from training.data.dataset import InteractionDataset, Modality
+from training.data.splits import random_811
 
 
 def multimodal_dataset(

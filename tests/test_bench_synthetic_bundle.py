@@ -11,7 +11,7 @@ import pytest
 
 from bench.synthetic_bundle import GENERATOR_VERSION, SyntheticSpec, ensure_bundle
 from service.bundle import load_bundle, plan_device
-from training.export import sha256_file
+from training.export.bundle import sha256_file
 
 
 @pytest.mark.parametrize(("index", "expected_type"), [("exact", "flat_ip"), ("approximate", "ivf_flat_ip")])

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from models.bpr_mf import BPRMFConfig
 from models.config import ConfigError, build_config, config_to_dict
 from models.lightgcn import LightGCNConfig
-from training.presets import preset
-from training.trainer import TrainConfig
+from training.config import preset
+from training.fit.trainer import TrainConfig
 
 
 @dataclass(frozen=True)

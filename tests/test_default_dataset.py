@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from training.prepare import prepare_dataset
+from training.data.prepare import prepare_dataset
+from training.data.sources import RECBOLE_WHEEL, read_ml100k_recbole
 from training.settings import Paths
-from training.sources import RECBOLE_WHEEL, read_ml100k_recbole
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ services, healthchecks, volumes and environment; the Dockerfiles for what they i
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def test_cpu_image_installs_only_the_serve_extra_and_never_torch(extras: dict[st
     assert all("torch" not in args.lower() for _, args in instructions("service-cpu.Dockerfile"))
     assert not any(dep.lower().startswith("torch") for dep in extras["serve"])
     copied = [args for kw, args in instructions("service-cpu.Dockerfile") if kw == "COPY"]
-    assert copied == ["pyproject.toml README.md ./", "service ./service"]  # no models/, no training/
+    assert copied == ["pyproject.toml README.md ./", "bundle_format ./bundle_format", "service ./service"]  # no models/, no training/
     assert instructions("service-cpu.Dockerfile")[0][1].startswith("python:3.11-slim")
 
 

@@ -18,7 +18,7 @@ import pytest
 from numpy.typing import NDArray
 from PIL import Image
 
-from training.encoders import (
+from training.data.encoders import (
     IMAGE_DIM,
     IMAGE_ENCODER_VERSION,
     IMAGE_MEAN,
@@ -30,12 +30,13 @@ from training.encoders import (
     ImageEncoder,
     TextEncoder,
     UnreadableImageError,
+    encoder_kind,
     preprocess_image,
     text_model_dir,
 )
-from training.feature_cache import FeatureCache, feature_key
-from training.features import encode_images, encode_texts
-from training.onnx_export import export_image_encoder, export_text_encoder
+from training.data.feature_cache import FeatureCache, feature_key
+from training.data.features import encode_images, encode_texts
+from training.export.onnx_export import export_image_encoder, export_text_encoder
 from training.settings import default_paths
 
 ort = pytest.importorskip("onnxruntime")
@@ -192,6 +193,7 @@ def test_export_text_encoder_manifest(exported: tuple[Path, dict[str, Any], dict
     assert text == {
         "dim": 384,
         "encoder": "all-MiniLM-L6-v2",
+        "encoder_kind": "text",
         "encoder_onnx": "text_encoder.onnx",
         "tokenizer": "tokenizer.json",
         "max_length": 256,
@@ -207,6 +209,7 @@ def test_export_image_encoder_manifest(exported: tuple[Path, dict[str, Any], dic
     assert image == {
         "dim": 1280,
         "encoder": "efficientnet-lite0",
+        "encoder_kind": "image",
         "encoder_onnx": "image_encoder.onnx",
         "size": IMAGE_SIZE,
         "resize": IMAGE_RESIZE,
@@ -421,3 +424,17 @@ def test_encode_texts_rejects_an_encoder_with_the_wrong_output_shape() -> None:
 
     with pytest.raises(ValueError, match=r"text encoder returned shape \(2, 3\), expected \(2, 4\)"):
         encode_texts(["a", "b"], encoder=Wrong(), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("encoder", "kind"),
+    [
+        (TEXT_ENCODER_VERSION, "text"),
+        ("precomputed:all-MiniLM-L6-v2.npy", "text"),  # lfm2k's text features ship with the data
+        (IMAGE_ENCODER_VERSION, "image"),
+        ("precomputed:vggish.npy", None),
+        ("precomputed:clip-vit-1280.npy", None),  # an image-sized feature from another encoder ships no encoder
+    ],
+)
+def test_encoder_kind_names_the_pretrained_encoder_that_made_the_features(encoder: str, kind: str | None) -> None:
+    assert encoder_kind(encoder) == kind

@@ -12,8 +12,8 @@ import scipy.sparse as sp
 import torch
 
 from models.base import BatchKind, Recommender, Representations
-from training.dataset import TEST, TRAIN, VALID, InteractionDataset
-from training.evaluator import FullRankingEvaluator, pad_histories, top_k_masked
+from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset
+from training.fit.evaluator import FullRankingEvaluator, pad_histories, top_k_masked
 
 
 # ------------------------------------------------------------------------------------------------ top_k_masked

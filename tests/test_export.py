@@ -12,10 +12,12 @@ import pytest
 import torch
 from synthetic_datasets import multimodal_dataset
 
-from training.dataset import InteractionDataset
-from training.export import ExportConfig, export_run, fit_ridge_map, sha256_file
+import bundle_format as bf
+from training.data.dataset import InteractionDataset
+from training.export.bundle import ExportConfig, export_run, sha256_file
+from training.export.ridge import fit_ridge_map
+from training.fit.trainer import TrainConfig, train
 from training.runs import load_run
-from training.trainer import TrainConfig, train
 
 ONNX_TOLERANCE = 1e-4
 
@@ -34,9 +36,10 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 
 def test_export_manifest_lists_every_file_with_its_sha256(exported: tuple[str, Path, Path]) -> None:
-    _, _, bundle = exported
+    _, run_dir, bundle = exported
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["format"] == "mmrec-bundle" and manifest["format_version"] == 1
+    assert manifest["format"] == "mmrec-bundle" and manifest["format_version"] == 2
+    assert set(manifest) <= bf.MANIFEST_FIELDS | {s.name for s in load_run(run_dir).model.bundle_sections()}
     on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
     for name, digest in manifest["files"].items():

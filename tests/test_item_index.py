@@ -1,4 +1,4 @@
-"""training.item_index: exact below the size threshold (equal to numpy's top-K), approximate above it with its
+"""training.export.item_index: exact below the size threshold (equal to numpy's top-K), approximate above it with its
 search parameter the smallest that reaches the stated recall@20 against exact search."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import faiss
 import numpy as np
 import pytest
 
-from training.item_index import IndexConfig, build_index, recall_at_k, smallest_reaching
+from training.export.item_index import IndexConfig, build_index, recall_at_k, smallest_reaching
 
 
 def clustered(n_items: int, n_users: int, dim: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:

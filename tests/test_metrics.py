@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.metrics import (
+from training.fit.metrics import (
     METRIC_NAMES,
     hit_at_k,
     map_at_k,

@@ -15,7 +15,7 @@ from models import build_model
 from models.base import ModalityInput, ModelInputs, Representations, SequenceBatch
 from models.mp4sr import MP4SR, AttentionPooling, MoEAdapter
 from models.sasrec import next_items
-from training.evaluator import pad_histories
+from training.fit.evaluator import pad_histories
 from training.runs import initialise_from_run, save_checkpoint
 
 N_USERS, N_ITEMS, H, L = 10, 25, 8, 6

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.dataset import TEST, TRAIN, VALID, InteractionDataset, Modality
-from training.evaluator import pad_histories
-from training.export import ExportConfig, export_run
+from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset, Modality
+from training.export.bundle import ExportConfig, export_run
+from training.fit.evaluator import pad_histories
+from training.fit.trainer import TrainConfig, train
 from training.runs import load_run
-from training.trainer import TrainConfig, train
 
 ONNX_TOLERANCE = 1e-4
 N_USERS, N_ITEMS, MAX_LENGTH = 30, 40, 8

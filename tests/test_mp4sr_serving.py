@@ -23,10 +23,10 @@ from test_mp4sr_export import SMALL, sequential_dataset
 from models.base import Recommender
 from service.app import create_app
 from service.settings import ServiceSettings
-from training.dataset import TEST
-from training.export import ExportConfig, export_run
+from training.data.dataset import TEST
+from training.export.bundle import ExportConfig, export_run
+from training.fit.trainer import TrainConfig, train
 from training.runs import load_run
-from training.trainer import TrainConfig, train
 
 K = 5
 SCORE_TOLERANCE = 1e-4  # ONNX + FAISS (float32) against torch

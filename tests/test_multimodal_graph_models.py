@@ -22,10 +22,10 @@ from models.graph import (
     per_item_modality_weights,
     row_sum_normalized,
 )
-from training.dataset import InteractionDataset, Modality
+from training.data.dataset import InteractionDataset, Modality
+from training.data.splits import random_811
+from training.fit.trainer import TrainConfig, train
 from training.runs import load_run
-from training.splits import random_811
-from training.trainer import TrainConfig, train
 
 N_USERS, N_ITEMS, D, K = 30, 40, 8, 3
 MODELS = ["mmgcn", "lattice", "freedom"]

@@ -17,9 +17,9 @@ import torch
 from models import build_model
 from models.base import ModalityInput, ModelInputs, PairwiseBatch
 from models.qarm import QARM, AlignmentHead, RawFeatureFusion, residual_encode
-from training.dataset import TEST, TRAIN, VALID, InteractionDataset, Modality
-from training.export import ExportConfig, export_run
-from training.qarm_pipeline import (
+from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset, Modality
+from training.data.splits import random_811
+from training.experiments.qarm_pipeline import (
     AlignmentTrainConfig,
     PipelineConfig,
     StaticScores,
@@ -36,9 +36,9 @@ from training.qarm_pipeline import (
     run_qarm,
     symmetric_info_nce,
 )
+from training.export.bundle import ExportConfig, export_run
+from training.fit.trainer import TrainConfig
 from training.runs import load_run
-from training.splits import random_811
-from training.trainer import TrainConfig
 
 ONNX_TOLERANCE = 1e-4
 

@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from models.qarm import QARM
 from service.app import create_app
 from service.settings import ServiceSettings
-from training.dataset import InteractionDataset
-from training.export import ExportConfig, export_run
-from training.qarm_pipeline import AlignmentTrainConfig, PipelineConfig, run_qarm
+from training.data.dataset import InteractionDataset
+from training.experiments.qarm_pipeline import AlignmentTrainConfig, PipelineConfig, run_qarm
+from training.export.bundle import ExportConfig, export_run
+from training.fit.trainer import TrainConfig, train
 from training.runs import load_run
-from training.trainer import TrainConfig, train
 
 from test_export import multimodal_dataset  # isort: skip
 from test_qarm import clustered_dataset  # isort: skip

@@ -15,12 +15,12 @@ import torch
 from synthetic_datasets import multimodal_dataset
 
 from models import build_model
-from training.cold_start import COLD, cold_split, evaluate_cold
-from training.dataset import TEST, TRAIN, VALID, InteractionDataset
-from training.export import ExportConfig, export_run
-from training.inputs import model_inputs
-from training.r2mr_report import write_report
-from training.trainer import TrainConfig, train
+from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset
+from training.data.inputs import model_inputs
+from training.experiments.cold_start import COLD, cold_split, evaluate_cold
+from training.experiments.r2mr_report import write_report
+from training.export.bundle import ExportConfig, export_run
+from training.fit.trainer import TrainConfig, train
 
 TINY: dict[str, Any] = {
     "feature_dim": 8, "prompt_dim": 4, "encoder_channels": [16, 32], "decoder_channels": [16, 32], "n_codes": 4,
@@ -53,7 +53,7 @@ def test_cold_metrics_equal_brute_force_ranking(name: str) -> None:
     model = build_model(name, model_inputs(cold_dataset), config)
     result = evaluate_cold(model, dataset, cold, topk=(5, 10))
     # brute force: encode the cold items one by one, rank by score, recall@5 per user
-    from training.cold_start import cold_item_vectors
+    from training.experiments.cold_start import cold_item_vectors
 
     vectors, method = cold_item_vectors(model, dataset, cold)
     assert method == ("ridge-map" if name == "lightgcn" else "native")

@@ -14,9 +14,9 @@ import torch
 from models import build_model
 from models.base import ModelInputs, Representations, SequenceBatch
 from models.sasrec import SASRec, SASRecConfig, SequenceTransformer, next_items, trim_left_padding
-from training.dataset import TEST, TRAIN, VALID, InteractionDataset
-from training.evaluator import FullRankingEvaluator, pad_histories
-from training.sampling import SequenceSampler
+from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset
+from training.fit.evaluator import FullRankingEvaluator, pad_histories
+from training.fit.sampling import SequenceSampler
 
 N_USERS, N_ITEMS, D, L = 12, 30, 8, 6
 SMALL = {"hidden_size": D, "n_heads": 2, "inner_size": 16, "max_length": L}

@@ -14,10 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.dataset import TEST, TRAIN, VALID, DatasetFormatError, InteractionDataset, Modality
-from training.prepare import ContentEncoders, prepare_dataset
-from training.settings import Paths, default_paths
-from training.sources import (
+from training.data.dataset import TEST, TRAIN, VALID, DatasetFormatError, InteractionDataset, Modality
+from training.data.prepare import ContentEncoders, prepare_dataset
+from training.data.sources import (
     RawDataset,
     SourceMissingError,
     read_amazon_baby,
@@ -26,6 +25,7 @@ from training.sources import (
     read_ml100k_posters,
     read_mmrec,
 )
+from training.settings import Paths, default_paths
 
 DATA_ROOT = default_paths().data_root
 

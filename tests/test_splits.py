@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.dataset import TEST, TRAIN, VALID
-from training.splits import leave_one_out_by_time, random_811
+from training.data.dataset import TEST, TRAIN, VALID
+from training.data.splits import leave_one_out_by_time, random_811
 
 
 def interleaved_users(sizes: list[int], *, seed: int = 0) -> np.ndarray:

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from training.dataset import TEST, VALID, InteractionDataset, Modality
-from training.evaluator import FullRankingEvaluator
-from training.results import read_ledger, read_runs, render, write_results
+from training.data.dataset import TEST, VALID, InteractionDataset, Modality
+from training.data.splits import random_811
+from training.experiments.results import read_ledger, read_runs, render, write_results
+from training.fit.evaluator import FullRankingEvaluator
+from training.fit.trainer import TrainConfig, TrainResult, train
 from training.runs import load_run
-from training.splits import random_811
-from training.trainer import TrainConfig, TrainResult, train
 
 N_USERS, N_ITEMS = 40, 60
 FAST = TrainConfig(epochs=5, batch_size=64, learning_rate=0.01, patience=100, device="cpu", progress=False, seed=11)

@@ -6,17 +6,18 @@ import itertools
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+import bundle_format as bf
 from models import MODELS
-from training.dataset import InteractionDataset
-from training.item_index import IndexConfig
-from training.prepare import SplitKind, prepare_named, pretrained_encoders
+from training.data.dataset import InteractionDataset
+from training.data.prepare import SplitKind, prepare_named, pretrained_encoders
+from training.data.sources import SOURCES
+from training.export.item_index import IndexConfig
+from training.fit.trainer import train
 from training.settings import PROJECT_ROOT, Paths, default_paths
-from training.sources import SOURCES
-from training.trainer import TrainConfig, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 log = logging.getLogger("mmrec")
@@ -76,12 +77,6 @@ def seeded_train_settings(train_set: list[str], seed: int) -> dict[str, str]:
     return {**values, "seed": str(seed)}
 
 
-def _train_config(values: dict[str, str], base: dict[str, Any]) -> TrainConfig:
-    from models.config import build_config
-
-    return build_config(TrainConfig, base, values)
-
-
 @app.command("train")
 def train_command(
     dataset: Annotated[str, typer.Option(help="Prepared dataset name (prepared on first use).")],
@@ -92,14 +87,14 @@ def train_command(
     tag: Annotated[str, typer.Option(help="Variant label (ablations); runs with a tag get their own row.")] = "",
 ) -> None:
     """Train one model; writes a run directory with config, metrics, learning curve and checkpoint."""
-    from training.presets import preset
+    from training.config import preset, train_config
 
     settings = seeded_train_settings(train_set, seed)
     paths = default_paths()
     directory = dataset_dir(paths, dataset)
     data = InteractionDataset.load(directory)
     model_layer, train_layer = preset(data.name, model)
-    config = _train_config(settings, train_layer)
+    config = train_config(train_layer, settings)
     result = train(data, model, dataset_dir=directory, model_config={**model_layer, **parse_assignments(set_)},
                    train_config=config, runs_root=paths.runs, tag=tag)  # fmt: skip
     typer.echo(json.dumps({"run_dir": str(result.run_dir), "best_epoch": result.best_epoch,
@@ -117,7 +112,7 @@ def tune(
     seed: Annotated[int, typer.Option(help="Seed.")] = 2024,
 ) -> None:
     """Train every grid point; report the one with the best VALIDATION Recall@20 (test is never looked at)."""
-    from training.presets import preset
+    from training.config import preset, train_config
 
     settings = seeded_train_settings(train_set, seed)
     paths = default_paths()
@@ -125,7 +120,7 @@ def tune(
     data = InteractionDataset.load(directory)
     model_layer, train_layer = preset(data.name, model)
     axes = {k: v.split(",") for k, v in parse_assignments(grid).items()}
-    config = _train_config(settings, train_layer)
+    config = train_config(train_layer, settings)
     results = []
     for values in itertools.product(*axes.values()):
         point = dict(zip(axes, values, strict=True))
@@ -143,7 +138,7 @@ def results(
     runs: Annotated[Path | None, typer.Option(help="Runs root (default: $MMREC_HOME/runs).")] = None,
 ) -> None:
     """Record the run directories in the run ledger (docs/results-runs.jsonl), then regenerate the results tables."""
-    from training.results import write_results
+    from training.experiments.results import write_results
 
     docs = PROJECT_ROOT / "docs"
     text = write_results(runs or default_paths().runs, out, docs / "results-notes.json",
@@ -165,8 +160,9 @@ def qarm_command(
     """QARM end to end (docs/qarm.md): mine pairs from LightGCN, align, residual k-means codes, train the code-based
     recommender; with --cold-share, evaluate on items held out of training. Writes qarm_report.json in the run."""
     from models.config import build_config
-    from training.presets import preset
-    from training.qarm_pipeline import AlignmentTrainConfig, PipelineConfig, run_qarm
+    from training.config import preset, train_config
+    from training.experiments.qarm_pipeline import QARM_REPORT, AlignmentTrainConfig, PipelineConfig, run_qarm
+    from training.runs import report_file
 
     settings = seeded_train_settings(train_set, seed)
     paths = default_paths()
@@ -174,17 +170,17 @@ def qarm_command(
     if not (directory / "dataset.json").exists():
         raise typer.BadParameter(f"{dataset!r} is not a prepared dataset under {paths.datasets}; run `mmrec prepare`")
     model_layer, train_layer = preset(dataset, "qarm")
-    config = _train_config(settings, train_layer)
+    config = train_config(train_layer, settings)
     _, lightgcn_train_layer = preset(dataset, "lightgcn")
     outcome = run_qarm(
         directory, runs_root=paths.runs, datasets_root=paths.datasets,
         model_config={**model_layer, **parse_assignments(set_)}, train_config=config,
         align_config=build_config(AlignmentTrainConfig, parse_assignments(align)),
         pipeline_config=PipelineConfig(cold_share=cold_share, cold_seed=cold_seed),
-        lightgcn_train_config=_train_config(settings, lightgcn_train_layer),
+        lightgcn_train_config=train_config(lightgcn_train_layer, settings),
         tag=tag, echo=typer.echo,
     )  # fmt: skip
-    typer.echo(f"report: {outcome.run_dir / 'qarm_report.json' if outcome.run_dir else '(no run directory)'}")
+    typer.echo(f"report: {report_file(outcome.run_dir, QARM_REPORT) if outcome.run_dir else '(no run directory)'}")
 
 
 @app.command("qarm-report")
@@ -193,7 +189,7 @@ def qarm_report_command(
     runs: Annotated[Path | None, typer.Option(help="Runs root (default: $MMREC_HOME/runs).")] = None,
 ) -> None:
     """Regenerate the QARM tables (warm, cold start, alignment, quantiser) from the runs' qarm_report.json."""
-    from training.qarm_pipeline import render_report
+    from training.experiments.qarm_pipeline import render_report
 
     text = render_report(runs or default_paths().runs)
     out.write_text(text)
@@ -210,14 +206,14 @@ def export_command(
     target_recall: Annotated[float, typer.Option(help="recall@20 against exact search that the approximate index's nprobe / efSearch must reach.")] = IndexConfig.target_recall_at_20,
 ) -> None:
     """Export a run as a bundle: manifest, FAISS index, arrays and ONNX graphs (docs/bundle-format.md)."""
-    from training.export import ExportConfig, export_run
+    from training.export.bundle import ExportConfig, export_run
 
     if approximate not in ("ivf", "hnsw"):
         raise typer.BadParameter(f"--approximate must be ivf or hnsw, got {approximate!r}")
     index = IndexConfig(approximate_threshold=exact_up_to, approximate="ivf" if approximate == "ivf" else "hnsw",
                         target_recall_at_20=target_recall)  # fmt: skip
     bundle = export_run(run_dir, out, config=ExportConfig(include_modality_encoders=modality_encoders, index=index))
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((bundle / bf.MANIFEST).read_text())
     typer.echo(f"bundle {manifest['bundle_version']} written to {bundle}")
 
 
@@ -233,15 +229,15 @@ def pipeline(
     max_minutes: Annotated[float, typer.Option(help="Training time budget in minutes (0: none).")] = 10.0,
 ) -> None:
     """Prepare the dataset, train the model (selected on validation), export the bundle. Prints the bundle path."""
-    from training.export import export_run
-    from training.presets import preset
+    from training.config import preset, train_config
+    from training.export.bundle import export_run
 
     paths = default_paths()
     name = dataset or _default_demo_dataset(paths)
     directory = dataset_dir(paths, name)
     data = InteractionDataset.load(directory)
     model_layer, train_layer = preset(data.name, model)
-    config = _train_config({"max_minutes": str(max_minutes)}, train_layer)
+    config = train_config(train_layer, {"max_minutes": str(max_minutes)})
     result = train(data, model, dataset_dir=directory, model_config=model_layer, train_config=config,
                    runs_root=paths.runs, tag="")  # fmt: skip
     assert result.run_dir is not None

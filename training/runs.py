@@ -5,6 +5,10 @@
         metrics.json    per-evaluation history, best epoch, valid and test metrics at the best epoch, wall time
         curve.png       training loss and validation Recall@20 per epoch
         checkpoint.pt   the best model's state_dict WITH its config (the model is rebuilt from it)
+        <kind>_report.json  reports written into the run by an experiment (QARM: qarm_report.json)
+
+This module is the only code that knows these names: the trainer writes a run with :func:`write_run`, readers
+use :func:`read_metrics`, :func:`read_config`, :func:`finished_runs`, :func:`load_run`.
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ import torch
 
 from models import build_model
 from models.base import ModelInputs, Recommender
-from training.dataset import InteractionDataset
-from training.inputs import model_inputs
+from training.data.dataset import InteractionDataset
+from training.data.inputs import model_inputs
 
 CHECKPOINT_FORMAT = 1
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+CURVE_FILE = "curve.png"
 
 
 def new_run_directory(root: Path, dataset: str, model: str, seed: int, tag: str = "") -> Path:
@@ -39,6 +47,71 @@ def new_run_directory(root: Path, dataset: str, model: str, seed: int, tag: str 
 
 def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True))
+
+
+def write_run(
+    run_dir: Path,
+    *,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    model_name: str,
+    model_config: dict[str, Any],
+    state: dict[str, Any],
+    dataset_dir: Path,
+    train_config: dict[str, Any],
+    select_metric: str,
+) -> None:
+    """Write a finished run's files into ``run_dir``: config, metrics, checkpoint and learning curve."""
+    write_json(run_dir / CONFIG_FILE, config)
+    write_json(run_dir / METRICS_FILE, metrics)
+    save_checkpoint(run_dir / CHECKPOINT_FILE, model_name=model_name, model_config=model_config, state=state,
+                    dataset_dir=dataset_dir, train_config=train_config)  # fmt: skip
+    plot_learning_curve(run_dir / CURVE_FILE, metrics["history"], select_metric)
+
+
+def has_results(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run's config and metrics (both are written when training ends)."""
+    return (run_dir / METRICS_FILE).exists() and (run_dir / CONFIG_FILE).exists()
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / CHECKPOINT_FILE).exists()
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads((run_dir / METRICS_FILE).read_text())
+    return value
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads((run_dir / CONFIG_FILE).read_text())
+    return value
+
+
+def run_directories(runs_root: Path, dataset: str = "*", model: str = "*") -> list[Path]:
+    """Run directories under ``runs_root`` that have metrics (of ``dataset`` / ``model``, or all), sorted by path."""
+    return [path.parent for path in sorted(runs_root.glob(f"{dataset}/{model}/*/{METRICS_FILE}"))]
+
+
+def report_file(run_dir: Path, kind: str) -> Path:
+    """Where an experiment keeps its report on a run (``<kind>_report.json``)."""
+    return run_dir / f"{kind}_report.json"
+
+
+def write_report(run_dir: Path, kind: str, report: dict[str, Any]) -> Path:
+    path = report_file(run_dir, kind)
+    write_json(path, report)
+    return path
+
+
+def reported_runs(runs_root: Path, model: str, kind: str) -> list[Path]:
+    """Run directories of ``model`` (any dataset) that carry a ``kind`` report, sorted by path."""
+    return [path.parent for path in sorted(runs_root.glob(f"*/{model}/*/{kind}_report.json"))]
+
+
+def read_report(run_dir: Path, kind: str) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads(report_file(run_dir, kind).read_text())
+    return value
 
 
 def save_checkpoint(path: Path, *, model_name: str, model_config: dict[str, Any], state: dict[str, Any],
@@ -69,9 +142,9 @@ class LoadedRun:
 
 def load_run(run_dir: Path, *, dataset_dir: Path | None = None) -> LoadedRun:
     """Rebuild the best model of a run from its checkpoint (config included) and its prepared dataset."""
-    checkpoint_path = run_dir / "checkpoint.pt"
+    checkpoint_path = run_dir / CHECKPOINT_FILE
     if not checkpoint_path.exists():
-        raise FileNotFoundError(f"{run_dir} has no checkpoint.pt: is it a finished training run?")
+        raise FileNotFoundError(f"{run_dir} has no {CHECKPOINT_FILE}: is it a finished training run?")
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{checkpoint_path}: checkpoint format {checkpoint.get('format')}, expected {CHECKPOINT_FORMAT}")
@@ -85,8 +158,8 @@ def load_run(run_dir: Path, *, dataset_dir: Path | None = None) -> LoadedRun:
         model_name=checkpoint["model"],
         dataset=dataset,
         inputs=inputs,
-        config=json.loads((run_dir / "config.json").read_text()),
-        metrics=json.loads((run_dir / "metrics.json").read_text()),
+        config=read_config(run_dir),
+        metrics=read_metrics(run_dir),
         directory=run_dir,
     )
 
@@ -97,9 +170,9 @@ def initialise_from_run(model: Recommender, run_dir: Path, *, model_name: str) -
     Parameters the earlier run did not have (the fine-tuning stage's ID embeddings) keep their fresh
     initialisation and are returned by name; a parameter the model does not have, or of another shape, fails.
     """
-    checkpoint_path = run_dir / "checkpoint.pt"
+    checkpoint_path = run_dir / CHECKPOINT_FILE
     if not checkpoint_path.exists():
-        raise FileNotFoundError(f"init_from: {run_dir} has no checkpoint.pt")
+        raise FileNotFoundError(f"init_from: {run_dir} has no {CHECKPOINT_FILE}")
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     if checkpoint.get("model") != model_name:
         raise ValueError(f"init_from: {run_dir} is a run of {checkpoint.get('model')!r}, not of {model_name!r}")

@@ -35,24 +35,22 @@ def metrics(runtime: RuntimeDep) -> Response:
 def models(runtime: RuntimeDep) -> ModelInfo:
     """The served model, its bundle, and where it runs (device, onnxruntime providers, FAISS on GPU)."""
     engine = runtime.engine
-    bundle, manifest = engine.bundle, engine.bundle.manifest
+    bundle = engine.bundle
     modalities = {}
     for name, m in bundle.modalities.items():
         accepts: list[str] = ["features"] + (["text"] if m.text else []) + (["image_base64"] if m.image else [])
-        encoder = manifest["modalities"][name].get("encoder")
-        modalities[name] = ModalityInfo.model_validate({"dim": m.dim, "encoder": encoder, "accepts": accepts})
-    index_spec = manifest.get("index") or {}
+        modalities[name] = ModalityInfo.model_validate({"dim": m.dim, "encoder": m.encoder, "accepts": accepts})
     return ModelInfo(
         model=bundle.model_name,
-        kind=manifest["model"].get("kind"),
+        kind=bundle.model_kind,
         bundle_version=bundle.version,
-        created=manifest.get("created"),
-        dataset=manifest.get("dataset") or {},
+        created=bundle.created,
+        dataset=bundle.dataset,
         dim=bundle.dim,
-        score=manifest.get("score", "inner_product"),
+        score=bundle.score,
         index=IndexInfo(
             type=bundle.index_type,
-            approximate=bool(index_spec.get("approximate", False)),
+            approximate=bundle.index_approximate,
             size=engine.catalogue.size,
             faiss_gpu=bundle.index_on_gpu,
         ),
@@ -65,8 +63,8 @@ def models(runtime: RuntimeDep) -> ModelInfo:
         faiss_gpu=bundle.index_on_gpu,
         index_size=engine.catalogue.size,
         catalogue_version=engine.catalogue.version,
-        fallback=str((manifest.get("fallback") or {}).get("unknown_user", "history-mean, else popularity")),
-        metrics=manifest.get("metrics") or {},
+        fallback=bundle.unknown_user_fallback,
+        metrics=bundle.metrics,
     )
 
 

@@ -127,7 +127,7 @@ def make_bundle(
         bundle.vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
         bundle.embedding = rng.normal(size=(len(bundle.vocab), dims["text"])).astype(np.float32)
         modalities["text"] = {
-            "dim": dims["text"], "encoder": "toy-mean-embedding", "encoder_onnx": "text_encoder.onnx",
+            "dim": dims["text"], "encoder": "toy-mean-embedding", "encoder_kind": "text", "encoder_onnx": "text_encoder.onnx",
             "tokenizer": "tokenizer.json", "max_length": bundle.text_max_length,
             "onnx_inputs": ["input_ids", "attention_mask"], "onnx_output": "sentence_embedding",
         }
@@ -137,7 +137,7 @@ def make_bundle(
         dims["image"] = 6
         bundle.image_projection = rng.normal(size=(3, dims["image"])).astype(np.float32)
         modalities["image"] = {
-            "dim": dims["image"], "encoder": "toy-gap", "encoder_onnx": "image_encoder.onnx",
+            "dim": dims["image"], "encoder": "toy-gap", "encoder_kind": "image", "encoder_onnx": "image_encoder.onnx",
             "size": 8, "resize": 10, "mean": IMAGE_MEAN, "std": IMAGE_STD,
             "onnx_inputs": ["pixels"], "onnx_output": "features",
         }
@@ -202,7 +202,7 @@ def make_bundle(
 
     bundle.manifest = {
         "format": "mmrec-bundle",
-        "format_version": 1,
+        "format_version": 2,
         "bundle_version": version or f"{model_name}-synthetic-seed{seed}",
         "created": "2026-01-01T00:00:00Z",
         "model": {"name": model_name, "kind": "sequential" if user_tower else "collaborative", "config": {"dim": dim}},

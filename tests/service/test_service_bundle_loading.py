@@ -53,11 +53,44 @@ def test_load_bundle_refuses_a_listed_file_that_is_missing(bundle_copy: Path) ->
         load_bundle(bundle_copy, plan=CPU)
 
 
-@pytest.mark.parametrize("version", [2, 0, "1"])
+@pytest.mark.parametrize("version", [3, 0, "1"])
 def test_load_bundle_refuses_an_unknown_format_version_naming_both(bundle_copy: Path, version: object) -> None:
     _edit_manifest(bundle_copy, format_version=version)
-    with pytest.raises(BundleError, match=rf"format_version {version!r} is not supported .*supports 1"):
+    with pytest.raises(BundleError, match=rf"format_version {version!r} is not supported .*supports 1, 2"):
         load_bundle(bundle_copy, plan=CPU)
+
+
+def _without_encoder_kinds(path: Path, *, format_version: int) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    for entry in manifest["modalities"].values():
+        entry.pop("encoder_kind", None)
+    _edit_manifest(path, modalities=manifest["modalities"], format_version=format_version)
+
+
+def test_load_bundle_reads_a_format_1_bundle_telling_encoders_apart_by_their_keys(
+    tmp_path: Path, content_bundle: SyntheticBundle
+) -> None:
+    target = tmp_path / "bundle"
+    shutil.copytree(content_bundle.path, target)
+    _without_encoder_kinds(target, format_version=1)
+    bundle = load_bundle(target, plan=CPU)
+    assert bundle.text_modality is not None and bundle.text_modality.name == "text"
+    assert bundle.image_modality is not None and bundle.image_modality.name == "image"
+
+
+def test_load_bundle_refuses_a_format_2_encoder_without_its_kind(tmp_path: Path, content_bundle: SyntheticBundle) -> None:
+    target = tmp_path / "bundle"
+    shutil.copytree(content_bundle.path, target)
+    _without_encoder_kinds(target, format_version=2)
+    with pytest.raises(BundleError, match=r"modalities\.(image|text): encoder_kind must be one of text, image, got None"):
+        load_bundle(target, plan=CPU)
+
+
+def test_load_bundle_reads_which_trained_items_have_each_modality(features_bundle: SyntheticBundle) -> None:
+    bundle = load_bundle(features_bundle.path, plan=CPU)
+    for name, modality in bundle.modalities.items():
+        assert modality.present is not None
+        np.testing.assert_array_equal(modality.present, np.load(features_bundle.path / f"item_features/{name}.mask.npy"))
 
 
 def test_load_bundle_refuses_another_format(bundle_copy: Path) -> None:

@@ -43,11 +43,11 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, str]:
     """(bundle dir, held-out movie id, its text, its poster path)."""
-    from training.export import export_run
-    from training.prepare import prepare_dataset, pretrained_encoders
+    from training.data.prepare import prepare_dataset, pretrained_encoders
+    from training.data.sources import read_ml100k_posters
+    from training.export.bundle import export_run
+    from training.fit.trainer import TrainConfig, train
     from training.settings import Paths, default_paths
-    from training.sources import read_ml100k_posters
-    from training.trainer import TrainConfig, train
 
     root = tmp_path_factory.mktemp("e2e")
     paths = Paths(data_root=default_paths().data_root, home=root / "home")

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from service.bundle import load_bundle, plan_device
 from service.settings import ServiceSettings
-from training.item_index import IndexConfig, build_index
+from training.export.item_index import IndexConfig, build_index
 
 NLIST = 32
 Serve = Callable[[ServiceSettings], AbstractContextManager[TestClient]]

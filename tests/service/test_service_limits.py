@@ -324,7 +324,7 @@ def test_preprocess_image_without_a_full_size_copy_equals_the_training_recipe(co
     rng = np.random.default_rng(11)
     image = Image.fromarray(rng.integers(0, 256, size=(307, 211, 4), dtype=np.uint8), "RGBA").convert(mode)
     rgb = image.convert("RGB")
-    width, height = rgb.size  # the recipe of training/encoders.py: shorter side to `resize`, centre crop `size`
+    width, height = rgb.size  # the recipe of training/data/encoders.py: shorter side to `resize`, centre crop `size`
     new_w, new_h = (spec.resize, height * spec.resize // width) if width <= height else (width * spec.resize // height, spec.resize)
     resized = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
     left, top = (new_w - spec.size) // 2, (new_h - spec.size) // 2

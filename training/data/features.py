@@ -28,8 +28,8 @@ import numpy as np
 from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
-from training.encoders import UnreadableImageError, preprocess_image
-from training.feature_cache import FeatureCache, feature_key
+from training.data.encoders import UnreadableImageError, preprocess_image
+from training.data.feature_cache import FeatureCache, feature_key
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def encode_images(
 ) -> ModalityFeatures:
     """Encode image files (``None``, absent, unreadable or undecodable: missing), reading and filling ``cache``.
 
-    Cache keys hash the file bytes; pixels are made by :func:`training.encoders.preprocess_image`.
+    Cache keys hash the file bytes; pixels are made by :func:`training.data.encoders.preprocess_image`.
     """
     contents: list[bytes | None] = []
     reasons: dict[int, str] = {}

@@ -28,17 +28,11 @@ from tqdm import tqdm
 from models import build_model, model_spec
 from models.base import Recommender
 from models.config import build_config, config_to_dict
-from training.dataset import TEST, TRAIN, VALID, InteractionDataset
-from training.evaluator import DEFAULT_TOPK, FullRankingEvaluator
-from training.inputs import model_inputs
-from training.runs import (
-    initialise_from_run,
-    new_run_directory,
-    plot_learning_curve,
-    save_checkpoint,
-    write_json,
-)
-from training.sampling import BPRSampler, SequenceSampler
+from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset
+from training.data.inputs import model_inputs
+from training.fit.evaluator import DEFAULT_TOPK, FullRankingEvaluator
+from training.fit.sampling import BPRSampler, SequenceSampler
+from training.runs import initialise_from_run, new_run_directory, write_run
 
 log = logging.getLogger(__name__)
 
@@ -233,13 +227,12 @@ def train(
     if runs_root is not None and rank == 0:
         run_dir = new_run_directory(runs_root, dataset.name, model_name, train_config.seed, tag)
         train_dict = config_to_dict(train_config)
-        write_json(run_dir / "config.json", {
+        write_run(run_dir, config={
             "model": model_name, "model_config": config_to_dict(config), "train_config": train_dict,
             "dataset": {"name": dataset.name, "split": dataset.split_name, "dir": str(dataset_dir),
                         "n_users": dataset.n_users, "n_items": dataset.n_items},
             "tag": tag, "world_size": world_size,
-        })  # fmt: skip
-        write_json(run_dir / "metrics.json", {
+        }, metrics={
             "model": model_name, "dataset": dataset.name, "seed": train_config.seed, "tag": tag,
             "best_epoch": best["epoch"], "select_metric": train_config.select_metric,
             "valid": best["valid"], "test": best["test"], "wall_seconds": wall,
@@ -247,8 +240,6 @@ def train(
             "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
             "n_parameters": sum(p.numel() for p in trainable),
             "history": history,
-        })  # fmt: skip
-        save_checkpoint(run_dir / "checkpoint.pt", model_name=model_name, model_config=config_to_dict(config),
-                        state=model.state_dict(), dataset_dir=dataset_dir, train_config=train_dict)  # fmt: skip
-        plot_learning_curve(run_dir / "curve.png", history, train_config.select_metric)
+        }, model_name=model_name, model_config=config_to_dict(config), state=model.state_dict(),
+            dataset_dir=dataset_dir, train_config=train_dict, select_metric=train_config.select_metric)  # fmt: skip
     return TrainResult(run_dir=run_dir, best_epoch=best["epoch"], valid=best["valid"], test=best["test"], model=model)

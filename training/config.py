@@ -5,10 +5,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from models.config import build_config
+
+if TYPE_CHECKING:
+    from training.fit.trainer import TrainConfig
 
 PRESETS_FILE = Path(__file__).with_name("presets.toml")
 
@@ -23,3 +28,10 @@ def preset(dataset: str, model: str, *, path: Path = PRESETS_FILE) -> tuple[dict
         train_layer.update(section.get("train", {}))
         model_layer.update(section.get(model, {}))
     return model_layer, train_layer
+
+
+def train_config(*layers: Mapping[str, Any]) -> TrainConfig:
+    """The trainer's settings: ``TrainConfig`` defaults overridden by each layer in turn (preset, command line)."""
+    from training.fit.trainer import TrainConfig
+
+    return build_config(TrainConfig, *layers)

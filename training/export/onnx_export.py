@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.encoders import (
+import bundle_format as bf
+from training.data.encoders import (
     IMAGE_MEAN,
     IMAGE_RESIZE,
     IMAGE_SIZE,
@@ -35,9 +36,6 @@ from training.encoders import (
 )
 
 ONNX_OPSET = 18
-TEXT_ONNX = "text_encoder.onnx"
-TEXT_TOKENIZER = "tokenizer.json"
-IMAGE_ONNX = "image_encoder.onnx"
 _BERT_MAX_POSITIONS = 512  # position-embedding table of MiniLM: the largest T the graph can take
 
 
@@ -97,17 +95,18 @@ def export_text_encoder(
     export_onnx(
         encoder.module,
         (input_ids.to(encoder.device), attention_mask.to(encoder.device)),
-        out / TEXT_ONNX,
+        out / bf.TEXT_ENCODER,
         input_names=["input_ids", "attention_mask"],
         output_name="sentence_embedding",
         dynamic_shapes={"input_ids": {0: batch, 1: tokens}, "attention_mask": {0: batch, 1: tokens}},
     )
-    encoder.tokenizer.save(str(out / TEXT_TOKENIZER))
+    encoder.tokenizer.save(str(out / bf.TEXT_TOKENIZER))
     return {
         "dim": encoder.dim,
         "encoder": encoder.name,
-        "encoder_onnx": TEXT_ONNX,
-        "tokenizer": TEXT_TOKENIZER,
+        "encoder_kind": bf.TEXT,
+        "encoder_onnx": bf.TEXT_ENCODER,
+        "tokenizer": bf.TEXT_TOKENIZER,
         "max_length": encoder.max_length,
         "onnx_inputs": ["input_ids", "attention_mask"],
         "onnx_output": "sentence_embedding",
@@ -128,7 +127,7 @@ def export_image_encoder(
     export_onnx(
         encoder.module,
         (example,),
-        out / IMAGE_ONNX,
+        out / bf.IMAGE_ENCODER,
         input_names=["pixels"],
         output_name="features",
         dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}},
@@ -136,7 +135,8 @@ def export_image_encoder(
     return {
         "dim": encoder.dim,
         "encoder": encoder.name,
-        "encoder_onnx": IMAGE_ONNX,
+        "encoder_kind": bf.IMAGE,
+        "encoder_onnx": bf.IMAGE_ENCODER,
         "size": IMAGE_SIZE,
         "resize": IMAGE_RESIZE,
         "mean": list(IMAGE_MEAN),

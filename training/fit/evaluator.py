@@ -15,8 +15,8 @@ import scipy.sparse as sp
 import torch
 
 from models.base import Recommender
-from training.dataset import TEST, TRAIN, VALID, InteractionDataset
-from training.metrics import per_user_metrics
+from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset
+from training.fit.metrics import per_user_metrics
 
 DEFAULT_TOPK = (5, 10, 20, 50)
 

@@ -3,8 +3,7 @@
 The bundle holds the model's item vectors in a FAISS index keyed by row, its user vectors, id maps, popularity,
 user histories, the raw content features of trained items, an ONNX item encoder (content → item vector) and the
 ONNX modality encoders (MiniLM, EfficientNet-Lite0) so the service can turn raw text and images of NEW items into
-item vectors. Models without their own content encoder (ID models) get a ridge map from content features to
-their item vectors, fitted at export time with the ridge strength chosen on held-out trained items.
+item vectors. Models without their own content encoder (ID models) get the ridge map of ``training.export.ridge``.
 """
 
 from __future__ import annotations
@@ -21,17 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+import bundle_format as bf
 from models.base import ContentEncoder, UserTower
 from models.config import config_to_dict
-from training.dataset import TEST, InteractionDataset
-from training.item_index import IndexConfig, build_index
+from training.data.dataset import TEST, InteractionDataset
+from training.export.item_index import IndexConfig, build_index
+from training.export.ridge import fit_ridge_map
 from training.runs import LoadedRun, load_run
-
-BUNDLE_FORMAT = "mmrec-bundle"
-BUNDLE_FORMAT_VERSION = 1
-RIDGE_STRENGTHS = (0.01, 0.1, 1.0, 10.0, 100.0)
-_MANIFEST_KEYS = frozenset({"format", "format_version", "bundle_version", "created", "model", "dataset", "dim", "score",
-                            "index", "modalities", "item_encoder", "user_tower", "fallback", "metrics", "files"})
 
 
 @dataclass(frozen=True)
@@ -57,72 +52,16 @@ def staged_file_hashes(staging: Path) -> dict[str, str]:
 def publish_bundle(staging: Path, out: Path, manifest: dict[str, Any]) -> Path:
     """Write the manifest last and move the finished bundle to ``out`` (replacing one there): a reader never
     sees a half-written bundle at ``out``."""
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (staging / bf.MANIFEST).write_text(json.dumps(manifest, indent=2))
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
     return out
 
 
-def content_inputs(dataset: InteractionDataset) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, features (I, d), mask (I, 1) float32) per modality, in sorted order: the item encoder's inputs."""
-    return [
-        (name, m.features.astype(np.float32), m.present.astype(np.float32)[:, None])
-        for name, m in sorted(dataset.modalities.items())
-    ]
-
-
-class RidgeContentMap(ContentEncoder):
-    """x = [f_m · mask_m, mask_m for each modality, 1] → x W: a linear cold-start map for ID models."""
-
-    weight: torch.Tensor
-
-    def __init__(self, modality_names: tuple[str, ...], weight: np.ndarray) -> None:
-        super().__init__()
-        self.modality_names = modality_names
-        self.register_buffer("weight", torch.from_numpy(weight.astype(np.float32)))  # (F + 1, dim)
-
-    def forward(self, *features_and_masks: torch.Tensor) -> torch.Tensor:
-        parts = []
-        for k in range(len(self.modality_names)):
-            features, mask = features_and_masks[2 * k], features_and_masks[2 * k + 1]
-            parts += [features * mask, mask]
-        x = torch.cat([*parts, torch.ones_like(parts[-1])], dim=1)  # (N, F + 1)
-        return x @ self.weight
-
-
-def fit_ridge_map(dataset: InteractionDataset, item_vectors: np.ndarray, *, holdout: float, seed: int = 0
-                  ) -> tuple[RidgeContentMap, dict[str, Any]]:  # fmt: skip
-    """Least squares with an L2 penalty from content to item vectors; strength chosen by held-out cosine."""
-    inputs = content_inputs(dataset)
-    x = np.concatenate([np.concatenate([f * m, m], axis=1) for _, f, m in inputs] + [np.ones((dataset.n_items, 1))],
-                       axis=1).astype(np.float64)  # fmt: skip
-    y = item_vectors.astype(np.float64)
-    rng = np.random.default_rng(seed)
-    held = rng.random(dataset.n_items) < holdout
-    fit, check = ~held, held
-
-    def solve(rows: np.ndarray, strength: float) -> np.ndarray:
-        a = x[rows]
-        gram = a.T @ a + strength * np.eye(a.shape[1])
-        return np.linalg.solve(gram, a.T @ y[rows])
-
-    def mean_cosine(w: np.ndarray, rows: np.ndarray) -> float:
-        pred, true = x[rows] @ w, y[rows]
-        denom = np.linalg.norm(pred, axis=1) * np.linalg.norm(true, axis=1) + 1e-12
-        return float(((pred * true).sum(axis=1) / denom).mean())
-
-    scores = {s: mean_cosine(solve(fit, s), check) for s in RIDGE_STRENGTHS}
-    best = max(scores, key=lambda s: scores[s])
-    weight = solve(np.ones(dataset.n_items, dtype=bool), best)
-    names = tuple(name for name, _, _ in inputs)
-    report = {"ridge_strength": best, "holdout_cosine": {str(k): round(v, 4) for k, v in scores.items()}}
-    return RidgeContentMap(names, weight), report
-
-
 def export_item_encoder(encoder: ContentEncoder, dims: dict[str, int], path: Path) -> list[dict[str, Any]]:
     """Write the item encoder as ONNX with inputs ``<modality>`` (N, d) and ``<modality>_mask`` (N, 1)."""
-    from training.onnx_export import export_onnx
+    from training.export.onnx_export import export_onnx
 
     names: list[str] = []
     example: list[torch.Tensor] = []
@@ -142,7 +81,7 @@ def export_item_encoder(encoder: ContentEncoder, dims: dict[str, int], path: Pat
 def export_user_tower(tower: UserTower, dim: int, path: Path) -> dict[str, Any]:
     """Write a sequence model's user tower as ONNX, ``item_vectors`` (B, max_length, dim) and ``mask``
     (B, max_length) float32 → ``user_vector`` (B, dim); returns the manifest's ``user_tower`` entry."""
-    from training.onnx_export import export_onnx
+    from training.export.onnx_export import export_onnx
 
     length = tower.max_length
     vectors = torch.randn(2, length, dim, generator=torch.Generator().manual_seed(0))
@@ -169,18 +108,23 @@ class _PositionalInputs(nn.Module):
 
 
 def _modality_encoder_entries(dataset: InteractionDataset, out: Path, config: ExportConfig) -> dict[str, Any]:
-    """Manifest "modalities": dims of every modality, plus the ONNX encoder for text (MiniLM) and image."""
+    """Manifest "modalities": dims of every modality, plus the ONNX encoder of a modality whose features came from
+    one of the pretrained encoders (recognised by the encoder named in the prepared dataset, not by dimension)."""
     entries: dict[str, Any] = {}
     for name, m in sorted(dataset.modalities.items()):
         entry: dict[str, Any] = {"dim": m.dim, "encoder": m.encoder}
-        if config.include_modality_encoders and name == "text" and m.dim == 384 and "MiniLM" in m.encoder:
-            from training.onnx_export import export_text_encoder
+        if config.include_modality_encoders:
+            from training.data.encoders import encoder_kind
 
-            entry = {**export_text_encoder(out), "encoder": m.encoder}
-        elif config.include_modality_encoders and name == "image" and m.dim == 1280:
-            from training.onnx_export import export_image_encoder
+            kind = encoder_kind(m.encoder)
+            if kind == bf.TEXT:
+                from training.export.onnx_export import export_text_encoder
 
-            entry = {**export_image_encoder(out), "encoder": m.encoder}
+                entry = {**export_text_encoder(out), "encoder": m.encoder}
+            elif kind == bf.IMAGE:
+                from training.export.onnx_export import export_image_encoder
+
+                entry = {**export_image_encoder(out), "encoder": m.encoder}
         entries[name] = entry
     return entries
 
@@ -197,14 +141,14 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
         user_vectors = None if reps.users is None else reps.users.detach().float().cpu().numpy()
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "item_features").mkdir(parents=True)
+    (staging / bf.ITEM_FEATURES_DIR).mkdir(parents=True)
 
-    np.save(staging / "item_vectors.npy", item_vectors)
+    np.save(staging / bf.ITEM_VECTORS, item_vectors)
     if user_vectors is not None:
-        np.save(staging / "user_vectors.npy", user_vectors)
-    (staging / "item_ids.json").write_text(json.dumps(dataset.item_ids))
-    (staging / "user_ids.json").write_text(json.dumps(dataset.user_ids))
-    np.save(staging / "popularity.npy",
+        np.save(staging / bf.USER_VECTORS, user_vectors)
+    (staging / bf.ITEM_IDS).write_text(json.dumps(dataset.item_ids))
+    (staging / bf.USER_IDS).write_text(json.dumps(dataset.user_ids))
+    np.save(staging / bf.POPULARITY,
             np.bincount(dataset.edges(0)[1], minlength=dataset.n_items).astype(np.float32))  # fmt: skip
     tower = model.user_tower()
     if tower is None:
@@ -216,31 +160,32 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
         sequences = dataset.chronological_history(through=TEST)
         indptr = np.concatenate([[0], np.cumsum([s.size for s in sequences])])
         indices = np.concatenate([*sequences, np.zeros(0, dtype=np.int64)])
-    np.savez(staging / "user_history.npz", indptr=indptr.astype(np.int64), indices=indices.astype(np.int64))
+    np.savez(staging / bf.USER_HISTORY,
+             **{bf.HISTORY_INDPTR: indptr.astype(np.int64), bf.HISTORY_INDICES: indices.astype(np.int64)})  # fmt: skip
     native = model.content_encoder() if dataset.modalities else None
     labels = {} if native is None else {field: list(names) for field, names in native.extra_output_labels.items()}
     with torch.no_grad():
         extras = {name: values.detach().cpu().numpy().tolist() for name, values in model.item_extras().items()}
     for field, names in labels.items():  # codes of named categories are stored as their labels, as served
         extras[field] = [names[int(code)] for code in extras[field]]
-    with (staging / "item_metadata.jsonl").open("w") as f:
+    with (staging / bf.ITEM_METADATA).open("w") as f:
         for row, (item_id, text) in enumerate(zip(dataset.item_ids, dataset.item_text, strict=True)):
             f.write(json.dumps({"id": item_id, "text": text, **{k: v[row] for k, v in extras.items()}}) + "\n")
     sections: dict[str, Any] = {}
     for section in model.bundle_sections():
-        if section.name in _MANIFEST_KEYS:
+        if section.name in bf.MANIFEST_FIELDS:
             raise ValueError(f"bundle section {section.name!r} would overwrite a manifest field")
         (staging / section.name).mkdir()
         paths = {}
         for key, array in section.arrays.items():
-            paths[key] = f"{section.name}/{key}.npy"
+            paths[key] = bf.section_array_file(section.name, key)
             np.save(staging / paths[key], array.detach().cpu().numpy())
         sections[section.name] = {**section.description, "arrays": paths}
     for name, m in dataset.modalities.items():
-        np.save(staging / "item_features" / f"{name}.npy", m.features.astype(np.float32))
-        np.save(staging / "item_features" / f"{name}.mask.npy", m.present.astype(bool))
+        np.save(staging / bf.item_features_file(name), m.features.astype(np.float32))
+        np.save(staging / bf.item_features_mask_file(name), m.present.astype(bool))
     index, index_info = build_index(item_vectors, config.index, user_vectors=user_vectors)
-    faiss.write_index(index, str(staging / "item_index.faiss"))
+    faiss.write_index(index, str(staging / bf.ITEM_INDEX))
 
     item_encoder: dict[str, Any] | None = None
     modalities: dict[str, Any] = {}
@@ -250,9 +195,9 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
             native, ridge_report = fit_ridge_map(dataset, item_vectors, holdout=config.ridge_holdout)
         native.eval()
         dims = {name: m.dim for name, m in dataset.modalities.items()}
-        inputs = export_item_encoder(native, dims, staging / "item_encoder.onnx")
+        inputs = export_item_encoder(native, dims, staging / bf.ITEM_ENCODER)
         item_encoder = {
-            "onnx": "item_encoder.onnx",
+            "onnx": bf.ITEM_ENCODER,
             "method": "ridge-map" if ridge_report else "native",
             "inputs": inputs,
             "outputs": {"item_vector": "item_vector"},
@@ -262,15 +207,15 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
         }
         modalities = _modality_encoder_entries(dataset, staging, config)
 
-    user_tower = None if tower is None else export_user_tower(tower, item_vectors.shape[1], staging / "user_tower.onnx")
+    user_tower = None if tower is None else export_user_tower(tower, item_vectors.shape[1], staging / bf.USER_TOWER)
 
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     files = staged_file_hashes(staging)
     content_hash = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]
     metrics = run.metrics
     manifest = {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
+        "format": bf.FORMAT,
+        "format_version": bf.FORMAT_VERSION,
         "bundle_version": f"{run.model_name}-{dataset.name}-{created.replace('-', '').replace(':', '')}-{content_hash}",
         "created": created,
         "model": {"name": run.model_name, "kind": "sequential" if reps.users is None else "collaborative",
@@ -278,12 +223,12 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
         "dataset": {"name": dataset.name, "split": dataset.split_name, "n_users": dataset.n_users,
                     "n_items": dataset.n_items},  # fmt: skip
         "dim": int(item_vectors.shape[1]),
-        "score": "inner_product",
+        "score": bf.SCORE,
         "index": index_info,
         "modalities": modalities,
         "item_encoder": item_encoder,
         "user_tower": user_tower,
-        "fallback": {"unknown_user": "history-mean, else popularity"},
+        "fallback": {"unknown_user": bf.FALLBACK_UNKNOWN_USER},
         "metrics": {"valid": metrics.get("valid", {}), "test": metrics.get("test", {}),
                     "best_epoch": metrics.get("best_epoch"), "run_dir": str(run_dir)},  # fmt: skip
         **sections,

@@ -6,7 +6,7 @@ value whose recall@20 against exact search reaches ``target_recall_at_20`` on a 
 user vectors when the bundle has them (what the service searches with), else item vectors (``/similar``).
 The chosen parameters and the measured recall go into the manifest's ``index`` entry; the service applies them.
 
-Used by ``training/export.py`` and by the synthetic bundles of ``bench/``; imports numpy and faiss only.
+Used by ``training/export/bundle.py`` and by the synthetic bundles of ``bench/``; imports numpy and faiss only.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from training.runs import has_results, read_config, read_metrics, run_directories
+
 COLUMNS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 SEQUENTIAL_COLUMNS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20", "mrr@10", "mrr@20", "hit@10", "hit@20")
 SELECT = "recall@20"
@@ -47,18 +49,16 @@ class RunRecord:
 
 def _train_defaults() -> dict[str, Any]:
     from models.config import config_to_dict
-    from training.trainer import TrainConfig
+    from training.fit.trainer import TrainConfig
 
     return config_to_dict(TrainConfig())
 
 
 def ledger_entry(run_dir: Path, runs_root: Path) -> dict[str, Any] | None:
     """The ledger line of one run directory (None while it has no metrics.json or config.json yet)."""
-    metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.json"
-    if not (metrics_path.exists() and config_path.exists()):
+    if not has_results(run_dir):
         return None
-    metrics = json.loads(metrics_path.read_text())
-    config = json.loads(config_path.read_text())
+    metrics, config = read_metrics(run_dir), read_config(run_dir)
     return {
         "run": run_dir.relative_to(runs_root).as_posix(),
         "dataset": metrics["dataset"],
@@ -109,8 +109,8 @@ def record_of(entry: dict[str, Any], path: Path) -> RunRecord:
 def scan_runs(runs_root: Path) -> dict[str, dict[str, Any]]:
     """Ledger lines of every finished run under ``runs_root``, by run name (``dataset/model/run``)."""
     entries = {}
-    for metrics_path in sorted(runs_root.glob("*/*/*/metrics.json")):
-        entry = ledger_entry(metrics_path.parent, runs_root)
+    for run_dir in run_directories(runs_root):
+        entry = ledger_entry(run_dir, runs_root)
         if entry is not None:
             entries[entry["run"]] = entry
     return entries

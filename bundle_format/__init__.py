@@ -1,0 +1,66 @@
+"""The bundle's names (docs/bundle-format.md): file names, manifest fields and the format version.
+
+Training writes bundles with these names (``training/export``), the service reads them (``service/bundle.py``):
+one spelling of the contract, with no dependency beyond the standard library (the service imports no torch).
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+FORMAT: Final = "mmrec-bundle"
+# 2: a modality that ships an encoder names its kind ("encoder_kind": "text" | "image"); 1 told them apart by
+# which keys the entry had (a "tokenizer" meant text).
+FORMAT_VERSION: Final = 2
+READABLE_FORMAT_VERSIONS: Final = (1, 2)
+
+# --- files --------------------------------------------------------------------------------------------------
+MANIFEST: Final = "manifest.json"
+ITEM_IDS: Final = "item_ids.json"
+USER_IDS: Final = "user_ids.json"
+ITEM_VECTORS: Final = "item_vectors.npy"
+USER_VECTORS: Final = "user_vectors.npy"
+ITEM_INDEX: Final = "item_index.faiss"
+POPULARITY: Final = "popularity.npy"
+USER_HISTORY: Final = "user_history.npz"
+HISTORY_INDPTR: Final = "indptr"  # the arrays of USER_HISTORY: a CSR of item rows per user row
+HISTORY_INDICES: Final = "indices"
+ITEM_METADATA: Final = "item_metadata.jsonl"
+ITEM_FEATURES_DIR: Final = "item_features"
+ITEM_ENCODER: Final = "item_encoder.onnx"
+USER_TOWER: Final = "user_tower.onnx"
+TEXT_ENCODER: Final = "text_encoder.onnx"
+TEXT_TOKENIZER: Final = "tokenizer.json"
+IMAGE_ENCODER: Final = "image_encoder.onnx"
+
+REQUIRED_FILES: Final = (ITEM_IDS, ITEM_VECTORS, ITEM_INDEX, POPULARITY)
+
+
+def item_features_file(modality: str) -> str:
+    """float32 (n_items, d) raw features of the trained items for ``modality``."""
+    return f"{ITEM_FEATURES_DIR}/{modality}.npy"
+
+
+def item_features_mask_file(modality: str) -> str:
+    """bool (n_items,): whether each trained item has ``modality``."""
+    return f"{ITEM_FEATURES_DIR}/{modality}.mask.npy"
+
+
+def section_array_file(section: str, array: str) -> str:
+    """A model-specific section's array (QARM: ``semantic_codes/codebooks.npy``)."""
+    return f"{section}/{array}.npy"
+
+
+# --- manifest -----------------------------------------------------------------------------------------------
+MANIFEST_FIELDS: Final = frozenset({
+    "format", "format_version", "bundle_version", "created", "model", "dataset", "dim", "score", "index",
+    "modalities", "item_encoder", "user_tower", "fallback", "metrics", "files",
+})  # fmt: skip
+REQUIRED_MANIFEST_FIELDS: Final = ("bundle_version", "model", "dim", "files")
+SCORE: Final = "inner_product"
+FALLBACK_UNKNOWN_USER: Final = "history-mean, else popularity"
+
+EncoderKind = Literal["text", "image"]
+TEXT: Final = "text"
+IMAGE: Final = "image"
+ENCODER_KINDS: Final[tuple[EncoderKind, ...]] = ("text", "image")
