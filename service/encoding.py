@@ -20,6 +20,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -29,6 +30,7 @@ from tokenizers import Encoding, Tokenizer
 
 from service.bundle import Bundle, BundleError, ImageSpec, TextSpec, shrinking_run_options
 from service.errors import InvalidInput, RequestTooLarge
+from service.microbatching import MicroBatcher
 from service.settings import ServiceSettings
 
 # Only these decoders ever see client bytes: Pillow would otherwise hand EPS to Ghostscript, among other plugins.
@@ -202,7 +204,7 @@ class ImageEncoder:
         starting with ``prefixes[i]`` (where the caller has it: ``items[3]: ``)."""
         out: list[np.ndarray] = []
         for chunk in _chunks(len(images), self.chunk_size):
-            batch = np.stack([self._pixels(images[i], prefixes[i] if prefixes else "") for i in chunk])  # (n, 3, S, S)
+            batch = np.stack([self.pixels(images[i], prefixes[i] if prefixes else "") for i in chunk])  # (n, 3, S, S)
             out.append(self.run(batch))
         return np.concatenate(out)
 
@@ -210,7 +212,12 @@ class ImageEncoder:
         features = self.spec.session.run([self.spec.output_name], {self.spec.input_name: pixels}, self.run_options)[0]
         return np.asarray(features, dtype=np.float32).reshape(len(pixels), -1)
 
-    def _pixels(self, image: Image.Image, prefix: str) -> np.ndarray:
+    def run_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Preprocessed images, each (3, S, S), in chunks of ``chunk_size``: float32 (N, d)."""
+        return np.concatenate([self.run(np.stack([pixels[i] for i in chunk])) for chunk in _chunks(len(pixels), self.chunk_size)])
+
+    def pixels(self, image: Image.Image, prefix: str) -> np.ndarray:
+        """Decode and preprocess one opened image (:func:`image_pixels`); a failure's message starts with ``prefix``."""
         try:
             return image_pixels(image, self.spec)
         except InvalidInput as exc:
@@ -295,18 +302,35 @@ class TextEncoder:
 class ItemEncoder:
     """Content -> item vector in the bundle's space, per the manifest's ``item_encoder`` (docs/bundle-format.md)."""
 
-    def __init__(self, bundle: Bundle, *, limits: EncodingLimits) -> None:
+    def __init__(self, bundle: Bundle, *, limits: EncodingLimits, batch_max_wait_ms: float = 0.0,
+                 batch_max_items: int = 32) -> None:  # fmt: skip
+        """``batch_max_wait_ms > 0``: the encoder runs of concurrent requests are batched (:mod:`service.microbatching`),
+        gathered for at most that long, up to ``batch_max_items`` rows a batch (each batch still runs in chunks of
+        ``encode_chunk_size``); 0: every request runs its own."""
         self.bundle = bundle
         self.limits = limits
         self.spec = bundle.item_encoder
         self.run_options = shrinking_run_options()
-        self.encoding = threading.BoundedSemaphore(limits.max_concurrent_encodes)  # held while tokenising and decoding
+        # Held while tokenising and decoding; and, unbatched, while encoding (a batcher runs one batch at a time).
+        self.encoding = threading.BoundedSemaphore(limits.max_concurrent_encodes)
         text, image = bundle.text_modality, bundle.image_modality
         self.text_modality = text.name if text else None
         self.image_modality = image.name if image else None
         chunk = limits.encode_chunk_size
         self.text_encoder = TextEncoder(text.text, chunk_size=chunk) if text and text.text else None
         self.image_encoder = ImageEncoder(image.image, chunk_size=chunk) if image and image.image else None
+        self.batched = batch_max_wait_ms > 0
+        wait, rows = batch_max_wait_ms, batch_max_items
+        text_encoder, image_encoder = self.text_encoder, self.image_encoder
+        self.text_batcher: MicroBatcher[Encoding, np.ndarray] | None = None
+        self.image_batcher: MicroBatcher[np.ndarray, np.ndarray] | None = None
+        if text_encoder is not None:
+            self.text_batcher = MicroBatcher(lambda e: list(text_encoder.run(e)), name="text", max_wait_ms=wait, max_rows=rows)
+        if image_encoder is not None:
+            self.image_batcher = MicroBatcher(lambda p: list(image_encoder.run_pixels(p)), name="image",
+                                              max_wait_ms=wait, max_rows=rows)  # fmt: skip
+        self.item_batcher: MicroBatcher[Mapping[str, np.ndarray], tuple[np.ndarray, dict[str, Any]]] = MicroBatcher(
+            self._run_rows, name="item", max_wait_ms=wait, max_rows=rows)  # fmt: skip
         self._self_check()
 
     def encode(self, contents: Sequence[ItemContent]) -> list[EncodedItem]:
@@ -325,20 +349,53 @@ class ItemEncoder:
                 raise InvalidInput(f"{_where(i, len(contents))}item has no content: give text, image_base64 or features")
         text_rows = self._check_texts(contents)
         image_rows, images = self._open_images(contents)
-        with self.encoding, _releasing_memory():
-            if text_rows and self.text_encoder is not None and self.text_modality is not None:
-                encodings = self._tokenize([contents[i].text or "" for i in text_rows])
-                for i, vector in zip(text_rows, self.text_encoder.run(encodings), strict=True):
-                    features[i][self.text_modality] = vector
-            if images and self.image_encoder is not None and self.image_modality is not None:
-                encoded = self.image_encoder.encode(images, prefixes=[_where(i, len(contents)) for i in image_rows])
-                for i, vector in zip(image_rows, encoded, strict=True):
-                    features[i][self.image_modality] = vector
-        vectors, extras = self.run(features)
-        for i, vector in enumerate(vectors):
-            if not np.isfinite(vector).all() or float(np.linalg.norm(vector)) > MAX_VECTOR_NORM:
+        with _releasing_memory():
+            if self.batched:
+                self._encode_batched(contents, features, text_rows, image_rows, images)
+            else:
+                with self.encoding:
+                    self._encode_alone(contents, features, text_rows, image_rows, images)
+        outputs = self.item_batcher.run(features)
+        for i, (vector, _) in enumerate(outputs):
+            if not np.isfinite(vector).all() or float(np.linalg.norm(vector.astype(np.float64))) > MAX_VECTOR_NORM:
                 raise InvalidInput(f"{_where(i, len(contents))}features give a non-finite or huge item vector")
-        return [EncodedItem(features=f, vector=v, extra=e) for f, v, e in zip(features, vectors, extras, strict=True)]
+        return [EncodedItem(features=f, vector=v, extra=e) for f, (v, e) in zip(features, outputs, strict=True)]
+
+    def _encode_alone(self, contents: Sequence[ItemContent], features: list[dict[str, np.ndarray]], text_rows: list[int],
+                      image_rows: list[int], images: list[Image.Image]) -> None:  # fmt: skip
+        """This request's texts and images through their encoders, on this thread."""
+        if text_rows and self.text_encoder is not None and self.text_modality is not None:
+            encodings = self._tokenize([contents[i].text or "" for i in text_rows])
+            for i, vector in zip(text_rows, self.text_encoder.run(encodings), strict=True):
+                features[i][self.text_modality] = vector
+        if images and self.image_encoder is not None and self.image_modality is not None:
+            encoded = self.image_encoder.encode(images, prefixes=[_where(i, len(contents)) for i in image_rows])
+            for i, vector in zip(image_rows, encoded, strict=True):
+                features[i][self.image_modality] = vector
+
+    def _encode_batched(self, contents: Sequence[ItemContent], features: list[dict[str, np.ndarray]], text_rows: list[int],
+                        image_rows: list[int], images: list[Image.Image]) -> None:  # fmt: skip
+        """The same through the batchers: the texts are handed over first, then the images chunk by chunk as they
+        are decoded (so a request holds at most ``encode_chunk_size`` decoded images), both modalities encoding at
+        once with other requests' rows."""
+        text_vectors: Future[Sequence[np.ndarray]] | None = None
+        if text_rows and self.text_batcher is not None and self.text_modality is not None:
+            with self.encoding:
+                encodings = self._tokenize([contents[i].text or "" for i in text_rows])
+            text_vectors = self.text_batcher.submit(encodings)
+        if images and self.image_encoder is not None and self.image_batcher is not None and self.image_modality is not None:
+            for chunk in _chunks(len(images), self.limits.encode_chunk_size):
+                with self.encoding:
+                    pixels = [self.image_encoder.pixels(images[n], _where(image_rows[n], len(contents))) for n in chunk]
+                for n, vector in zip(chunk, self.image_batcher.run(pixels), strict=True):
+                    features[image_rows[n]][self.image_modality] = vector
+        if text_vectors is not None and self.text_modality is not None:
+            for i, vector in zip(text_rows, text_vectors.result(), strict=True):
+                features[i][self.text_modality] = vector
+
+    def _run_rows(self, features: Sequence[Mapping[str, np.ndarray]]) -> list[tuple[np.ndarray, dict[str, Any]]]:
+        vectors, extras = self.run(features)
+        return list(zip(vectors, extras, strict=True))
 
     def run(self, features: Sequence[Mapping[str, np.ndarray]]) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Run the item encoder graph: missing modalities are zeros with mask 0. Returns (N, dim) and extras."""

@@ -57,7 +57,10 @@ class Engine:
     @classmethod
     def open(cls, settings: ServiceSettings, plan: DevicePlan, batcher: SearchBatcher) -> Engine:
         bundle = load_bundle(settings.bundle_dir, plan=plan, verify_hashes=settings.verify_hashes)
-        return cls.on(bundle, ItemEncoder(bundle, limits=EncodingLimits.from_settings(settings)), batcher)
+        encoder = ItemEncoder(bundle, limits=EncodingLimits.from_settings(settings),
+                              batch_max_wait_ms=settings.encode_batch_max_wait_ms,
+                              batch_max_items=settings.encode_batch_max_items)  # fmt: skip
+        return cls.on(bundle, encoder, batcher)
 
     @classmethod
     def on(cls, bundle: Bundle, encoder: ItemEncoder, batcher: SearchBatcher) -> Engine:

@@ -275,6 +275,17 @@ class ServiceSettings(BaseSettings):
     )
     max_concurrent_encodes: int = Field(
         default=1, ge=1,
-        description="Requests encoding content at the same time; more wait their turn (each onnxruntime run already "
-        "uses every core, so this bounds memory without costing throughput).",
+        description="Requests tokenising and decoding content at the same time (and, with encode_batch_max_wait_ms=0, "
+        "encoding it); more wait their turn. Bounds the memory of decoded images.",
+    )
+    encode_batch_max_wait_ms: float = Field(
+        default=2.0, ge=0, le=100,
+        description="Micro-batching of ingestion: the text, image and item encoder runs of concurrent requests "
+        "gathered for at most this long are one onnxruntime run per model (and the user tower's, at reads); 0 turns "
+        "it off (every request runs its own).",
+    )
+    encode_batch_max_items: int = Field(
+        default=32, ge=1, le=1024,
+        description="Micro-batching of ingestion: most rows (texts, images, items) gathered into one batch; a batch "
+        "still runs in chunks of encode_chunk_size.",
     )
