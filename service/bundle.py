@@ -10,7 +10,7 @@ import json
 import logging
 import mmap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from service.ids import IdsError, IdTable
 from service.settings import Device
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,8 @@ class Bundle:
     manifest: dict[str, Any]
     version: str
     dim: int
-    item_ids: list[str]
-    user_ids: list[str]
+    item_ids: IdTable  # row -> id, and id -> row (``item_rows``)
+    user_ids: IdTable
     item_vectors: np.ndarray  # (n_items, dim) float32
     user_vectors: np.ndarray | None  # (n_users, dim) float32
     popularity: np.ndarray  # (n_items,) float32
@@ -133,8 +134,15 @@ class Bundle:
     item_encoder: ItemEncoderSpec | None  # None: a model without content features cannot ingest items
     user_tower: UserTowerSpec | None
     plan: DevicePlan
-    user_rows: dict[str, int] = field(default_factory=dict)
-    item_rows: dict[str, int] = field(default_factory=dict)  # external id -> trained row, built once per bundle
+
+    @property
+    def item_rows(self) -> IdTable:
+        """Trained row of an item id: ``bundle.item_rows.get(item_id)``, ``item_id in bundle.item_rows``."""
+        return self.item_ids
+
+    @property
+    def user_rows(self) -> IdTable:
+        return self.user_ids
 
     @property
     def model_name(self) -> str:
@@ -176,12 +184,10 @@ def load_bundle(path: Path, *, plan: DevicePlan, verify_hashes: bool = True) -> 
     if manifest.get("score", "inner_product") != "inner_product":
         raise BundleError(f"manifest.json: score {manifest['score']!r} is not supported (inner_product only)")
 
-    item_ids = [str(i) for i in _read_json_list(files, "item_ids.json")]
+    item_ids = _read_ids(files, "item_ids.json")
     n_items = len(item_ids)
-    if len(set(item_ids)) != n_items:
-        raise BundleError("item_ids.json: item ids are not unique")
     item_vectors = _read_matrix(files, "item_vectors.npy", (n_items, dim))
-    user_ids = [str(u) for u in _read_json_list(files, "user_ids.json")] if "user_ids.json" in files else []
+    user_ids = _read_ids(files, "user_ids.json") if "user_ids.json" in files else IdTable.from_strings([])
     user_vectors = (
         _read_matrix(files, "user_vectors.npy", (len(user_ids), dim)) if "user_vectors.npy" in files else None
     )
@@ -217,8 +223,6 @@ def load_bundle(path: Path, *, plan: DevicePlan, verify_hashes: bool = True) -> 
         item_encoder=item_encoder,
         user_tower=user_tower,
         plan=plan,
-        user_rows={u: r for r, u in enumerate(user_ids)},
-        item_rows={i: r for r, i in enumerate(item_ids)},
     )
 
 
@@ -292,14 +296,11 @@ def _positive_int(obj: dict[str, Any], key: str, where: str = "manifest.json") -
     return value
 
 
-def _read_json_list(files: dict[str, Path], name: str) -> list[Any]:
+def _read_ids(files: dict[str, Path], name: str) -> IdTable:
     try:
-        value = json.loads(_require(files, name).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{name}: not valid JSON ({exc})") from exc
-    if not isinstance(value, list):
-        raise BundleError(f"{name}: expected a JSON list")
-    return value
+        return IdTable.from_json(_require(files, name).read_bytes())
+    except IdsError as exc:
+        raise BundleError(f"{name}: {exc}") from exc
 
 
 def _read_array(files: dict[str, Path], name: str) -> np.ndarray:
@@ -344,7 +345,7 @@ class ItemMetadata(Sequence[dict[str, Any]]):
     """``item_metadata.jsonl`` kept as its mapped bytes and line offsets; a row is parsed when asked for. A million
     items cost 8 MB of offsets instead of a million dicts."""
 
-    def __init__(self, data: bytes | mmap.mmap | None, starts: np.ndarray, item_ids: list[str]) -> None:
+    def __init__(self, data: bytes | mmap.mmap | None, starts: np.ndarray, item_ids: Sequence[str]) -> None:
         self._data = data
         self._starts = starts  # (n + 1,) int64: row r is data[starts[r]:starts[r + 1]]
         self._ids = item_ids
@@ -367,7 +368,7 @@ class ItemMetadata(Sequence[dict[str, Any]]):
         return value if isinstance(value, dict) else {}
 
 
-def _read_metadata(files: dict[str, Path], item_ids: list[str]) -> ItemMetadata:
+def _read_metadata(files: dict[str, Path], item_ids: Sequence[str]) -> ItemMetadata:
     if "item_metadata.jsonl" not in files:
         return ItemMetadata(None, np.zeros(len(item_ids) + 1, dtype=np.int64), item_ids)
     file = files["item_metadata.jsonl"]
