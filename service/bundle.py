@@ -41,9 +41,10 @@ class DevicePlan:
     device: Literal["cpu", "cuda"]
     ort_providers: tuple[str, ...]
     faiss_gpu: bool
+    onnx_threads: int = 0  # intra-op threads of every onnxruntime session; 0: onnxruntime's default (one per core)
 
 
-def plan_device(requested: Device) -> DevicePlan:
+def plan_device(requested: Device, *, onnx_threads: int = 0) -> DevicePlan:
     available = ort.get_available_providers()
     cuda_ort = CUDA_PROVIDER in available
     if requested == "cuda" and not cuda_ort:
@@ -54,7 +55,8 @@ def plan_device(requested: Device) -> DevicePlan:
     use_cuda = requested != "cpu" and cuda_ort
     faiss_gpu = requested != "cpu" and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0
     providers = (CUDA_PROVIDER, CPU_PROVIDER) if use_cuda else (CPU_PROVIDER,)
-    return DevicePlan(device="cuda" if use_cuda or faiss_gpu else "cpu", ort_providers=providers, faiss_gpu=faiss_gpu)
+    return DevicePlan(device="cuda" if use_cuda or faiss_gpu else "cpu", ort_providers=providers, faiss_gpu=faiss_gpu,
+                      onnx_threads=onnx_threads)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -432,6 +434,8 @@ class _SessionFactory:
         # takes the cores from the event loop and the searches between runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if self.plan.onnx_threads > 0:
+            options.intra_op_num_threads = self.plan.onnx_threads
         try:
             return ort.InferenceSession(str(file), sess_options=options, providers=list(self.plan.ort_providers))
         except Exception as exc:  # onnxruntime raises its own exception types for bad graphs

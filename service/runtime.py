@@ -59,7 +59,8 @@ class Engine:
         bundle = load_bundle(settings.bundle_dir, plan=plan, verify_hashes=settings.verify_hashes)
         encoder = ItemEncoder(bundle, limits=EncodingLimits.from_settings(settings),
                               batch_max_wait_ms=settings.encode_batch_max_wait_ms,
-                              batch_max_items=settings.encode_batch_max_items)  # fmt: skip
+                              batch_max_items=settings.encode_batch_max_items,
+                              batch_workers=settings.encode_batch_workers)  # fmt: skip
         return cls.on(bundle, encoder, batcher)
 
     @classmethod
@@ -123,7 +124,7 @@ class Runtime:
     def __init__(self, settings: ServiceSettings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.plan = plan_device(settings.device)
+        self.plan = plan_device(settings.device, onnx_threads=settings.onnx_threads)
         self.pool: RedisPool | None = None
         self.state_db: StateDatabase | None = None
         self.catalogue_store: CatalogueStore

@@ -121,10 +121,10 @@ def test_the_worker_leaves_when_idle_and_the_next_job_starts_another() -> None:
     batcher = MicroBatcher(_doubling([]), name="idle", max_wait_ms=1, max_rows=8, idle_s=0.05)
     assert list(batcher.run([1])) == [2]
     deadline = time.monotonic() + 5
-    while batcher._worker is not None and time.monotonic() < deadline:
+    while batcher.alive and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert batcher._worker is None
-    assert list(batcher.run([2])) == [4]  # a new worker takes it
+    assert batcher.alive == 0
+    assert list(batcher.run([2])) == [4] and batcher.alive == 1  # a new worker takes it
 
 
 # --- ItemEncoder ---------------------------------------------------------------------------------------------------
@@ -198,3 +198,22 @@ def test_encode_batch_max_wait_ms_zero_turns_batching_off(
         assert [r.status_code for r in responses] == [201] * 4
         encoder = client.app.state.runtime.engine.encoder  # type: ignore[attr-defined]
         assert not encoder.batched and encoder.item_batcher.batches == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_at_most_workers_batches_run_at_once(workers: int) -> None:
+    lock, inside, most = threading.Lock(), [0], [0]
+
+    def run(rows: Sequence[int]) -> list[int]:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.05)  # long enough for other workers to start a batch, were they there
+        with lock:
+            inside[0] -= 1
+        return list(rows)
+
+    batcher = MicroBatcher(run, name="w", max_wait_ms=1, max_rows=1, workers=workers)
+    results = _concurrently([lambda n=n: batcher.run([n]) for n in range(6)])
+    assert [list(r) for r in results] == [[n] for n in range(6)]
+    assert most[0] == workers and batcher.alive <= workers
