@@ -22,6 +22,7 @@ from service.bundle import load_bundle, plan_device
 from service.encoding import EncodingLimits, ItemContent, ItemEncoder
 from service.errors import InvalidInput
 from service.microbatching import MicroBatcher
+from service.recommender import UserTower
 from service.settings import ServiceSettings
 
 TOLERANCE = 1e-5  # float32 graphs: a row's output does not depend on the other rows of its run, up to rounding
@@ -217,3 +218,18 @@ def test_at_most_workers_batches_run_at_once(workers: int) -> None:
     results = _concurrently([lambda n=n: batcher.run([n]) for n in range(6)])
     assert [list(r) for r in results] == [[n] for n in range(6)]
     assert most[0] == workers and batcher.alive <= workers
+
+
+def test_user_tower_batches_concurrent_histories_into_the_vectors_of_single_runs(sequence_bundle: SyntheticBundle) -> None:
+    bundle = load_bundle(sequence_bundle.path, plan=plan_device("cpu"))
+    assert bundle.user_tower is not None
+    alone = UserTower(bundle.user_tower, bundle.dim)
+    batched = UserTower(bundle.user_tower, bundle.dim, max_wait_ms=100)
+    rng = np.random.default_rng(5)
+    length = bundle.user_tower.max_length
+    histories = [rng.choice(len(sequence_bundle.item_ids), size=n).tolist() for n in (1, 2, length - 1, length, 3, 1)]
+    results = _concurrently([lambda h=h: batched.encode(sequence_bundle.item_vectors[h[-length:]]) for h in histories])
+    for history, vector in zip(histories, results, strict=True):
+        np.testing.assert_allclose(vector, alone.encode(sequence_bundle.item_vectors[history[-length:]]), atol=TOLERANCE)
+        np.testing.assert_allclose(vector, sequence_bundle.tower(history), atol=TOLERANCE)
+    assert batched.batcher.jobs == len(histories) and batched.batcher.batches < len(histories)
