@@ -9,8 +9,9 @@ import hashlib
 import json
 import logging
 import mmap
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -20,6 +21,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 import bundle_format as bf
+from service.ids import IdsError, IdTable
 from service.settings import Device
 
 log = logging.getLogger(__name__)
@@ -39,9 +41,10 @@ class DevicePlan:
     device: Literal["cpu", "cuda"]
     ort_providers: tuple[str, ...]
     faiss_gpu: bool
+    onnx_threads: int = 0  # intra-op threads of every onnxruntime session; 0: onnxruntime's default (one per core)
 
 
-def plan_device(requested: Device) -> DevicePlan:
+def plan_device(requested: Device, *, onnx_threads: int = 0) -> DevicePlan:
     available = ort.get_available_providers()
     cuda_ort = CUDA_PROVIDER in available
     if requested == "cuda" and not cuda_ort:
@@ -52,7 +55,8 @@ def plan_device(requested: Device) -> DevicePlan:
     use_cuda = requested != "cpu" and cuda_ort
     faiss_gpu = requested != "cpu" and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0
     providers = (CUDA_PROVIDER, CPU_PROVIDER) if use_cuda else (CPU_PROVIDER,)
-    return DevicePlan(device="cuda" if use_cuda or faiss_gpu else "cpu", ort_providers=providers, faiss_gpu=faiss_gpu)
+    return DevicePlan(device="cuda" if use_cuda or faiss_gpu else "cpu", ort_providers=providers, faiss_gpu=faiss_gpu,
+                      onnx_threads=onnx_threads)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -119,8 +123,8 @@ class Bundle:
     manifest: dict[str, Any]
     version: str
     dim: int
-    item_ids: list[str]
-    user_ids: list[str]
+    item_ids: IdTable  # row -> id, and id -> row (``item_rows``)
+    user_ids: IdTable
     item_vectors: np.ndarray  # (n_items, dim) float32
     user_vectors: np.ndarray | None  # (n_users, dim) float32
     popularity: np.ndarray  # (n_items,) float32
@@ -134,8 +138,15 @@ class Bundle:
     item_encoder: ItemEncoderSpec | None  # None: a model without content features cannot ingest items
     user_tower: UserTowerSpec | None
     plan: DevicePlan
-    user_rows: dict[str, int] = field(default_factory=dict)
-    item_rows: dict[str, int] = field(default_factory=dict)  # external id -> trained row, built once per bundle
+
+    @property
+    def item_rows(self) -> IdTable:
+        """Trained row of an item id: ``bundle.item_rows.get(item_id)``, ``item_id in bundle.item_rows``."""
+        return self.item_ids
+
+    @property
+    def user_rows(self) -> IdTable:
+        return self.user_ids
 
     @property
     def model_name(self) -> str:
@@ -199,32 +210,53 @@ class Bundle:
 
 
 def load_bundle(path: Path, *, plan: DevicePlan, verify_hashes: bool = True) -> Bundle:
-    """Read and check a bundle; raises :class:`BundleError` naming the file or field at fault."""
+    """Read and check a bundle; raises :class:`BundleError` naming the file or field at fault.
+
+    With ``verify_hashes``, every file's sha256 is checked against the manifest before this returns (so before the
+    service says it is ready), in one read of each file: the files the loader reads through anyway (item vectors,
+    metadata) are hashed in that pass, the others on background threads while the loader works. A file that fails
+    its hash is reported as such even when reading it failed first."""
     path = Path(path)
     manifest = _read_manifest(path)
-    files = _bundle_files(path, manifest, verify_hashes=verify_hashes)
+    files = _bundle_files(path, manifest)
+    digests = _Digests(files, manifest["files"], enabled=verify_hashes, inline=INLINE_HASHED)
+    try:
+        bundle = _load(path, manifest, files, plan, digests)
+        digests.check()
+        return bundle
+    except BundleError:
+        digests.check()  # a damaged file explains a failed read better than the read's own error
+        raise
+    finally:
+        digests.close()
+
+
+INLINE_HASHED = (bf.ITEM_VECTORS, bf.ITEM_METADATA)  # hashed by the pass that reads them
+
+
+def _load(path: Path, manifest: dict[str, Any], files: dict[str, Path], plan: DevicePlan, digests: _Digests) -> Bundle:
     dim = _positive_int(manifest, "dim")
     if manifest.get("score", bf.SCORE) != bf.SCORE:
         raise BundleError(f"manifest.json: score {manifest['score']!r} is not supported (inner_product only)")
 
-    item_ids = [str(i) for i in _read_json_list(files, bf.ITEM_IDS)]
+    item_ids = _read_ids(files, bf.ITEM_IDS)
     n_items = len(item_ids)
-    if len(set(item_ids)) != n_items:
-        raise BundleError(f"{bf.ITEM_IDS}: item ids are not unique")
-    item_vectors = _read_matrix(files, bf.ITEM_VECTORS, (n_items, dim))
-    user_ids = [str(u) for u in _read_json_list(files, bf.USER_IDS)] if bf.USER_IDS in files else []
-    user_vectors = _read_matrix(files, bf.USER_VECTORS, (len(user_ids), dim)) if bf.USER_VECTORS in files else None
+    index, index_type, index_on_gpu, item_vectors = _read_index(files, manifest, (n_items, dim), plan=plan,
+                                                                digests=digests)  # fmt: skip
+    user_ids = _read_ids(files, bf.USER_IDS) if bf.USER_IDS in files else IdTable.from_strings([])
+    user_vectors = (
+        _read_matrix(files, bf.USER_VECTORS, (len(user_ids), dim)) if bf.USER_VECTORS in files else None
+    )
     popularity = _read_array(files, bf.POPULARITY).astype(np.float32, copy=False)
     if popularity.shape != (n_items,):
         raise BundleError(f"{bf.POPULARITY}: shape {popularity.shape}, expected ({n_items},)")
     indptr, indices = _read_history(files, n_users=len(user_ids), n_items=n_items)
-    metadata = _read_metadata(files, item_ids)
+    metadata = _read_metadata(files, item_ids, digests)
 
     sessions = _SessionFactory(files, plan)
     modalities = _read_modalities(manifest, sessions, files, n_items=n_items)
     item_encoder = _read_item_encoder(manifest, modalities, sessions)
     user_tower = _read_user_tower(manifest, sessions)
-    index, index_type, index_on_gpu = _read_index(files, manifest, item_vectors=item_vectors, plan=plan)
 
     return Bundle(
         path=path,
@@ -246,8 +278,6 @@ def load_bundle(path: Path, *, plan: DevicePlan, verify_hashes: bool = True) -> 
         item_encoder=item_encoder,
         user_tower=user_tower,
         plan=plan,
-        user_rows={u: r for r, u in enumerate(user_ids)},
-        item_rows={i: r for r, i in enumerate(item_ids)},
     )
 
 
@@ -278,8 +308,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _bundle_files(path: Path, manifest: dict[str, Any], *, verify_hashes: bool) -> dict[str, Path]:
-    """The files the manifest lists, checked to exist (and to match their sha256)."""
+def _bundle_files(path: Path, manifest: dict[str, Any]) -> dict[str, Path]:
+    """The files the manifest lists, checked to exist (their sha256: :class:`_Digests`)."""
     listed = manifest["files"]
     if not isinstance(listed, dict):
         raise BundleError("manifest.json: 'files' must map file names to sha256 hex digests")
@@ -291,8 +321,8 @@ def _bundle_files(path: Path, manifest: dict[str, Any], *, verify_hashes: bool) 
             raise BundleError(f"manifest.json: file {name!r} lies outside the bundle directory")
         if not file.is_file():
             raise BundleError(f"bundle file {name} is listed in manifest.json but missing")
-        if verify_hashes and _sha256(file) != str(digest).lower():
-            raise BundleError(f"bundle file {name}: sha256 differs from manifest.json (corrupted or modified)")
+        if not isinstance(digest, str):
+            raise BundleError(f"manifest.json: the sha256 of {name} must be a hex string, got {digest!r}")
         files[name] = file
     for required in bf.REQUIRED_FILES:
         if required not in files:
@@ -303,9 +333,53 @@ def _bundle_files(path: Path, manifest: dict[str, Any], *, verify_hashes: bool) 
 def _sha256(file: Path) -> str:
     digest = hashlib.sha256()
     with file.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+        for chunk in iter(lambda: fh.read(READ_CHUNK), b""):
+            digest.update(chunk)  # hashlib releases the GIL on large buffers: threads hash side by side
     return digest.hexdigest()
+
+
+READ_CHUNK = 8 << 20
+
+
+class _Digests:
+    """The sha256 of every bundle file against the manifest. Files in ``inline`` are hashed by the loader's own
+    read of them (:meth:`hasher`, :meth:`record`); the others on two threads from the start. :meth:`check` waits for
+    all and raises for the first file (in manifest order) that differs."""
+
+    def __init__(self, files: dict[str, Path], expected: dict[str, str], *, enabled: bool, inline: Sequence[str]) -> None:
+        self.files = files
+        self.expected = {name: str(digest).lower() for name, digest in expected.items()}
+        self.enabled = enabled
+        self._inline: dict[str, str] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: dict[str, Future[str]] = {}
+        if enabled:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mmrec-sha256")
+            by_size = sorted((n for n in files if n not in inline), key=lambda n: -files[n].stat().st_size)
+            self._futures = {name: self._pool.submit(_sha256, files[name]) for name in by_size}
+
+    def hasher(self, name: str) -> Any:
+        """A fresh sha256 for the loader's read of ``name`` (None when hashes are not verified)."""
+        return hashlib.sha256() if self.enabled else None
+
+    def record(self, name: str, digest: Any) -> None:
+        """The loader read all of ``name`` through ``digest`` (a :meth:`hasher`)."""
+        if digest is not None:
+            self._inline[name] = digest.hexdigest()
+
+    def check(self) -> None:
+        if not self.enabled:
+            return
+        for name, expected in self.expected.items():
+            future = self._futures.get(name)
+            # an inline file the loader did not read to its end (it failed first, or took another path) is hashed here
+            actual = future.result() if future is not None else self._inline.get(name) or _sha256(self.files[name])
+            if actual != expected:
+                raise BundleError(f"bundle file {name}: sha256 differs from manifest.json (corrupted or modified)")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _require(files: dict[str, Path], name: str) -> Path:
@@ -321,14 +395,11 @@ def _positive_int(obj: dict[str, Any], key: str, where: str = "manifest.json") -
     return value
 
 
-def _read_json_list(files: dict[str, Path], name: str) -> list[Any]:
+def _read_ids(files: dict[str, Path], name: str) -> IdTable:
     try:
-        value = json.loads(_require(files, name).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{name}: not valid JSON ({exc})") from exc
-    if not isinstance(value, list):
-        raise BundleError(f"{name}: expected a JSON list")
-    return value
+        return IdTable.from_json(_require(files, name).read_bytes())
+    except IdsError as exc:
+        raise BundleError(f"{name}: {exc}") from exc
 
 
 def _read_array(files: dict[str, Path], name: str) -> np.ndarray:
@@ -375,7 +446,7 @@ class ItemMetadata(Sequence[dict[str, Any]]):
     """``item_metadata.jsonl`` kept as its mapped bytes and line offsets; a row is parsed when asked for. A million
     items cost 8 MB of offsets instead of a million dicts."""
 
-    def __init__(self, data: bytes | mmap.mmap | None, starts: np.ndarray, item_ids: list[str]) -> None:
+    def __init__(self, data: bytes | mmap.mmap | None, starts: np.ndarray, item_ids: Sequence[str]) -> None:
         self._data = data
         self._starts = starts  # (n + 1,) int64: row r is data[starts[r]:starts[r + 1]]
         self._ids = item_ids
@@ -398,16 +469,24 @@ class ItemMetadata(Sequence[dict[str, Any]]):
         return value if isinstance(value, dict) else {}
 
 
-def _read_metadata(files: dict[str, Path], item_ids: list[str]) -> ItemMetadata:
+def _read_metadata(files: dict[str, Path], item_ids: Sequence[str], digests: _Digests) -> ItemMetadata:
     if bf.ITEM_METADATA not in files:
         return ItemMetadata(None, np.zeros(len(item_ids) + 1, dtype=np.int64), item_ids)
     file = files[bf.ITEM_METADATA]
-    if file.stat().st_size == 0:
-        data: bytes | mmap.mmap = b""
-    else:
-        with file.open("rb") as fh:
-            data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n")) + 1 if len(data) else np.zeros(0, np.int64)
+    # Line ends from one streamed read (hashed on the way); rows are then read through a map, page by page as asked:
+    # scanning the map instead would make all of it resident.
+    hasher = digests.hasher(bf.ITEM_METADATA)
+    found: list[np.ndarray] = []
+    offset = 0
+    with file.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(READ_CHUNK), b""):
+            if hasher is not None:
+                hasher.update(chunk)
+            found.append(np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == ord("\n")) + (offset + 1))
+            offset += len(chunk)
+        data: bytes | mmap.mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if offset else b""
+    digests.record(bf.ITEM_METADATA, hasher)
+    ends = np.concatenate(found) if found else np.zeros(0, np.int64)
     if len(data) and data[-1:] != b"\n":
         ends = np.append(ends, len(data))
     starts = np.concatenate([[0], ends]).astype(np.int64)
@@ -462,6 +541,8 @@ class _SessionFactory:
         # takes the cores from the event loop and the searches between runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if self.plan.onnx_threads > 0:
+            options.intra_op_num_threads = self.plan.onnx_threads
         try:
             return ort.InferenceSession(str(file), sess_options=options, providers=list(self.plan.ort_providers))
         except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
@@ -633,10 +714,14 @@ def _read_user_tower(manifest: dict[str, Any], sessions: _SessionFactory) -> Use
 # --- index ---------------------------------------------------------------------------------------------------
 
 
-def _read_index(
-    files: dict[str, Path], manifest: dict[str, Any], *, item_vectors: np.ndarray, plan: DevicePlan
-) -> tuple[Any, str, bool]:
-    n_items, dim = item_vectors.shape
+def _read_index(files: dict[str, Path], manifest: dict[str, Any], shape: tuple[int, int], *, plan: DevicePlan,
+                digests: _Digests) -> tuple[Any, str, bool, np.ndarray]:  # fmt: skip
+    """The index, its type, whether it is on a GPU, and the item vectors (checked to be the index's, bit for bit).
+
+    A flat or HNSW-flat index on the CPU holds the item vectors verbatim: they are served from the index's own
+    (memory-mapped) storage, so they are held once; ``item_vectors.npy`` is only read through, once, to check them
+    (and hash it). An IVF index stores them in list order, so the mapped file serves them."""
+    n_items, dim = shape
     try:
         # Flat codes are mapped, not copied (never modified: see service/catalogue.py); other indexes are read.
         index = faiss.read_index(str(files[bf.ITEM_INDEX]), faiss.IO_FLAG_MMAP_IFC)
@@ -652,7 +737,8 @@ def _read_index(
     spec = manifest.get("index") or {}
     index_type = str(spec.get("type", "flat_ip"))
     inner = faiss.downcast_index(index.index)
-    _check_index_holds_the_vectors(inner, item_vectors)
+    stored = _stored_vectors(inner, n_items, dim)
+    item_vectors = _check_item_vectors(files, stored, shape, digests)
     ef_search = (spec.get("params") or {}).get("efSearch")
     if ef_search is not None and hasattr(inner, "hnsw"):
         inner.hnsw.efSearch = int(ef_search)
@@ -661,46 +747,105 @@ def _read_index(
         inner.nprobe = int(nprobe)
     if plan.faiss_gpu:
         try:
-            return faiss.index_cpu_to_all_gpus(index), index_type, True
+            gpu = faiss.index_cpu_to_all_gpus(index)
+            return gpu, index_type, True, _read_matrix(files, bf.ITEM_VECTORS, shape)  # the CPU index goes
         except (RuntimeError, AttributeError) as exc:  # e.g. HNSW has no GPU version: stay on CPU
             log.warning("FAISS index stays on CPU: %s", exc)
-    return index, index_type, False
+    return index, index_type, False, item_vectors
 
 
-def _check_index_holds_the_vectors(inner: Any, item_vectors: np.ndarray) -> None:
+@dataclass(frozen=True)
+class _StoredVectors:
+    """Rows of the vectors an index stores: ``view`` when they lie in one array in row order (flat, HNSW-flat; valid
+    while the index lives, and the bundle holds it), else read back row range by row range (IVF-flat)."""
+
+    rows: Callable[[int, int], np.ndarray]
+    view: np.ndarray | None
+
+
+def _stored_vectors(inner: Any, n: int, dim: int) -> _StoredVectors:
     """The index must hold exactly the bundle's item vectors: a sha256 recomputed over a damaged index would pass
     the hash check, then serve wrong neighbours.
 
     Flat, HNSW-flat and IVF-flat indexes store every vector verbatim as float32 (``mmrec export`` adds ``item_vectors.npy``
-    as it is), so every row is compared bit for bit, in chunks, against a view of the index's storage (no copy):
-    not a sample, since one damaged row is enough to serve a wrong item. Other index types (quantising ones) are
-    refused: they cannot be checked this way, and the bundle format does not write them."""
-    n, dim = item_vectors.shape
-    rows_of: Callable[[int, int], np.ndarray]
+    as it is), so every row is compared bit for bit (:func:`_check_item_vectors`): not a sample, since one damaged row
+    is enough to serve a wrong item. Other index types (quantising ones) are refused: they cannot be checked this
+    way, and the bundle format does not write them."""
     if isinstance(inner, (faiss.IndexHNSWFlat, faiss.IndexFlat)):
         storage = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSWFlat) else inner
         if not isinstance(storage, faiss.IndexFlat) or storage.ntotal != n or storage.d != dim:
             raise BundleError("item_index.faiss: its vector storage does not hold the item vectors")
-        stored = faiss.rev_swig_ptr(storage.get_xb(), n * dim).reshape(n, dim) if n else np.empty((0, dim), np.float32)
-        rows_of = lambda start, stop: stored[start:stop]  # noqa: E731  (a view of the index's storage: no copy)
-    elif isinstance(inner, faiss.IndexIVFFlat):  # full vectors in the inverted lists, read back through the direct map
+        view = faiss.rev_swig_ptr(storage.get_xb(), n * dim).reshape(n, dim) if n else np.empty((0, dim), np.float32)
+        view.flags.writeable = False  # the index's own (mapped, shared) storage
+        return _StoredVectors(lambda start, stop: view[start:stop], view)
+    if isinstance(inner, faiss.IndexIVFFlat):  # full vectors in the inverted lists, read back through the direct map
         try:
             inner.make_direct_map()
         except RuntimeError as exc:
             raise BundleError(f"item_index.faiss: its IVF lists cannot be read back ({exc})") from exc
-        rows_of = lambda start, stop: inner.reconstruct_n(start, stop - start)  # noqa: E731
-    else:
+        return _StoredVectors(lambda start, stop: inner.reconstruct_n(start, stop - start), None)
+    raise BundleError(
+        f"item_index.faiss: an index of type {type(inner).__name__} cannot be checked against item_vectors.npy "
+        "(supported: flat, HNSW-flat and IVF-flat indexes, as docs/bundle-format.md says)"
+    )
+
+
+def _check_item_vectors(files: dict[str, Path], stored: _StoredVectors, shape: tuple[int, int],
+                        digests: _Digests) -> np.ndarray:  # fmt: skip
+    """Compare ``item_vectors.npy`` with the index's vectors as bits (uint32: a verbatim copy, nothing less; NaN
+    equals NaN, -0.0 differs from 0.0) in one streamed read that also hashes the file; returns the vectors to serve:
+    the index's own where it holds them in row order, else the file, mapped."""
+    file = _require(files, bf.ITEM_VECTORS)
+    n, dim = shape
+    hasher = digests.hasher(bf.ITEM_VECTORS)
+    with file.open("rb") as fh:
+        try:
+            version = np.lib.format.read_magic(fh)
+            header = np.lib.format.read_array_header_2_0(fh) if version >= (2, 0) else np.lib.format.read_array_header_1_0(fh)
+        except ValueError as exc:
+            raise BundleError(f"item_vectors.npy: not a readable .npy array ({exc})") from exc
+        file_shape, fortran, dtype = header
+        if file_shape != shape:
+            raise BundleError(f"item_vectors.npy: shape {file_shape}, expected {shape}")
+        if not np.issubdtype(dtype, np.floating):
+            raise BundleError(f"item_vectors.npy: dtype {dtype}, expected float32")
+        if dtype != np.dtype("<f4") or fortran:  # not the exporter's layout: map it, convert, compare in memory
+            vectors = _read_matrix(files, bf.ITEM_VECTORS, shape)
+            for rows in _row_chunks(n, dim):
+                _compare_rows(stored.rows(rows.start, rows.stop), vectors[rows], rows.start)
+            return vectors
+        data_start = fh.tell()
+        if hasher is not None:
+            fh.seek(0)
+            hasher.update(fh.read(data_start))
+        buffer = np.empty((_row_chunk(dim), dim), dtype="<f4")
+        for rows in _row_chunks(n, dim):
+            chunk = buffer[: len(rows)]
+            if fh.readinto(chunk.data.cast("B")) != chunk.nbytes:
+                raise BundleError(f"item_vectors.npy: the file ends before row {n} (truncated)")
+            if hasher is not None:
+                hasher.update(chunk)
+            _compare_rows(stored.rows(rows.start, rows.stop), chunk, rows.start)
+        if hasher is not None:
+            for rest in iter(lambda: fh.read(READ_CHUNK), b""):
+                hasher.update(rest)
+    digests.record(bf.ITEM_VECTORS, hasher)
+    return stored.view if stored.view is not None else _read_matrix(files, bf.ITEM_VECTORS, shape)
+
+
+def _row_chunk(dim: int) -> int:
+    return max(1, (16 << 20) // (4 * max(dim, 1)))  # 16 MiB of float32 per comparison
+
+
+def _row_chunks(n: int, dim: int) -> Iterator[range]:
+    step = _row_chunk(dim)
+    return (range(start, min(n, start + step)) for start in range(0, n, step))
+
+
+def _compare_rows(stored: np.ndarray, expected: np.ndarray, start: int) -> None:
+    if not np.array_equal(stored.view(np.uint32), expected.view(np.uint32)):
+        differ = np.flatnonzero((stored.view(np.uint32) != expected.view(np.uint32)).any(axis=1))
         raise BundleError(
-            f"item_index.faiss: an index of type {type(inner).__name__} cannot be checked against item_vectors.npy "
-            "(supported: flat, HNSW-flat and IVF-flat indexes, as docs/bundle-format.md says)"
+            f"item_index.faiss: its vectors differ from item_vectors.npy (first at row {start + int(differ[0])}): "
+            "the index is damaged or was built from other vectors"
         )
-    chunk = max(1, (1 << 22) // max(dim, 1))  # 16 MiB of float32 per comparison
-    for start in range(0, n, chunk):
-        # As bits (uint32): a verbatim copy, nothing less (NaN equals NaN, -0.0 differs from 0.0).
-        stop = min(n, start + chunk)
-        differ = np.flatnonzero((rows_of(start, stop).view(np.uint32) != item_vectors[start:stop].view(np.uint32)).any(axis=1))
-        if differ.size:
-            raise BundleError(
-                f"item_index.faiss: its vectors differ from item_vectors.npy (first at row {start + int(differ[0])}): "
-                "the index is damaged or was built from other vectors"
-            )

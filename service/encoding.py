@@ -4,7 +4,12 @@ bundle's preprocessing and image ONNX graph, then all modality features through 
 What one request may cost is bounded (:class:`EncodingLimits`, the limits group of ``ServiceSettings``): texts are
 measured in characters, then in tokens; images from their header, before any pixel is decoded. Both run through
 onnxruntime in chunks of ``encode_chunk_size``, and each image is decoded, reduced and released one at a time; at
-most ``max_concurrent_encodes`` requests do so at once.
+most ``max_concurrent_encodes`` requests do so at once (with batching: tokenise at once, and decode at once images of
+at most ``max_concurrent_encodes * max_image_pixels`` pixels together).
+
+With ``encode_batch_max_wait_ms > 0`` the encoder runs of concurrent requests are batched (service/microbatching.py):
+one thread per model runs what the requests handed it, so the text and image encoders of different requests run
+side by side on the cores while the request threads tokenise and decode.
 """
 
 from __future__ import annotations
@@ -20,21 +25,32 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 from tokenizers import Encoding, Tokenizer
 
 from service.bundle import Bundle, BundleError, ImageSpec, TextSpec, shrinking_run_options
 from service.errors import InvalidInput, RequestTooLarge
+from service.microbatching import MicroBatcher
 from service.settings import ServiceSettings
 
 # Only these decoders ever see client bytes: Pillow would otherwise hand EPS to Ghostscript, among other plugins.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 MAX_VECTOR_NORM = 1e12  # item vectors beyond this are surely a client bug, and would overflow float32 scores
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning)
+# Runs at most this large leave onnxruntime's arena as it is; larger ones shrink it afterwards (shrinking_run_options).
+# Shrinking after every run made a run of 4 posters cost 13 ms of CPU an image instead of 10 (the next run faults its
+# memory in again); what a run this size keeps is ~25 MB (2 images, EfficientNet-Lite0) or ~45 MB (MiniLM, 512 tokens).
+ARENA_KEEP_IMAGES = 2
+ARENA_KEEP_TOKENS = 512
+TRIM_ABOVE_PIXELS = 1_000_000  # requests over this many image pixels or text characters give free heap pages back
+TRIM_ABOVE_CHARS = 20_000
+TEXT_LENGTH_SLACK = 1.25  # a text chunk's longest text has at most 1.25x the tokens of its shortest, plus 8
 
 
 @dataclass(frozen=True)
@@ -196,25 +212,55 @@ class ImageEncoder:
         self.spec = spec
         self.chunk_size = chunk_size
         self.run_options = shrinking_run_options()
+        self.keep_options = ort.RunOptions()
 
     def encode(self, images: Sequence[Image.Image], *, prefixes: Sequence[str] | None = None) -> np.ndarray:
         """Returns float32 (N, d). An image that does not decode raises :class:`InvalidInput`, its message
         starting with ``prefixes[i]`` (where the caller has it: ``items[3]: ``)."""
         out: list[np.ndarray] = []
         for chunk in _chunks(len(images), self.chunk_size):
-            batch = np.stack([self._pixels(images[i], prefixes[i] if prefixes else "") for i in chunk])  # (n, 3, S, S)
+            batch = np.stack([self.pixels(images[i], prefixes[i] if prefixes else "") for i in chunk])  # (n, 3, S, S)
             out.append(self.run(batch))
         return np.concatenate(out)
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
-        features = self.spec.session.run([self.spec.output_name], {self.spec.input_name: pixels}, self.run_options)[0]
+        options = self.run_options if len(pixels) > ARENA_KEEP_IMAGES else self.keep_options
+        features = self.spec.session.run([self.spec.output_name], {self.spec.input_name: pixels}, options)[0]
         return np.asarray(features, dtype=np.float32).reshape(len(pixels), -1)
 
-    def _pixels(self, image: Image.Image, prefix: str) -> np.ndarray:
+    def run_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Preprocessed images, each (3, S, S), in chunks of ``chunk_size``: float32 (N, d)."""
+        return np.concatenate([self.run(np.stack([pixels[i] for i in chunk])) for chunk in _chunks(len(pixels), self.chunk_size)])
+
+    def pixels(self, image: Image.Image, prefix: str) -> np.ndarray:
+        """Decode and preprocess one opened image (:func:`image_pixels`); a failure's message starts with ``prefix``."""
         try:
             return image_pixels(image, self.spec)
         except InvalidInput as exc:
             raise InvalidInput(prefix + exc.message) from exc
+
+
+class PixelBudget:
+    """Images decoded at once, bounded by their pixels: an image waits while the images being decoded and it would
+    go over ``budget`` (one image alone always may). Posters decode side by side; the largest allowed images one at
+    a time, so decoding never holds more than ``budget`` pixels."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self.used == 0 or self.used + pixels <= self.budget)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= pixels
+                self._changed.notify_all()
 
 
 # --- text ----------------------------------------------------------------------------------------------------
@@ -229,6 +275,7 @@ class TextEncoder:
         self.spec = spec
         self.chunk_size = chunk_size
         self.run_options = shrinking_run_options()
+        self.keep_options = ort.RunOptions()
         # A private copy: truncation and padding are tokenizer state, and the bundle's tokenizer may be shared.
         self.tokenizer = Tokenizer.from_str(spec.tokenizer.to_str())
         self.tokenizer.enable_truncation(spec.max_length)
@@ -261,11 +308,14 @@ class TextEncoder:
 
     def _chunks(self, encodings: Sequence[Encoding]) -> Iterator[list[int]]:
         """Rows by increasing length, a chunk holding at most the padded tokens of ``chunk_size`` full-length texts
-        (``chunk_size * max_length``): many short texts share a run, long ones take ``chunk_size`` each."""
+        (``chunk_size * max_length``): many short texts share a run, long ones take ``chunk_size`` each. Texts of
+        similar length only (``TEXT_LENGTH_SLACK``): padding a chunk to its longest text costs its shorter ones."""
         budget = self.chunk_size * self.spec.max_length
         chunk: list[int] = []
         for row in sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids)):
-            if chunk and (len(chunk) + 1) * max(1, len(encodings[row].ids)) > budget:
+            length = max(1, len(encodings[row].ids))
+            shortest = max(1, len(encodings[chunk[0]].ids)) if chunk else length
+            if chunk and ((len(chunk) + 1) * length > budget or length > TEXT_LENGTH_SLACK * shortest + 8):
                 yield chunk
                 chunk = []
             chunk.append(row)
@@ -285,7 +335,8 @@ class TextEncoder:
             arrays["attention_mask"][row, :n] = enc.attention_mask
             arrays["token_type_ids"][row, :n] = enc.type_ids
         feeds = {name: arrays[name].astype(self.dtypes[name]) for name in self.spec.input_names}
-        output = self.spec.session.run([self.spec.output_name], feeds, self.run_options)[0]
+        options = self.run_options if len(encodings) * length > ARENA_KEEP_TOKENS else self.keep_options
+        output = self.spec.session.run([self.spec.output_name], feeds, options)[0]
         return np.asarray(output, dtype=np.float32).reshape(len(encodings), -1)
 
 
@@ -295,18 +346,38 @@ class TextEncoder:
 class ItemEncoder:
     """Content -> item vector in the bundle's space, per the manifest's ``item_encoder`` (docs/bundle-format.md)."""
 
-    def __init__(self, bundle: Bundle, *, limits: EncodingLimits) -> None:
+    def __init__(self, bundle: Bundle, *, limits: EncodingLimits, batch_max_wait_ms: float = 0.0,
+                 batch_max_items: int = 32, batch_workers: int = 2) -> None:  # fmt: skip
+        """``batch_max_wait_ms > 0``: the encoder runs of concurrent requests are batched (:mod:`service.microbatching`),
+        gathered for at most that long, up to ``batch_max_items`` rows a batch (each batch still runs in chunks of
+        ``encode_chunk_size``), ``batch_workers`` batches of each model at once; 0: every request runs its own."""
         self.bundle = bundle
         self.limits = limits
         self.spec = bundle.item_encoder
         self.run_options = shrinking_run_options()
-        self.encoding = threading.BoundedSemaphore(limits.max_concurrent_encodes)  # held while tokenising and decoding
+        # Unbatched: held while tokenising, decoding and encoding. Batched: held while tokenising, while images are
+        # decoded within a pixel budget of as many full-size images (a batcher runs one batch at a time).
+        self.encoding = threading.BoundedSemaphore(limits.max_concurrent_encodes)
+        self.decoding = PixelBudget(limits.max_concurrent_encodes * limits.max_image_pixels)
         text, image = bundle.text_modality, bundle.image_modality
         self.text_modality = text.name if text else None
         self.image_modality = image.name if image else None
         chunk = limits.encode_chunk_size
         self.text_encoder = TextEncoder(text.text, chunk_size=chunk) if text and text.text else None
         self.image_encoder = ImageEncoder(image.image, chunk_size=chunk) if image and image.image else None
+        self.batched = batch_max_wait_ms > 0
+        wait, rows, workers = batch_max_wait_ms, batch_max_items, batch_workers
+        text_encoder, image_encoder = self.text_encoder, self.image_encoder
+        self.text_batcher: MicroBatcher[Encoding, np.ndarray] | None = None
+        self.image_batcher: MicroBatcher[np.ndarray, np.ndarray] | None = None
+        if text_encoder is not None:
+            self.text_batcher = MicroBatcher(lambda e: list(text_encoder.run(e)), name="text", max_wait_ms=wait,
+                                             max_rows=rows, workers=workers)  # fmt: skip
+        if image_encoder is not None:
+            self.image_batcher = MicroBatcher(lambda p: list(image_encoder.run_pixels(p)), name="image",
+                                              max_wait_ms=wait, max_rows=rows, workers=workers)  # fmt: skip
+        self.item_batcher: MicroBatcher[Mapping[str, np.ndarray], tuple[np.ndarray, dict[str, Any]]] = MicroBatcher(
+            self._run_rows, name="item", max_wait_ms=wait, max_rows=rows, workers=workers)  # fmt: skip
         self._self_check()
 
     def encode(self, contents: Sequence[ItemContent]) -> list[EncodedItem]:
@@ -325,20 +396,57 @@ class ItemEncoder:
                 raise InvalidInput(f"{_where(i, len(contents))}item has no content: give text, image_base64 or features")
         text_rows = self._check_texts(contents)
         image_rows, images = self._open_images(contents)
-        with self.encoding, _releasing_memory():
-            if text_rows and self.text_encoder is not None and self.text_modality is not None:
-                encodings = self._tokenize([contents[i].text or "" for i in text_rows])
-                for i, vector in zip(text_rows, self.text_encoder.run(encodings), strict=True):
-                    features[i][self.text_modality] = vector
-            if images and self.image_encoder is not None and self.image_modality is not None:
-                encoded = self.image_encoder.encode(images, prefixes=[_where(i, len(contents)) for i in image_rows])
-                for i, vector in zip(image_rows, encoded, strict=True):
-                    features[i][self.image_modality] = vector
-        vectors, extras = self.run(features)
-        for i, vector in enumerate(vectors):
-            if not np.isfinite(vector).all() or float(np.linalg.norm(vector)) > MAX_VECTOR_NORM:
+        pixels = sum(image.size[0] * image.size[1] for image in images)
+        chars = sum(len(contents[i].text or "") for i in text_rows)
+        with _releasing_memory(pixels > TRIM_ABOVE_PIXELS or chars > TRIM_ABOVE_CHARS):
+            if self.batched:
+                self._encode_batched(contents, features, text_rows, image_rows, images)
+            else:
+                with self.encoding:
+                    self._encode_alone(contents, features, text_rows, image_rows, images)
+        outputs = self.item_batcher.run(features)
+        for i, (vector, _) in enumerate(outputs):
+            if not np.isfinite(vector).all() or float(np.linalg.norm(vector.astype(np.float64))) > MAX_VECTOR_NORM:
                 raise InvalidInput(f"{_where(i, len(contents))}features give a non-finite or huge item vector")
-        return [EncodedItem(features=f, vector=v, extra=e) for f, v, e in zip(features, vectors, extras, strict=True)]
+        return [EncodedItem(features=f, vector=v, extra=e) for f, (v, e) in zip(features, outputs, strict=True)]
+
+    def _encode_alone(self, contents: Sequence[ItemContent], features: list[dict[str, np.ndarray]], text_rows: list[int],
+                      image_rows: list[int], images: list[Image.Image]) -> None:  # fmt: skip
+        """This request's texts and images through their encoders, on this thread."""
+        if text_rows and self.text_encoder is not None and self.text_modality is not None:
+            encodings = self._tokenize([contents[i].text or "" for i in text_rows])
+            for i, vector in zip(text_rows, self.text_encoder.run(encodings), strict=True):
+                features[i][self.text_modality] = vector
+        if images and self.image_encoder is not None and self.image_modality is not None:
+            encoded = self.image_encoder.encode(images, prefixes=[_where(i, len(contents)) for i in image_rows])
+            for i, vector in zip(image_rows, encoded, strict=True):
+                features[i][self.image_modality] = vector
+
+    def _encode_batched(self, contents: Sequence[ItemContent], features: list[dict[str, np.ndarray]], text_rows: list[int],
+                        image_rows: list[int], images: list[Image.Image]) -> None:  # fmt: skip
+        """The same through the batchers: the texts are handed over first, then the images chunk by chunk as they
+        are decoded (so a request holds at most ``encode_chunk_size`` decoded images), both modalities encoding at
+        once with other requests' rows."""
+        text_vectors: Future[Sequence[np.ndarray]] | None = None
+        if text_rows and self.text_batcher is not None and self.text_modality is not None:
+            with self.encoding:
+                encodings = self._tokenize([contents[i].text or "" for i in text_rows])
+            text_vectors = self.text_batcher.submit(encodings)
+        if images and self.image_encoder is not None and self.image_batcher is not None and self.image_modality is not None:
+            for chunk in _chunks(len(images), self.limits.encode_chunk_size):
+                pixels = []
+                for n in chunk:
+                    with self.decoding.hold(images[n].size[0] * images[n].size[1]):
+                        pixels.append(self.image_encoder.pixels(images[n], _where(image_rows[n], len(contents))))
+                for n, vector in zip(chunk, self.image_batcher.run(pixels), strict=True):
+                    features[image_rows[n]][self.image_modality] = vector
+        if text_vectors is not None and self.text_modality is not None:
+            for i, vector in zip(text_rows, text_vectors.result(), strict=True):
+                features[i][self.text_modality] = vector
+
+    def _run_rows(self, features: Sequence[Mapping[str, np.ndarray]]) -> list[tuple[np.ndarray, dict[str, Any]]]:
+        vectors, extras = self.run(features)
+        return list(zip(vectors, extras, strict=True))
 
     def run(self, features: Sequence[Mapping[str, np.ndarray]]) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Run the item encoder graph: missing modalities are zeros with mask 0. Returns (N, dim) and extras."""
@@ -463,11 +571,14 @@ class ItemEncoder:
 
 
 @contextlib.contextmanager
-def _releasing_memory() -> Iterator[None]:
+def _releasing_memory(large: bool) -> Iterator[None]:
+    """After a large request, the C heap's free pages go back to the OS (small ones free too little to be worth a
+    walk of the heap on every request)."""
     try:
         yield
     finally:
-        release_free_memory()
+        if large:
+            release_free_memory()
 
 
 def _where(position: int, batch: int) -> str:

@@ -23,8 +23,9 @@ from typing import Literal
 import numpy as np
 
 from service.batching import SearchBatcher
-from service.bundle import Bundle
+from service.bundle import Bundle, UserTowerSpec
 from service.catalogue import Catalogue, CatalogueState
+from service.microbatching import MicroBatcher
 
 Strategy = Literal["user_vector", "user_tower", "history", "popularity", "item_vector"]
 
@@ -43,6 +44,34 @@ class CodeDiversity:
         return tuple(code[: self.prefix_length]) if isinstance(code, list) else None
 
 
+class UserTower:
+    """The sequence model's ONNX tower: a user's recent item vectors -> the user's vector. Concurrent requests'
+    histories are batched into one run (:mod:`service.microbatching`; ``max_wait_ms = 0``: each request its own)."""
+
+    def __init__(self, spec: UserTowerSpec, dim: int, *, max_wait_ms: float = 0.0, max_rows: int = 32,
+                 workers: int = 1) -> None:  # fmt: skip
+        self.spec = spec
+        self.dim = dim
+        self.batcher: MicroBatcher[np.ndarray, np.ndarray] = MicroBatcher(
+            self.run, name="user-tower", max_wait_ms=max_wait_ms, max_rows=max_rows, workers=workers)  # fmt: skip
+
+    def encode(self, recent: np.ndarray) -> np.ndarray:
+        """(n, dim) item vectors, oldest first, n <= max_length -> (dim,) user vector."""
+        return self.batcher.run([recent])[0]
+
+    def run(self, histories: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """One run over several histories, each left-padded to ``max_length`` with mask 0."""
+        length = self.spec.max_length
+        vectors = np.zeros((len(histories), length, self.dim), dtype=np.float32)  # (B, L, dim), left-padded
+        mask = np.zeros((len(histories), length), dtype=np.float32)  # (B, L)
+        for row, recent in enumerate(histories):
+            if len(recent):
+                vectors[row, length - len(recent) :] = recent
+                mask[row, length - len(recent) :] = 1.0
+        output = self.spec.session.run([self.spec.output_name], {self.spec.vectors_input: vectors, self.spec.mask_input: mask})[0]
+        return list(np.asarray(output, dtype=np.float32).reshape(len(histories), -1))
+
+
 @dataclass(frozen=True)
 class Ranking:
     strategy: Strategy
@@ -52,10 +81,14 @@ class Ranking:
 class Recommender:
     """Rankings over one catalogue. Each request takes the catalogue's state once and works on it throughout."""
 
-    def __init__(self, bundle: Bundle, catalogue: Catalogue, *, batcher: SearchBatcher | None = None) -> None:
+    def __init__(self, bundle: Bundle, catalogue: Catalogue, *, batcher: SearchBatcher | None = None,
+                 tower: UserTower | None = None) -> None:  # fmt: skip
         self.bundle = bundle
         self.catalogue = catalogue
         self.batcher = batcher or SearchBatcher(max_wait_ms=0, max_size=1)
+        if tower is None and bundle.user_tower is not None:
+            tower = UserTower(bundle.user_tower, bundle.dim)
+        self.tower = tower
         self._by_popularity = np.argsort(-bundle.popularity, kind="stable")  # trained rows, most popular first
 
     def known_user(self, user_id: str) -> bool:
@@ -69,7 +102,7 @@ class Recommender:
         trained = self.bundle.training_history(user_row).tolist() if user_row is not None else []
         history = trained + self.catalogue.rows_of(recent_item_ids, state)  # oldest first
         seen = set(history) if exclude_seen else set()
-        if self.bundle.user_tower is not None and history:
+        if self.tower is not None and history:
             return self._rank(self._tower(history, state), "user_tower", k, seen, state, diversity)
         if user_row is not None and self.bundle.user_vectors is not None:
             return self._rank(self.bundle.user_vectors[user_row], "user_vector", k, seen, state, diversity)
@@ -85,7 +118,7 @@ class Recommender:
         seen = set(history) if exclude_seen else set()
         if not history:
             return self._popular(k, seen, state, diversity)
-        if self.bundle.user_tower is not None:
+        if self.tower is not None:
             return self._rank(self._tower(history, state), "user_tower", k, seen, state, diversity)
         return self._rank(self.catalogue.vectors(history, state).mean(axis=0), "history", k, seen, state, diversity)
 
@@ -138,13 +171,6 @@ class Recommender:
         return Ranking("popularity", [(self.catalogue.item_id(row), score) for row, score in items])
 
     def _tower(self, history: Sequence[int], state: CatalogueState) -> np.ndarray:
-        tower = self.bundle.user_tower
-        assert tower is not None
-        recent = list(history)[-tower.max_length :]
-        length = tower.max_length
-        vectors = np.zeros((1, length, self.bundle.dim), dtype=np.float32)  # (B, L, dim), left-padded
-        mask = np.zeros((1, length), dtype=np.float32)  # (B, L)
-        vectors[0, length - len(recent) :] = self.catalogue.vectors(recent, state)
-        mask[0, length - len(recent) :] = 1.0
-        output = tower.session.run([tower.output_name], {tower.vectors_input: vectors, tower.mask_input: mask})[0]
-        return np.asarray(output, dtype=np.float32).reshape(-1)
+        assert self.tower is not None
+        recent = list(history)[-self.tower.spec.max_length :]
+        return self.tower.encode(self.catalogue.vectors(recent, state))

@@ -36,7 +36,7 @@ from service.encoding import EncodingLimits, ItemEncoder
 from service.errors import Unavailable
 from service.events import EventStore, RedisEventStore, SqliteEventStore
 from service.metrics import Metrics
-from service.recommender import Recommender
+from service.recommender import Recommender, UserTower
 from service.redis_pool import RedisDown, RedisPool
 from service.settings import ServiceSettings
 from service.state_db import StateDatabase
@@ -57,13 +57,21 @@ class Engine:
     @classmethod
     def open(cls, settings: ServiceSettings, plan: DevicePlan, batcher: SearchBatcher) -> Engine:
         bundle = load_bundle(settings.bundle_dir, plan=plan, verify_hashes=settings.verify_hashes)
-        return cls.on(bundle, ItemEncoder(bundle, limits=EncodingLimits.from_settings(settings)), batcher)
+        encoder = ItemEncoder(bundle, limits=EncodingLimits.from_settings(settings),
+                              batch_max_wait_ms=settings.encode_batch_max_wait_ms,
+                              batch_max_items=settings.encode_batch_max_items,
+                              batch_workers=settings.encode_batch_workers)  # fmt: skip
+        tower = None
+        if bundle.user_tower is not None:
+            tower = UserTower(bundle.user_tower, bundle.dim, max_wait_ms=settings.encode_batch_max_wait_ms,
+                              max_rows=settings.encode_batch_max_items, workers=settings.encode_batch_workers)  # fmt: skip
+        return cls.on(bundle, encoder, batcher, tower)
 
     @classmethod
-    def on(cls, bundle: Bundle, encoder: ItemEncoder, batcher: SearchBatcher) -> Engine:
-        """A fresh engine: the bundle's trained items only (sharing its index, vectors and encoders)."""
+    def on(cls, bundle: Bundle, encoder: ItemEncoder, batcher: SearchBatcher, tower: UserTower | None = None) -> Engine:
+        """A fresh engine: the bundle's trained items only (sharing its index, vectors, encoders and tower)."""
         catalogue = Catalogue(bundle, version=f"unsynced-{uuid.uuid4().hex[:12]}")  # never a store version
-        recommender = Recommender(bundle, catalogue, batcher=batcher)
+        recommender = Recommender(bundle, catalogue, batcher=batcher, tower=tower)
         return cls(bundle=bundle, encoder=encoder, catalogue=catalogue, recommender=recommender)
 
     def load(self, snapshot: StoreSnapshot) -> int:
@@ -120,7 +128,7 @@ class Runtime:
     def __init__(self, settings: ServiceSettings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.plan = plan_device(settings.device)
+        self.plan = plan_device(settings.device, onnx_threads=settings.onnx_threads)
         self.pool: RedisPool | None = None
         self.state_db: StateDatabase | None = None
         self.catalogue_store: CatalogueStore
@@ -173,7 +181,7 @@ class Runtime:
         """Load the whole store into a fresh engine (on this bundle, or ``engine``'s) and swap it in; returns the
         stream position the snapshot includes. Raises :class:`RedisDown`."""
         base = engine or self.engine
-        fresh = Engine.on(base.bundle, base.encoder, self.batcher)
+        fresh = Engine.on(base.bundle, base.encoder, self.batcher, base.recommender.tower)
         snapshot = self.catalogue_store.load()
         replayed = fresh.load(snapshot)
         with self.write_lock:

@@ -275,6 +275,28 @@ class ServiceSettings(BaseSettings):
     )
     max_concurrent_encodes: int = Field(
         default=1, ge=1,
-        description="Requests encoding content at the same time; more wait their turn (each onnxruntime run already "
-        "uses every core, so this bounds memory without costing throughput).",
+        description="Requests tokenising and decoding content at the same time (and, with encode_batch_max_wait_ms=0, "
+        "encoding it); more wait their turn. Bounds the memory of decoded images.",
+    )
+    encode_batch_max_wait_ms: float = Field(
+        default=2.0, ge=0, le=100,
+        description="Micro-batching of ingestion: the text, image and item encoder runs of concurrent requests "
+        "gathered for at most this long are one onnxruntime run per model (and the user tower's, at reads); 0 turns "
+        "it off (every request runs its own).",
+    )
+    onnx_threads: int = Field(
+        default=1, ge=0, le=256,
+        description="Intra-op threads of each onnxruntime session (text, image, item encoders, user tower); 0: "
+        "onnxruntime's default, one per physical core. 1: on 2 cores the text and image encoders run side by side "
+        "on their own batcher threads, and a run's own threads would only compete with them.",
+    )
+    encode_batch_workers: int = Field(
+        default=2, ge=1, le=64,
+        description="Micro-batching of ingestion: batches of one model (text, image, item encoder) that run at once, "
+        "each on onnx_threads threads; set to the cores the encoders may use.",
+    )
+    encode_batch_max_items: int = Field(
+        default=32, ge=1, le=1024,
+        description="Micro-batching of ingestion: most rows (texts, images, items) gathered into one batch; a batch "
+        "still runs in chunks of encode_chunk_size.",
     )

@@ -31,7 +31,7 @@ def _edit_manifest(path: Path, **changes: object) -> None:
 def test_load_bundle_reads_arrays_index_and_graphs(features_bundle: SyntheticBundle) -> None:
     bundle = load_bundle(features_bundle.path, plan=CPU)
     assert bundle.version == features_bundle.version
-    assert bundle.item_ids == features_bundle.item_ids
+    assert list(bundle.item_ids) == features_bundle.item_ids and list(bundle.user_ids) == features_bundle.user_ids
     np.testing.assert_array_equal(bundle.item_vectors, features_bundle.item_vectors)
     assert bundle.index.ntotal == len(features_bundle.item_ids)
     assert sorted(bundle.modalities) == ["audio", "tags"]
@@ -216,3 +216,51 @@ def test_plan_device_cuda_without_cuda_provider_names_the_problem() -> None:
         pytest.skip("this machine has the CUDA provider")
     with pytest.raises(BundleError, match="device=cuda but onnxruntime offers no CUDAExecutionProvider"):
         plan_device("cuda")
+
+
+# --- one read per file: vectors held once, hashes checked alongside loading ------------------------------------------
+
+
+def test_item_vectors_are_the_flat_index_own_storage(features_bundle: SyntheticBundle) -> None:
+    import faiss
+
+    bundle = load_bundle(features_bundle.path, plan=CPU)
+    storage = faiss.rev_swig_ptr(faiss.downcast_index(bundle.index.index).get_xb(), 1)
+    assert bundle.item_vectors.__array_interface__["data"][0] == storage.__array_interface__["data"][0]  # no copy
+    assert not bundle.item_vectors.flags.writeable
+    np.testing.assert_array_equal(bundle.item_vectors, features_bundle.item_vectors)
+
+
+@pytest.mark.parametrize("name", ["item_vectors.npy", "item_metadata.jsonl", "item_index.faiss", "item_ids.json"])
+def test_a_file_changed_under_the_manifest_is_named_whichever_reader_sees_it(bundle_copy: Path, name: str) -> None:
+    data = bytearray((bundle_copy / name).read_bytes())
+    data[-3] ^= 0x01  # one bit near the end: a float, a character, an index byte, a digit of an id
+    (bundle_copy / name).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=rf"bundle file {name}: sha256 differs from manifest\.json"):
+        load_bundle(bundle_copy, plan=CPU)
+
+
+def test_item_vectors_that_differ_from_the_index_are_found_without_hashes(bundle_copy: Path) -> None:
+    vectors = np.load(bundle_copy / "item_vectors.npy")
+    vectors[41, 3] = np.nextafter(vectors[41, 3], np.float32(np.inf))  # one ulp
+    np.save(bundle_copy / "item_vectors.npy", vectors)
+    with pytest.raises(BundleError, match=r"its vectors differ from item_vectors\.npy \(first at row 41\)"):
+        load_bundle(bundle_copy, plan=CPU, verify_hashes=False)
+
+
+def test_a_truncated_item_vectors_file_is_refused(bundle_copy: Path) -> None:
+    data = (bundle_copy / "item_vectors.npy").read_bytes()
+    (bundle_copy / "item_vectors.npy").write_bytes(data[:-100])
+    with pytest.raises(BundleError, match=r"item_vectors\.npy: the file ends before row 120 \(truncated\)"):
+        load_bundle(bundle_copy, plan=CPU, verify_hashes=False)
+    with pytest.raises(BundleError, match=r"bundle file item_vectors\.npy: sha256 differs"):
+        load_bundle(bundle_copy, plan=CPU)
+
+
+def test_float64_item_vectors_are_converted_and_checked(bundle_copy: Path) -> None:
+    vectors = np.load(bundle_copy / "item_vectors.npy")
+    np.save(bundle_copy / "item_vectors.npy", vectors.astype(np.float64))
+    write_manifest(bundle_copy, json.loads((bundle_copy / "manifest.json").read_text()))
+    bundle = load_bundle(bundle_copy, plan=CPU)
+    assert bundle.item_vectors.dtype == np.float32
+    np.testing.assert_array_equal(bundle.item_vectors, vectors)

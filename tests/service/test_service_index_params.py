@@ -74,3 +74,16 @@ def test_ivf_bundle_filters_deleted_items_it_cannot_remove(
         assert client.delete(f"/v1/items/{top[0]}").status_code == 200
         after = [i["id"] for i in client.get("/v1/users/u3/recommendations", params={"k": 5}).json()["items"]]
         assert top[0] not in after and after[:4] == top[1:] and len(after) == 5
+
+
+def test_item_vectors_of_an_ivf_bundle_are_the_mapped_file(ivf_bundle: SyntheticBundle) -> None:
+    """IVF lists hold the vectors in list order: the service serves the mapped item_vectors.npy (checked against
+    the lists) and keeps no copy."""
+    import mmap
+
+    bundle = load_bundle(ivf_bundle.path, plan=plan_device("cpu"))
+    base = bundle.item_vectors
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    assert isinstance(base, mmap.mmap)  # a view of the mapped file, not a copy
+    np.testing.assert_array_equal(bundle.item_vectors, ivf_bundle.item_vectors)
