@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-RATE_HZ = int(__import__("os").environ.get("PYSPY_RATE", "50"))  # samples per second: enough for a few seconds of profile, light on a 2-core machine
+RATE_HZ = 50  # samples per second: enough for a few seconds of profile, light on a 2-core machine
 _LINE = re.compile(r":\d+\)$")
 _IDLE_FILES = ("threading.py", "queue.py", "selectors.py", "concurrent/futures/thread.py")
 _INTERESTING = ("service/", "faiss", "gomp", "libopenblas", "onnxruntime", "torch", "redis", "json", "pydantic")

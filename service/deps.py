@@ -8,6 +8,7 @@ from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import APIKeyHeader
 
 from service.access import API_KEY_HEADER, AccessControl, Caller, Need
+from service.cached_reads import DECIDED
 from service.runtime import Runtime
 from service.settings import Scope
 
@@ -35,6 +36,13 @@ class _Authorize:
         self.need: Need = need
 
     async def __call__(self, request: Request, runtime: RuntimeDep, key: Annotated[str | None, Security(_api_key)]) -> Caller:
+        decided = request.scope.get("state", {}).get(DECIDED)
+        if decided is not None and decided[:2] == (self.scope, self.need):  # checked once already, by service/cached_reads.py
+            if isinstance(decided[2], Exception):
+                raise decided[2]
+            caller: Caller = decided[2]
+            request.state.caller = caller
+            return caller
         access: AccessControl = request.app.state.access
         client = request.client.host if request.client is not None else "unknown"
         # On the event loop: in memory it never waits, in Redis mode the counters are an async round trip.
