@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import reads
-from service.cached_reads import LOOKUP
 from service.deps import (
     CodePrefixLengthParam,
     KParam,
@@ -25,18 +24,15 @@ DIVERSITY_422 = "k out of range (1..max_k), or max_per_code_prefix / code_prefix
 @router.get("/users/{user_id}/recommendations", response_model=RecommendationList, dependencies=[ReadAccess], openapi_extra=OPEN_READ,
             responses=error_responses(401, 403, 422, 429, described={422: DIVERSITY_422}))  # fmt: skip
 async def recommend_for_user(
-    request: Request, user_id: UserIdPath, runtime: RuntimeDep, k: KParam = None, exclude_seen: bool = True,
+    user_id: UserIdPath, runtime: RuntimeDep, k: KParam = None, exclude_seen: bool = True,
     max_per_code_prefix: MaxPerCodePrefixParam = None, code_prefix_length: CodePrefixLengthParam = 1,
 ) -> RecommendationList | Response:  # fmt: skip
     """Top-k items for a user, seen items excluded by default. Unknown users get a fallback: the mean of
     their recorded events' item vectors ("history"), else training popularity ("popularity").
     ``max_per_code_prefix`` diversifies the list by semantic-code prefix (QARM bundles)."""
-    # Cache hits of the plain request are answered before FastAPI (service/cached_reads.py); a miss comes here with
-    # its lookup.
+    # The plain request (k, exclude_seen) is answered before FastAPI (service/cached_reads.py), the same way.
     diversity = reads.resolve_diversity(runtime, max_per_code_prefix, code_prefix_length)
-    prior = request.scope.get("state", {}).get(LOOKUP)
-    return _send(await reads.recommend_for_user(runtime, user_id, k=k, exclude_seen=exclude_seen, diversity=diversity,
-                                                prior=prior))  # fmt: skip
+    return _send(await reads.recommend_for_user(runtime, user_id, k=k, exclude_seen=exclude_seen, diversity=diversity))
 
 
 @router.post("/recommendations", response_model=RecommendationList, dependencies=[ReadAccess], openapi_extra=OPEN_READ,

@@ -1,6 +1,6 @@
-"""Cache hits answered before FastAPI (service/cached_reads.py) are the route's own answers, and misses of one list
-are computed once per process (single flight): same bytes, headers, errors, rate-limit counting and metrics as the
-route, against the embedded cache and a real Redis; single flight against a real ``mmrec-serve`` over HTTP."""
+"""Requests answered before FastAPI (service/cached_reads.py) get the route's own answers, hits and misses, and misses
+of one list are computed once per process (single flight): same bytes, headers, errors, rate-limit counting and
+metrics as the route, against the embedded cache and a real Redis; single flight against a real ``mmrec-serve``."""
 
 from __future__ import annotations
 
@@ -62,6 +62,21 @@ def test_a_hit_before_fastapi_is_the_routes_own_answer(make_settings: Callable[.
         refused = client.get("/v1/users/u1/recommendations", params={"k": 100_000})
         assert refused.status_code == 422 and "k must be between 1 and" in refused.json()["detail"]
         assert client.get("/v1/users/u1/recommendations", params={"k": 5, "exclude_seen": "0"}).json()["cached"] is False
+
+
+def test_a_miss_before_fastapi_is_the_routes_own_answer(make_settings: Callable[..., ServiceSettings], serve: Serve,
+                                                        backend: dict[str, Any]) -> None:  # fmt: skip
+    with serve(make_settings(cache_ttl_s=0.001, **backend)) as client:
+        for user in ("u1", "u2", "someone-new"):
+            early = client.get(f"/v1/users/{user}/recommendations", params={"k": 5, "exclude_seen": "false"})
+            routed = client.get(f"/v1/users/{user}/recommendations", params={"k": 5, "exclude_seen": "false", **THROUGH_FASTAPI})
+            assert early.status_code == routed.status_code == 200
+            assert early.json()["cached"] is False and routed.json()["cached"] is False
+            assert early.content == routed.content, user
+            assert {k: v for k, v in early.headers.items() if k != "date"} == {k: v for k, v in routed.headers.items() if k != "date"}
+        assert _metric(client, 'mmrec_cache_requests_total{result="miss"}') == 6
+        latency = f'mmrec_request_latency_seconds_count{{method="GET",route="{ROUTE}",status="200"}}'
+        assert _metric(client, latency) == 6
 
 
 def test_a_request_answered_early_is_counted_once_against_the_rate_limit(
