@@ -20,6 +20,7 @@ from starlette.routing import compile_path
 
 from service.access import AccessControl
 from service.bundle import BundleError
+from service.cached_reads import ROUTE, CachedRecommendations
 from service.errors import ServiceError
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics
@@ -72,6 +73,9 @@ def create_app(settings: ServiceSettings, *, on_ready: Callable[[Runtime], None]
     app.state.access = AccessControl(settings)
     install_openapi(app, settings, lambda: app.state.runtime.engine.bundle if hasattr(app.state, "runtime") else None)
     _install_error_handlers(app)
+    recommendations_route = next(r for r in recommendations.router.routes
+                                 if getattr(r, "path", None) == ROUTE and "GET" in getattr(r, "methods", ()))  # fmt: skip
+    app.add_middleware(CachedRecommendations, fastapi_app=app, route=recommendations_route)  # hits, before routing
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: 413s are timed too
     for router in (recommendations.router, users.router, items.router, system.router):

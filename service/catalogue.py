@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import bisect
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -103,6 +104,7 @@ class CatalogueState:
     size: int  # live items
     deleted_trained: int  # trained rows no longer live (searched past, see Catalogue.search)
     last_ingest_version: int  # catalogue version of the latest ingestion (0: none): bounds cache staleness
+    last_delete_version: int = 0  # catalogue version of the latest deletion (0: none): cached lists older re-check ids
 
 
 class Catalogue:
@@ -316,7 +318,8 @@ class Catalogue:
         active[rows] = False
         active.flags.writeable = False
         self._state = replace(state, version=version, active=active, size=state.size - len(rows),
-                              deleted_trained=state.deleted_trained + sum(r < self.n_trained for r in rows))  # fmt: skip
+                              deleted_trained=state.deleted_trained + sum(r < self.n_trained for r in rows),
+                              last_delete_version=int(version) if version.isdigit() else sys.maxsize)  # fmt: skip
         return len(rows)
 
     def set_version(self, version: str) -> None:

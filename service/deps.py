@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request, Security
 from fastapi.security import APIKeyHeader
-from starlette.concurrency import run_in_threadpool
 
 from service.access import API_KEY_HEADER, AccessControl, Caller, Need
+from service.cached_reads import DECIDED
 from service.runtime import Runtime
 from service.settings import Scope
 
@@ -37,12 +36,17 @@ class _Authorize:
         self.need: Need = need
 
     async def __call__(self, request: Request, runtime: RuntimeDep, key: Annotated[str | None, Security(_api_key)]) -> Caller:
+        decided = request.scope.get("state", {}).get(DECIDED)
+        if decided is not None and decided[:2] == (self.scope, self.need):  # checked once already, by service/cached_reads.py
+            if isinstance(decided[2], Exception):
+                raise decided[2]
+            caller: Caller = decided[2]
+            request.state.caller = caller
+            return caller
         access: AccessControl = request.app.state.access
         client = request.client.host if request.client is not None else "unknown"
-        authorize = functools.partial(access.authorize, scope=self.scope, need=self.need, presented=key, client=client,
-                                      pool=runtime.pool)  # fmt: skip
-        # In memory (embedded mode) the check never waits: no thread hop; Redis counters are a round trip.
-        caller = authorize() if runtime.pool is None else await run_in_threadpool(authorize)
+        # On the event loop: in memory it never waits, in Redis mode the counters are an async round trip.
+        caller = await access.authorize(scope=self.scope, need=self.need, presented=key, client=client, pool=runtime.pool)
         request.state.caller = caller
         return caller
 

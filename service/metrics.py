@@ -26,10 +26,20 @@ class Metrics:
         self.recommendations = Counter(
             "mmrec_recommendations", "Recommendation lists computed, by strategy.", ["strategy"], registry=self.registry
         )
+        self.search_batch_size = Histogram(
+            "mmrec_search_batch_size",
+            "Searches answered by one micro-batch (one FAISS call).",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        )
         self.items_ingested = Counter("mmrec_items_ingested", "Items added through the API.", registry=self.registry)
         self.items_deleted = Counter("mmrec_items_deleted", "Items deleted through the API.", registry=self.registry)
         self.events_recorded = Counter("mmrec_events_recorded", "User events recorded.", registry=self.registry)
         self.index_size = Gauge("mmrec_index_size", "Live items in the index.", registry=self.registry)
+        self.in_flight = 0  # HTTP requests in progress (RequestMetrics, on the event loop); micro-batching reads it
+        Gauge("mmrec_requests_in_flight", "HTTP requests in progress.", registry=self.registry).set_function(
+            lambda: self.in_flight
+        )
         for result in ("hit", "miss", "error"):
             self.cache_requests.labels(result=result)
 

@@ -57,7 +57,8 @@ class MicroBatcher(Generic[Row, Out]):
         self.idle_s = idle_s
         self.batches = 0  # model runs made by the workers (not counting job-by-job reruns after a failure)
         self.jobs = 0  # jobs answered by the workers
-        self._queue: queue.SimpleQueue[_Job[Row, Out]] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: several workers poll it with timeouts (see service/batching.py).
+        self._queue: queue.Queue[_Job[Row, Out]] = queue.Queue()
         self._lock = threading.Lock()  # guards _alive: a job is never queued without a worker to take it
         self._alive = 0  # worker threads running
 

@@ -72,7 +72,8 @@ class BodySizeLimit:
 
 
 class RequestMetrics:
-    """Observes every HTTP request's latency under its route template (``/v1/items/{item_id}``, not the id)."""
+    """Observes every HTTP request's latency under its route template (``/v1/items/{item_id}``, not the id), and
+    counts the requests in progress (``Metrics.in_flight``)."""
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self.app = app
@@ -84,6 +85,7 @@ class RequestMetrics:
             return
         status = 500
         start = time.perf_counter()
+        self.metrics.in_flight += 1
 
         async def observe(message: Message) -> None:
             nonlocal status
@@ -94,6 +96,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, observe)
         finally:
+            self.metrics.in_flight -= 1
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.request_latency.labels(method=scope["method"], route=template, status=str(status)).observe(

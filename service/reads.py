@@ -6,11 +6,14 @@ Reads never fail because Redis is away: a cache error is a miss, and a user's re
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -51,24 +54,74 @@ def resolve_diversity(runtime: Runtime, max_per_prefix: int | None, prefix_lengt
 ANONYMOUS = ""  # the cache slot shared by every user the service knows nothing about (no user id is empty)
 
 
-async def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, exclude_seen: bool,
-                             diversity: CodeDiversity | None = None) -> RecommendationList | CachedResponse:  # fmt: skip
-    """The user's list, from the cache when an entry is still valid (see service/cache.py): a hit is answered on
-    the event loop as the stored JSON body, ready to send; a miss is computed on a worker thread."""
-    k = resolve_k(runtime, k)
+@dataclass(frozen=True)
+class Lookup:
+    """One cache lookup of a user's list: what a hit is served from, and what a miss computes under."""
+
+    engine: Engine
+    user_id: str
+    key: str
+    k: int
+    exclude_seen: bool
+    diversity: CodeDiversity | None
+    generation: str | None
+    payload: str | None
+
+
+async def lookup(runtime: Runtime, user_id: str, *, k: int, exclude_seen: bool, diversity: CodeDiversity | None) -> Lookup:
+    """The cache entry of this list (:class:`RedisDown` when the cache is unreachable); ``k`` resolved already."""
     engine = runtime.engine
     key = cache_key(engine, k=k, exclude_seen=exclude_seen, diversity=diversity)
-    try:
-        generation, payload = await runtime.cache.get_async(user_id, key)
-    except RedisDown:
-        runtime.metrics.cache_requests.labels(result="error").inc()
-        generation, payload = None, None
-    hit = _usable_hit(runtime, engine, user_id, payload, counted=generation is not None)
+    generation, payload = await runtime.cache.get_async(user_id, key)
+    return Lookup(engine, user_id, key, k, exclude_seen, diversity, generation, payload)
+
+
+def hit_body(runtime: Runtime, found: Lookup, user_id: str) -> str | None:
+    """The body to send for a usable entry (a hit, counted), else None (a miss, not counted here)."""
+    if found.payload is None:
+        return None
+    entry = _usable_hit(runtime, found.engine, user_id, found.payload, counted=False)
+    return entry.body if entry is not None else None
+
+
+async def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, exclude_seen: bool,
+                             diversity: CodeDiversity | None = None,
+                             prior: Lookup | None = None) -> RecommendationList | CachedResponse:  # fmt: skip
+    """The user's list, from the cache when an entry is still valid (see service/cache.py): a hit is answered on
+    the event loop as the stored JSON body, ready to send; a miss is computed on a worker thread, once per process
+    for concurrent requests of the same list (single flight). ``prior``: this request's lookup, made already (by
+    ``service/cached_reads.py``)."""
+    k = resolve_k(runtime, k)
+    found = prior
+    if found is None or (found.user_id, found.k, found.exclude_seen, found.diversity) != (user_id, k, exclude_seen, diversity):
+        try:
+            found = await lookup(runtime, user_id, k=k, exclude_seen=exclude_seen, diversity=diversity)
+        except RedisDown:
+            runtime.metrics.cache_requests.labels(result="error").inc()
+            engine = runtime.engine
+            found = Lookup(engine, user_id, cache_key(engine, k=k, exclude_seen=exclude_seen, diversity=diversity), k,
+                           exclude_seen, diversity, None, None)  # fmt: skip
+    hit = _usable_hit(runtime, found.engine, user_id, found.payload, counted=found.generation is not None)
     if hit is not None:
         return CachedResponse(hit.body)
-    return await run_in_threadpool(
-        _compute_for_user, runtime, engine, user_id, key, generation, k=k, exclude_seen=exclude_seen, diversity=diversity
-    )
+    flight = (id(found.engine), user_id, found.key, found.generation)
+    task = runtime.flights.get(flight)
+    if task is None:
+        task = asyncio.ensure_future(run_in_threadpool(
+            _compute_for_user, runtime, found.engine, user_id, found.key, found.generation, k=k,
+            exclude_seen=exclude_seen, diversity=diversity))  # fmt: skip
+        runtime.flights[flight] = task
+        task.add_done_callback(functools.partial(_landed, runtime.flights, flight))
+    # shield: a waiter that goes away (its client disconnected) leaves the computation to the others
+    return await asyncio.shield(task)
+
+
+def _landed(flights: dict[Any, asyncio.Future[RecommendationList]], flight: Any, task: asyncio.Future[RecommendationList]) -> None:
+    """A computation is done: later misses compute afresh (they may see a newer catalogue or cache entry)."""
+    if flights.get(flight) is task:
+        del flights[flight]
+    if not task.cancelled():
+        task.exception()  # retrieved: every waiter may have gone
 
 
 def _compute_for_user(runtime: Runtime, engine: Engine, user_id: str, key: str, generation: str | None, *, k: int,
@@ -128,6 +181,7 @@ def _cached(runtime: Runtime, engine: Engine, user_id: str, key: str) -> CachedL
 
 
 def _usable_hit(runtime: Runtime, engine: Engine, user_id: str, payload: str | None, *, counted: bool) -> CachedList | None:
+    """The entry to serve (a hit, counted), or None (a miss, counted when ``counted``)."""
     entry = CachedList.decode(payload) if payload is not None else None
     body = served_body(entry, engine, user_id, staleness_s=runtime.settings.cache_new_item_staleness_s) if entry else None
     if entry is not None and body is not None:
@@ -150,7 +204,9 @@ def served_body(entry: CachedList, engine: Engine, user_id: str, *, staleness_s:
     """
     catalogue = engine.catalogue
     state = catalogue.state
-    if not all(catalogue.live_row(item_id, state) is not None for item_id in entry.item_ids):
+    if state.last_delete_version > entry.catalogue_version and not all(
+        catalogue.live_row(item_id, state) is not None for item_id in entry.item_ids
+    ):
         return None
     if state.last_ingest_version <= entry.catalogue_version:
         return entry.body

@@ -85,18 +85,23 @@ class RedisPool:
         self.last_error = None
         return True
 
-    async def run_async(self, operation: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
-        """:meth:`run` for the event loop (the cache lookup of a request answered without a thread), on a client
-        of its own; the same breaker."""
-        self._refuse_while_down()
+    def async_client(self) -> redis.asyncio.Redis:
+        """The client of :meth:`run_async` (made on first use: call it inside the event loop that uses it)."""
         if self._async_client is None:
             kwargs = self.client.connection_pool.connection_kwargs
             self._async_client = redis.asyncio.Redis.from_url(
                 self.url, socket_timeout=kwargs.get("socket_timeout"), socket_connect_timeout=kwargs.get("socket_connect_timeout"),
                 retry=redis.asyncio.retry.Retry(NoBackoff(), 0), decode_responses=True,
             )  # fmt: skip
+        return self._async_client
+
+    async def run_async(self, operation: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
+        """:meth:`run` for the event loop (the cache lookup and the rate limits of a request, without a thread),
+        on a client of its own; the same breaker."""
+        self._refuse_while_down()
+        client = self.async_client()
         try:
-            return await operation(self._async_client)
+            return await operation(client)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._mark_down(exc)
             raise RedisDown(self.last_error or "redis unreachable") from exc

@@ -10,6 +10,7 @@ How catalogue changes reach the catalogue:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import uuid
@@ -38,6 +39,7 @@ from service.events import EventStore, RedisEventStore, SqliteEventStore
 from service.metrics import Metrics
 from service.recommender import Recommender, UserTower
 from service.redis_pool import RedisDown, RedisPool
+from service.schemas import RecommendationList
 from service.settings import ServiceSettings
 from service.state_db import StateDatabase
 
@@ -151,10 +153,15 @@ class Runtime:
             self.event_store = SqliteEventStore(self.state_db, keep=settings.history_length)
             self.cache = MemoryCache(ttl_s=settings.cache_ttl_s, max_entries=settings.cache_max_entries)
         self.write_lock = threading.Lock()  # embedded writes; in Redis mode, the follower's changes and swaps
+        # Lists being computed, by (engine, user, cache key, generation): concurrent misses of one list share one
+        # computation (service/reads.py). Touched on the event loop only.
+        self.flights: dict[tuple[int, str, str, str | None], asyncio.Future[RecommendationList]] = {}
         self.applied = AppliedVersion()
         self._prepared: dict[str, Engine] = {}  # reloads announced by this replica: stream position -> engine
         self.batcher = SearchBatcher(max_wait_ms=settings.batch_max_wait_ms, max_size=settings.batch_max_size,
-                                     faiss_threads=settings.faiss_threads)  # fmt: skip
+                                     faiss_threads=settings.faiss_threads, workers=settings.batch_workers,
+                                     observe=metrics.search_batch_size.observe,
+                                     in_flight=lambda: metrics.in_flight)  # fmt: skip
         faiss.cvar.distance_compute_blas_threshold = settings.faiss_blas_threshold
         try:
             self.engine = Engine.open(settings, self.plan, self.batcher)

@@ -98,8 +98,12 @@ class ServiceSettings(BaseSettings):
         "items are never served: a cached list naming one is recomputed.")  # fmt: skip
     batch_max_wait_ms: float = Field(
         default=2.0, ge=0, le=100, description="Micro-batching: concurrent searches gathered for at most this long "
-        "are answered by one FAISS call; 0 turns batching off.")  # fmt: skip
+        "are answered by one FAISS call (the window closes early once every request in progress has joined); 0 turns "
+        "batching off.")  # fmt: skip
     batch_max_size: int = Field(default=64, ge=1, le=4096, description="Micro-batching: most searches in one batch.")
+    batch_workers: int = Field(
+        default=1, ge=1, le=64, description="Micro-batching: threads that gather and run batches; with 2, one "
+        "gathers the next batch while the other searches, so searches can use two cores without OpenMP threads.")  # fmt: skip
     faiss_threads: int = Field(
         default=1, ge=1, description="OpenMP threads of a FAISS search. 1: the event loop needs the other core, and "
         "OpenMP threads that spin-wait collapse when the cores are oversubscribed (a 2-thread batch measured 10-20x "

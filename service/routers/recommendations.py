@@ -30,6 +30,7 @@ async def recommend_for_user(
     """Top-k items for a user, seen items excluded by default. Unknown users get a fallback: the mean of
     their recorded events' item vectors ("history"), else training popularity ("popularity").
     ``max_per_code_prefix`` diversifies the list by semantic-code prefix (QARM bundles)."""
+    # The plain request (k, exclude_seen) is answered before FastAPI (service/cached_reads.py), the same way.
     diversity = reads.resolve_diversity(runtime, max_per_code_prefix, code_prefix_length)
     return _send(await reads.recommend_for_user(runtime, user_id, k=k, exclude_seen=exclude_seen, diversity=diversity))
 

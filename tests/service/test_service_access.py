@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import limits
 import pytest
 import redis
 from bundle_factory import SyntheticBundle
@@ -30,6 +31,7 @@ from service_test_support import (
     stop_mmrec_serve,
 )
 
+from service.access import lease_cap
 from service.app import create_app
 from service.cli import is_loopback, main
 from service.redaction import RedactSecrets, redact_url
@@ -335,6 +337,35 @@ def test_rate_limit_is_shared_by_two_app_instances_through_redis(
         assert limited.status_code == 429 and "API key 'writer'" in limited.json()["detail"]
     counters = list(redis_client.scan_iter(match=f"{redis_prefix}:ratelimit:*"))
     assert counters and all(redis_client.ttl(key) > 0 for key in counters)  # every counter expires
+
+
+def _script_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval"))
+
+
+def test_rate_limit_leases_a_busy_clients_requests_within_the_shared_limit(
+    make_settings: Callable[..., ServiceSettings], serve: Serve, private_redis: RedisProcess
+) -> None:
+    """A large limit (1000/minute: leases of up to 10 requests) shared by two replicas: a busy client is served
+    about the limit in all (never more; at most one unused lease per replica less), and the counters cost a Redis
+    round trip per lease, not per request."""
+    settings = make_settings(redis_url=private_redis.url, rate_limit_per_client="1000/minute", rate_limit_strategy=EXACT)
+    assert lease_cap(limits.parse("1000/minute")) == 10 and lease_cap(limits.parse("199/minute")) == 1
+    counter = redis.Redis.from_url(private_redis.url)
+    with serve(settings) as a, serve(settings) as b:
+        assert a.get("/v1/items/i1").status_code == 200 and b.get("/v1/items/i1").status_code == 200
+        before = _script_calls(counter)
+        first = [client.get("/v1/items/i1").status_code for _ in range(450) for client in (a, b)]
+        calls = _script_calls(counter) - before
+        assert first == [200] * 900 and calls < 900 / 4  # request by request: one round trip each
+        before = _script_calls(counter)
+        then = [client.get("/v1/items/i1").status_code for _ in range(150) for client in (a, b)]
+        calls = _script_calls(counter) - before
+    counter.close()
+    served = 902 + then.count(200)
+    assert 1000 - 2 * 9 <= served <= 1000 and then[-20:] == [429] * 20
+    assert calls < 100  # refusals are remembered: a refused flood costs no round trip per request
 
 
 def test_rate_limit_with_redis_down_reads_succeed_and_are_counted_in_memory(
