@@ -6,6 +6,8 @@ one spelling of the contract, with no dependency beyond the standard library (th
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Final, Literal
 
 FORMAT: Final = "mmrec-bundle"
@@ -49,6 +51,15 @@ def item_features_mask_file(modality: str) -> str:
 def section_array_file(section: str, array: str) -> str:
     """A model-specific section's array (QARM: ``semantic_codes/codebooks.npy``)."""
     return f"{section}/{array}.npy"
+
+
+def file_sha256(path: Path) -> str:
+    """The digest the manifest's ``files`` lists for a bundle file: sha256 of its bytes, in hex."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --- manifest -----------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ Only numpy, faiss, onnxruntime and tokenizers: the bundle is the whole contract 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import mmap
@@ -291,21 +290,13 @@ def _bundle_files(path: Path, manifest: dict[str, Any], *, verify_hashes: bool) 
             raise BundleError(f"manifest.json: file {name!r} lies outside the bundle directory")
         if not file.is_file():
             raise BundleError(f"bundle file {name} is listed in manifest.json but missing")
-        if verify_hashes and _sha256(file) != str(digest).lower():
+        if verify_hashes and bf.file_sha256(file) != str(digest).lower():
             raise BundleError(f"bundle file {name}: sha256 differs from manifest.json (corrupted or modified)")
         files[name] = file
     for required in bf.REQUIRED_FILES:
         if required not in files:
             raise BundleError(f"manifest.json: required file {required} is not listed in 'files'")
     return files
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _require(files: dict[str, Path], name: str) -> Path:

@@ -27,7 +27,7 @@ from models.r2mr import (
     review_scores,
     ridge_fit,
 )
-from training.export.bundle import export_item_encoder
+from training.export.onnx_export import export_item_encoder
 
 N_USERS, N_ITEMS = 30, 40
 TINY: dict[str, Any] = {

@@ -1,4 +1,5 @@
-"""ONNX export of the item content encoders, with their manifest entries (docs/bundle-format.md, "modalities").
+"""ONNX export: the item content encoders with their manifest entries (docs/bundle-format.md, "modalities"), and
+the model's own item encoder and user tower.
 
 The graphs are made by the torch.export-based exporter (``torch.onnx.export(..., dynamo=True)``, opset 18), with
 weights inside the ``.onnx`` file (no external data): the bundle lists one file per encoder.
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 import bundle_format as bf
+from models.base import ContentEncoder, UserTower
 from training.data.encoders import (
     IMAGE_MEAN,
     IMAGE_RESIZE,
@@ -144,3 +146,49 @@ def export_image_encoder(
         "onnx_inputs": ["pixels"],
         "onnx_output": "features",
     }
+
+
+# ------------------------------------------------------------------------- the model's item encoder, user tower
+class _PositionalInputs(nn.Module):
+    """Gives the exporter named positional arguments (the encoder takes *args)."""
+
+    def __init__(self, encoder: ContentEncoder, names: list[str]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.names = names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs: torch.Tensor | tuple[torch.Tensor, ...] = self.encoder(*tensors)
+        return outputs
+
+
+def export_item_encoder(encoder: ContentEncoder, dims: dict[str, int], path: Path) -> list[dict[str, Any]]:
+    """Write the item encoder as ONNX with inputs ``<modality>`` (N, d) and ``<modality>_mask`` (N, 1); returns the
+    manifest's ``item_encoder.inputs``."""
+    names: list[str] = []
+    example: list[torch.Tensor] = []
+    spec: list[dict[str, Any]] = []
+    batch = torch.export.Dim("batch", min=1)
+    for modality in encoder.modality_names:
+        names += [modality, f"{modality}_mask"]
+        example += [torch.zeros(2, dims[modality]), torch.ones(2, 1)]
+        spec += [{"name": modality, "modality": modality, "dim": dims[modality]},
+                 {"name": f"{modality}_mask", "modality": modality, "mask": True}]  # fmt: skip
+    export_onnx(_PositionalInputs(encoder, names).eval(), tuple(example), path, input_names=names,
+                output_name="item_vector", extra_output_names=tuple(encoder.extra_output_names),
+                dynamic_shapes={"tensors": tuple({0: batch} for _ in names)})  # fmt: skip
+    return spec
+
+
+def export_user_tower(tower: UserTower, dim: int, path: Path) -> dict[str, Any]:
+    """Write a sequence model's user tower as ONNX, ``item_vectors`` (B, max_length, dim) and ``mask``
+    (B, max_length) float32 → ``user_vector`` (B, dim); returns the manifest's ``user_tower`` entry."""
+    length = tower.max_length
+    vectors = torch.randn(2, length, dim, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, length)
+    mask[0, : length - 1] = 0.0  # a left-padded history of one item, and a full one
+    batch = torch.export.Dim("batch", min=1)
+    export_onnx(tower.eval(), (vectors * mask[..., None], mask), path, input_names=["item_vectors", "mask"],
+                output_name="user_vector", dynamic_shapes={"item_vectors": {0: batch}, "mask": {0: batch}})  # fmt: skip
+    return {"onnx": path.name, "max_length": length, "inputs": {"item_vectors": "item_vectors", "mask": "mask"},
+            "output": "user_vector"}  # fmt: skip
