@@ -36,7 +36,7 @@ from service.encoding import EncodingLimits, ItemEncoder
 from service.errors import Unavailable
 from service.events import EventStore, RedisEventStore, SqliteEventStore
 from service.metrics import Metrics
-from service.recommender import Recommender
+from service.recommender import Ranker
 from service.redis_pool import RedisDown, RedisPool
 from service.settings import ServiceSettings
 from service.state_db import StateDatabase
@@ -51,7 +51,7 @@ class Engine:
     bundle: Bundle
     encoder: ItemEncoder
     catalogue: Catalogue
-    recommender: Recommender
+    recommender: Ranker
     synced: bool = False  # ingested items and deletions loaded from the store
 
     @classmethod
@@ -63,7 +63,7 @@ class Engine:
     def on(cls, bundle: Bundle, encoder: ItemEncoder, batcher: SearchBatcher) -> Engine:
         """A fresh engine: the bundle's trained items only (sharing its index, vectors and encoders)."""
         catalogue = Catalogue(bundle, version=f"unsynced-{uuid.uuid4().hex[:12]}")  # never a store version
-        recommender = Recommender(bundle, catalogue, batcher=batcher)
+        recommender = Ranker(bundle, catalogue, batcher=batcher)
         return cls(bundle=bundle, encoder=encoder, catalogue=catalogue, recommender=recommender)
 
     def load(self, snapshot: StoreSnapshot) -> int:
