@@ -7,8 +7,9 @@ one spelling of the contract, with no dependency beyond the standard library (th
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 FORMAT: Final = "mmrec-bundle"
 # 2: a modality that ships an encoder names its kind ("encoder_kind": "text" | "image"); 1 told them apart by
@@ -75,3 +76,19 @@ EncoderKind = Literal["text", "image"]
 TEXT: Final = "text"
 IMAGE: Final = "image"
 ENCODER_KINDS: Final[tuple[EncoderKind, ...]] = ("text", "image")
+
+
+def modality_encoder_kind(entry: Mapping[str, Any], *, format_version: int) -> EncoderKind | None:
+    """Which pretrained encoder a manifest "modalities" entry ships: None when it ships none (no ``encoder_onnx``);
+    else its ``encoder_kind`` (format 2), and for a format-1 entry that names none, "text" if it has a
+    ``tokenizer``, else "image". A kind outside ENCODER_KINDS is a ValueError."""
+    if not entry.get("encoder_onnx"):
+        return None
+    if format_version == 1 and "encoder_kind" not in entry:
+        return TEXT if "tokenizer" in entry else IMAGE
+    kind = entry.get("encoder_kind")
+    if kind == TEXT:
+        return TEXT
+    if kind == IMAGE:
+        return IMAGE
+    raise ValueError(f"encoder_kind must be one of {', '.join(ENCODER_KINDS)}, got {kind!r}")

@@ -467,16 +467,10 @@ def _check_names(session: ort.InferenceSession, names: list[str], *, kind: str, 
 
 
 def _encoder_kind(spec: dict[str, Any], *, format_version: int, where: str) -> bf.EncoderKind | None:
-    """Which encoder a modality entry ships: named by ``encoder_kind`` (format 2); format 1 bundles name none, and
-    an entry with a ``tokenizer`` is the text one."""
-    if not spec.get("encoder_onnx"):
-        return None
-    if format_version == 1 and "encoder_kind" not in spec:
-        return bf.TEXT if "tokenizer" in spec else bf.IMAGE
-    kind = spec.get("encoder_kind")
-    if kind not in bf.ENCODER_KINDS:
-        raise BundleError(f"{where}: encoder_kind must be one of {', '.join(bf.ENCODER_KINDS)}, got {kind!r}")
-    return bf.TEXT if kind == bf.TEXT else bf.IMAGE
+    try:
+        return bf.modality_encoder_kind(spec, format_version=format_version)
+    except ValueError as exc:
+        raise BundleError(f"{where}: {exc}") from exc
 
 
 def _read_modalities(
