@@ -80,6 +80,16 @@ def export_onnx(
         )
 
 
+def _export_modality_encoder(encoder: TextEncoder | ImageEncoder, kind: bf.EncoderKind, example: tuple[torch.Tensor, ...],
+                             path: Path, *, inputs: list[str], output: str, dynamic_shapes: dict[str, Any],
+                             ) -> dict[str, Any]:  # fmt: skip
+    """Export a pretrained encoder's module; returns what a modality entry says of every shipped encoder: dim,
+    name, kind, graph file, input and output names."""
+    export_onnx(encoder.module, example, path, input_names=inputs, output_name=output, dynamic_shapes=dynamic_shapes)
+    return {"dim": encoder.dim, "encoder": encoder.name, "encoder_kind": kind, "encoder_onnx": path.name,
+            "onnx_inputs": inputs, "onnx_output": output}  # fmt: skip
+
+
 def export_text_encoder(
     out_dir: str | os.PathLike[str], *, encoder: TextEncoder | None = None
 ) -> dict[str, Any]:
@@ -94,25 +104,13 @@ def export_text_encoder(
     input_ids, attention_mask = encoder.tokenize(["an example item text, long enough to pad", "short"])
     batch = torch.export.Dim("batch")
     tokens = torch.export.Dim("tokens", max=_BERT_MAX_POSITIONS)
-    export_onnx(
-        encoder.module,
-        (input_ids.to(encoder.device), attention_mask.to(encoder.device)),
-        out / bf.TEXT_ENCODER,
-        input_names=["input_ids", "attention_mask"],
-        output_name="sentence_embedding",
+    entry = _export_modality_encoder(
+        encoder, bf.TEXT, (input_ids.to(encoder.device), attention_mask.to(encoder.device)), out / bf.TEXT_ENCODER,
+        inputs=["input_ids", "attention_mask"], output="sentence_embedding",
         dynamic_shapes={"input_ids": {0: batch, 1: tokens}, "attention_mask": {0: batch, 1: tokens}},
-    )
+    )  # fmt: skip
     encoder.tokenizer.save(str(out / bf.TEXT_TOKENIZER))
-    return {
-        "dim": encoder.dim,
-        "encoder": encoder.name,
-        "encoder_kind": bf.TEXT,
-        "encoder_onnx": bf.TEXT_ENCODER,
-        "tokenizer": bf.TEXT_TOKENIZER,
-        "max_length": encoder.max_length,
-        "onnx_inputs": ["input_ids", "attention_mask"],
-        "onnx_output": "sentence_embedding",
-    }
+    return {**entry, "tokenizer": bf.TEXT_TOKENIZER, "max_length": encoder.max_length}
 
 
 def export_image_encoder(
@@ -126,26 +124,9 @@ def export_image_encoder(
     out.mkdir(parents=True, exist_ok=True)
     encoder = encoder if encoder is not None else ImageEncoder(device="cpu")
     example = torch.zeros((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32, device=encoder.device)
-    export_onnx(
-        encoder.module,
-        (example,),
-        out / bf.IMAGE_ENCODER,
-        input_names=["pixels"],
-        output_name="features",
-        dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}},
-    )
-    return {
-        "dim": encoder.dim,
-        "encoder": encoder.name,
-        "encoder_kind": bf.IMAGE,
-        "encoder_onnx": bf.IMAGE_ENCODER,
-        "size": IMAGE_SIZE,
-        "resize": IMAGE_RESIZE,
-        "mean": list(IMAGE_MEAN),
-        "std": list(IMAGE_STD),
-        "onnx_inputs": ["pixels"],
-        "onnx_output": "features",
-    }
+    entry = _export_modality_encoder(encoder, bf.IMAGE, (example,), out / bf.IMAGE_ENCODER, inputs=["pixels"],
+                                     output="features", dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}})  # fmt: skip
+    return {**entry, "size": IMAGE_SIZE, "resize": IMAGE_RESIZE, "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD)}
 
 
 # ------------------------------------------------------------------------- the model's item encoder, user tower
