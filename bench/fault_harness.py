@@ -26,6 +26,8 @@ import httpx
 import numpy as np
 import redis
 
+import bundle_format as bf
+
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "faults-bench-" + "k" * 32  # long enough for any minimum key length; loopback only
 HEADERS = {"X-API-Key": API_KEY}
@@ -261,15 +263,15 @@ class Catalogue:
 
     def __init__(self, bundle: Path) -> None:
         self.path = bundle
-        self.manifest = json.loads((bundle / "manifest.json").read_text())
+        self.manifest = json.loads((bundle / bf.MANIFEST).read_text())
         if not self.manifest.get("item_encoder"):
             raise SystemExit(f"{bundle}: the bundle has no item encoder, so it cannot ingest items; the fault "
                              "scenarios write items: pass a bundle that can (GET /v1/models: item_encoder_method)")  # fmt: skip
-        self.item_ids: list[str] = json.loads((bundle / "item_ids.json").read_text())
-        self.user_ids: list[str] = json.loads((bundle / "user_ids.json").read_text())
+        self.item_ids: list[str] = json.loads((bundle / bf.ITEM_IDS).read_text())
+        self.user_ids: list[str] = json.loads((bundle / bf.USER_IDS).read_text())
         self.modalities: dict[str, int] = {m: int(spec["dim"]) for m, spec in self.manifest["modalities"].items()}
-        self._features = {m: np.load(bundle / "item_features" / f"{m}.npy", mmap_mode="r") for m in self.modalities}
-        self._masks = {m: np.load(bundle / "item_features" / f"{m}.mask.npy", mmap_mode="r").astype(bool)
+        self._features = {m: np.load(bundle / bf.item_features_file(m), mmap_mode="r") for m in self.modalities}
+        self._masks = {m: np.load(bundle / bf.item_features_mask_file(m), mmap_mode="r").astype(bool)
                        for m in self.modalities}  # fmt: skip
 
     def features_of(self, item_id: str) -> dict[str, list[float]]:

@@ -21,14 +21,16 @@ import torch
 import uvicorn
 from fastapi import FastAPI, HTTPException
 
+import bundle_format as bf
+
 
 def create_app(bundle: Path) -> FastAPI:
-    items = torch.from_numpy(np.load(bundle / "item_vectors.npy"))  # (I, d)
-    users = torch.from_numpy(np.load(bundle / "user_vectors.npy"))  # (U, d)
-    item_ids: list[str] = json.loads((bundle / "item_ids.json").read_text())
-    user_rows = {u: r for r, u in enumerate(json.loads((bundle / "user_ids.json").read_text()))}
-    with np.load(bundle / "user_history.npz") as history:
-        indptr, indices = history["indptr"], history["indices"]
+    items = torch.from_numpy(np.load(bundle / bf.ITEM_VECTORS))  # (I, d)
+    users = torch.from_numpy(np.load(bundle / bf.USER_VECTORS))  # (U, d)
+    item_ids: list[str] = json.loads((bundle / bf.ITEM_IDS).read_text())
+    user_rows = {u: r for r, u in enumerate(json.loads((bundle / bf.USER_IDS).read_text()))}
+    with np.load(bundle / bf.USER_HISTORY) as history:
+        indptr, indices = history[bf.HISTORY_INDPTR], history[bf.HISTORY_INDICES]
     app = FastAPI(title="naive full-sort reference")
 
     @app.get("/readyz")

@@ -52,6 +52,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+import bundle_format as bf
 from bench.load import run_wrk, write_ids, wrk_binary
 from bench.processes import Server, free_port
 from bench.profiling import start_recording
@@ -202,7 +203,7 @@ class Suite:
             spec = SyntheticSpec(n_items=n_items, n_users=self.args.users, index="approximate")
             bundles["approximate"], info = ensure_bundle(spec, self.work / "bundles")
             self.results["bundles"][f"{name}-approximate"] = info
-        user_ids = json.loads((exact_dir / "user_ids.json").read_text())
+        user_ids = json.loads((exact_dir / bf.USER_IDS).read_text())
         rng = random.Random(f"{n_items}")
         shuffled = user_ids[:]
         rng.shuffle(shuffled)
@@ -280,10 +281,10 @@ class Suite:
 
     def measure_recall(self, server: Server, bundle: Path, *, size: str, variant: str) -> dict[str, Any]:
         """recall@20 of the service's lists (exclude_seen=false) against exact numpy top-20 over the item vectors."""
-        items = np.load(bundle / "item_vectors.npy", mmap_mode="r")
-        users = np.load(bundle / "user_vectors.npy", mmap_mode="r")
-        user_ids = json.loads((bundle / "user_ids.json").read_text())
-        item_rows = {item_id: row for row, item_id in enumerate(json.loads((bundle / "item_ids.json").read_text()))}
+        items = np.load(bundle / bf.ITEM_VECTORS, mmap_mode="r")
+        users = np.load(bundle / bf.USER_VECTORS, mmap_mode="r")
+        user_ids = json.loads((bundle / bf.USER_IDS).read_text())
+        item_rows = {item_id: row for row, item_id in enumerate(json.loads((bundle / bf.ITEM_IDS).read_text()))}
         rows = np.sort(np.random.default_rng(7).choice(len(user_ids), size=self.args.recall_users, replace=False))
 
         def fetch(row: int) -> list[int]:
@@ -298,7 +299,7 @@ class Suite:
             scores = np.asarray(users[rows[start : start + 32]]) @ np.asarray(items).T  # (32, I)
             top = np.argpartition(-scores, K, axis=1)[:, :K]
             truth[start : start + 32] = top
-        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest = json.loads((bundle / bf.MANIFEST).read_text())
         return {"size": size, "variant": variant, "bundle": bundle.name, "index": manifest["index"],
                 "users": len(rows), "recall_at_20": round(recall_at_k(found, truth), 4)}  # fmt: skip
 
@@ -308,9 +309,11 @@ class Suite:
         from bench.ingestion import ingestion_content, matching_users, run_ingestion, run_recommendable
 
         bundle = Path(self.args.real_bundle).resolve()
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        kinds = {("text" if "tokenizer" in m else "image") for m in manifest.get("modalities", {}).values() if m.get("encoder_onnx")}
-        if kinds != {"text", "image"} or manifest.get("item_encoder") is None:
+        manifest = json.loads((bundle / bf.MANIFEST).read_text())
+        version = int(manifest.get("format_version", 1))
+        kinds = {kind for m in manifest.get("modalities", {}).values()
+                 if (kind := bf.modality_encoder_kind(m, format_version=version)) is not None}  # fmt: skip
+        if kinds != {bf.TEXT, bf.IMAGE} or manifest.get("item_encoder") is None:
             self.results["notes"].append(f"{bundle} has no text and image encoders ({sorted(kinds)}): ingestion skipped")
             return
         single, concurrent = (int(x) for x in self.args.ingest_items.split(","))
@@ -514,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.variants) - {v.name for v in VARIANTS}
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(v.name for v in VARIANTS)}")
-    if args.real_bundle and not (Path(args.real_bundle) / "manifest.json").is_file():
-        parser.error(f"--real-bundle {args.real_bundle}: no manifest.json there")
+    if args.real_bundle and not (Path(args.real_bundle) / bf.MANIFEST).is_file():
+        parser.error(f"--real-bundle {args.real_bundle}: no {bf.MANIFEST} there")
     if wrk_binary() is None:
         parser.error("wrk is not installed (Debian/Ubuntu: apt-get install -y wrk)")
     out = Path(args.out or ROOT / "bench" / "results" / args.preset)

@@ -37,6 +37,7 @@ import numpy as np
 
 import bundle_format as bf
 from training.export.item_index import IndexConfig, build_index
+from training.export.staging import publish_bundle, staged_file_hashes
 
 GENERATOR_VERSION = 1  # bump when the generated data changes, so cached bundles are rebuilt
 WORDS = ("red", "blue", "quiet", "loud", "classic", "modern", "wool", "steel", "garden", "travel", "kitchen",
@@ -99,8 +100,6 @@ def write_bundle(spec: SyntheticSpec, out: Path) -> Path:
     config = IndexConfig(approximate_threshold=threshold, target_recall_at_20=spec.target_recall_at_20, seed=spec.seed)
     index, index_info = build_index(items, config, user_vectors=users)
     faiss.write_index(index, str(staging / bf.ITEM_INDEX))
-
-    from training.export.bundle import publish_bundle, staged_file_hashes  # imports torch: only here
 
     files = staged_file_hashes(staging)
     manifest = {

@@ -47,6 +47,7 @@ from tokenizers import Tokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the settings class the server uses, so the limits are read the same way
 
+import bundle_format as bf  # noqa: E402
 from service.settings import ServiceSettings  # noqa: E402
 
 PEAK_GOAL_MB, TIME_GOAL_S, AFTER_GOAL_MB = 300.0, 5.0, 50.0
@@ -196,9 +197,9 @@ class Workload:
 
     def __init__(self, settings: ServiceSettings, manifest: dict[str, Any]) -> None:
         self.s = settings
-        modalities = manifest.get("modalities", {})
-        text = next((m for m in modalities.values() if "tokenizer" in m), None)
-        image = next((m for m in modalities.values() if "resize" in m), None)
+        version = int(manifest.get("format_version", 1))
+        kinds = {bf.modality_encoder_kind(m, format_version=version): m for m in manifest.get("modalities", {}).values()}
+        text, image = kinds.get(bf.TEXT), kinds.get(bf.IMAGE)
         if text is None or image is None:
             raise SystemExit("the bundle needs a text and an image encoder (ml100k-posters: MiniLM, EfficientNet-Lite0)")
         self.max_length = int(text.get("max_length", 256))
@@ -405,12 +406,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the server at this niceness; on a machine shared with other jobs, e.g. -10 (root) keeps "
                         "their load out of its wall times")
     args = parser.parse_args(argv)
-    if not (args.bundle / "manifest.json").is_file():
-        raise SystemExit(f"{args.bundle}: no manifest.json; build one with `mmrec pipeline --dataset ml100k-posters` "
+    if not (args.bundle / bf.MANIFEST).is_file():
+        raise SystemExit(f"{args.bundle}: no {bf.MANIFEST}; build one with `mmrec pipeline --dataset ml100k-posters` "
                          "or pass --bundle")
 
     settings = ServiceSettings(bundle_dir=args.bundle)  # MMREC_* of this environment, which the server inherits
-    workload = Workload(settings, json.loads((args.bundle / "manifest.json").read_text()))
+    workload = Workload(settings, json.loads((args.bundle / bf.MANIFEST).read_text()))
     print("building request bodies ...", flush=True)
     allowed = [r.encode() for r in (build() for build in workload.allowed()) if args.only in r.kind]
     refused = [r.encode() for r in (build() for build in workload.refused()) if args.only in r.kind]

@@ -6,7 +6,10 @@ one spelling of the contract, with no dependency beyond the standard library (th
 
 from __future__ import annotations
 
-from typing import Final, Literal
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Literal
 
 FORMAT: Final = "mmrec-bundle"
 # 2: a modality that ships an encoder names its kind ("encoder_kind": "text" | "image"); 1 told them apart by
@@ -51,6 +54,15 @@ def section_array_file(section: str, array: str) -> str:
     return f"{section}/{array}.npy"
 
 
+def file_sha256(path: Path) -> str:
+    """The digest the manifest's ``files`` lists for a bundle file: sha256 of its bytes, in hex."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 # --- manifest -----------------------------------------------------------------------------------------------
 MANIFEST_FIELDS: Final = frozenset({
     "format", "format_version", "bundle_version", "created", "model", "dataset", "dim", "score", "index",
@@ -64,3 +76,19 @@ EncoderKind = Literal["text", "image"]
 TEXT: Final = "text"
 IMAGE: Final = "image"
 ENCODER_KINDS: Final[tuple[EncoderKind, ...]] = ("text", "image")
+
+
+def modality_encoder_kind(entry: Mapping[str, Any], *, format_version: int) -> EncoderKind | None:
+    """Which pretrained encoder a manifest "modalities" entry ships: None when it ships none (no ``encoder_onnx``);
+    else its ``encoder_kind`` (format 2), and for a format-1 entry that names none, "text" if it has a
+    ``tokenizer``, else "image". A kind outside ENCODER_KINDS is a ValueError."""
+    if not entry.get("encoder_onnx"):
+        return None
+    if format_version == 1 and "encoder_kind" not in entry:
+        return TEXT if "tokenizer" in entry else IMAGE
+    kind = entry.get("encoder_kind")
+    if kind == TEXT:
+        return TEXT
+    if kind == IMAGE:
+        return IMAGE
+    raise ValueError(f"encoder_kind must be one of {', '.join(ENCODER_KINDS)}, got {kind!r}")

@@ -32,6 +32,12 @@ class ModelInputs:
     modalities: Mapping[str, ModalityInput] = field(default_factory=dict)
 
 
+def require_modalities(inputs: ModelInputs, model: str) -> None:
+    """A content model's first check: the dataset must have at least one item modality (a clear error if not)."""
+    if not inputs.modalities:
+        raise ValueError(f"{model} needs at least one item modality; this dataset has none")
+
+
 @dataclass(frozen=True)
 class PairwiseBatch:
     """BPR triples: each user with one positive and one sampled negative item."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.base import ModelInputs, PairwiseBatch, Recommender, Representations
+from models.base import ModelInputs, PairwiseBatch, Recommender, Representations, require_modalities
 from models.graph import (
     degree_sensitive_edge_sample,
     fuse_graphs,
@@ -77,8 +77,7 @@ class FREEDOM(Recommender):
 
     def __init__(self, config: FREEDOMConfig, inputs: ModelInputs) -> None:
         super().__init__()
-        if not inputs.modalities:
-            raise ValueError("FREEDOM needs at least one item modality; this dataset has none")
+        require_modalities(inputs, "FREEDOM")
         if not 0.0 <= config.dropout < 1.0:
             raise ValueError(f"FREEDOM dropout={config.dropout}: expected a fraction in [0, 1)")
         self.config = config

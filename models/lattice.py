@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import ModelInputs, PairwiseBatch, Recommender, Representations
+from models.base import ModelInputs, PairwiseBatch, Recommender, Representations, require_modalities
 from models.graph import (
     bipartite_mean_aggregation,
     fuse_graphs,
@@ -61,8 +61,7 @@ class LATTICE(Recommender):
 
     def __init__(self, config: LATTICEConfig, inputs: ModelInputs) -> None:
         super().__init__()
-        if not inputs.modalities:
-            raise ValueError("LATTICE needs at least one item modality; this dataset has none")
+        require_modalities(inputs, "LATTICE")
         self.config = config
         self.n_users, self.n_items = inputs.n_users, inputs.n_items
         self.modality_names = sorted(inputs.modalities)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from models.base import ModelInputs, PairwiseBatch, Recommender, Representations
-from models.graph import normalized_bipartite_adjacency
+from models.graph import light_propagate, normalized_bipartite_adjacency
 from models.losses import bpr_loss, embedding_norm_penalty
 
 
@@ -24,6 +24,8 @@ class LightGCNConfig:
 
 
 class LightGCN(Recommender):
+    adjacency: torch.Tensor
+
     def __init__(self, config: LightGCNConfig, inputs: ModelInputs) -> None:
         super().__init__()
         self.config = config
@@ -39,10 +41,7 @@ class LightGCN(Recommender):
 
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])  # (U+I, d)
-        layers = [ego]
-        for _ in range(self.config.n_layers):
-            layers.append(torch.sparse.mm(self.adjacency, layers[-1]))
-        final = torch.stack(layers).mean(dim=0)  # (U+I, d)
+        final = light_propagate(self.adjacency, ego, self.config.n_layers)  # (U+I, d)
         return final[: self.n_users], final[self.n_users :]
 
     def loss(self, batch: PairwiseBatch) -> torch.Tensor:  # type: ignore[override]

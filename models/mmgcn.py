@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import ModelInputs, PairwiseBatch, Recommender, Representations
+from models.base import ModelInputs, PairwiseBatch, Recommender, Representations, require_modalities
 from models.graph import bipartite_mean_aggregation, per_item_modality_weights
 from models.losses import bpr_loss, mean_square_penalty
 
@@ -81,8 +81,7 @@ class MMGCN(Recommender):
 
     def __init__(self, config: MMGCNConfig, inputs: ModelInputs) -> None:
         super().__init__()
-        if not inputs.modalities:
-            raise ValueError("MMGCN needs at least one item modality; this dataset has none")
+        require_modalities(inputs, "MMGCN")
         if config.n_layers < 1:
             raise ValueError(f"MMGCN n_layers={config.n_layers}: expected at least 1")
         self.config = config

@@ -37,6 +37,7 @@ from models.base import (
     PairwiseBatch,
     Recommender,
     Representations,
+    require_modalities,
 )
 from models.graph import light_propagate, normalized_bipartite_adjacency
 from models.losses import bpr_loss, embedding_norm_penalty
@@ -182,8 +183,7 @@ class QARM(Recommender):
 
     def __init__(self, config: QARMConfig, inputs: ModelInputs) -> None:
         super().__init__()
-        if not inputs.modalities:
-            raise ValueError("QARM needs at least one item modality; this dataset has none")
+        require_modalities(inputs, "QARM")
         self.config = config
         self.n_users, self.n_items = inputs.n_users, inputs.n_items
         self.modality_names = tuple(sorted(inputs.modalities))

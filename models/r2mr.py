@@ -36,12 +36,12 @@ from torch import nn
 from models.base import ContentEncoder, ModelInputs, PairwiseBatch, Recommender, Representations
 from models.graph import mean_aggregation, normalized_bipartite_adjacency
 from models.losses import bpr_loss, squared_l2_penalty
+from models.ridge import fit_ridge
 
 HIGH_QUALITY, DISPARITY, LOW_QUALITY = 0, 1, 2
 STATE_NAMES = ("high-quality", "disparity", "low-quality")  # index = state code
 ROUND_STAT_FIELDS = ("epoch", "rewriter_l1", "n_high", "n_disparity", "n_low")
 ROUND_STAT_PER_MODALITY = ("candidates", "kept_improves", "kept_threshold", "kept")
-COLD_RIDGE_STRENGTHS = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 @dataclass(frozen=True)
@@ -552,27 +552,11 @@ class R2MR(Recommender):
         return R2MRContentEncoder(self)
 
 
-def ridge_fit(x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, holdout: float = 0.1) -> torch.Tensor:
-    """argmin ‖xW − y‖² + λ‖W‖², λ chosen among COLD_RIDGE_STRENGTHS by held-out MSE, refitted on all rows.
-
-    x: (N, F) with a bias column; y: (N, T). Returns W (F, T). Solved in float64.
-    """
-    x64, y64 = x.double(), y.double()
+def content_ridge_map(x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, holdout: float = 0.1) -> torch.Tensor:
+    """argmin ‖xW − y‖² + λ‖W‖² (``models.ridge``), λ chosen by held-out MSE on a seeded ``holdout`` share of rows
+    and refitted on all rows. x: (N, F) with a bias column; y: (N, T). Returns W (F, T) float32."""
     held = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(seed)) < holdout
-    if held.all() or not held.any():
-        held = torch.zeros_like(held)
-
-    def solve(rows: torch.Tensor, strength: float) -> torch.Tensor:
-        a = x64[rows]
-        gram = a.T @ a + strength * torch.eye(a.shape[1], dtype=torch.float64)
-        solution: torch.Tensor = torch.linalg.solve(gram, a.T @ y64[rows])
-        return solution
-
-    best = COLD_RIDGE_STRENGTHS[len(COLD_RIDGE_STRENGTHS) // 2]
-    if held.any():
-        errors = {s: float((x64[held] @ solve(~held, s) - y64[held]).pow(2).mean()) for s in COLD_RIDGE_STRENGTHS}
-        best = min(errors, key=lambda s: errors[s])
-    return solve(torch.ones_like(held), best).float()
+    return fit_ridge(x, y, held, criterion="mse").weight.float()
 
 
 class R2MRContentEncoder(ContentEncoder):
@@ -620,10 +604,10 @@ class R2MRContentEncoder(ContentEncoder):
             for k in range(2):
                 rows = trained & has[k]
                 target = torch.logit(scores[k].cpu().clamp(1e-4, 1 - 1e-4))[:, None]  # (I, 1)
-                heads.append(ridge_fit(torch.cat([raw[k], ones], dim=1)[rows], target[rows]))  # (D + 1, 1)
+                heads.append(content_ridge_map(torch.cat([raw[k], ones], dim=1)[rows], target[rows]))  # (D + 1, 1)
             self.register_buffer("score_heads", torch.cat(heads, dim=1))  # (D + 1, 2)
             content = torch.cat([raw[0], has[0, :, None].float(), raw[1], has[1, :, None].float(), ones], dim=1)
-            self.register_buffer("collaborative_map", ridge_fit(content[trained], collaborative[trained]))
+            self.register_buffer("collaborative_map", content_ridge_map(content[trained], collaborative[trained]))
 
     def project(self, k: int, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         mean: torch.Tensor = getattr(self, f"mean_{k}")

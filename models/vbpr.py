@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import ContentEncoder, ModelInputs, PairwiseBatch, Recommender, Representations
+from models.base import (
+    ContentEncoder,
+    ModelInputs,
+    PairwiseBatch,
+    Recommender,
+    Representations,
+    require_modalities,
+)
 from models.losses import bpr_loss, embedding_norm_penalty
 
 
@@ -29,8 +36,7 @@ class VBPRConfig:
 
 def feature_statistics(inputs: ModelInputs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per modality (sorted by name), the mean and standard deviation (d_m,) over the items that have it."""
-    if not inputs.modalities:
-        raise ValueError("VBPR needs at least one item modality; this dataset has none")
+    require_modalities(inputs, "VBPR")
     stats = {}
     for name in sorted(inputs.modalities):
         m = inputs.modalities[name]

@@ -330,14 +330,6 @@ def _bundle_files(path: Path, manifest: dict[str, Any]) -> dict[str, Path]:
     return files
 
 
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(READ_CHUNK), b""):
-            digest.update(chunk)  # hashlib releases the GIL on large buffers: threads hash side by side
-    return digest.hexdigest()
-
-
 READ_CHUNK = 8 << 20
 
 
@@ -356,7 +348,7 @@ class _Digests:
         if enabled:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mmrec-sha256")
             by_size = sorted((n for n in files if n not in inline), key=lambda n: -files[n].stat().st_size)
-            self._futures = {name: self._pool.submit(_sha256, files[name]) for name in by_size}
+            self._futures = {name: self._pool.submit(bf.file_sha256, files[name]) for name in by_size}
 
     def hasher(self, name: str) -> Any:
         """A fresh sha256 for the loader's read of ``name`` (None when hashes are not verified)."""
@@ -373,7 +365,7 @@ class _Digests:
         for name, expected in self.expected.items():
             future = self._futures.get(name)
             # an inline file the loader did not read to its end (it failed first, or took another path) is hashed here
-            actual = future.result() if future is not None else self._inline.get(name) or _sha256(self.files[name])
+            actual = future.result() if future is not None else self._inline.get(name) or bf.file_sha256(self.files[name])
             if actual != expected:
                 raise BundleError(f"bundle file {name}: sha256 differs from manifest.json (corrupted or modified)")
 
@@ -557,16 +549,10 @@ def _check_names(session: ort.InferenceSession, names: list[str], *, kind: str, 
 
 
 def _encoder_kind(spec: dict[str, Any], *, format_version: int, where: str) -> bf.EncoderKind | None:
-    """Which encoder a modality entry ships: named by ``encoder_kind`` (format 2); format 1 bundles name none, and
-    an entry with a ``tokenizer`` is the text one."""
-    if not spec.get("encoder_onnx"):
-        return None
-    if format_version == 1 and "encoder_kind" not in spec:
-        return bf.TEXT if "tokenizer" in spec else bf.IMAGE
-    kind = spec.get("encoder_kind")
-    if kind not in bf.ENCODER_KINDS:
-        raise BundleError(f"{where}: encoder_kind must be one of {', '.join(bf.ENCODER_KINDS)}, got {kind!r}")
-    return bf.TEXT if kind == bf.TEXT else bf.IMAGE
+    try:
+        return bf.modality_encoder_kind(spec, format_version=format_version)
+    except ValueError as exc:
+        raise BundleError(f"{where}: {exc}") from exc
 
 
 def _read_modalities(

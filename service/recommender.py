@@ -78,7 +78,7 @@ class Ranking:
     items: list[tuple[str, float]]  # (item id, score), best first
 
 
-class Recommender:
+class Ranker:
     """Rankings over one catalogue. Each request takes the catalogue's state once and works on it throughout."""
 
     def __init__(self, bundle: Bundle, catalogue: Catalogue, *, batcher: SearchBatcher | None = None,

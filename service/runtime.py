@@ -37,7 +37,7 @@ from service.encoding import EncodingLimits, ItemEncoder
 from service.errors import Unavailable
 from service.events import EventStore, RedisEventStore, SqliteEventStore
 from service.metrics import Metrics
-from service.recommender import Recommender, UserTower
+from service.recommender import Ranker, UserTower
 from service.redis_pool import RedisDown, RedisPool
 from service.schemas import RecommendationList
 from service.settings import ServiceSettings
@@ -53,7 +53,7 @@ class Engine:
     bundle: Bundle
     encoder: ItemEncoder
     catalogue: Catalogue
-    recommender: Recommender
+    recommender: Ranker
     synced: bool = False  # ingested items and deletions loaded from the store
 
     @classmethod
@@ -73,7 +73,7 @@ class Engine:
     def on(cls, bundle: Bundle, encoder: ItemEncoder, batcher: SearchBatcher, tower: UserTower | None = None) -> Engine:
         """A fresh engine: the bundle's trained items only (sharing its index, vectors, encoders and tower)."""
         catalogue = Catalogue(bundle, version=f"unsynced-{uuid.uuid4().hex[:12]}")  # never a store version
-        recommender = Recommender(bundle, catalogue, batcher=batcher, tower=tower)
+        recommender = Ranker(bundle, catalogue, batcher=batcher, tower=tower)
         return cls(bundle=bundle, encoder=encoder, catalogue=catalogue, recommender=recommender)
 
     def load(self, snapshot: StoreSnapshot) -> int:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import bundle_format as bf
 from bench.synthetic_bundle import GENERATOR_VERSION, SyntheticSpec, ensure_bundle
 from service.bundle import load_bundle, plan_device
-from training.export.bundle import sha256_file
 
 
 @pytest.mark.parametrize(("index", "expected_type"), [("exact", "flat_ip"), ("approximate", "ivf_flat_ip")])
@@ -24,7 +24,7 @@ def test_synthetic_bundle_loads_in_the_service_with_the_exporters_index(tmp_path
     assert bundle.index_type == expected_type and bundle.item_encoder is None
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["model"]["config"]["generator_version"] == GENERATOR_VERSION
-    assert all(sha256_file(path / name) == digest for name, digest in manifest["files"].items())
+    assert all(bf.file_sha256(path / name) == digest for name, digest in manifest["files"].items())
     if index == "approximate":
         assert manifest["index"]["recall_at_20"] >= 0.95
         assert manifest["index"]["recall_queries"] == {"from": "user_vectors", "count": 600}

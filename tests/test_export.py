@@ -14,7 +14,7 @@ from synthetic_datasets import multimodal_dataset
 
 import bundle_format as bf
 from training.data.dataset import InteractionDataset
-from training.export.bundle import ExportConfig, export_run, sha256_file
+from training.export.bundle import ExportConfig, export_run
 from training.export.ridge import fit_ridge_map
 from training.fit.trainer import TrainConfig, train
 from training.runs import load_run
@@ -43,7 +43,7 @@ def test_export_manifest_lists_every_file_with_its_sha256(exported: tuple[str, P
     on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
     for name, digest in manifest["files"].items():
-        assert sha256_file(bundle / name) == digest, name
+        assert bf.file_sha256(bundle / name) == digest, name
 
 
 def test_export_item_vectors_equal_model_representations(exported: tuple[str, Path, Path]) -> None:

@@ -21,13 +21,13 @@ from models.r2mr import (
     LOW_QUALITY,
     R2MR,
     VectorQuantizer,
+    content_ridge_map,
     edge_pattern,
     projection_to_dimension,
     quality_states,
     review_scores,
-    ridge_fit,
 )
-from training.export.bundle import export_item_encoder
+from training.export.onnx_export import export_item_encoder
 
 N_USERS, N_ITEMS = 30, 40
 TINY: dict[str, Any] = {
@@ -257,11 +257,12 @@ def test_rewriter_fit_lowers_the_reconstruction_error() -> None:
     assert last < 0.7 * first
 
 
-def test_ridge_fit_recovers_a_linear_map() -> None:
+def test_content_ridge_map_recovers_a_linear_map() -> None:
     rng = np.random.default_rng(5)
     x = np.concatenate([rng.normal(size=(200, 6)), np.ones((200, 1))], axis=1)
     w = rng.normal(size=(7, 3))
-    fitted = ridge_fit(torch.from_numpy(x).float(), torch.from_numpy(x @ w).float())
+    fitted = content_ridge_map(torch.from_numpy(x).float(), torch.from_numpy(x @ w).float())
+    assert fitted.dtype == torch.float32
     np.testing.assert_allclose(fitted.numpy(), w, atol=2e-2)
 
 

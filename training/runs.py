@@ -8,7 +8,8 @@
         <kind>_report.json  reports written into the run by an experiment (QARM: qarm_report.json)
 
 This module is the only code that knows these names: the trainer writes a run with :func:`write_run`, readers
-use :func:`read_metrics`, :func:`read_config`, :func:`finished_runs`, :func:`load_run`.
+use :func:`read_metrics`, :func:`read_config`, :func:`run_directories`, :func:`load_run`. Torch is imported only
+by the functions that save or load a checkpoint, so reading results (tables, reports) needs no torch.
 """
 
 from __future__ import annotations
@@ -17,14 +18,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from models import build_model
-from models.base import ModelInputs, Recommender
 from training.data.dataset import InteractionDataset
-from training.data.inputs import model_inputs
+
+if TYPE_CHECKING:
+    from models.base import ModelInputs, Recommender
 
 CHECKPOINT_FORMAT = 1
 CONFIG_FILE = "config.json"
@@ -116,6 +115,8 @@ def read_report(run_dir: Path, kind: str) -> dict[str, Any]:
 
 def save_checkpoint(path: Path, *, model_name: str, model_config: dict[str, Any], state: dict[str, Any],
                     dataset_dir: Path, train_config: dict[str, Any]) -> None:  # fmt: skip
+    import torch
+
     torch.save(
         {
             "format": CHECKPOINT_FORMAT,
@@ -127,6 +128,20 @@ def save_checkpoint(path: Path, *, model_name: str, model_config: dict[str, Any]
         },
         path,
     )
+
+
+def read_checkpoint(run_dir: Path, *, reader: str = "") -> dict[str, Any]:
+    """The run's checkpoint (on the CPU), checked to exist and to be of CHECKPOINT_FORMAT; ``reader`` prefixes the
+    error messages (``"init_from: "``)."""
+    import torch
+
+    path = run_dir / CHECKPOINT_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{reader}{run_dir} has no {CHECKPOINT_FILE}: is it a finished training run?")
+    checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{reader}{path}: checkpoint format {checkpoint.get('format')}, expected {CHECKPOINT_FORMAT}")
+    return checkpoint
 
 
 @dataclass(frozen=True)
@@ -142,12 +157,10 @@ class LoadedRun:
 
 def load_run(run_dir: Path, *, dataset_dir: Path | None = None) -> LoadedRun:
     """Rebuild the best model of a run from its checkpoint (config included) and its prepared dataset."""
-    checkpoint_path = run_dir / CHECKPOINT_FILE
-    if not checkpoint_path.exists():
-        raise FileNotFoundError(f"{run_dir} has no {CHECKPOINT_FILE}: is it a finished training run?")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{checkpoint_path}: checkpoint format {checkpoint.get('format')}, expected {CHECKPOINT_FORMAT}")
+    from models import build_model
+    from training.data.inputs import model_inputs
+
+    checkpoint = read_checkpoint(run_dir)
     dataset = InteractionDataset.load(dataset_dir or Path(checkpoint["dataset_dir"]))
     inputs = model_inputs(dataset)
     model = build_model(checkpoint["model"], inputs, checkpoint["model_config"])
@@ -170,10 +183,7 @@ def initialise_from_run(model: Recommender, run_dir: Path, *, model_name: str) -
     Parameters the earlier run did not have (the fine-tuning stage's ID embeddings) keep their fresh
     initialisation and are returned by name; a parameter the model does not have, or of another shape, fails.
     """
-    checkpoint_path = run_dir / CHECKPOINT_FILE
-    if not checkpoint_path.exists():
-        raise FileNotFoundError(f"init_from: {run_dir} has no {CHECKPOINT_FILE}")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(run_dir, reader="init_from: ")
     if checkpoint.get("model") != model_name:
         raise ValueError(f"init_from: {run_dir} is a run of {checkpoint.get('model')!r}, not of {model_name!r}")
     result = model.load_state_dict(checkpoint["state_dict"], strict=False)

@@ -38,6 +38,8 @@ from numpy.typing import NDArray
 from PIL import Image
 from torch import nn
 
+from training.device import resolve_device
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
@@ -75,13 +77,6 @@ def encoder_kind(encoder: str) -> EncoderKind | None:
 
 class UnreadableImageError(ValueError):
     """The bytes are not an image PIL can decode."""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def text_model_dir() -> Path:

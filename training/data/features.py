@@ -38,7 +38,7 @@ BatchT = TypeVar("BatchT")
 PreparedT = TypeVar("PreparedT")
 
 
-class ContentEncoder(Protocol[BatchT_contra]):
+class FeatureEncoder(Protocol[BatchT_contra]):
     """What :func:`encode_texts` and :func:`encode_images` need from an encoder.
 
     ``version`` names everything that changes the output (weights, pooling, preprocessing): it is part of the
@@ -86,7 +86,7 @@ class _Missing(Exception):
 def encode_texts(
     texts: Sequence[str | None],
     *,
-    encoder: ContentEncoder[Sequence[str]],
+    encoder: FeatureEncoder[Sequence[str]],
     cache: FeatureCache | None = None,
     batch_size: int = 64,
     progress: bool = True,
@@ -120,7 +120,7 @@ def encode_texts(
 def encode_images(
     images: Sequence[Path | None],
     *,
-    encoder: ContentEncoder[NDArray[np.float32]],
+    encoder: FeatureEncoder[NDArray[np.float32]],
     cache: FeatureCache | None = None,
     batch_size: int = 64,
     progress: bool = True,
@@ -169,7 +169,7 @@ def _encode(
     contents: list[bytes | None],
     reasons: dict[int, str],
     *,
-    encoder: ContentEncoder[BatchT],
+    encoder: FeatureEncoder[BatchT],
     prepare: Callable[[bytes], PreparedT],
     collate: Callable[[list[PreparedT]], BatchT],
     sort_by_length: bool,
@@ -185,30 +185,9 @@ def _encode(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n, dim = len(contents), encoder.dim
-    features = np.zeros((n, dim), dtype=np.float32)
-    present = np.zeros(n, dtype=bool)
-
-    rows_of_key: dict[str, list[int]] = {}
-    content_of_key: dict[str, bytes] = {}
-    for i, content in enumerate(contents):
-        if content is None:
-            continue
-        key = feature_key(encoder.version, content)
-        rows_of_key.setdefault(key, []).append(i)
-        content_of_key.setdefault(key, content)
-
-    hits = cache.get_many(rows_of_key) if cache is not None else {}
-    n_cache_hits = 0
-    for key, vector in hits.items():
-        if vector.shape != (dim,):
-            logger.warning("ignoring cached %s vector of shape %s, not (%d,)", description, vector.shape, dim)
-            continue
-        rows = rows_of_key.pop(key)
-        features[rows] = vector
-        present[rows] = True
-        n_cache_hits += len(rows)
-
+    table = _FeatureTable.empty(len(contents), encoder.dim, description)
+    rows_of_key, content_of_key = _keyed_contents(contents, encoder.version)
+    n_cache_hits = table.fill_from_cache(rows_of_key, cache)
     misses = list(rows_of_key)
     if sort_by_length:
         misses.sort(key=lambda k: len(content_of_key[k]))
@@ -222,36 +201,87 @@ def _encode(
                     batch_inputs.append(prepare(content_of_key[key]))
                     batch_keys.append(key)
                 except _Missing as missing:
-                    for row in rows_of_key[key]:
-                        reasons[row] = missing.reason
+                    reasons.update(dict.fromkeys(rows_of_key[key], missing.reason))
             if batch_keys:
-                vectors = np.asarray(encoder.encode(collate(batch_inputs)), dtype=np.float32)
-                if vectors.shape != (len(batch_keys), dim):
-                    raise ValueError(
-                        f"{description} encoder returned shape {vectors.shape}, expected {(len(batch_keys), dim)}"
-                    )
-                for key, vector in zip(batch_keys, vectors, strict=True):
-                    features[rows_of_key[key]] = vector
-                    present[rows_of_key[key]] = True
+                vectors = table.put_encoded(batch_keys, encoder.encode(collate(batch_inputs)), rows_of_key)
                 if cache is not None:
                     cache.put_many(dict(zip(batch_keys, vectors, strict=True)))
                 n_encoded += len(batch_keys)
             bar.update(min(batch_size, len(misses) - start))
+    return table.result(reasons, n_cache_hits=n_cache_hits, n_encoded=n_encoded)
 
-    n_missing_reasons = dict(Counter(reasons.values()))
-    logger.info(
-        "%s features: %d rows, %d present (%d from cache, %d encoded), missing %s",
-        description,
-        n,
-        int(present.sum()),
-        n_cache_hits,
-        n_encoded,
-        n_missing_reasons or "none",
-    )
-    return ModalityFeatures(
-        features=features,
-        present=present,
-        n_missing_reasons=n_missing_reasons,
-        n_cache_hits=n_cache_hits,
-        n_encoded=n_encoded,
-    )
+
+def _keyed_contents(contents: list[bytes | None], version: str) -> tuple[dict[str, list[int]], dict[str, bytes]]:
+    """Cache key → the rows holding that content, and key → the content (each distinct content once)."""
+    rows_of_key: dict[str, list[int]] = {}
+    content_of_key: dict[str, bytes] = {}
+    for i, content in enumerate(contents):
+        if content is None:
+            continue
+        key = feature_key(version, content)
+        rows_of_key.setdefault(key, []).append(i)
+        content_of_key.setdefault(key, content)
+    return rows_of_key, content_of_key
+
+
+@dataclass(frozen=True, eq=False)
+class _FeatureTable:
+    """The (n, dim) features being filled, row i for input i, and which rows are present."""
+
+    features: NDArray[np.float32]
+    present: NDArray[np.bool_]
+    description: str
+
+    @classmethod
+    def empty(cls, n: int, dim: int, description: str) -> _FeatureTable:
+        return cls(np.zeros((n, dim), dtype=np.float32), np.zeros(n, dtype=bool), description)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def fill_from_cache(self, rows_of_key: dict[str, list[int]], cache: FeatureCache | None) -> int:
+        """Fill the rows of every cached key (taken out of ``rows_of_key``); returns the number of rows filled."""
+        hits = cache.get_many(rows_of_key) if cache is not None else {}
+        filled = 0
+        for key, vector in hits.items():
+            if vector.shape != (self.dim,):
+                logger.warning("ignoring cached %s vector of shape %s, not (%d,)", self.description, vector.shape, self.dim)
+                continue
+            rows = rows_of_key.pop(key)
+            self.features[rows] = vector
+            self.present[rows] = True
+            filled += len(rows)
+        return filled
+
+    def put_encoded(self, keys: list[str], encoded: NDArray[np.float32], rows_of_key: dict[str, list[int]]
+                    ) -> NDArray[np.float32]:  # fmt: skip
+        """Fill the rows of ``keys`` from the encoder's output (checked to be (len(keys), dim)); returns it."""
+        vectors = np.asarray(encoded, dtype=np.float32)
+        if vectors.shape != (len(keys), self.dim):
+            raise ValueError(
+                f"{self.description} encoder returned shape {vectors.shape}, expected {(len(keys), self.dim)}"
+            )
+        for key, vector in zip(keys, vectors, strict=True):
+            self.features[rows_of_key[key]] = vector
+            self.present[rows_of_key[key]] = True
+        return vectors
+
+    def result(self, reasons: dict[int, str], *, n_cache_hits: int, n_encoded: int) -> ModalityFeatures:
+        n_missing_reasons = dict(Counter(reasons.values()))
+        logger.info(
+            "%s features: %d rows, %d present (%d from cache, %d encoded), missing %s",
+            self.description,
+            self.present.size,
+            int(self.present.sum()),
+            n_cache_hits,
+            n_encoded,
+            n_missing_reasons or "none",
+        )
+        return ModalityFeatures(
+            features=self.features,
+            present=self.present,
+            n_missing_reasons=n_missing_reasons,
+            n_cache_hits=n_cache_hits,
+            n_encoded=n_encoded,
+        )

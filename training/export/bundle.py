@@ -4,6 +4,10 @@ The bundle holds the model's item vectors in a FAISS index keyed by row, its use
 user histories, the raw content features of trained items, an ONNX item encoder (content → item vector) and the
 ONNX modality encoders (MiniLM, EfficientNet-Lite0) so the service can turn raw text and images of NEW items into
 item vectors. Models without their own content encoder (ID models) get the ridge map of ``training.export.ridge``.
+
+The writer is a list of steps (:data:`BUNDLE_STEPS`): each writes its artefacts into the staging directory and
+returns the manifest fields it describes. Adding an artefact to the bundle is adding a step; the manifest's common
+fields (format, version, model, dataset, metrics, files) are written last, by :func:`export_run`.
 """
 
 from __future__ import annotations
@@ -12,20 +16,22 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 import bundle_format as bf
-from models.base import ContentEncoder, UserTower
+from models.base import ContentEncoder, Representations
 from models.config import config_to_dict
-from training.data.dataset import TEST, InteractionDataset
+from training.data.dataset import TEST
 from training.export.item_index import IndexConfig, build_index
 from training.export.ridge import fit_ridge_map
+from training.export.staging import publish_bundle, staged_file_hashes
 from training.runs import LoadedRun, load_run
 
 
@@ -36,202 +42,223 @@ class ExportConfig:
     ridge_holdout: float = 0.1  # share of trained items held out to choose the ridge strength
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class StagedBundle:
+    """A bundle being written into ``staging``: the run, what the steps share (vectors, the content encoder)."""
+
+    def __init__(self, run: LoadedRun, staging: Path, config: ExportConfig) -> None:
+        self.run, self.staging, self.config = run, staging, config
+        self.dataset, self.model = run.dataset, run.model
+        with torch.no_grad():
+            self.representations: Representations = self.model.representations()
+            self.item_vectors = self.representations.items.detach().float().cpu().numpy()  # (I, d)
+            users = self.representations.users
+            self.user_vectors = None if users is None else users.detach().float().cpu().numpy()  # (U, d)
+
+    @cached_property
+    def native_encoder(self) -> ContentEncoder | None:
+        """The model's own content encoder (built once: R2MR's fits its ridge heads when built)."""
+        return self.model.content_encoder() if self.dataset.modalities else None
+
+    @property
+    def extra_output_labels(self) -> dict[str, list[str]]:
+        native = self.native_encoder
+        return {} if native is None else {field: list(names) for field, names in native.extra_output_labels.items()}
 
 
-def staged_file_hashes(staging: Path) -> dict[str, str]:
-    """The manifest's ``files``: every file of a bundle being written, by relative path, to its sha256."""
-    return {p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+BundleStep = Callable[[StagedBundle], Mapping[str, Any]]  # writes its files, returns its manifest fields
 
 
-def publish_bundle(staging: Path, out: Path, manifest: dict[str, Any]) -> Path:
-    """Write the manifest last and move the finished bundle to ``out`` (replacing one there): a reader never
-    sees a half-written bundle at ``out``."""
-    (staging / bf.MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out
+def write_vectors(bundle: StagedBundle) -> Mapping[str, Any]:
+    np.save(bundle.staging / bf.ITEM_VECTORS, bundle.item_vectors)
+    if bundle.user_vectors is not None:
+        np.save(bundle.staging / bf.USER_VECTORS, bundle.user_vectors)
+    return {"dim": int(bundle.item_vectors.shape[1])}
 
 
-def export_item_encoder(encoder: ContentEncoder, dims: dict[str, int], path: Path) -> list[dict[str, Any]]:
-    """Write the item encoder as ONNX with inputs ``<modality>`` (N, d) and ``<modality>_mask`` (N, 1)."""
-    from training.export.onnx_export import export_onnx
-
-    names: list[str] = []
-    example: list[torch.Tensor] = []
-    spec: list[dict[str, Any]] = []
-    batch = torch.export.Dim("batch", min=1)
-    for modality in encoder.modality_names:
-        names += [modality, f"{modality}_mask"]
-        example += [torch.zeros(2, dims[modality]), torch.ones(2, 1)]
-        spec += [{"name": modality, "modality": modality, "dim": dims[modality]},
-                 {"name": f"{modality}_mask", "modality": modality, "mask": True}]  # fmt: skip
-    export_onnx(_PositionalInputs(encoder, names).eval(), tuple(example), path, input_names=names,
-                output_name="item_vector", extra_output_names=tuple(encoder.extra_output_names),
-                dynamic_shapes={"tensors": tuple({0: batch} for _ in names)})  # fmt: skip
-    return spec
+def write_ids(bundle: StagedBundle) -> Mapping[str, Any]:
+    (bundle.staging / bf.ITEM_IDS).write_text(json.dumps(bundle.dataset.item_ids))
+    (bundle.staging / bf.USER_IDS).write_text(json.dumps(bundle.dataset.user_ids))
+    return {}
 
 
-def export_user_tower(tower: UserTower, dim: int, path: Path) -> dict[str, Any]:
-    """Write a sequence model's user tower as ONNX, ``item_vectors`` (B, max_length, dim) and ``mask``
-    (B, max_length) float32 → ``user_vector`` (B, dim); returns the manifest's ``user_tower`` entry."""
-    from training.export.onnx_export import export_onnx
-
-    length = tower.max_length
-    vectors = torch.randn(2, length, dim, generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(2, length)
-    mask[0, : length - 1] = 0.0  # a left-padded history of one item, and a full one
-    batch = torch.export.Dim("batch", min=1)
-    export_onnx(tower.eval(), (vectors * mask[..., None], mask), path, input_names=["item_vectors", "mask"],
-                output_name="user_vector", dynamic_shapes={"item_vectors": {0: batch}, "mask": {0: batch}})  # fmt: skip
-    return {"onnx": path.name, "max_length": length, "inputs": {"item_vectors": "item_vectors", "mask": "mask"},
-            "output": "user_vector"}  # fmt: skip
-
-
-class _PositionalInputs(nn.Module):
-    """Gives the exporter named positional arguments (the encoder takes *args)."""
-
-    def __init__(self, encoder: ContentEncoder, names: list[str]) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.names = names
-
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        outputs: torch.Tensor | tuple[torch.Tensor, ...] = self.encoder(*tensors)
-        return outputs
-
-
-def _modality_encoder_entries(dataset: InteractionDataset, out: Path, config: ExportConfig) -> dict[str, Any]:
-    """Manifest "modalities": dims of every modality, plus the ONNX encoder of a modality whose features came from
-    one of the pretrained encoders (recognised by the encoder named in the prepared dataset, not by dimension)."""
-    entries: dict[str, Any] = {}
-    for name, m in sorted(dataset.modalities.items()):
-        entry: dict[str, Any] = {"dim": m.dim, "encoder": m.encoder}
-        if config.include_modality_encoders:
-            from training.data.encoders import encoder_kind
-
-            kind = encoder_kind(m.encoder)
-            if kind == bf.TEXT:
-                from training.export.onnx_export import export_text_encoder
-
-                entry = {**export_text_encoder(out), "encoder": m.encoder}
-            elif kind == bf.IMAGE:
-                from training.export.onnx_export import export_image_encoder
-
-                entry = {**export_image_encoder(out), "encoder": m.encoder}
-        entries[name] = entry
-    return entries
-
-
-def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(), run: LoadedRun | None = None) -> Path:
-    """Write the bundle of ``run_dir`` into ``out`` (replaced if it exists). Returns ``out``."""
-    import faiss
-
-    run = run or load_run(run_dir)
-    dataset, model = run.dataset, run.model
-    with torch.no_grad():
-        reps = model.representations()
-        item_vectors = reps.items.detach().float().cpu().numpy()
-        user_vectors = None if reps.users is None else reps.users.detach().float().cpu().numpy()
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / bf.ITEM_FEATURES_DIR).mkdir(parents=True)
-
-    np.save(staging / bf.ITEM_VECTORS, item_vectors)
-    if user_vectors is not None:
-        np.save(staging / bf.USER_VECTORS, user_vectors)
-    (staging / bf.ITEM_IDS).write_text(json.dumps(dataset.item_ids))
-    (staging / bf.USER_IDS).write_text(json.dumps(dataset.user_ids))
-    np.save(staging / bf.POPULARITY,
+def write_popularity(bundle: StagedBundle) -> Mapping[str, Any]:
+    """Training interactions per item: the unknown user's fallback ranking."""
+    dataset = bundle.dataset
+    np.save(bundle.staging / bf.POPULARITY,
             np.bincount(dataset.edges(0)[1], minlength=dataset.n_items).astype(np.float32))  # fmt: skip
-    tower = model.user_tower()
-    if tower is None:
-        history = dataset.matrix(0) + dataset.matrix(1) + dataset.matrix(2)  # serving excludes everything seen
-        history = history.tocsr()
+    return {}
+
+
+def write_user_history(bundle: StagedBundle) -> Mapping[str, Any]:
+    """Each user's item rows as a CSR: everything seen (serving excludes it), or for a model with a user tower the
+    interactions in time order, oldest first, repeats kept (what the tower reads)."""
+    dataset = bundle.dataset
+    if bundle.model.user_tower() is None:
+        history = (dataset.matrix(0) + dataset.matrix(1) + dataset.matrix(2)).tocsr()
         history.sort_indices()
         indptr, indices = history.indptr, history.indices
-    else:  # the user tower reads each user's interactions in time order, oldest first (repeats kept)
+    else:
         sequences = dataset.chronological_history(through=TEST)
         indptr = np.concatenate([[0], np.cumsum([s.size for s in sequences])])
         indices = np.concatenate([*sequences, np.zeros(0, dtype=np.int64)])
-    np.savez(staging / bf.USER_HISTORY,
+    np.savez(bundle.staging / bf.USER_HISTORY,
              **{bf.HISTORY_INDPTR: indptr.astype(np.int64), bf.HISTORY_INDICES: indices.astype(np.int64)})  # fmt: skip
-    native = model.content_encoder() if dataset.modalities else None
-    labels = {} if native is None else {field: list(names) for field, names in native.extra_output_labels.items()}
+    return {}
+
+
+def write_item_metadata(bundle: StagedBundle) -> Mapping[str, Any]:
+    """One JSON line per item: id, text and the model's per-item extras (codes of named categories as labels)."""
+    labels = bundle.extra_output_labels
     with torch.no_grad():
-        extras = {name: values.detach().cpu().numpy().tolist() for name, values in model.item_extras().items()}
-    for field, names in labels.items():  # codes of named categories are stored as their labels, as served
+        extras = {name: values.detach().cpu().numpy().tolist() for name, values in bundle.model.item_extras().items()}
+    for field, names in labels.items():
         extras[field] = [names[int(code)] for code in extras[field]]
-    with (staging / bf.ITEM_METADATA).open("w") as f:
+    dataset = bundle.dataset
+    with (bundle.staging / bf.ITEM_METADATA).open("w") as f:
         for row, (item_id, text) in enumerate(zip(dataset.item_ids, dataset.item_text, strict=True)):
             f.write(json.dumps({"id": item_id, "text": text, **{k: v[row] for k, v in extras.items()}}) + "\n")
+    return {}
+
+
+def write_bundle_sections(bundle: StagedBundle) -> Mapping[str, Any]:
+    """The model's own sections (QARM's codebooks): arrays under ``<section>/``, a manifest field each."""
     sections: dict[str, Any] = {}
-    for section in model.bundle_sections():
+    for section in bundle.model.bundle_sections():
         if section.name in bf.MANIFEST_FIELDS:
             raise ValueError(f"bundle section {section.name!r} would overwrite a manifest field")
-        (staging / section.name).mkdir()
+        (bundle.staging / section.name).mkdir()
         paths = {}
         for key, array in section.arrays.items():
             paths[key] = bf.section_array_file(section.name, key)
-            np.save(staging / paths[key], array.detach().cpu().numpy())
+            np.save(bundle.staging / paths[key], array.detach().cpu().numpy())
         sections[section.name] = {**section.description, "arrays": paths}
-    for name, m in dataset.modalities.items():
-        np.save(staging / bf.item_features_file(name), m.features.astype(np.float32))
-        np.save(staging / bf.item_features_mask_file(name), m.present.astype(bool))
-    index, index_info = build_index(item_vectors, config.index, user_vectors=user_vectors)
-    faiss.write_index(index, str(staging / bf.ITEM_INDEX))
+    return sections
 
-    item_encoder: dict[str, Any] | None = None
-    modalities: dict[str, Any] = {}
-    if dataset.modalities:
-        ridge_report: dict[str, Any] = {}
-        if native is None:
-            native, ridge_report = fit_ridge_map(dataset, item_vectors, holdout=config.ridge_holdout)
-        native.eval()
-        dims = {name: m.dim for name, m in dataset.modalities.items()}
-        inputs = export_item_encoder(native, dims, staging / bf.ITEM_ENCODER)
-        item_encoder = {
-            "onnx": bf.ITEM_ENCODER,
-            "method": "ridge-map" if ridge_report else "native",
-            "inputs": inputs,
-            "outputs": {"item_vector": "item_vector"},
-            "extra_outputs": {name: name for name in native.extra_output_names},
-            **({"extra_output_labels": labels} if labels else {}),
-            **({"fit": ridge_report} if ridge_report else {}),
-        }
-        modalities = _modality_encoder_entries(dataset, staging, config)
 
-    user_tower = None if tower is None else export_user_tower(tower, item_vectors.shape[1], staging / bf.USER_TOWER)
+def write_item_features(bundle: StagedBundle) -> Mapping[str, Any]:
+    """The trained items' raw features and presence masks per modality (what the item encoder reads)."""
+    for name, m in bundle.dataset.modalities.items():
+        np.save(bundle.staging / bf.item_features_file(name), m.features.astype(np.float32))
+        np.save(bundle.staging / bf.item_features_mask_file(name), m.present.astype(bool))
+    return {}
 
+
+def write_item_index(bundle: StagedBundle) -> Mapping[str, Any]:
+    import faiss
+
+    index, index_info = build_index(bundle.item_vectors, bundle.config.index, user_vectors=bundle.user_vectors)
+    faiss.write_index(index, str(bundle.staging / bf.ITEM_INDEX))
+    return {"index": index_info}
+
+
+def write_item_encoder(bundle: StagedBundle) -> Mapping[str, Any]:
+    """The ONNX item encoder: the model's own, or for an ID model the ridge map fitted here. None without content."""
+    dataset = bundle.dataset
+    if not dataset.modalities:
+        return {"item_encoder": None}
+    from training.export.onnx_export import export_item_encoder
+
+    encoder = bundle.native_encoder
+    ridge_report: dict[str, Any] = {}
+    if encoder is None:
+        encoder, ridge_report = fit_ridge_map(dataset, bundle.item_vectors, holdout=bundle.config.ridge_holdout)
+    encoder.eval()
+    dims = {name: m.dim for name, m in dataset.modalities.items()}
+    inputs = export_item_encoder(encoder, dims, bundle.staging / bf.ITEM_ENCODER)
+    labels = bundle.extra_output_labels
+    return {"item_encoder": {
+        "onnx": bf.ITEM_ENCODER,
+        "method": "ridge-map" if ridge_report else "native",
+        "inputs": inputs,
+        "outputs": {"item_vector": "item_vector"},
+        "extra_outputs": {name: name for name in encoder.extra_output_names},
+        **({"extra_output_labels": labels} if labels else {}),
+        **({"fit": ridge_report} if ridge_report else {}),
+    }}  # fmt: skip
+
+
+def write_modality_encoders(bundle: StagedBundle) -> Mapping[str, Any]:
+    """Manifest "modalities": dims of every modality, plus the ONNX encoder of a modality whose features came from
+    one of the pretrained encoders (recognised by the encoder named in the prepared dataset, not by dimension)."""
+    entries: dict[str, Any] = {}
+    if not bundle.dataset.modalities:
+        return {"modalities": entries}
+    from training.data.encoders import encoder_kind
+
+    for name, m in sorted(bundle.dataset.modalities.items()):
+        entry: dict[str, Any] = {"dim": m.dim, "encoder": m.encoder}
+        kind = encoder_kind(m.encoder) if bundle.config.include_modality_encoders else None
+        if kind == bf.TEXT:
+            from training.export.onnx_export import export_text_encoder
+
+            entry = {**export_text_encoder(bundle.staging), "encoder": m.encoder}
+        elif kind == bf.IMAGE:
+            from training.export.onnx_export import export_image_encoder
+
+            entry = {**export_image_encoder(bundle.staging), "encoder": m.encoder}
+        entries[name] = entry
+    return {"modalities": entries}
+
+
+def write_user_tower(bundle: StagedBundle) -> Mapping[str, Any]:
+    """A sequence model's ONNX user tower; None for a model with a user table."""
+    tower = bundle.model.user_tower()
+    if tower is None:
+        return {"user_tower": None}
+    from training.export.onnx_export import export_user_tower
+
+    return {"user_tower": export_user_tower(tower, bundle.item_vectors.shape[1], bundle.staging / bf.USER_TOWER)}
+
+
+BUNDLE_STEPS: tuple[BundleStep, ...] = (
+    write_vectors,
+    write_ids,
+    write_popularity,
+    write_user_history,
+    write_item_metadata,
+    write_bundle_sections,
+    write_item_features,
+    write_item_index,
+    write_item_encoder,
+    write_modality_encoders,
+    write_user_tower,
+)
+
+
+def common_manifest_fields(bundle: StagedBundle, files: Mapping[str, str], run_dir: Path) -> dict[str, Any]:
+    """What every manifest says whatever the steps wrote: format, a version naming the content, model, dataset,
+    metrics of the run."""
+    run, dataset, model = bundle.run, bundle.dataset, bundle.model
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    files = staged_file_hashes(staging)
     content_hash = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]
     metrics = run.metrics
-    manifest = {
+    return {
         "format": bf.FORMAT,
         "format_version": bf.FORMAT_VERSION,
         "bundle_version": f"{run.model_name}-{dataset.name}-{created.replace('-', '').replace(':', '')}-{content_hash}",
         "created": created,
-        "model": {"name": run.model_name, "kind": "sequential" if reps.users is None else "collaborative",
+        "model": {"name": run.model_name,
+                  "kind": "sequential" if bundle.representations.users is None else "collaborative",
                   "config": config_to_dict(model.config) if hasattr(model, "config") else {}},  # fmt: skip
         "dataset": {"name": dataset.name, "split": dataset.split_name, "n_users": dataset.n_users,
                     "n_items": dataset.n_items},  # fmt: skip
-        "dim": int(item_vectors.shape[1]),
         "score": bf.SCORE,
-        "index": index_info,
-        "modalities": modalities,
-        "item_encoder": item_encoder,
-        "user_tower": user_tower,
         "fallback": {"unknown_user": bf.FALLBACK_UNKNOWN_USER},
         "metrics": {"valid": metrics.get("valid", {}), "test": metrics.get("test", {}),
                     "best_epoch": metrics.get("best_epoch"), "run_dir": str(run_dir)},  # fmt: skip
-        **sections,
-        "files": files,
     }
+
+
+def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(), run: LoadedRun | None = None,
+               steps: tuple[BundleStep, ...] = BUNDLE_STEPS) -> Path:  # fmt: skip
+    """Write the bundle of ``run_dir`` into ``out`` (replaced if it exists), one step per artefact. Returns ``out``."""
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / bf.ITEM_FEATURES_DIR).mkdir(parents=True)
+    bundle = StagedBundle(run or load_run(run_dir), staging, config)
+    described: dict[str, Any] = {}
+    for step in steps:
+        described.update(step(bundle))
+    files = staged_file_hashes(staging)
+    manifest = {**common_manifest_fields(bundle, files, run_dir), **described, "files": files}
     return publish_bundle(staging, out, manifest)

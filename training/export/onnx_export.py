@@ -1,4 +1,5 @@
-"""ONNX export of the item content encoders, with their manifest entries (docs/bundle-format.md, "modalities").
+"""ONNX export: the item content encoders with their manifest entries (docs/bundle-format.md, "modalities"), and
+the model's own item encoder and user tower.
 
 The graphs are made by the torch.export-based exporter (``torch.onnx.export(..., dynamo=True)``, opset 18), with
 weights inside the ``.onnx`` file (no external data): the bundle lists one file per encoder.
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 import bundle_format as bf
+from models.base import ContentEncoder, UserTower
 from training.data.encoders import (
     IMAGE_MEAN,
     IMAGE_RESIZE,
@@ -78,6 +80,16 @@ def export_onnx(
         )
 
 
+def _export_modality_encoder(encoder: TextEncoder | ImageEncoder, kind: bf.EncoderKind, example: tuple[torch.Tensor, ...],
+                             path: Path, *, inputs: list[str], output: str, dynamic_shapes: dict[str, Any],
+                             ) -> dict[str, Any]:  # fmt: skip
+    """Export a pretrained encoder's module; returns what a modality entry says of every shipped encoder: dim,
+    name, kind, graph file, input and output names."""
+    export_onnx(encoder.module, example, path, input_names=inputs, output_name=output, dynamic_shapes=dynamic_shapes)
+    return {"dim": encoder.dim, "encoder": encoder.name, "encoder_kind": kind, "encoder_onnx": path.name,
+            "onnx_inputs": inputs, "onnx_output": output}  # fmt: skip
+
+
 def export_text_encoder(
     out_dir: str | os.PathLike[str], *, encoder: TextEncoder | None = None
 ) -> dict[str, Any]:
@@ -92,25 +104,13 @@ def export_text_encoder(
     input_ids, attention_mask = encoder.tokenize(["an example item text, long enough to pad", "short"])
     batch = torch.export.Dim("batch")
     tokens = torch.export.Dim("tokens", max=_BERT_MAX_POSITIONS)
-    export_onnx(
-        encoder.module,
-        (input_ids.to(encoder.device), attention_mask.to(encoder.device)),
-        out / bf.TEXT_ENCODER,
-        input_names=["input_ids", "attention_mask"],
-        output_name="sentence_embedding",
+    entry = _export_modality_encoder(
+        encoder, bf.TEXT, (input_ids.to(encoder.device), attention_mask.to(encoder.device)), out / bf.TEXT_ENCODER,
+        inputs=["input_ids", "attention_mask"], output="sentence_embedding",
         dynamic_shapes={"input_ids": {0: batch, 1: tokens}, "attention_mask": {0: batch, 1: tokens}},
-    )
+    )  # fmt: skip
     encoder.tokenizer.save(str(out / bf.TEXT_TOKENIZER))
-    return {
-        "dim": encoder.dim,
-        "encoder": encoder.name,
-        "encoder_kind": bf.TEXT,
-        "encoder_onnx": bf.TEXT_ENCODER,
-        "tokenizer": bf.TEXT_TOKENIZER,
-        "max_length": encoder.max_length,
-        "onnx_inputs": ["input_ids", "attention_mask"],
-        "onnx_output": "sentence_embedding",
-    }
+    return {**entry, "tokenizer": bf.TEXT_TOKENIZER, "max_length": encoder.max_length}
 
 
 def export_image_encoder(
@@ -124,23 +124,52 @@ def export_image_encoder(
     out.mkdir(parents=True, exist_ok=True)
     encoder = encoder if encoder is not None else ImageEncoder(device="cpu")
     example = torch.zeros((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32, device=encoder.device)
-    export_onnx(
-        encoder.module,
-        (example,),
-        out / bf.IMAGE_ENCODER,
-        input_names=["pixels"],
-        output_name="features",
-        dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}},
-    )
-    return {
-        "dim": encoder.dim,
-        "encoder": encoder.name,
-        "encoder_kind": bf.IMAGE,
-        "encoder_onnx": bf.IMAGE_ENCODER,
-        "size": IMAGE_SIZE,
-        "resize": IMAGE_RESIZE,
-        "mean": list(IMAGE_MEAN),
-        "std": list(IMAGE_STD),
-        "onnx_inputs": ["pixels"],
-        "onnx_output": "features",
-    }
+    entry = _export_modality_encoder(encoder, bf.IMAGE, (example,), out / bf.IMAGE_ENCODER, inputs=["pixels"],
+                                     output="features", dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}})  # fmt: skip
+    return {**entry, "size": IMAGE_SIZE, "resize": IMAGE_RESIZE, "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD)}
+
+
+# ------------------------------------------------------------------------- the model's item encoder, user tower
+class _PositionalInputs(nn.Module):
+    """Gives the exporter named positional arguments (the encoder takes *args)."""
+
+    def __init__(self, encoder: ContentEncoder, names: list[str]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.names = names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs: torch.Tensor | tuple[torch.Tensor, ...] = self.encoder(*tensors)
+        return outputs
+
+
+def export_item_encoder(encoder: ContentEncoder, dims: dict[str, int], path: Path) -> list[dict[str, Any]]:
+    """Write the item encoder as ONNX with inputs ``<modality>`` (N, d) and ``<modality>_mask`` (N, 1); returns the
+    manifest's ``item_encoder.inputs``."""
+    names: list[str] = []
+    example: list[torch.Tensor] = []
+    spec: list[dict[str, Any]] = []
+    batch = torch.export.Dim("batch", min=1)
+    for modality in encoder.modality_names:
+        names += [modality, f"{modality}_mask"]
+        example += [torch.zeros(2, dims[modality]), torch.ones(2, 1)]
+        spec += [{"name": modality, "modality": modality, "dim": dims[modality]},
+                 {"name": f"{modality}_mask", "modality": modality, "mask": True}]  # fmt: skip
+    export_onnx(_PositionalInputs(encoder, names).eval(), tuple(example), path, input_names=names,
+                output_name="item_vector", extra_output_names=tuple(encoder.extra_output_names),
+                dynamic_shapes={"tensors": tuple({0: batch} for _ in names)})  # fmt: skip
+    return spec
+
+
+def export_user_tower(tower: UserTower, dim: int, path: Path) -> dict[str, Any]:
+    """Write a sequence model's user tower as ONNX, ``item_vectors`` (B, max_length, dim) and ``mask``
+    (B, max_length) float32 → ``user_vector`` (B, dim); returns the manifest's ``user_tower`` entry."""
+    length = tower.max_length
+    vectors = torch.randn(2, length, dim, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, length)
+    mask[0, : length - 1] = 0.0  # a left-padded history of one item, and a full one
+    batch = torch.export.Dim("batch", min=1)
+    export_onnx(tower.eval(), (vectors * mask[..., None], mask), path, input_names=["item_vectors", "mask"],
+                output_name="user_vector", dynamic_shapes={"item_vectors": {0: batch}, "mask": {0: batch}})  # fmt: skip
+    return {"onnx": path.name, "max_length": length, "inputs": {"item_vectors": "item_vectors", "mask": "mask"},
+            "output": "user_vector"}  # fmt: skip

@@ -30,6 +30,7 @@ from models.base import Recommender
 from models.config import build_config, config_to_dict
 from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset
 from training.data.inputs import model_inputs
+from training.device import resolve_device
 from training.fit.evaluator import DEFAULT_TOPK, FullRankingEvaluator
 from training.fit.sampling import BPRSampler, SequenceSampler
 from training.runs import initialise_from_run, new_run_directory, write_run
@@ -67,14 +68,6 @@ class TrainResult:
     valid: dict[str, float]
     test: dict[str, float]
     model: Recommender
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    return torch.device(device)
 
 
 def seed_everything(seed: int) -> None:
