@@ -161,7 +161,8 @@ def qarm_command(
     recommender; with --cold-share, evaluate on items held out of training. Writes qarm_report.json in the run."""
     from models.config import build_config
     from training.config import preset, train_config
-    from training.experiments.qarm_pipeline import QARM_REPORT, AlignmentTrainConfig, PipelineConfig, run_qarm
+    from training.experiments.qarm_alignment import AlignmentTrainConfig
+    from training.experiments.qarm_pipeline import QARM_REPORT, PipelineConfig, run_qarm
     from training.runs import report_file
 
     settings = seeded_train_settings(train_set, seed)
@@ -189,9 +190,9 @@ def qarm_report_command(
     runs: Annotated[Path | None, typer.Option(help="Runs root (default: $MMREC_HOME/runs).")] = None,
 ) -> None:
     """Regenerate the QARM tables (warm, cold start, alignment, quantiser) from the runs' qarm_report.json."""
-    from training.experiments.qarm_pipeline import render_report
+    from training.experiments.reports import render_qarm_report
 
-    text = render_report(runs or default_paths().runs)
+    text = render_qarm_report(runs or default_paths().runs)
     out.write_text(text)
     typer.echo(text)
 
