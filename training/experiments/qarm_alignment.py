@@ -1,10 +1,12 @@
 """QARM's alignment (docs/qarm.md, step 3): the ``AlignmentHead`` on frozen encoder features, trained with CLIP's
-symmetric in-batch InfoNCE over mined (trigger, target) pairs; the epoch is chosen by held-out pair recall."""
+symmetric in-batch InfoNCE over mined (trigger, target) pairs by the project's ``Trainer`` loop; the epoch is chosen
+by held-out pair recall."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,7 +14,9 @@ import torch
 from models.base import ModelInputs
 from models.losses import in_batch_info_nce
 from models.qarm import AlignmentHead
+from training.config import TrainConfig
 from training.experiments.qarm_pairs import pair_recall
+from training.fit.trainer import Callback, Trainer
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,55 @@ class AlignmentResult:
     state: dict[str, torch.Tensor]
     best_epoch: int
     valid_recall: float
-    history: list[dict[str, float]]
+    history: list[dict[str, Any]]
+
+
+class ReportProgress(Callback):
+    """Each evaluation's held-out pair recall, as one line to ``progress``."""
+
+    def __init__(self, progress: Callable[[str], None]) -> None:
+        self.progress = progress
+
+    def on_evaluation(self, trainer: Trainer, entry: dict[str, Any]) -> None:
+        loss = "–" if entry["loss"] is None else f"{entry['loss']:.4f}"
+        metric, value = next(iter(entry["valid"].items()))
+        self.progress(f"alignment epoch {entry['epoch']}: loss {loss}, held-out {metric.replace('_', ' ')} {value:.4f}")
+
+
+class AlignmentTrainer(Trainer):
+    """The project's :class:`Trainer` loop on QARM's alignment: seeded shuffles of the mined pairs in batches, the
+    symmetric in-batch InfoNCE, held-out pair Recall@k as the validation metric that chooses the epoch."""
+
+    def __init__(self, head: AlignmentHead, content: list[torch.Tensor], train_pairs: np.ndarray,
+                 valid_pairs: np.ndarray, *, eligible: np.ndarray, config: AlignmentTrainConfig,
+                 callbacks: Sequence[Callback] = ()) -> None:  # fmt: skip
+        if valid_pairs.shape[0] == 0:
+            raise ValueError("no held-out pairs to choose the alignment epoch (raise valid_share or mine more pairs)")
+        self.generator = torch.Generator().manual_seed(config.seed)
+        torch.manual_seed(config.seed)
+        optimizer = torch.optim.Adam(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.metric = f"pair_recall@{config.eval_k}"
+        loop = TrainConfig(epochs=config.epochs, patience=config.patience, eval_every=1, select_metric=self.metric,
+                           seed=config.seed, progress=False)  # fmt: skip
+        super().__init__(head, optimizer, config=loop, callbacks=callbacks, name="alignment", show_progress=False)
+        self.head, self.content, self.align = head, content, config
+        self.train_pairs, self.valid_pairs, self.eligible = torch.from_numpy(train_pairs), valid_pairs, eligible
+
+    def batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        order = self.train_pairs[torch.randperm(self.train_pairs.shape[0], generator=self.generator)]
+        for start in range(0, order.shape[0], self.align.batch_size):
+            batch = order[start : start + self.align.batch_size]  # (B, 2)
+            if batch.shape[0] >= 2:  # an in-batch loss needs a negative
+                yield batch
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        unique, inverse = torch.unique(batch.reshape(-1), return_inverse=True)
+        z = self.head(*[t[unique] for t in self.content])[inverse.reshape(-1, 2)]  # (B, 2, d): each item encoded once
+        return symmetric_info_nce(z[:, 0], z[:, 1], batch[:, 0], batch[:, 1], temperature=self.align.temperature)
+
+    def validate(self) -> dict[str, float]:
+        embeddings = embed_items(self.head, self.content).numpy()
+        return {self.metric: pair_recall(embeddings, self.valid_pairs, eligible=self.eligible, k=self.align.eval_k)}
 
 
 def train_alignment(head: AlignmentHead, content: list[torch.Tensor], train_pairs: np.ndarray,
@@ -73,47 +125,10 @@ def train_alignment(head: AlignmentHead, content: list[torch.Tensor], train_pair
                     progress: Callable[[str], None] | None = None) -> AlignmentResult:  # fmt: skip
     """In-batch contrastive training of ``head`` on (trigger, target) pairs; the head is left at its best epoch
     by held-out pair Recall@k (epoch 0 = untrained)."""
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    optimizer = torch.optim.Adam(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    pairs = torch.from_numpy(train_pairs)
-
-    def evaluate() -> float:
-        return pair_recall(embed_items(head, content).numpy(), valid_pairs, eligible=eligible, k=config.eval_k)
-
-    def snapshot() -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in head.state_dict().items()}
-
-    best_epoch, best_recall, best_state = 0, evaluate(), snapshot()
-    history: list[dict[str, float]] = [{"epoch": 0, "valid_pair_recall": best_recall}]
-    stale = 0
-    for epoch in range(1, config.epochs + 1):
-        head.train()
-        order = pairs[torch.randperm(pairs.shape[0], generator=generator)]
-        total, batches = 0.0, 0
-        for start in range(0, order.shape[0], config.batch_size):
-            batch = order[start : start + config.batch_size]  # (B, 2)
-            if batch.shape[0] < 2:
-                continue
-            unique, inverse = torch.unique(batch.reshape(-1), return_inverse=True)
-            z = head(*[t[unique] for t in content])[inverse.reshape(-1, 2)]  # (B, 2, d): each item encoded once
-            loss = symmetric_info_nce(z[:, 0], z[:, 1], batch[:, 0], batch[:, 1], temperature=config.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            total += float(loss.detach())
-            batches += 1
-        recall = evaluate()
-        history.append({"epoch": epoch, "loss": total / max(batches, 1), "valid_pair_recall": recall})
-        if progress is not None:
-            progress(f"alignment epoch {epoch}: loss {total / max(batches, 1):.4f}, held-out pair recall@{config.eval_k} {recall:.4f}")
-        if recall > best_recall:
-            best_epoch, best_recall, best_state = epoch, recall, snapshot()
-            stale = 0
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    head.load_state_dict(best_state)
+    trainer = AlignmentTrainer(head, content, train_pairs, valid_pairs, eligible=eligible, config=config,
+                               callbacks=[ReportProgress(progress)] if progress is not None else [])  # fmt: skip
+    trainer.evaluate(0, None)  # the untrained head is a candidate too
+    best = trainer.fit()
     head.eval()
-    return AlignmentResult(state=best_state, best_epoch=best_epoch, valid_recall=best_recall, history=history)
+    assert best.state is not None
+    return AlignmentResult(state=best.state, best_epoch=best.epoch, valid_recall=best.score, history=trainer.history)
