@@ -218,3 +218,28 @@ def test_reports_on_the_same_split_merge_and_render_mean_and_sd() -> None:
     assert "| d (10 / 7) | VBPR | native | 2 | 0.3000 ± 0.1414 |" in table
     assert "| d (10 / 7) | R2MR | native | 1 | 0.5000 |" in table and "first\nsecond" in table
     assert merge_reports(report(0.2, {"vbpr": {"2024": row(0.2)}}, "a"), report(0.1, {}, "b"))["commands"] == ["b"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "vbpr", "--train", "epochs"], "'epochs': expected KEY=VALUE"),
+    (["--model", "vbpr", "--train", "epoch=3"], "epoch"),
+    (["--model", "nosuch"], "unknown model 'nosuch'"),
+    (["--model", "vbpr", "--dataset", "absent"], "'absent' is not a prepared dataset"),
+])  # fmt: skip
+def test_cold_start_command_refuses_bad_input_with_one_line_and_exit_2(
+        args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import typer
+    from typer.testing import CliRunner
+
+    from training.experiments.cold_start import main
+
+    dataset = multimodal_dataset()
+    dataset.save(tmp_path / "datasets" / dataset.name)
+    monkeypatch.setenv("MMREC_HOME", str(tmp_path))
+    app = typer.Typer()
+    app.command()(main)
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["--dataset", dataset.name, *args, "--out", str(out), "--doc", str(tmp_path / "c.md")])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())  # the message as one line, whatever the box width
+    assert message in text and not out.exists()  # nothing trained, nothing written
