@@ -243,3 +243,25 @@ def test_cold_start_command_refuses_bad_input_with_one_line_and_exit_2(
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.replace("│", " ").split())  # the message as one line, whatever the box width
     assert message in text and not out.exists()  # nothing trained, nothing written
+
+
+def test_every_model_runs_through_the_one_protocol_on_the_same_held_out_items(tmp_path: Path) -> None:
+    import json
+
+    from training.experiments.cold_start import run_cold_start
+
+    dataset = multimodal_dataset(n_users=60, n_items=80)
+    dataset.save(tmp_path / dataset.name)
+    saved: list[dict[str, Any]] = []
+    models = ["qarm", "lightgcn", "bpr", "vbpr", "r2mr"]
+    report = run_cold_start(tmp_path / dataset.name, models, share=0.2, split_seed=2024, seeds=[2024],
+                            train_settings={"epochs": "1", "topk": "5,10,20"}, echo=lambda _: None,
+                            save=lambda r: saved.append(json.loads(json.dumps(r))))  # fmt: skip
+    split = make_cold_split(dataset, share=0.2, seed=2024)
+    rows = {name: report["runs"][name]["2024"]["cold"] for name in models}
+    assert {name: row["encoder"] for name, row in rows.items()} == {
+        "qarm": "native", "lightgcn": "ridge-map", "bpr": "ridge-map", "vbpr": "native", "r2mr": "native"}  # fmt: skip
+    users = np.unique(dataset.user[np.isin(dataset.item, split.cold)]).size
+    assert {(row["n_cold_items"], row["n_users"]) for row in rows.values()} == {(split.cold.size, users)}
+    assert report["baselines"]["content similarity (raw features)"]["n_users"] == users
+    assert len(saved) == 1 + len(models) and saved[-1]["runs"] == json.loads(json.dumps(report["runs"]))

@@ -1,7 +1,7 @@
 """Cold-start runs: train each model on one cold split and evaluate it with the one protocol (``cold_protocol``).
 
     python -m training.experiments.cold_start --dataset lfm2k --model lightgcn --model bpr --model vbpr \
-        --model r2mr --model qarm --seed 2024 --train epochs=50
+        --model r2mr --model qarm --seed 2024 --train epochs=20
 
 Every model of one call (and of later calls with the same ``--share``/``--split-seed``) sees the same held-out items.
 Each model's configuration is its preset (``training/presets.toml``); ``--train`` settings (epoch caps) apply to every
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
+from math import nan
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -101,7 +102,7 @@ def run_cold_start(directory: Path, models: list[str], *, share: float, split_se
             trained[name] = result
             row = {**model_row(result, split, time.perf_counter() - started), "train_settings": dict(train_settings)}
             runs[name][str(seed)] = row
-            echo(f"{dataset.name} {name} seed {seed}: cold recall@20 {row['cold']['metrics']['recall@20']:.4f}, "
+            echo(f"{dataset.name} {name} seed {seed}: cold recall@20 {row['cold']['metrics'].get('recall@20', nan):.4f}, "
                  f"warm valid recall@20 {row['warm_valid_recall@20']:.4f}, best epoch {row['best_epoch']}, "
                  f"{row['train_seconds']:.0f} s")  # fmt: skip
             save(report)
