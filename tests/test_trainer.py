@@ -17,7 +17,7 @@ from training.data.dataset import TEST, VALID, InteractionDataset, Modality
 from training.data.splits import random_811
 from training.experiments.results import read_ledger, read_runs, render, write_results
 from training.fit.evaluator import FullRankingEvaluator
-from training.fit.trainer import Callback, ClipGradNorm, Trainer, TrainConfig, TrainResult, train
+from training.fit.trainer import Callback, ClipGradNorm, TrainConfig, Trainer, TrainResult, train
 from training.runs import load_run
 
 N_USERS, N_ITEMS = 40, 60

@@ -7,7 +7,7 @@ vector from the model's content encoder (its modality features only: what the se
 each user who interacted with a cold item is scored against the cold items only. Metrics are averaged over those
 users (Recall/NDCG/... @K, nothing masked: no user saw a cold item in training).
 
-    .venv/bin/python -m training.experiments.cold_start --dataset ml100k-posters --model r2mr --model vbpr
+    .venv/bin/mmrec cold-start --dataset ml100k-posters --model r2mr --model vbpr
 
 writes ``docs/r2mr/cold-start-<dataset>.json`` (or ``--out``; models already in it for the same cold split are kept,
 so models needing different trainer settings can be run one by one) and prints it. Nothing here is chosen on the cold
@@ -101,18 +101,17 @@ def evaluate_cold(model: Recommender, dataset: InteractionDataset, cold: np.ndar
 
 def run_cold_start(directory: Path, model_names: list[str], *, share: float, seed: int,
                    train_settings: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-    from training.config import preset, train_config
+    from training.config import Overrides, compose
     from training.fit.trainer import train
 
     dataset = InteractionDataset.load(directory)
     cold_dataset, cold = cold_split(dataset, share=share, seed=seed)
     report: dict[str, Any] = {"dataset": dataset.name, "share": share, "split_seed": seed, "models": {}}
     for name in model_names:
-        model_layer, train_layer = preset(dataset.name, name)
-        config = train_config(train_layer, {"progress": False, **train_settings})
+        run = compose(dataset.name, name, Overrides(train={"progress": False, **train_settings}))
         started = time.perf_counter()
-        result = train(cold_dataset, name, dataset_dir=directory, model_config=model_layer, train_config=config,
-                       runs_root=None)  # fmt: skip
+        result = train(cold_dataset, name, dataset_dir=directory, model_config=run.model_config,
+                       train_config=run.train, runs_root=None)  # fmt: skip
         report["models"][name] = {
             "warm_valid_recall@20": result.valid.get("recall@20"),
             "warm_test_recall@20": result.test.get("recall@20"),
@@ -132,11 +131,11 @@ def main(
     train_set: Annotated[list[str], typer.Option("--train", help="Trainer setting KEY=VALUE.")] = [],  # noqa: B006
     out: Annotated[Path | None, typer.Option(help="JSON report (default docs/r2mr/cold-start-<dataset>.json).")] = None,
 ) -> None:
-    from training.cli import parse_assignments
+    from training.config import parse_assignments
     from training.settings import PROJECT_ROOT, default_paths
 
     report = run_cold_start(default_paths().datasets / dataset, model, share=share, seed=seed,
-                            train_settings=parse_assignments(train_set))  # fmt: skip
+                            train_settings=parse_assignments(train_set, option="--train"))  # fmt: skip
     path = out or PROJECT_ROOT / "docs" / "r2mr" / f"cold-start-{dataset}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():  # models evaluated before on the same cold split (other trainer settings) stay in the report
