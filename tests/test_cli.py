@@ -191,3 +191,29 @@ def test_mmrec_help_imports_no_torch() -> None:
             "print(sorted(m for m in ('torch', 'numpy', 'scipy', 'faiss') if m in sys.modules))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_train_reports_a_fired_safety_cap_loudly(home: Path) -> None:
+    from synthetic_datasets import multimodal_dataset
+
+    multimodal_dataset().save(home / "datasets" / "synthetic-mm")
+    result = CliRunner().invoke(app, ["train", "--dataset", "synthetic-mm", "--model", "bpr", "--train", "epochs=5",
+                                      "--train", "max_minutes=1e-9", "--train", "progress=false"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout[result.stdout.index("{") :])["stopped_by"] == "safety_cap"
+    assert ("WARNING: the 1e-09-minute wall-clock safety cap stopped training at epoch 1 of 5; this model depends on "
+            "how busy the machine was (cap runs with epochs, not minutes)") in result.stderr  # fmt: skip
+
+
+def test_pipeline_trains_the_stated_number_of_epochs(home: Path, tmp_path: Path) -> None:
+    from synthetic_datasets import multimodal_dataset
+
+    multimodal_dataset().save(home / "datasets" / "synthetic-mm")
+    result = CliRunner().invoke(app, ["pipeline", "--dataset", "synthetic-mm", "--model", "bpr", "--epochs", "3",
+                                      "--bundle-out", str(tmp_path / "bundle")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "of 3 (stopped by epochs)" in result.stdout and "WARNING" not in result.output
+    (run,) = (home / "runs" / "synthetic-mm" / "bpr").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["epochs_run"], metrics["stopped_by"]) == (3, "epochs")
+    assert json.loads((run / "config.json").read_text())["train_config"]["max_minutes"] == 0.0
