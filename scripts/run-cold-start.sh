@@ -7,11 +7,11 @@
 # Usage: scripts/run-cold-start.sh [dataset ...]   (default: lfm2k ml100k-posters)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
+MMREC=${MMREC:-.venv/bin/mmrec}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per process: far faster than two on a busy 2-core machine
 datasets=("${@:-lfm2k ml100k-posters}")
 for ds in ${datasets[@]}; do
-  $PYTHON -m training.experiments.cold_start --dataset "$ds" \
+  $MMREC cold-start --dataset "$ds" \
     --model lightgcn --model bpr --model vbpr --model r2mr --model qarm \
     --seed 2024 --seed 1 --seed 2 --train epochs=20 --train eval_every=5
 done

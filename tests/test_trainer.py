@@ -17,7 +17,7 @@ from training.data.dataset import TEST, VALID, InteractionDataset, Modality
 from training.data.splits import random_811
 from training.experiments.results import read_ledger, read_runs, render, write_results
 from training.fit.evaluator import FullRankingEvaluator
-from training.fit.trainer import Callback, ClipGradNorm, Trainer, TrainConfig, TrainResult, train
+from training.fit.trainer import Callback, ClipGradNorm, TrainConfig, Trainer, TrainResult, train
 from training.runs import load_run
 
 N_USERS, N_ITEMS = 40, 60
@@ -369,3 +369,13 @@ def test_fine_tuning_runs_from_each_seeds_own_pretraining_are_one_grid_point(tmp
     fake_run(tmp_path, "seq", "mp4sr", "other", model_config={}, seed=1, valid=0.1, test=0.9)  # no init_from
     row = table_row(render(read_runs(tmp_path)), "mp4sr")
     assert row[2] == "0.1500 ± 0.0707" and row[-2] == "1,2" and row[-1] == "2"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda")])
+def test_resolve_device_refuses_cuda_where_there_is_none(device: str | torch.device) -> None:
+    from training.data.encoders import resolve_device
+
+    with pytest.raises(ValueError, match=r"device 'cuda(:1)?' requested but CUDA is not available"):
+        resolve_device(device)
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")

@@ -10,7 +10,7 @@ Layers, the later wins:
 Every key of every layer is checked against its dataclass and every value coerced to its field's type; a mistake
 raises :class:`~models.config.ConfigError` with one line that names the key and the valid ones. `mmrec config MODEL`
 prints the keys with their defaults and preset values (:func:`describe`). Importing this module does not import
-torch: the registry of models is read only when a model's config is needed.
+torch: ``models`` (whose package imports torch) is imported only when a config is built.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.config import ConfigError, build_config, config_to_dict
-
 PRESETS_FILE = Path(__file__).with_name("presets.toml")
 
 # The model registry's names (models.MODELS, which imports torch), for help texts; a test keeps the two equal.
+# The raw sources of training/data/sources.py (SOURCES); "<source>-seq" is a source with the leave-one-out split.
+SOURCE_NAMES = ("ml100k-posters", "ml100k", "lfm2k", "amazon-baby", "amazon-scientific")
 MODEL_NAMES = ("popularity", "bpr", "lightgcn", "vbpr", "sasrec", "mp4sr", "qarm", "mmgcn", "lattice", "freedom",
                "r2mr")  # fmt: skip
 
@@ -84,11 +84,15 @@ class RunConfig:
     train: TrainConfig
 
     def model_settings(self) -> dict[str, Any]:
+        from models.config import config_to_dict
+
         return config_to_dict(self.model_config)
 
 
 def parse_assignments(pairs: Sequence[str], *, option: str = "--set") -> dict[str, str]:
     """``["k=v", ...]`` → ``{"k": "v"}``; a pair without ``=`` raises :class:`ConfigError`."""
+    from models.config import ConfigError
+
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -99,6 +103,9 @@ def parse_assignments(pairs: Sequence[str], *, option: str = "--set") -> dict[st
 
 
 def model_config_class(model: str) -> type[Any]:
+    """The config dataclass of a registered model; an unknown name raises :class:`ConfigError`."""
+    from models.config import ConfigError
+
     if model not in MODEL_NAMES:
         raise ConfigError(f"unknown model {model!r}; valid models: {', '.join(sorted(MODEL_NAMES))}")
     from models import model_spec
@@ -114,6 +121,8 @@ def preset(dataset: str, model: str, *, path: Path = PRESETS_FILE) -> tuple[dict
 
 def train_config(*layers: Mapping[str, Any]) -> TrainConfig:
     """``TrainConfig`` defaults overridden by each layer in turn (a thin path kept for callers of phase 1)."""
+    from models.config import build_config
+
     return build_config(TrainConfig, *layers)
 
 
@@ -147,6 +156,8 @@ class Setting:
 def describe(model: str, dataset: str | None = None, *, presets: Path = PRESETS_FILE) -> list[Setting]:
     """Every key of ``model``'s config and of :class:`TrainConfig`, with the defaults and (for ``dataset``, or the
     ``[defaults]`` tables when None) the preset values that :func:`compose` starts from."""
+    from models.config import config_to_dict
+
     config_class = model_config_class(model)
     run = compose(dataset or "defaults", model, presets=presets)
     sources = {(kind, key): source for source, kind, layer in _preset_layers(dataset or "defaults", model,
@@ -161,6 +172,8 @@ def describe(model: str, dataset: str | None = None, *, presets: Path = PRESETS_
 
 def _checked(cls: type[Any], layers: Sequence[tuple[str, Mapping[str, Any]]], model: str, kind: str) -> Any:
     """``cls`` built from ``layers``; a mistake names the layer (presets table or option) it came from."""
+    from models.config import ConfigError, build_config
+
     names = [f.name for f in dataclasses.fields(cls)]
     for source, layer in layers:
         unknown = sorted(set(layer) - set(names))

@@ -78,10 +78,14 @@ class UnreadableImageError(ValueError):
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    """``"auto"`` is CUDA when available, else CPU; anything else is passed to ``torch.device``. Asking for CUDA
+    where there is none fails here, not at the first tensor moved (the trainer and the encoders both use this)."""
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+    return resolved
 
 
 def text_model_dir() -> Path:

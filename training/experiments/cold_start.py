@@ -131,6 +131,35 @@ def write_table(doc: Path, reports_dir: Path) -> None:
     doc.write_text(f"{head}{TABLE_BEGIN}\n{table}{TABLE_END}{tail}")
 
 
+def record_cold_start(dataset: str, models: list[str], *, share: float, split_seed: int, seeds: list[int],
+                      train_set: list[str], out: Path | None, doc: Path | None, command: str) -> Path:  # fmt: skip
+    """Check every setting, run, and keep the report (``out``) and the table (``doc``) up to date after every model;
+    ``command`` is recorded with the runs. Bad input: ``typer.BadParameter`` (one line, exit 2), before any training."""
+    from training.settings import PROJECT_ROOT, default_paths
+
+    directory = default_paths().datasets / dataset
+    if not (directory / "dataset.json").exists():
+        raise typer.BadParameter(f"{dataset!r} is not a prepared dataset under {directory.parent}")
+    try:
+        settings = parse_assignments(train_set, option="--train")
+        for name in models:
+            compose(dataset, name, Overrides(train=settings))  # unknown models and settings fail before any training
+    except ConfigError as error:
+        raise typer.BadParameter(str(error)) from None
+    path = out or PROJECT_ROOT / "docs" / "cold-start" / f"{dataset}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(path.read_text()) if path.exists() else {}
+
+    def save(report: dict[str, Any]) -> None:
+        merged = merge_reports(previous, {**report, "commands": [command]})
+        path.write_text(json.dumps(merged, indent=2) + "\n")
+        write_table(doc or PROJECT_ROOT / "docs" / "cold-start.md", path.parent)
+
+    run_cold_start(directory, models, share=share, split_seed=split_seed, seeds=seeds,
+                   train_settings=settings, echo=typer.echo, save=save)  # fmt: skip
+    return path
+
+
 def main(
     dataset: Annotated[str, typer.Option(help="Prepared dataset name (under $MMREC_HOME/datasets).")],
     model: Annotated[list[str], typer.Option(help="Model to train and evaluate (repeatable).")],
@@ -141,32 +170,12 @@ def main(
     out: Annotated[Path | None, typer.Option(help="JSON report (default docs/cold-start/<dataset>.json).")] = None,
     doc: Annotated[Path | None, typer.Option(help="Markdown with the table (default docs/cold-start.md).")] = None,
 ) -> None:
+    """Train every --model on one cold split and evaluate it with the one cold-start protocol (docs/cold-start.md)."""
     import shlex
     import sys
 
-    from training.settings import PROJECT_ROOT, default_paths
-
-    directory = default_paths().datasets / dataset
-    if not (directory / "dataset.json").exists():
-        raise typer.BadParameter(f"{dataset!r} is not a prepared dataset under {directory.parent}")
-    try:
-        settings = parse_assignments(train_set, option="--train")
-        for name in model:
-            compose(dataset, name, Overrides(train=settings))  # unknown models and settings fail before any training
-    except ConfigError as error:
-        raise typer.BadParameter(str(error)) from None
-    path = out or PROJECT_ROOT / "docs" / "cold-start" / f"{dataset}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    command = "python -m training.experiments.cold_start " + shlex.join(sys.argv[1:])
-
-    def save(report: dict[str, Any]) -> None:
-        merged = merge_reports(previous, {**report, "commands": [command]})
-        path.write_text(json.dumps(merged, indent=2) + "\n")
-        write_table(doc or PROJECT_ROOT / "docs" / "cold-start.md", path.parent)
-
-    run_cold_start(directory, model, share=share, split_seed=split_seed, seeds=seed,
-                   train_settings=settings, echo=typer.echo, save=save)  # fmt: skip
+    path = record_cold_start(dataset, model, share=share, split_seed=split_seed, seeds=seed, train_set=train_set,
+                             out=out, doc=doc, command="python -m training.experiments.cold_start " + shlex.join(sys.argv[1:]))  # fmt: skip
     typer.echo(f"wrote {path}")
 
 

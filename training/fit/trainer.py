@@ -39,6 +39,7 @@ from models.base import Recommender
 from models.config import build_config, config_to_dict
 from training.config import TrainConfig
 from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset
+from training.data.encoders import resolve_device
 from training.data.inputs import model_inputs
 from training.fit.evaluator import FullRankingEvaluator
 from training.fit.sampling import BPRSampler, SequenceSampler
@@ -101,14 +102,6 @@ class ClipGradNorm(Callback):
 
     def after_backward(self, trainer: Trainer) -> None:
         torch.nn.utils.clip_grad_norm_(trainer.parameters, self.max_norm)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    return torch.device(device)
 
 
 def seed_everything(seed: int) -> None:
