@@ -13,7 +13,7 @@ training); the user's relevant items are the cold items they interacted with. Th
 ``FullRankingEvaluator`` on an item view holding only the cold items, metrics at ``COLD_TOPK`` averaged per user.
 Nothing is chosen on the cold items.
 
-The runs and the table behind docs/cold-start.md: ``training.experiments.cold_start`` (``python -m`` it).
+The runs and the table behind docs/cold-start.md: ``training.experiments.cold_start`` (``mmrec cold-start``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Cold-start runs: train each model on one cold split and evaluate it with the one protocol (``cold_protocol``).
+"""Cold-start runs: train each model on one cold split and evaluate it with the one protocol (``cold_protocol``);
+``mmrec cold-start`` takes the same options.
 
     python -m training.experiments.cold_start --dataset lfm2k --model lightgcn --model bpr --model vbpr \
         --model r2mr --model qarm --seed 2024 --train epochs=20
