@@ -3,10 +3,10 @@
 Two stages, read top to bottom:
 
 1. **Alignment head** (:class:`AlignmentHead`): frozen encoder features of each modality → a small trainable head →
-   one L2-normalised item embedding, trained elsewhere (``training/experiments/qarm_pipeline.py``) with an in-batch contrastive
+   one L2-normalised item embedding, trained elsewhere (``training/experiments/qarm_alignment.py``) with an in-batch contrastive
    loss over (trigger, target) pairs that a trained recommender finds similar. :class:`RawFeatureFusion` is the
    unaligned alternative with the same interface (the ablation).
-2. **Residual codes** (:func:`residual_encode`): L levels of K centres (fitted by FAISS k-means in the pipeline);
+2. **Residual codes** (:func:`residual_encode`): L levels of K centres (fitted by FAISS k-means in ``qarm_quantiser``);
    an embedding is coded greedily, level by level, by the nearest centre to what the previous levels left over.
 
 :class:`QARM` is the recommender. An item's vector is the sum of

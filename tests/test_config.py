@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -13,8 +14,7 @@ from hypothesis import strategies as st
 from models.bpr_mf import BPRMFConfig
 from models.config import ConfigError, build_config, config_to_dict
 from models.lightgcn import LightGCNConfig
-from training.config import preset
-from training.fit.trainer import TrainConfig
+from training.config import Overrides, TrainConfig, compose, preset
 
 
 @dataclass(frozen=True)
@@ -197,3 +197,59 @@ def test_preset_feeds_build_config_and_command_line_wins(tmp_path: Path) -> None
 
 def test_preset_missing_file_gives_empty_layers(tmp_path: Path) -> None:
     assert preset("small", "bpr", path=tmp_path / "absent.toml") == ({}, {})
+
+
+# ------------------------------------------------------------------------------------------------ compose
+COMPOSE_TOML = """
+[defaults.train]
+epochs = 1000
+
+[defaults.lightgcn.train]
+learning_rate = 0.01
+
+[small.train]
+epochs = 50
+
+[small.lightgcn]
+n_layers = 3
+
+[small.lightgcn.train]
+batch_size = 64
+"""
+
+
+def test_compose_layers_defaults_presets_then_overrides(tmp_path: Path) -> None:
+    presets = tmp_path / "presets.toml"
+    presets.write_text(COMPOSE_TOML)
+    run = compose("small", "lightgcn", Overrides(model={"reg_weight": "1e-3"}, train={"epochs": "7"}), presets=presets)
+    assert run.model_config == LightGCNConfig(n_layers=3, reg_weight=1e-3)
+    assert run.train == TrainConfig(epochs=7, learning_rate=0.01, batch_size=64)
+    assert compose("other", "lightgcn", presets=presets).train == TrainConfig(learning_rate=0.01)
+    assert compose("small", "bpr", presets=presets).train == TrainConfig(epochs=50)  # lightgcn's tables stay out
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.train.epochs = 3  # type: ignore[misc]
+
+
+def test_compose_the_shipped_presets_give_the_tuned_points() -> None:
+    run = compose("ml100k-posters", "r2mr")
+    assert (run.model_config.feature_dim, run.train.batch_size, run.train.learning_rate) == (128, 4096, 2e-3)
+    assert compose("lfm2k", "r2mr").train.batch_size == 2048
+    assert (compose("lfm2k", "lattice").train.lr_decay, compose("lfm2k", "lightgcn").train.lr_decay) == (0.96, 1.0)
+
+
+def test_compose_overrides_from_command_line_assignments() -> None:
+    overrides = Overrides.from_assignments(["n_layers=3"], ["epochs=5", "topk=10,20"])
+    run = compose("lfm2k", "lightgcn", overrides)
+    assert (run.model_config.n_layers, run.train.epochs, run.train.topk) == (3, 5, (10, 20))
+
+
+@pytest.mark.parametrize(("model", "overrides", "message"), [
+    ("nope", Overrides(), "unknown model 'nope'; valid models: bpr, freedom"),
+    ("bpr", Overrides(model={"n_layers": 2}), "--set: bpr has no model setting 'n_layers'; valid: "),
+    ("bpr", Overrides(train={"epochs": "many"}), "--train: bpr trainer setting epochs='many': expected int"),
+])  # fmt: skip
+def test_compose_refuses_with_one_clear_message(model: str, overrides: Overrides, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        compose("lfm2k", model, overrides)
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)

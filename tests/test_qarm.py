@@ -17,25 +17,19 @@ import torch
 from models import build_model
 from models.base import ModalityInput, ModelInputs, PairwiseBatch
 from models.qarm import QARM, AlignmentHead, RawFeatureFusion, residual_encode
-from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset, Modality
+from training.data.dataset import InteractionDataset, Modality
 from training.data.splits import random_811
-from training.experiments.qarm_pipeline import (
-    AlignmentTrainConfig,
-    PipelineConfig,
-    StaticScores,
-    cold_items,
-    cold_start_metrics,
-    content_similarity_scores,
+from training.experiments.cold_protocol import read_cold_split
+from training.experiments.qarm_alignment import AlignmentTrainConfig, symmetric_info_nce
+from training.experiments.qarm_pairs import mine_pairs, pair_recall, split_pairs
+from training.experiments.qarm_pipeline import PipelineConfig, run_qarm
+from training.experiments.qarm_quantiser import (
     faiss_residual_encode,
     fit_residual_kmeans,
-    make_cold_split,
-    mine_pairs,
-    pair_recall,
+    quantiser_grid,
     quantiser_report,
-    render_report,
-    run_qarm,
-    symmetric_info_nce,
 )
+from training.experiments.reports import render_qarm_report
 from training.export.bundle import ExportConfig, export_run
 from training.fit.trainer import TrainConfig
 from training.runs import load_run
@@ -246,59 +240,20 @@ def test_pair_recall_counts_targets_among_the_triggers_nearest_eligible_items() 
     assert pair_recall(embeddings, pairs[2:], eligible=np.array([True, True, True, True, True]), k=2) == 0.0  # 3 closer
 
 
-# ------------------------------------------------------------------------------------------------- cold start
-def test_make_cold_split_moves_every_interaction_of_cold_items_to_test() -> None:
-    dataset = clustered_dataset()
-    cold_dataset = make_cold_split(dataset, share=0.2, seed=5)
-    cold = cold_items(cold_dataset)
-    assert cold.size == 30 and cold_dataset.name == "clustered-cold20"
-    is_cold = np.isin(dataset.item, cold)
-    assert (cold_dataset.split[is_cold] == TEST).all()
-    np.testing.assert_array_equal(cold_dataset.split[~is_cold], dataset.split[~is_cold])
-    assert not np.isin(cold_dataset.edges(TRAIN)[1], cold).any() and not np.isin(cold_dataset.edges(VALID)[1], cold).any()
-    np.testing.assert_array_equal(cold, cold_items(make_cold_split(dataset, share=0.2, seed=5)))  # seeded
+def test_split_pairs_is_seeded_disjoint_and_capped() -> None:
+    pairs = np.stack([np.arange(100), np.arange(100)[::-1]], axis=1)
+    train, valid = split_pairs(pairs, valid_share=0.2, max_train=50, seed=4)
+    again = split_pairs(pairs, valid_share=0.2, max_train=50, seed=4)
+    np.testing.assert_array_equal(train, again[0])
+    assert valid.shape == (20, 2) and train.shape == (50, 2)
+    assert not set(map(tuple, train.tolist())) & set(map(tuple, valid.tolist()))
 
 
-def test_cold_start_metrics_match_hand_computed_ranks() -> None:
-    dataset = clustered_dataset(n_users=4, n_items=10)
-    user = np.array([0, 0, 1, 1, 2, 3, 3])
-    item = np.array([0, 5, 1, 6, 2, 7, 8])
-    split = np.array([TRAIN, TEST, TRAIN, TEST, TRAIN, TEST, TEST], dtype=np.int8)
-    dataset = InteractionDataset(**{**vars(dataset), "user": user, "item": item, "split": split,
-                                    "timestamp": np.zeros_like(user)})  # fmt: skip
-    cold = np.array([5, 6, 7, 8])
-    items = torch.zeros(10, 4)
-    items[5:9] = torch.eye(4)  # item 5+j scores user vector[j]
-    users = torch.tensor([[4.0, 3, 2, 1], [1, 2, 3, 4], [0, 0, 0, 0], [1, 9, 0, 8]])
-    items[0] = torch.tensor([9.0, 9, 9, 9])  # a warm item scoring high for everyone (masked for user 0 only)
-    metrics = cold_start_metrics(StaticScores(users, items), dataset, cold, topk=(1, 2))
-    # cold_only: user 0 ranks 5 first (hit); user 1 ranks 8, 7 first (6 missed at 2); user 3 ranks 6, 8 (8 hit)
-    assert metrics["cold_only"]["recall@1"] == pytest.approx((1 + 0 + 0) / 3)
-    assert metrics["cold_only"]["recall@2"] == pytest.approx((1 + 0 + 0.5) / 3)
-    # full catalogue: warm item 0 ranks first for users 1 and 3 (masked for user 0, who trained on it): user 1's
-    # top 2 is (0, 8) and user 3's is (0, 6), no hit
-    assert metrics["full_catalogue"]["recall@1"] == pytest.approx(1 / 3)
-    assert metrics["full_catalogue"]["recall@2"] == pytest.approx(1 / 3)
-    assert metrics["n_users"]["count"] == 3
-
-
-def test_content_similarity_leaves_an_absent_modality_out_of_the_mean() -> None:
-    dataset = clustered_dataset(n_users=4, n_items=10)
-    user, item = np.array([0, 0, 1]), np.array([1, 2, 3])
-    dataset = InteractionDataset(**{**vars(dataset), "user": user, "item": item, "split": np.zeros(3, dtype=np.int8),
-                                    "timestamp": np.zeros(3, dtype=np.int64)})  # fmt: skip
-    a, b = dataset.modalities["text"], dataset.modalities["image"]
-    model = content_similarity_scores(dataset, {"text": (a.features, a.present), "image": (b.features, b.present)})
-    scores = (model.users @ model.items.T).numpy()
-
-    def unit(v: np.ndarray) -> np.ndarray:
-        return v / np.linalg.norm(v)
-
-    for i in (4, 7):  # item 4 has no text: its score is the image similarity alone
-        text_profile = (unit(a.features[1]) + unit(a.features[2])) / 2
-        image_profile = (unit(b.features[1]) + unit(b.features[2])) / 2
-        sims = [image_profile @ unit(b.features[i])] + ([text_profile @ unit(a.features[i])] if a.present[i] else [])
-        assert scores[0, i] == pytest.approx(np.mean(sims), rel=1e-5)
+def test_quantiser_grid_skips_sizes_with_fewer_vectors_than_centres() -> None:
+    x = clustered_vectors(12, 4, 3, seed=0)
+    grid = quantiser_grid(x, sizes=(4, 16), levels=(1, 2), seed=0, iterations=5)
+    assert [(g["K"], g["L"]) for g in grid] == [(4, 1), (4, 2)]
+    assert grid[1] == quantiser_report(x, *vars(fit_residual_kmeans(x, levels=2, size=4, seed=0, iterations=5)).values())
 
 
 # -------------------------------------------------------------------------------------------- the recommender
@@ -372,18 +327,21 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
 
 def test_pipeline_reports_codes_alignment_and_cold_start(pipeline_run: tuple[Path, dict[str, Any]]) -> None:
     run_dir, report = pipeline_run
-    assert json.loads((run_dir / "qarm_report.json").read_text())["dataset"] == "clustered-cold20"
+    assert json.loads((run_dir / "qarm_report.json").read_text())["dataset"] == "clustered-cold20s2024"
     assert report["n_cold_items"] == 30 and report["pairs"]["distinct"] > 0
     assert [(g["K"], g["L"]) for g in report["quantiser_grid"]] == [(4, 1), (4, 2), (8, 1), (8, 2)]
     assert report["code_agreement"] == {"model_vs_faiss_kmeans_assignment": 1.0, "model_vs_faiss_encode_all_items": 1.0}
     rows = report["cold_start"]
     assert set(rows) == {"qarm", "lightgcn (ID)", "content similarity (raw features)",
                          "content similarity (aligned embedding)", "random (expected)"}  # fmt: skip
-    assert rows["random (expected)"]["cold_only"]["recall@20"] == pytest.approx(20 / 30)
+    assert rows["random (expected)"]["metrics"]["recall@20"] == pytest.approx(20 / 30)
+    assert (rows["qarm"]["encoder"], rows["lightgcn (ID)"]["encoder"]) == ("native", "ridge-map")  # the one protocol
+    assert rows["qarm"]["n_users"] == rows["lightgcn (ID)"]["n_users"] > 0
     run = load_run(run_dir)
     assert isinstance(run.model, QARM)
-    cold = cold_items(run.dataset)
-    assert not run.model.has_id[torch.from_numpy(cold)].any()
+    split = read_cold_split(run.dataset)
+    assert split is not None and split.cold.size == 30
+    assert not run.model.has_id[torch.from_numpy(split.cold)].any()
 
 
 def test_exported_qarm_encoder_matches_torch_and_carries_the_codes(pipeline_run: tuple[Path, dict[str, Any]],
@@ -413,15 +371,16 @@ def test_exported_qarm_encoder_matches_torch_and_carries_the_codes(pipeline_run:
     np.testing.assert_allclose(vectors, torch_vectors.numpy(), atol=ONNX_TOLERANCE)
     np.testing.assert_array_equal(codes, torch_codes.numpy())
     np.testing.assert_array_equal(codes, model.item_codes.numpy())
-    cold = cold_items(run.dataset)  # a cold item's trained vector is exactly what the encoder gives a new item
-    np.testing.assert_allclose(vectors[cold], np.load(bundle / "item_vectors.npy")[cold], atol=ONNX_TOLERANCE)
+    split = read_cold_split(run.dataset)  # a cold item's trained vector is exactly what the encoder gives a new item
+    assert split is not None
+    np.testing.assert_allclose(vectors[split.cold], np.load(bundle / "item_vectors.npy")[split.cold], atol=ONNX_TOLERANCE)
 
 
 def test_report_renders_the_cold_start_rows_of_a_run(pipeline_run: tuple[Path, dict[str, Any]]) -> None:
     run_dir, report = pipeline_run
-    text = render_report(run_dir.parents[2])
+    text = render_qarm_report(run_dir.parents[2])
     row = next(line for line in text.splitlines() if "| QARM (aligned, K=5, L=2) |" in line)
-    assert row.startswith("| clustered-cold20 (30 cold items) |")
-    assert f"{report['cold_start']['qarm']['cold_only']['recall@20']:.4f}" in row
+    assert row.startswith("| clustered-cold20s2024 (30 cold items) |")
+    assert f"{report['cold_start']['qarm']['metrics']['recall@20']:.4f}" in row
     assert "| 5 | 2 |" not in text  # the grid of this run is (4|8) x (1|2)
     assert "| 8 | 2 |" in text

@@ -1,6 +1,6 @@
-"""R2MR from a run onwards, on a small synthetic dataset: the cold split hides every interaction of the cold items
-and the cold metrics equal a brute-force numpy ranking; an exported R2MR bundle carries the quality fields for
-trained items (metadata) and new items (ONNX encoder); the service answers them; the quality report is written."""
+"""R2MR from a run onwards, on a small synthetic dataset: an exported R2MR bundle carries the quality fields for
+trained items (metadata) and new items (ONNX encoder); the service answers them; the quality report is written.
+(R2MR's cold-start evaluation is the one protocol's, tested in tests/test_cold_start.py.)"""
 
 from __future__ import annotations
 
@@ -11,13 +11,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 from synthetic_datasets import multimodal_dataset
 
-from models import build_model
-from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset
-from training.data.inputs import model_inputs
-from training.experiments.cold_start import COLD, cold_split, evaluate_cold
+from training.data.dataset import InteractionDataset
 from training.experiments.r2mr_report import write_report
 from training.export.bundle import ExportConfig, export_run
 from training.fit.trainer import TrainConfig, train
@@ -31,44 +27,6 @@ TINY: dict[str, Any] = {
 
 def synthetic_dataset() -> InteractionDataset:
     return multimodal_dataset(item_text=lambda i: f"Item {i} (2001). Drama. A story.")
-
-
-def test_cold_split_hides_every_interaction_of_the_cold_items() -> None:
-    dataset = synthetic_dataset()
-    cold_dataset, cold = cold_split(dataset, share=0.2, seed=0)
-    assert cold.size == round(0.2 * np.unique(dataset.item).size)
-    for split in (TRAIN, VALID, TEST):
-        assert not np.isin(cold_dataset.edges(split)[1], cold).any()
-    moved = cold_dataset.split == COLD
-    assert np.array_equal(moved, np.isin(dataset.item, cold))
-    assert np.array_equal(cold_dataset.split[~moved], dataset.split[~moved])
-
-
-@pytest.mark.parametrize("name", ["vbpr", "r2mr", "lightgcn"])
-def test_cold_metrics_equal_brute_force_ranking(name: str) -> None:
-    dataset = synthetic_dataset()
-    cold_dataset, cold = cold_split(dataset, share=0.2, seed=0)
-    torch.manual_seed(0)
-    config = TINY if name == "r2mr" else {"embedding_size": 8}
-    model = build_model(name, model_inputs(cold_dataset), config)
-    result = evaluate_cold(model, dataset, cold, topk=(5, 10))
-    # brute force: encode the cold items one by one, rank by score, recall@5 per user
-    from training.experiments.cold_start import cold_item_vectors
-
-    vectors, method = cold_item_vectors(model, dataset, cold)
-    assert method == ("ridge-map" if name == "lightgcn" else "native")
-    with torch.no_grad():
-        users_table = model.representations().users
-        users_table = None if users_table is None else users_table.detach()
-    assert users_table is not None
-    recalls = []
-    for u in np.unique(dataset.user[np.isin(dataset.item, cold)]):
-        relevant = set(dataset.item[(dataset.user == u) & np.isin(dataset.item, cold)].tolist())
-        scores = (users_table[u] @ vectors.T).numpy()
-        top = [int(cold[j]) for j in np.argsort(-scores, kind="stable")[:5]]
-        recalls.append(len(relevant & set(top)) / len(relevant))
-    assert result["n_users"] == len(recalls)
-    assert result["metrics"]["recall@5"] == pytest.approx(float(np.mean(recalls)), abs=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from training.data.dataset import TEST, VALID, InteractionDataset, Modality
 from training.data.splits import random_811
 from training.experiments.results import read_ledger, read_runs, render, write_results
 from training.fit.evaluator import FullRankingEvaluator
-from training.fit.trainer import TrainConfig, TrainResult, train
+from training.fit.trainer import Callback, ClipGradNorm, TrainConfig, Trainer, TrainResult, train
 from training.runs import load_run
 
 N_USERS, N_ITEMS = 40, 60
@@ -176,6 +176,72 @@ def test_train_vbpr_refuses_a_dataset_without_modalities(tmp_path: Path) -> None
         train(synthetic_dataset(modalities=False), "vbpr", dataset_dir=tmp_path, train_config=FAST, runs_root=None)
 
 
+def test_train_reports_why_it_stopped(dataset_dir: Path, runs_root: Path) -> None:
+    result = trained("bpr", dataset_dir, runs_root)
+    assert result.run_dir is not None and result.stopped_by == "epochs"
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["stopped_by"] == "epochs" and "safety_cap" not in metrics
+    assert trained("popularity", dataset_dir, runs_root).stopped_by == "nothing_to_train"
+
+
+def test_train_stops_early_after_patience_evaluations_without_improvement(dataset_dir: Path) -> None:
+    data = InteractionDataset.load(dataset_dir)
+    result = train(data, "bpr", dataset_dir=dataset_dir, model_config=MODEL_CONFIGS["bpr"],
+                   train_config=replace(FAST, epochs=200, patience=2), runs_root=None)  # fmt: skip
+    assert result.stopped_by == "early_stopping"
+
+
+def test_the_safety_cap_is_reported_loudly_in_metrics(dataset_dir: Path, tmp_path: Path) -> None:
+    data = InteractionDataset.load(dataset_dir)
+    result = train(data, "bpr", dataset_dir=dataset_dir, model_config=MODEL_CONFIGS["bpr"],
+                   train_config=replace(FAST, max_minutes=1e-9), runs_root=tmp_path)  # fmt: skip
+    assert result.run_dir is not None and result.stopped_by == "safety_cap"
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["stopped_by"] == "safety_cap" and metrics["epochs_run"] == 1
+    assert metrics["safety_cap"]["epoch"] == 1 and metrics["safety_cap"]["epochs"] == FAST.epochs
+    assert metrics["safety_cap"]["warning"].startswith("WARNING: the 1e-09-minute wall-clock safety cap stopped")
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.largest_gradient_norm = 0.0
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        self.calls.append(("start", epoch))
+
+    def after_backward(self, trainer: Trainer) -> None:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.parameters if p.grad is not None]))
+        self.largest_gradient_norm = max(self.largest_gradient_norm, float(norm))
+
+    def on_evaluation(self, trainer: Trainer, entry: dict[str, Any]) -> None:
+        self.calls.append(("evaluation", entry["epoch"]))
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, loss: float) -> None:
+        self.calls.append(("end", epoch))
+
+
+def test_callbacks_see_every_epoch_and_evaluation_in_order(dataset_dir: Path) -> None:
+    data = InteractionDataset.load(dataset_dir)
+    recorder = Recorder()
+    train(data, "bpr", dataset_dir=dataset_dir, model_config=MODEL_CONFIGS["bpr"],
+          train_config=replace(FAST, epochs=4, eval_every=2), runs_root=None, callbacks=[recorder])  # fmt: skip
+    assert recorder.calls == [("start", 1), ("end", 1), ("start", 2), ("evaluation", 2), ("end", 2),
+                              ("start", 3), ("end", 3), ("start", 4), ("evaluation", 4), ("end", 4)]  # fmt: skip
+
+
+def test_clip_grad_norm_bounds_the_gradient_that_the_optimiser_sees(dataset_dir: Path) -> None:
+    data = InteractionDataset.load(dataset_dir)
+    unclipped, clipped = Recorder(), Recorder()
+    config = replace(FAST, epochs=2, learning_rate=0.5)
+    train(data, "bpr", dataset_dir=dataset_dir, model_config=MODEL_CONFIGS["bpr"], train_config=config,
+          runs_root=None, callbacks=[unclipped])  # fmt: skip
+    train(data, "bpr", dataset_dir=dataset_dir, model_config=MODEL_CONFIGS["bpr"], train_config=config,
+          runs_root=None, callbacks=[ClipGradNorm(max_norm=1e-3), clipped])  # fmt: skip
+    assert unclipped.largest_gradient_norm > 1e-3
+    assert clipped.largest_gradient_norm <= 1e-3 * (1 + 1e-5)
+
+
 # ------------------------------------------------------------------------------------------------- results
 def fake_run(root: Path, dataset: str, model: str, name: str, *, model_config: dict[str, Any], seed: int,
              valid: float, test: float, split: str = "given", tag: str = "") -> None:  # fmt: skip
@@ -303,3 +369,13 @@ def test_fine_tuning_runs_from_each_seeds_own_pretraining_are_one_grid_point(tmp
     fake_run(tmp_path, "seq", "mp4sr", "other", model_config={}, seed=1, valid=0.1, test=0.9)  # no init_from
     row = table_row(render(read_runs(tmp_path)), "mp4sr")
     assert row[2] == "0.1500 ± 0.0707" and row[-2] == "1,2" and row[-1] == "2"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda")])
+def test_resolve_device_refuses_cuda_where_there_is_none(device: str | torch.device) -> None:
+    from training.device import resolve_device
+
+    with pytest.raises(ValueError, match=r"device 'cuda(:1)?' requested but CUDA is not available"):
+        resolve_device(device)
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")

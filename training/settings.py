@@ -1,8 +1,11 @@
 """Where training reads raw data and writes prepared datasets, feature caches and runs.
 
-Two environment variables, both optional:
+The only module of ``training`` that reads environment variables, all optional:
 - ``MMREC_DATA_ROOT``: the raw research datasets (default ``../shared/data`` next to the project root);
-- ``MMREC_HOME``: everything this project writes (default ``var/`` in the project root).
+- ``MMREC_HOME``: everything this project writes (default ``var/`` in the project root);
+- ``WORLD_SIZE``: set by ``torchrun``; above 1 the trainer trains with DistributedDataParallel;
+- ``MMREC_REDIS_URL`` (or ``REDIS_URL``): the Redis that `mmrec demo` hands to the service (default: none, the
+  service's embedded cache).
 """
 
 from __future__ import annotations
@@ -44,3 +47,13 @@ def default_paths() -> Paths:
     data_root = Path(os.environ.get("MMREC_DATA_ROOT", PROJECT_ROOT.parent / "shared" / "data"))
     home = Path(os.environ.get("MMREC_HOME", PROJECT_ROOT / "var"))
     return Paths(data_root=data_root.resolve(), home=home.resolve())
+
+
+def world_size() -> int:
+    """Processes in the ``torchrun`` job (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def redis_url() -> str | None:
+    """The Redis URL for the served demo, or None for the service's embedded cache."""
+    return os.environ.get("MMREC_REDIS_URL") or os.environ.get("REDIS_URL") or None

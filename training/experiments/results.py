@@ -192,7 +192,8 @@ def render(records: list[RunRecord], notes: dict[str, str] | None = None,
         "`$MMREC_HOME/runs`); do not edit by hand (notes live in `docs/results-notes.json`). Full ranking over all items,",
         "training items masked (validation items too at test time). Each row is the grid point with the best mean",
         "**validation** Recall@20; the numbers are **test** metrics at that run's best validation epoch. Rows with ± are",
-        "mean ± std over the seeds listed.",
+        "mean ± std over the seeds listed. New items (every model on the same held-out items, one protocol):",
+        "[cold-start.md](cold-start.md).",
         "",
     ]
     if any(t.rows for t in recovered.values()):

@@ -15,10 +15,9 @@ import scipy.sparse as sp
 import torch
 
 from models.base import Recommender
+from training.config import DEFAULT_TOPK as DEFAULT_TOPK  # the cut-offs of every evaluation
 from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset
 from training.fit.metrics import per_user_metrics
-
-DEFAULT_TOPK = (5, 10, 20, 50)
 
 
 def pad_histories(histories: list[np.ndarray], max_length: int) -> torch.Tensor:
