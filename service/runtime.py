@@ -36,7 +36,7 @@ from service.encoding import EncodingLimits, ItemEncoder
 from service.errors import Unavailable
 from service.events import EventStore, RedisEventStore, SqliteEventStore
 from service.metrics import Metrics
-from service.recommender import Recommender
+from service.recommender import QueryOptions, Recommender
 from service.redis_pool import RedisDown, RedisPool
 from service.settings import ServiceSettings
 from service.state_db import StateDatabase
@@ -57,13 +57,14 @@ class Engine:
     @classmethod
     def open(cls, settings: ServiceSettings, plan: DevicePlan, batcher: SearchBatcher) -> Engine:
         bundle = load_bundle(settings.bundle_dir, plan=plan, verify_hashes=settings.verify_hashes)
-        return cls.on(bundle, ItemEncoder(bundle, limits=EncodingLimits.from_settings(settings)), batcher)
+        return cls.on(bundle, ItemEncoder(bundle, limits=EncodingLimits.from_settings(settings)), batcher,
+                      QueryOptions.from_settings(settings))  # fmt: skip
 
     @classmethod
-    def on(cls, bundle: Bundle, encoder: ItemEncoder, batcher: SearchBatcher) -> Engine:
+    def on(cls, bundle: Bundle, encoder: ItemEncoder, batcher: SearchBatcher, options: QueryOptions) -> Engine:
         """A fresh engine: the bundle's trained items only (sharing its index, vectors and encoders)."""
         catalogue = Catalogue(bundle, version=f"unsynced-{uuid.uuid4().hex[:12]}")  # never a store version
-        recommender = Recommender(bundle, catalogue, batcher=batcher)
+        recommender = Recommender(bundle, catalogue, batcher=batcher, options=options)
         return cls(bundle=bundle, encoder=encoder, catalogue=catalogue, recommender=recommender)
 
     def load(self, snapshot: StoreSnapshot) -> int:
@@ -173,7 +174,7 @@ class Runtime:
         """Load the whole store into a fresh engine (on this bundle, or ``engine``'s) and swap it in; returns the
         stream position the snapshot includes. Raises :class:`RedisDown`."""
         base = engine or self.engine
-        fresh = Engine.on(base.bundle, base.encoder, self.batcher)
+        fresh = Engine.on(base.bundle, base.encoder, self.batcher, base.recommender.options)
         snapshot = self.catalogue_store.load()
         replayed = fresh.load(snapshot)
         with self.write_lock:

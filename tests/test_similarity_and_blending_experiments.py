@@ -13,20 +13,24 @@ from synthetic_datasets import multimodal_dataset
 from training.dataset import TEST
 from training.evaluator import FullRankingEvaluator
 from training.experiments.item_similarity import Judge, content_space, run_similarity, top_neighbours
-from training.experiments.recent_events import blended_queries, ranking_metrics, replay, replay_splits
+from training.experiments.recent_events import blended_scores, ranking_metrics, replay, replay_splits
 from training.trainer import TrainConfig, train
 
 
-def test_blended_queries_are_the_formula_per_user() -> None:
+def test_blended_scores_are_the_formulas_per_user() -> None:
     rng = np.random.default_rng(0)
     users, items = rng.normal(size=(3, 4)), rng.normal(size=(6, 4))
     events = [np.array([0, 2]), np.array([], dtype=np.int64), np.array([5])]
-    out = blended_queries(users, items, events, 0.5)
     mean = items[[0, 2]].mean(axis=0)
-    np.testing.assert_allclose(out[0], users[0] / np.linalg.norm(users[0]) + 0.5 * mean / np.linalg.norm(mean))
-    np.testing.assert_allclose(out[1], users[1])  # no events: the user's vector as it is
-    np.testing.assert_allclose(blended_queries(users, items, events, 0.5, form="raw")[2], users[2] + 0.5 * items[5])
-    np.testing.assert_allclose(blended_queries(users, items, events, 0.0), users)
+    unit_u0 = users[0] / np.linalg.norm(users[0])
+    normalised = blended_scores(users, items, events, 0.5)
+    np.testing.assert_allclose(normalised[0], items @ (unit_u0 + 0.5 * mean / np.linalg.norm(mean)))
+    np.testing.assert_allclose(normalised[1], items @ users[1])  # no events: the user's vector as it is
+    np.testing.assert_allclose(blended_scores(users, items, events, 0.5, form="raw")[2], items @ (users[2] + 0.5 * items[5]))
+    cosine = blended_scores(users, items, events, 0.5, form="cosine")[0]
+    cos = [[items[j] @ items[e] / np.linalg.norm(items[j]) / np.linalg.norm(items[e]) for e in (0, 2)] for j in range(6)]
+    np.testing.assert_allclose(cosine, items @ unit_u0 + 0.5 * np.mean(cos, axis=1))
+    np.testing.assert_allclose(blended_scores(users, items, events, 0.0, form="cosine"), users @ items.T)
 
 
 def test_top_neighbours_leave_the_query_out_and_break_ties_by_row() -> None:
@@ -83,7 +87,7 @@ def test_replay_static_arm_equals_the_evaluators_test_metrics(trained: tuple[Pat
     expected = FullRankingEvaluator(dataset, split=TEST, topk=(10, 20)).evaluate(model).metrics
     for name in ("recall@20", "ndcg@20", "recall@10"):
         assert report["test"]["static"][name] == pytest.approx(expected[name], abs=1e-6)
-    assert set(report["selection"]["chosen"]) == {"normalised", "raw"}
+    assert set(report["selection"]["chosen"]) == {"normalised", "raw", "cosine"}
     chosen = report["selection"]["chosen"]["normalised"]
     grid = report["selection"]["grid"]["normalised"]
     assert grid[str(chosen)]["recall@20"] == max(g["recall@20"] for g in grid.values())
@@ -100,7 +104,7 @@ def test_replay_splits_feed_half_of_each_users_validation_and_hold_the_rest(trai
     assert (fed.multiply(held)).nnz == 0 and ((fed + held) - valid).max() <= 0  # disjoint parts of validation
     n_valid, n_fed = np.diff(valid.indptr), np.diff(fed.indptr)
     assert np.array_equal(n_fed, np.where(n_valid >= 2, n_valid // 2, 0))
-    m = ranking_metrics(np.ones((dataset.n_users, 8)), np.ones((dataset.n_items, 8)), held, fed, np.flatnonzero(np.diff(held.indptr)))
+    m = ranking_metrics(np.ones((dataset.n_users, dataset.n_items)), held, fed, np.flatnonzero(np.diff(held.indptr)))
     assert set(m) == {"recall@10", "ndcg@10", "recall@20", "ndcg@20"}
 
 

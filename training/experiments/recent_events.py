@@ -1,12 +1,12 @@
-"""Replay: does blending a known user's recent events into their vector rank held-out items better? (issue 14)
+"""Replay: does blending a known user's recent events into their query rank held-out items better? (issue 14)
 
-The service ranks a known user by their trained vector ``u``; with recorded events it ranks by
+The service ranks a known user by their trained vector ``u``. With recorded events (item rows ``e``), three ways of
+blending them in are measured, each with a weight ``w`` (0: the static vector):
 
-    q = u / |u| + w · m / |m|,   m = mean of the events' item vectors
-
-(``service/blending.py``; ``w`` is the service setting ``recent_events_weight``). Both parts are unit length, so
-``w`` means the same for every bundle kind whatever its vector norms: 0 is the static vector, large ``w`` ranks by
-the events alone (the unknown-user "history" strategy). The raw form ``q = u + w · m`` is measured next to it.
+- ``normalised``: the query ``u/|u| + w · m/|m|``, ``m`` the mean of the events' item vectors (unit parts: ``w``
+  means the same whatever a bundle's vector norms);
+- ``raw``: the query ``u + w · m``;
+- ``cosine``: the score ``v_j · u/|u| + w · mean_e cos(v_e, v_j)``: the events' part by cosine, item-kNN style.
 
 Protocol, on one trained model (LightGCN by default; the user vectors are trained on the train split only):
 - choosing ``w`` (validation only): for every user with at least two validation items, a seeded random half of
@@ -15,10 +15,12 @@ Protocol, on one trained model (LightGCN by default; the user vectors are traine
 - the replay (test): every user's validation items are fed as events, the test items are ranked (training and
   validation items masked, as the evaluator does), static (``w = 0``) against blended (the chosen ``w``).
 
-    .venv/bin/python -m training.experiments.recent_events --dataset ml100k-posters --train epochs=60
-    .venv/bin/python -m training.experiments.recent_events --dataset lfm2k --run RUN_DIR
+    .venv/bin/python -m training.experiments.recent_events replay --dataset ml100k-posters --train epochs=40
+    .venv/bin/python -m training.experiments.recent_events replay --dataset lfm2k --run RUN_DIR
+    .venv/bin/python -m training.experiments.recent_events choose docs/similarity-and-blending/blending-{ml100k-posters,lfm2k}.json
 
-prints the tables and writes ``docs/similarity-and-blending/blending-<dataset>.json`` (or ``--out``).
+``replay`` prints the tables and writes ``docs/similarity-and-blending/blending-<dataset>.json`` (or ``--out``);
+``choose`` picks the service default across datasets (``choose_default``) into ``recent-events-weight.json``.
 """
 
 from __future__ import annotations
@@ -37,36 +39,50 @@ import typer
 from training.dataset import TEST, TRAIN, VALID, InteractionDataset
 from training.metrics import per_user_metrics
 
-Form = Literal["normalised", "raw"]
-FORMS: tuple[Form, ...] = ("normalised", "raw")
-WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+Form = Literal["normalised", "raw", "cosine"]
+FORMS: tuple[Form, ...] = ("normalised", "raw", "cosine")
+WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 TOPK = (10, 20)
 EPS = 1e-12
 
 
-def blended_queries(user_vectors: np.ndarray, item_vectors: np.ndarray, events: Sequence[np.ndarray], weight: float,
-                    *, form: Form = "normalised") -> np.ndarray:  # fmt: skip
-    """(U, d) queries: each user's vector blended with the mean vector of their event items (rows ``events[u]``;
-    a user without events keeps their vector)."""
-    queries = np.asarray(user_vectors, dtype=np.float64).copy()
+def _unit(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.asarray(x / np.maximum(norms, EPS))
+
+
+def blended_scores(user_vectors: np.ndarray, item_vectors: np.ndarray, events: Sequence[np.ndarray], weight: float,
+                   *, form: Form = "normalised") -> np.ndarray:  # fmt: skip
+    """(U, I) scores of every item for every user, their events (item rows ``events[u]``) blended in:
+
+    - ``normalised``: ``v_j · (u/|u| + w m/|m|)``, ``m`` the mean of the event items' vectors;
+    - ``raw``: ``v_j · (u + w m)``;
+    - ``cosine``: ``v_j · u/|u| + w · mean_e cos(v_e, v_j)``: the events' part scored by cosine (item-kNN style).
+
+    A user without events (or ``w = 0``) is scored by their vector as it is."""
+    users = np.asarray(user_vectors, dtype=np.float64)
+    items = np.asarray(item_vectors, dtype=np.float64)
+    scores = users @ items.T
     if weight == 0.0:
-        return queries
+        return scores
+    unit_items = _unit(items)
     for u, rows in enumerate(events):
         if rows.size == 0:
             continue
-        mean = item_vectors[rows].astype(np.float64).mean(axis=0)
         if form == "normalised":
-            queries[u] = queries[u] / (np.linalg.norm(queries[u]) + EPS) + weight * mean / (np.linalg.norm(mean) + EPS)
+            scores[u] = items @ (_unit(users[u]) + weight * _unit(items[rows].mean(axis=0)))
+        elif form == "raw":
+            scores[u] = items @ (users[u] + weight * items[rows].mean(axis=0))
         else:
-            queries[u] = queries[u] + weight * mean
-    return queries
+            scores[u] = items @ _unit(users[u]) + weight * (unit_items @ unit_items[rows].mean(axis=0))
+    return scores
 
 
-def ranking_metrics(queries: np.ndarray, item_vectors: np.ndarray, truth: sp.csr_matrix, exclude: sp.csr_matrix,
-                    users: np.ndarray, topk: tuple[int, ...] = TOPK) -> dict[str, float]:  # fmt: skip
-    """Full ranking of every item for ``users`` (rows of ``queries``, ``truth`` and ``exclude``), excluded items
-    masked; metrics averaged over the users (Recall, NDCG, ... @k as the evaluator computes them)."""
-    scores = queries[users] @ item_vectors.T.astype(np.float64)  # (B, I)
+def ranking_metrics(scores: np.ndarray, truth: sp.csr_matrix, exclude: sp.csr_matrix, users: np.ndarray,
+                    topk: tuple[int, ...] = TOPK) -> dict[str, float]:  # fmt: skip
+    """Full ranking of every item for ``users`` (rows of ``scores`` (U, I), ``truth`` and ``exclude``), excluded
+    items masked; Recall and NDCG @k averaged over the users, as the evaluator computes them."""
+    scores = np.array(scores[users], dtype=np.float64)  # (B, I)
     masked = exclude[users].tocoo()
     scores[masked.row, masked.col] = -np.inf
     k_max = max(topk)
@@ -130,22 +146,42 @@ def replay(user_vectors: np.ndarray, item_vectors: np.ndarray, dataset: Interact
     select_exclude = (splits.train + splits.select_events).tocsr()
     test_exclude = (splits.train + splits.test_events).tocsr()
     grid: dict[str, dict[str, dict[str, float]]] = {}
+    test_grid: dict[str, dict[str, dict[str, float]]] = {}
     test: dict[str, dict[str, Any]] = {}
     chosen: dict[str, float] = {}
     for form in FORMS:
-        grid[form] = {}
+        grid[form], test_grid[form] = {}, {}
         for weight in weights:
-            queries = blended_queries(user_vectors, item_vectors, select_events, weight, form=form)
-            grid[form][str(weight)] = ranking_metrics(queries, item_vectors, splits.select_truth, select_exclude, select_users)
+            scores = blended_scores(user_vectors, item_vectors, select_events, weight, form=form)
+            grid[form][str(weight)] = ranking_metrics(scores, splits.select_truth, select_exclude, select_users)
+            # reported for every weight (the joint default of `choose` is read here), never used to choose
+            scores = blended_scores(user_vectors, item_vectors, test_events, weight, form=form)
+            test_grid[form][str(weight)] = ranking_metrics(scores, splits.test_truth, test_exclude, test_users)
         chosen[form] = max(weights, key=lambda w: (grid[form][str(w)]["recall@20"], -w))
-        queries = blended_queries(user_vectors, item_vectors, test_events, chosen[form], form=form)
-        test[form] = {"weight": chosen[form], **ranking_metrics(queries, item_vectors, splits.test_truth, test_exclude, test_users)}
-    static = ranking_metrics(np.asarray(user_vectors, np.float64), item_vectors, splits.test_truth, test_exclude, test_users)
+        test[form] = {"weight": chosen[form], **test_grid[form][str(chosen[form])]}
+    static = ranking_metrics(blended_scores(user_vectors, item_vectors, test_events, 0.0), splits.test_truth,
+                             test_exclude, test_users)  # fmt: skip
     return {
         "selection": {"users": int(select_users.size), "events_per_user": float(np.diff(splits.select_events.indptr)[select_users].mean()),
                       "metric": "recall@20", "grid": grid, "chosen": chosen},  # fmt: skip
         "test": {"users": int(test_users.size), "events_per_user": float(np.diff(splits.test_events.indptr)[test_users].mean()),
-                 "static": static, **test},  # fmt: skip
+                 "static": static, **test, "grid": test_grid},  # fmt: skip
+    }
+
+
+def choose_default(reports: Sequence[dict[str, Any]], form: Form) -> dict[str, Any]:
+    """One weight for every bundle: the grid weight with the best mean relative gain in VALIDATION Recall@20 over
+    the static vector across the datasets' reports; then each dataset's test figures at that weight."""
+    def gain(report: dict[str, Any], weight: str) -> float:
+        grid = report["selection"]["grid"][form]
+        return float(grid[weight]["recall@20"] / grid["0.0"]["recall@20"] - 1.0)
+
+    weights = list(reports[0]["selection"]["grid"][form])
+    best = max(weights, key=lambda w: (float(np.mean([gain(r, w) for r in reports])), -float(w)))
+    return {
+        "form": form, "weight": float(best), "criterion": "mean relative gain in validation recall@20",
+        "validation_gain": {r["dataset"]: gain(r, best) for r in reports},
+        "test": {r["dataset"]: {"static": r["test"]["static"], "blended": r["test"]["grid"][form][best]} for r in reports},
     }
 
 
@@ -195,7 +231,11 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+@app.command("replay")
+def replay_command(
     dataset: Annotated[str, typer.Option(help="Prepared dataset name (under $MMREC_HOME/datasets).")],
     model: Annotated[str, typer.Option(help="Model with a user table, trained unless --run is given.")] = "lightgcn",
     run: Annotated[Path | None, typer.Option(help="A finished run directory to use instead of training.")] = None,
@@ -203,6 +243,7 @@ def main(
     seed: Annotated[int, typer.Option(help="Seed of training and of the validation halves.")] = 2024,
     out: Annotated[Path | None, typer.Option(help="JSON report (default docs/similarity-and-blending/blending-<dataset>.json).")] = None,
 ) -> None:
+    """Train (or load --run), choose each form's weight on validation, replay the test split."""
     from training.cli import parse_assignments
     from training.settings import PROJECT_ROOT
 
@@ -211,11 +252,35 @@ def main(
     path = out or PROJECT_ROOT / "docs" / "similarity-and-blending" / f"blending-{data.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
-    typer.echo(json.dumps({"selection": report["selection"]["chosen"], "grid_normalised": {
-        w: round(m["recall@20"], 4) for w, m in report["selection"]["grid"]["normalised"].items()}}, indent=2))  # fmt: skip
+    typer.echo("validation Recall@20 by weight (the selection grid):")
+    for form, grid in report["selection"]["grid"].items():
+        typer.echo(f"  {form:>10}: " + "  ".join(f"{w}={m['recall@20']:.4f}" for w, m in grid.items()))
     typer.echo(table(report))
     typer.echo(f"wrote {path}")
 
 
+@app.command("choose")
+def choose_command(
+    reports: Annotated[list[Path], typer.Argument(help="Replay reports (JSON) of the datasets the default must serve.")],
+    form: Annotated[str, typer.Option(help=f"One of {', '.join(FORMS)}.")] = "cosine",
+    out: Annotated[Path | None, typer.Option(help="JSON of the choice (default docs/similarity-and-blending/recent-events-weight.json).")] = None,
+) -> None:
+    """The service default: one weight across datasets, chosen on validation (see choose_default)."""
+    from training.settings import PROJECT_ROOT
+
+    if form not in FORMS:
+        raise typer.BadParameter(f"--form {form!r}: expected one of {', '.join(FORMS)}")
+    choice = choose_default([json.loads(p.read_text()) for p in reports], form)
+    path = out or PROJECT_ROOT / "docs" / "similarity-and-blending" / "recent-events-weight.json"
+    path.write_text(json.dumps(choice, indent=2) + "\n")
+    typer.echo(f"{form}: weight {choice['weight']} (validation gain " +
+               ", ".join(f"{d} {g:+.2%}" for d, g in choice["validation_gain"].items()) + ")")  # fmt: skip
+    typer.echo("| dataset | static Recall@20 | static NDCG@20 | blended Recall@20 | blended NDCG@20 |\n|---|---|---|---|---|")
+    for name, t in choice["test"].items():
+        typer.echo(f"| {name} | {t['static']['recall@20']:.4f} | {t['static']['ndcg@20']:.4f} | "
+                   f"{t['blended']['recall@20']:.4f} | {t['blended']['ndcg@20']:.4f} |")  # fmt: skip
+    typer.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
-    typer.run(main)
+    app()
