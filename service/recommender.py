@@ -28,7 +28,7 @@ from service.batching import SearchBatcher
 from service.blending import blended_scores
 from service.bundle import Bundle
 from service.catalogue import Catalogue, CatalogueState
-from service.settings import RECENT_EVENTS_WEIGHT, SIMILAR_ITEMS_ALPHA, ServiceSettings
+from service.settings import RECENT_EVENTS_WEIGHT, ServiceSettings
 from service.similarity import ItemSimilarity, top_rows
 
 Strategy = Literal["user_vector", "user_vector_recent", "user_tower", "history", "popularity", "item_similarity"]
@@ -50,14 +50,13 @@ class CodeDiversity:
 
 @dataclass(frozen=True)
 class QueryOptions:
-    """How queries are formed (service settings ``recent_events_weight``, ``similar_items_alpha``)."""
+    """How queries are formed (service setting ``recent_events_weight``)."""
 
     recent_events_weight: float = RECENT_EVENTS_WEIGHT  # 0: a known user's events only filter seen items
-    similar_items_alpha: float = SIMILAR_ITEMS_ALPHA  # 1: the cosine of the item vectors alone
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> QueryOptions:
-        return cls(recent_events_weight=settings.recent_events_weight, similar_items_alpha=settings.similar_items_alpha)
+        return cls(recent_events_weight=settings.recent_events_weight)
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class Recommender:
         self.catalogue = catalogue
         self.batcher = batcher or SearchBatcher(max_wait_ms=0, max_size=1)
         self.options = options or QueryOptions()
-        self.similarity = ItemSimilarity(bundle, catalogue, alpha=self.options.similar_items_alpha)
+        self.similarity = ItemSimilarity(bundle, catalogue)
         self._by_popularity = np.argsort(-bundle.popularity, kind="stable")  # trained rows, most popular first
 
     def known_user(self, user_id: str) -> bool:
@@ -115,7 +114,7 @@ class Recommender:
         return self._rank(self.catalogue.vectors(history, state).mean(axis=0), "history", k, seen, state, diversity)
 
     def similar(self, item_id: str, *, k: int) -> Ranking:
-        """The items most similar to ``item_id`` (service/similarity.py), itself excluded."""
+        """The items most similar to ``item_id`` (cosine, service/similarity.py), itself excluded."""
         state = self.catalogue.state
         row = self.catalogue.row(item_id, state)
         hits = self.similarity.most_similar(row, k, state)

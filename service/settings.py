@@ -23,7 +23,6 @@ KEY_HINT = "generate one with: python -c 'import secrets; print(secrets.token_ur
 RateLimitStrategy = Literal["sliding-window-counter", "moving-window", "fixed-window"]
 # Settings that can be read from a file instead (Docker secrets): the file's text, surrounding whitespace stripped.
 RECENT_EVENTS_WEIGHT = 0.2  # chosen on validation by replay on ml100k-posters and lfm2k (docs/similarity-and-blending.md)
-SIMILAR_ITEMS_ALPHA = 1.0  # chosen on validation co-likes on ml100k-posters (docs/similarity-and-blending.md)
 SECRET_FILES = {"api_key_file": "api_key", "api_keys_file": "api_keys", "redis_url_file": "redis_url"}
 
 
@@ -84,11 +83,6 @@ class ServiceSettings(BaseSettings):
         "scored v_j . u/|u| + w * mean over their recorded events e of cos(v_e, v_j) (strategy user_vector_recent; "
         "service/blending.py); 0: events only filter seen items. The default was chosen on validation by replay on "
         "ml100k-posters and lfm2k (docs/similarity-and-blending.md).")  # fmt: skip
-    similar_items_alpha: float = Field(
-        default=SIMILAR_ITEMS_ALPHA, ge=0, le=1, description="GET /v1/items/{id}/similar ranks by alpha * cos(item "
-        "vectors) + (1 - alpha) * cos(content vectors: the item encoder's output from content alone); 1: the item "
-        "vectors alone (also what a bundle without content_vectors.npy gets). The default was chosen on validation "
-        "co-likes on ml100k-posters (docs/similarity-and-blending.md).")  # fmt: skip
     verify_hashes: bool = Field(default=True, description="Check every bundle file's sha256 against the manifest.")
     redis_timeout_s: float = Field(default=0.5, gt=0)
     redis_retry_after_s: float = Field(default=2.0, ge=0, description="After a Redis failure, skip Redis this long.")

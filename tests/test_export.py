@@ -80,26 +80,6 @@ def test_export_item_encoder_onnx_matches_torch(exported: tuple[str, Path, Path]
         np.testing.assert_allclose(onnx_out[:, half:], np.load(bundle / "item_vectors.npy")[:, half:], atol=ONNX_TOLERANCE)
 
 
-def test_export_content_vectors_are_the_item_encoder_on_the_bundles_features(exported: tuple[str, Path, Path]) -> None:
-    """content_vectors.npy (item-to-item similarity, service/similarity.py) is what the bundle's own ONNX item encoder
-    gives each trained item from its item_features: the vector an ingested item with that content gets."""
-    _, _, bundle = exported
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    feeds = {}
-    for entry in manifest["item_encoder"]["inputs"]:
-        name, modality = entry["name"], entry["modality"]
-        if entry.get("mask"):
-            feeds[name] = np.load(bundle / "item_features" / f"{modality}.mask.npy").astype(np.float32)[:, None]
-        else:
-            feeds[name] = np.load(bundle / "item_features" / f"{modality}.npy")
-    session = ort.InferenceSession(str(bundle / "item_encoder.onnx"), providers=["CPUExecutionProvider"])
-    (onnx_out,) = session.run(["item_vector"], feeds)
-    content = np.load(bundle / "content_vectors.npy")
-    assert content.dtype == np.float32 and content.shape == np.load(bundle / "item_vectors.npy").shape
-    assert "content_vectors.npy" in manifest["files"]
-    np.testing.assert_allclose(content, onnx_out, atol=ONNX_TOLERANCE)
-
-
 @pytest.mark.parametrize("k", [1, 5, 17])
 def test_export_faiss_top_k_equals_numpy_exact_top_k(exported: tuple[str, Path, Path], k: int) -> None:
     _, _, bundle = exported
@@ -126,4 +106,4 @@ def test_export_dataset_without_modalities_has_no_item_encoder(tmp_path: Path) -
     bundle = export_run(result.run_dir, tmp_path / "bundle", config=ExportConfig(include_modality_encoders=False))
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["item_encoder"] is None and manifest["modalities"] == {}
-    assert not (bundle / "item_encoder.onnx").exists() and not (bundle / "content_vectors.npy").exists()
+    assert not (bundle / "item_encoder.onnx").exists()

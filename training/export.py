@@ -1,8 +1,7 @@
 """Export a training run as a versioned bundle (docs/bundle-format.md): the one thing serving reads.
 
 The bundle holds the model's item vectors in a FAISS index keyed by row, its user vectors, id maps, popularity,
-user histories, the raw content features of trained items, their content vectors (the item encoder's output from
-content alone, for item-to-item similarity), an ONNX item encoder (content → item vector) and the
+user histories, the raw content features of trained items, an ONNX item encoder (content → item vector) and the
 ONNX modality encoders (MiniLM, EfficientNet-Lite0) so the service can turn raw text and images of NEW items into
 item vectors. Models without their own content encoder (ID models) get a ridge map from content features to
 their item vectors, fitted at export time with the ridge strength chosen on held-out trained items.
@@ -119,22 +118,6 @@ def fit_ridge_map(dataset: InteractionDataset, item_vectors: np.ndarray, *, hold
     names = tuple(name for name, _, _ in inputs)
     report = {"ridge_strength": best, "holdout_cosine": {str(k): round(v, 4) for k, v in scores.items()}}
     return RidgeContentMap(names, weight), report
-
-
-@torch.no_grad()
-def encode_content(encoder: ContentEncoder, dataset: InteractionDataset, *, chunk: int = 65_536) -> np.ndarray:
-    """(n_items, dim) float32: the item encoder's output from each item's content alone, what the service gives an
-    ingested item (the bundle's ``content_vectors.npy``, the content side of item-to-item similarity)."""
-    inputs = content_inputs(dataset)
-    parts: list[np.ndarray] = []
-    for start in range(0, dataset.n_items, chunk):
-        tensors: list[torch.Tensor] = []
-        for _, features, mask in inputs:
-            tensors += [torch.from_numpy(features[start : start + chunk]), torch.from_numpy(mask[start : start + chunk])]
-        outputs = encoder(*tensors)
-        vectors = outputs[0] if isinstance(outputs, tuple) else outputs
-        parts.append(vectors.detach().float().cpu().numpy())
-    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
 
 def export_item_encoder(encoder: ContentEncoder, dims: dict[str, int], path: Path) -> list[dict[str, Any]]:
@@ -266,7 +249,6 @@ def export_run(run_dir: Path, out: Path, *, config: ExportConfig = ExportConfig(
         if native is None:
             native, ridge_report = fit_ridge_map(dataset, item_vectors, holdout=config.ridge_holdout)
         native.eval()
-        np.save(staging / "content_vectors.npy", encode_content(native, dataset))
         dims = {name: m.dim for name, m in dataset.modalities.items()}
         inputs = export_item_encoder(native, dims, staging / "item_encoder.onnx")
         item_encoder = {

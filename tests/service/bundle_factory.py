@@ -49,7 +49,6 @@ class SyntheticBundle:
     tower_weight: np.ndarray | None = None  # (dim, dim)
     tower_length: int = 0
     text_max_length: int = 16
-    content_vectors: np.ndarray | None = None  # (n_items, dim): the encoder's output from each item's content
 
     @property
     def version(self) -> str:
@@ -105,7 +104,6 @@ def make_bundle(
     index_type: str = "flat_ip",
     model_name: str = "toy-mf",
     version: str | None = None,
-    content_vectors: bool = False,
 ) -> SyntheticBundle:
     """Write a bundle to ``out`` (created) and return it with its numpy reference."""
     rng = np.random.default_rng(seed)
@@ -171,12 +169,6 @@ def make_bundle(
         ).astype(np.float32)
     else:
         bundle.item_vectors = rng.normal(size=(n_items, dim)).astype(np.float32)
-    if content_vectors:
-        # content_vectors.npy: the item encoder's output from content alone (what the vectors are so far); the
-        # trained vectors then move away from it, as a collaborative model's do
-        bundle.content_vectors = bundle.item_vectors.copy()
-        np.save(out / "content_vectors.npy", bundle.content_vectors)
-        bundle.item_vectors = (bundle.item_vectors + rng.normal(size=bundle.item_vectors.shape)).astype(np.float32)
     for name in dims:
         np.save(out / "item_features" / f"{name}.npy", features[name] * masks[name][:, None])
         np.save(out / "item_features" / f"{name}.mask.npy", masks[name])

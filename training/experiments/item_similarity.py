@@ -161,7 +161,9 @@ class Spaces:
 def ridge_encoded(dataset: InteractionDataset, item_vectors: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
     """The bundle's cold-start map for an ID model (``training.export.fit_ridge_map``), fitted on ``fit_rows``
     only, applied to every item's content: (n_items, d)."""
-    from training.export import encode_content, fit_ridge_map
+    import torch
+
+    from training.export import content_inputs, fit_ridge_map
 
     view = dataclasses.replace(
         dataset, item_ids=[dataset.item_ids[i] for i in fit_rows], item_text=[dataset.item_text[i] for i in fit_rows],
@@ -172,7 +174,12 @@ def ridge_encoded(dataset: InteractionDataset, item_vectors: np.ndarray, fit_row
         split=np.zeros(0, np.int8),
     )  # fmt: skip
     encoder, _ = fit_ridge_map(view, item_vectors[fit_rows], holdout=0.1)
-    return encode_content(encoder.eval(), dataset)
+    encoder.eval()
+    tensors: list[torch.Tensor] = []
+    for _, features, mask in content_inputs(dataset):
+        tensors += [torch.from_numpy(features), torch.from_numpy(mask)]
+    with torch.no_grad():
+        return np.asarray(encoder(*tensors).numpy(), dtype=np.float32)
 
 
 def evaluate_methods(spaces: Spaces, queries: np.ndarray, judge: Judge, *, alphas: Mapping[str, float]) -> dict[str, Any]:
