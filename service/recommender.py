@@ -1,6 +1,8 @@
 """Scoring: who gets which items, and which strategy chose them.
 
-- known user, bundle with a user table: the user's vector against every live item ("user_vector");
+- known user, bundle with a user table: the user's vector against every live item ("user_vector"); with recorded
+  events and ``recent_events_weight`` > 0, the user's vector plus the events' cosine to each item
+  ("user_vector_recent", service/blending.py: an exact scan);
 - sequence model (bundle with a ``user_tower``): the ONNX tower over the user's recent items ("user_tower");
 - unknown user with events, or an explicit history: the mean of the history's item vectors ("history");
 - otherwise: training popularity ("popularity").
@@ -23,11 +25,14 @@ from typing import Literal
 import numpy as np
 
 from service.batching import SearchBatcher
+from service.blending import blended_scores
 from service.bundle import Bundle, UserTowerSpec
 from service.catalogue import Catalogue, CatalogueState
 from service.microbatching import MicroBatcher
+from service.settings import RECENT_EVENTS_WEIGHT, ServiceSettings
+from service.similarity import ItemSimilarity, top_rows
 
-Strategy = Literal["user_vector", "user_tower", "history", "popularity", "item_vector"]
+Strategy = Literal["user_vector", "user_vector_recent", "user_tower", "history", "popularity", "item_similarity"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,17 @@ class UserTower:
 
 
 @dataclass(frozen=True)
+class QueryOptions:
+    """How queries are formed (service setting ``recent_events_weight``)."""
+
+    recent_events_weight: float = RECENT_EVENTS_WEIGHT  # 0: a known user's events only filter seen items
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> QueryOptions:
+        return cls(recent_events_weight=settings.recent_events_weight)
+
+
+@dataclass(frozen=True)
 class Ranking:
     strategy: Strategy
     items: list[tuple[str, float]]  # (item id, score), best first
@@ -82,10 +98,12 @@ class Ranker:
     """Rankings over one catalogue. Each request takes the catalogue's state once and works on it throughout."""
 
     def __init__(self, bundle: Bundle, catalogue: Catalogue, *, batcher: SearchBatcher | None = None,
-                 tower: UserTower | None = None) -> None:  # fmt: skip
+                 options: QueryOptions | None = None, tower: UserTower | None = None) -> None:  # fmt: skip
         self.bundle = bundle
         self.catalogue = catalogue
         self.batcher = batcher or SearchBatcher(max_wait_ms=0, max_size=1)
+        self.options = options or QueryOptions()
+        self.similarity = ItemSimilarity(bundle, catalogue)
         if tower is None and bundle.user_tower is not None:
             tower = UserTower(bundle.user_tower, bundle.dim)
         self.tower = tower
@@ -100,12 +118,17 @@ class Ranker:
         state = self.catalogue.state
         user_row = self.bundle.user_rows.get(user_id)
         trained = self.bundle.training_history(user_row).tolist() if user_row is not None else []
-        history = trained + self.catalogue.rows_of(recent_item_ids, state)  # oldest first
+        recent = self.catalogue.rows_of(recent_item_ids, state)
+        history = trained + recent  # oldest first
         seen = set(history) if exclude_seen else set()
         if self.tower is not None and history:
             return self._rank(self._tower(history, state), "user_tower", k, seen, state, diversity)
         if user_row is not None and self.bundle.user_vectors is not None:
-            return self._rank(self.bundle.user_vectors[user_row], "user_vector", k, seen, state, diversity)
+            user_vector = self.bundle.user_vectors[user_row]
+            if recent and self.options.recent_events_weight > 0:
+                scores = blended_scores(self.similarity, user_vector, recent, self.options.recent_events_weight, state)
+                return self._rank_scores(scores, "user_vector_recent", k, seen, state, diversity)
+            return self._rank(user_vector, "user_vector", k, seen, state, diversity)
         if history:
             return self._rank(self.catalogue.vectors(history, state).mean(axis=0), "history", k, seen, state, diversity)
         return self._popular(k, seen, state, diversity)
@@ -123,9 +146,11 @@ class Ranker:
         return self._rank(self.catalogue.vectors(history, state).mean(axis=0), "history", k, seen, state, diversity)
 
     def similar(self, item_id: str, *, k: int) -> Ranking:
+        """The items most similar to ``item_id`` (cosine, service/similarity.py), itself excluded."""
         state = self.catalogue.state
         row = self.catalogue.row(item_id, state)
-        return self._rank(self.catalogue.vectors([row], state)[0], "item_vector", k, {row}, state)
+        hits = self.similarity.most_similar(row, k, state)
+        return Ranking("item_similarity", [(self.catalogue.item_id(r), score) for r, score in hits])
 
     def _rank(self, query: np.ndarray, strategy: Strategy, k: int, exclude: set[int], state: CatalogueState,
               diversity: CodeDiversity | None = None) -> Ranking:  # fmt: skip
@@ -139,6 +164,15 @@ class Ranker:
             if len(taken) == k or len(hits) < fetch:  # enough, or nothing more to fetch
                 return Ranking(strategy, [(self.catalogue.item_id(row), score) for row, score in taken])
             fetch *= 4
+
+    def _rank_scores(self, scores: np.ndarray, strategy: Strategy, k: int, exclude: set[int], state: CatalogueState,
+                     diversity: CodeDiversity | None = None) -> Ranking:  # fmt: skip
+        """A ranking from precomputed scores of every row (an exact scan instead of a FAISS search)."""
+        if diversity is None:
+            hits = top_rows(scores, k, exclude, state)
+        else:
+            hits = self._diversify(top_rows(scores, len(scores), exclude, state), k, diversity)
+        return Ranking(strategy, [(self.catalogue.item_id(row), score) for row, score in hits])
 
     def _diversify(self, hits: Sequence[tuple[int, float]], k: int, diversity: CodeDiversity) -> list[tuple[int, float]]:
         """The first ``k`` hits, best first, skipping those whose code prefix already has its quota."""

@@ -37,7 +37,7 @@ from service.encoding import EncodingLimits, ItemEncoder
 from service.errors import Unavailable
 from service.events import EventStore, RedisEventStore, SqliteEventStore
 from service.metrics import Metrics
-from service.recommender import Ranker, UserTower
+from service.recommender import QueryOptions, Ranker, UserTower
 from service.redis_pool import RedisDown, RedisPool
 from service.schemas import RecommendationList
 from service.settings import ServiceSettings
@@ -67,13 +67,14 @@ class Engine:
         if bundle.user_tower is not None:
             tower = UserTower(bundle.user_tower, bundle.dim, max_wait_ms=settings.encode_batch_max_wait_ms,
                               max_rows=settings.encode_batch_max_items, workers=settings.encode_batch_workers)  # fmt: skip
-        return cls.on(bundle, encoder, batcher, tower)
+        return cls.on(bundle, encoder, batcher, QueryOptions.from_settings(settings), tower)
 
     @classmethod
-    def on(cls, bundle: Bundle, encoder: ItemEncoder, batcher: SearchBatcher, tower: UserTower | None = None) -> Engine:
+    def on(cls, bundle: Bundle, encoder: ItemEncoder, batcher: SearchBatcher, options: QueryOptions,
+           tower: UserTower | None = None) -> Engine:
         """A fresh engine: the bundle's trained items only (sharing its index, vectors, encoders and tower)."""
         catalogue = Catalogue(bundle, version=f"unsynced-{uuid.uuid4().hex[:12]}")  # never a store version
-        recommender = Ranker(bundle, catalogue, batcher=batcher, tower=tower)
+        recommender = Ranker(bundle, catalogue, batcher=batcher, options=options, tower=tower)
         return cls(bundle=bundle, encoder=encoder, catalogue=catalogue, recommender=recommender)
 
     def load(self, snapshot: StoreSnapshot) -> int:
@@ -188,7 +189,7 @@ class Runtime:
         """Load the whole store into a fresh engine (on this bundle, or ``engine``'s) and swap it in; returns the
         stream position the snapshot includes. Raises :class:`RedisDown`."""
         base = engine or self.engine
-        fresh = Engine.on(base.bundle, base.encoder, self.batcher, base.recommender.tower)
+        fresh = Engine.on(base.bundle, base.encoder, self.batcher, base.recommender.options, base.recommender.tower)
         snapshot = self.catalogue_store.load()
         replayed = fresh.load(snapshot)
         with self.write_lock:

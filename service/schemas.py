@@ -18,7 +18,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-Strategy = Literal["user_vector", "user_tower", "history", "popularity", "item_vector"]
+Strategy = Literal["user_vector", "user_vector_recent", "user_tower", "history", "popularity", "item_similarity"]
 
 
 def _not_dots(value: str) -> str:
@@ -115,7 +115,8 @@ class ItemDeleted(BaseModel):
 
 class ScoredItem(BaseModel):
     id: str
-    score: float = Field(description="Inner product of the query vector and the item vector (popularity: count).")
+    score: float = Field(description="Inner product of the query vector and the item vector (popularity: count; "
+                         "similar items: the similarity, at most 1).")
 
 
 class SimilarItems(BaseModel):
@@ -125,7 +126,7 @@ class SimilarItems(BaseModel):
                 {
                     "item_id": "item-1",
                     "k": 2,
-                    "strategy": "item_vector",
+                    "strategy": "item_similarity",
                     "items": [{"id": "item-7", "score": 0.91}, {"id": "item-3", "score": 0.88}],
                     "bundle_version": "ml100k-lightgcn-20240501",
                     "catalogue_version": "8",
@@ -203,8 +204,10 @@ class RecommendationList(BaseModel):
 
     user_id: str | None
     strategy: Strategy = Field(
-        description="user_vector: the model's user vector; user_tower: the sequence model over recent items; "
-        "history: mean of the history's item vectors (unknown user with events); popularity: training popularity."
+        description="user_vector: the model's user vector; user_vector_recent: the user's vector blended with the "
+        "mean vector of their recorded events (known user with events, recent_events_weight > 0); user_tower: the "
+        "sequence model over recent items; history: mean of the history's item vectors (unknown user with events); "
+        "popularity: training popularity."
     )
     k: int
     exclude_seen: bool

@@ -22,6 +22,7 @@ MIN_KEY_LENGTH = 16  # 16 random characters; `secrets.token_urlsafe(32)` gives 4
 KEY_HINT = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 RateLimitStrategy = Literal["sliding-window-counter", "moving-window", "fixed-window"]
 # Settings that can be read from a file instead (Docker secrets): the file's text, surrounding whitespace stripped.
+RECENT_EVENTS_WEIGHT = 0.2  # chosen on validation by replay on ml100k-posters and lfm2k (docs/similarity-and-blending.md)
 SECRET_FILES = {"api_key_file": "api_key", "api_keys_file": "api_keys", "redis_url_file": "redis_url"}
 
 
@@ -77,6 +78,11 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_batch_items: int = Field(default=256, ge=1)
     history_length: int = Field(default=200, ge=1, description="Recent events kept per user (most recent last).")
+    recent_events_weight: float = Field(
+        default=RECENT_EVENTS_WEIGHT, ge=0, le=100, description="Known users of a bundle with user vectors: items are "
+        "scored v_j . u/|u| + w * mean over their recorded events e of cos(v_e, v_j) (strategy user_vector_recent; "
+        "service/blending.py); 0: events only filter seen items. The default was chosen on validation by replay on "
+        "ml100k-posters and lfm2k (docs/similarity-and-blending.md).")  # fmt: skip
     verify_hashes: bool = Field(default=True, description="Check every bundle file's sha256 against the manifest.")
     redis_timeout_s: float = Field(default=0.5, gt=0)
     redis_retry_after_s: float = Field(default=2.0, ge=0, description="After a Redis failure, skip Redis this long.")

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from models.qarm import QARM
 from service.app import create_app
-from service.settings import ServiceSettings
+from service.settings import RECENT_EVENTS_WEIGHT, ServiceSettings
 from training.data.dataset import InteractionDataset
 from training.experiments.qarm_pipeline import AlignmentTrainConfig, PipelineConfig, run_qarm
 from training.export.bundle import ExportConfig, export_run
@@ -134,6 +134,37 @@ def test_diversity_by_code_prefix_equals_brute_force_greedy(
         assert [i["id"] for i in got["items"]] == expected
         body = {"user_id": full.user_ids[user], **params}
         assert [i["id"] for i in client.post("/v1/recommendations", json=body).json()["items"]] == expected
+
+
+def test_diversity_applies_to_a_known_users_ranking_with_recent_events(
+    client: TestClient, qarm_bundle: tuple[Path, InteractionDataset, Path]
+) -> None:
+    """With events the ranking is v_j·u/|u| + w·mean_e cos(v_e, v_j) (service/blending.py): the same greedy
+    code-prefix walk over it as brute force."""
+    bundle, full, _ = qarm_bundle
+    items = np.load(bundle / "item_vectors.npy").astype(np.float64)
+    users = np.load(bundle / "user_vectors.npy").astype(np.float64)
+    item_ids = json.loads((bundle / "item_ids.json").read_text())
+    codes = np.load(bundle / "semantic_codes" / "item_codes.npy")
+    history = np.load(bundle / "user_history.npz")
+    user = 3
+    seen = set(history["indices"][history["indptr"][user] : history["indptr"][user + 1]].tolist())
+    events = [r for r in range(len(item_ids)) if r not in seen][:2]
+    posted = client.post(f"/v1/users/{full.user_ids[user]}/events", json={"events": [{"item_id": item_ids[r]} for r in events]})
+    assert posted.status_code == 201, posted.text
+    unit = items / np.linalg.norm(items, axis=1, keepdims=True)
+    scores = items @ users[user] / np.linalg.norm(users[user]) + RECENT_EVENTS_WEIGHT * (unit @ unit[events].T).mean(axis=1)
+    order = [r for r in np.argsort(-scores, kind="stable").tolist() if r not in seen | set(events)]
+    expected, counts = [], {}  # type: ignore[var-annotated]
+    for row in order:
+        key = int(codes[row, 0])
+        if counts.get(key, 0) < 1:
+            counts[key] = counts.get(key, 0) + 1
+            expected.append(item_ids[row])
+        if len(expected) == 6:
+            break
+    got = client.get(f"/v1/users/{full.user_ids[user]}/recommendations", params={"k": 6, "max_per_code_prefix": 1}).json()
+    assert got["strategy"] == "user_vector_recent" and [i["id"] for i in got["items"]] == expected
 
 
 def test_diversity_caps_every_first_level_code(client: TestClient, qarm_bundle: tuple[Path, InteractionDataset, Path]) -> None:

@@ -61,7 +61,7 @@ def get_item(item_id: ItemIdPath, runtime: RuntimeDep) -> ItemPublic:
 @router.get("/{item_id}/similar", response_model=SimilarItems, dependencies=[ReadAccess], openapi_extra=OPEN_READ,
             responses=error_responses(401, 403, 404, 422, 429, described={422: "k out of range (1..max_k)."}))  # fmt: skip
 def similar(item_id: ItemIdPath, runtime: RuntimeDep, k: KParam = None) -> SimilarItems:
-    """The k items whose vectors have the largest inner product with this item's vector."""
+    """The k items most similar to this one: the cosine of their item vectors."""
     return reads.similar_items(runtime, item_id, k=k)
 
 

@@ -91,7 +91,7 @@ def test_reload_serves_the_new_bundle_and_reencodes_ingested_items(
         assert after["bundle_version"] == newer.version and after["cached"] is False and after["items"] != before["items"]
         # the stored item got a vector from the NEW item encoder
         vector = newer.encode({"tags": TAGS.astype(np.float32)})
-        expected = np.argsort(-(newer.item_vectors @ vector), kind="stable")[:5]
+        expected = np.argsort(-(newer.item_vectors @ vector) / np.linalg.norm(newer.item_vectors, axis=1), kind="stable")[:5]
         similar = client.get("/v1/items/carried/similar", params={"k": 5}).json()
         assert [i["id"] for i in similar["items"]] == [newer.item_ids[r] for r in expected]
         assert client.get("/v1/items/carried").json()["extra"]["quality"] == pytest.approx(

@@ -49,7 +49,8 @@ def test_ingest_text_and_image_runs_the_modality_encoders(content_client: TestCl
     image_features = colour @ content_bundle.image_projection
     vector = content_bundle.encode({"text": content_bundle.encode_text("a quiet space story"), "image": image_features})
     similar = content_client.get("/v1/items/poster/similar", params={"k": 3}).json()
-    expected = np.argsort(-(content_bundle.item_vectors @ vector), kind="stable")[:3]
+    vectors = content_bundle.item_vectors
+    expected = np.argsort(-(vectors @ vector) / np.linalg.norm(vectors, axis=1), kind="stable")[:3]  # cosine
     assert [i["id"] for i in similar["items"]] == [content_bundle.item_ids[r] for r in expected]
 
 

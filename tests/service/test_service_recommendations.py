@@ -56,10 +56,12 @@ def test_recommend_includes_seen_items_when_asked(client: TestClient, features_b
     assert ids(body) == [features_bundle.item_ids[r] for r in expected]
 
 
-def test_recommend_excludes_items_from_recorded_events(client: TestClient, features_bundle: SyntheticBundle) -> None:
-    top = ids(client.get("/v1/users/u5/recommendations", params={"k": 3}).json())
-    assert client.post("/v1/users/u5/events", json={"events": [{"item_id": top[0]}]}).status_code == 201
-    after = ids(client.get("/v1/users/u5/recommendations", params={"k": 3}).json())
+def test_recommend_excludes_items_from_recorded_events(make_settings: Callable[..., ServiceSettings], serve: Serve) -> None:
+    """With the static user vector (recent_events_weight 0; the blend is tested in test_service_recent_events.py)."""
+    with serve(make_settings(recent_events_weight=0.0)) as client:
+        top = ids(client.get("/v1/users/u5/recommendations", params={"k": 3}).json())
+        assert client.post("/v1/users/u5/events", json={"events": [{"item_id": top[0]}]}).status_code == 201
+        after = ids(client.get("/v1/users/u5/recommendations", params={"k": 3}).json())
     assert top[0] not in after and after[:2] == top[1:]
 
 
@@ -94,10 +96,12 @@ def test_post_recommendations_with_user_id_equals_get(client: TestClient) -> Non
     assert ids(posted) == ids(got) and posted["strategy"] == "user_vector"
 
 
-def test_similar_items_equal_numpy_exact_top_k(client: TestClient, features_bundle: SyntheticBundle) -> None:
+def test_similar_items_equal_numpy_exact_top_k_by_cosine(client: TestClient, features_bundle: SyntheticBundle) -> None:
+    """A bundle without content vectors: the cosine of the item vectors (service/similarity.py)."""
     body = client.get("/v1/items/i12/similar", params={"k": 8}).json()
-    expected = exact_top_k(features_bundle.item_vectors, features_bundle.item_vectors[12], 8, exclude=[12])
-    assert body["strategy"] == "item_vector"
+    unit = features_bundle.item_vectors / np.linalg.norm(features_bundle.item_vectors, axis=1, keepdims=True)
+    expected = exact_top_k(unit, unit[12], 8, exclude=[12])
+    assert body["strategy"] == "item_similarity"
     assert ids(body) == [features_bundle.item_ids[r] for r in expected]
 
 

@@ -1,0 +1,316 @@
+"""Which item-to-item similarity should ``GET /v1/items/{id}/similar`` use? Measured on ml100k-posters (issue 14).
+
+Candidates, for a query item ``i`` and every other item ``j`` (``v``: the model's item vectors; an item held out of
+training gets the bundle's item-encoder vector from its content, as an ingested item does; ``c``: the content
+space, below):
+
+- ``inner_product``: ``v_i · v_j`` (what the service did: favours high-norm, popular items);
+- ``cosine``: ``cos(v_i, v_j)``;
+- ``content``: ``c_i · c_j`` where ``c`` is the text and image features, each L2-normalised, concatenated and
+  normalised again (an item with one modality is compared on that one);
+- ``encoded``: ``cos(e_i, e_j)``, ``e`` the item encoder's output from content alone (the bundle's ridge map for an
+  ID model), so trained items are compared as if they were ingested;
+- ``blend``: ``α · cos(v_i, v_j) + (1 − α) · sim_content(i, j)`` with either content space, ``α`` chosen on
+  validation.
+
+Figures for the top-10 neighbours of each query item:
+- genre agreement: share of neighbours sharing at least one MovieLens genre with the query (items.csv flags,
+  "unknown" left out; items without a genre are not queried);
+- co-like rate: share of (query, neighbour) pairs liked by at least one same user in held-out interactions (the
+  test split; with items held out of training, their interactions too), over query items with a held-out user;
+  ``co-like share``: the mean share of the query's held-out users who also like the neighbour in held-out data;
+- mean neighbour popularity (interactions in the whole dataset) against the catalogue's mean.
+
+``α`` and the content space are chosen on the VALIDATION split (the co-like rate with validation interactions as
+the held-out ones); the test split and the cold items only report.
+
+The cold experiment holds out 10% of the items entirely (``training.experiments.cold_protocol.make_cold_split``, the one cold-start protocol, seed 2024), trains on
+the rest, gives the cold items vectors from their content alone (ridge map fitted on the warm items), and queries
+each cold item against the whole catalogue (warm and cold items), as after ingesting them.
+
+    .venv/bin/python -m training.experiments.item_similarity --dataset ml100k-posters --train epochs=60
+
+prints the tables and writes ``docs/similarity-and-blending/similarity-<dataset>.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import scipy.sparse as sp
+import typer
+
+from training.data.dataset import TEST, VALID, InteractionDataset
+
+K = 10
+ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+CONTENT_SPACES = ("content", "encoded")
+EPS = 1e-12
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.where(norms > EPS, x / np.maximum(norms, EPS), 0.0)
+
+
+def content_space(dataset: InteractionDataset) -> np.ndarray:
+    """(n_items, Σ d_m): every modality's features L2-normalised (zero where absent), concatenated, normalised."""
+    parts = [unit_rows(m.features * m.present[:, None]) for _, m in sorted(dataset.modalities.items())]
+    return unit_rows(np.concatenate(parts, axis=1))
+
+
+def top_neighbours(scores: np.ndarray, queries: np.ndarray, k: int = K) -> np.ndarray:
+    """(Q, k) best items per query row of ``scores`` (Q, N), the query item itself excluded, ties by row."""
+    scores = np.array(scores, dtype=np.float64)
+    scores[np.arange(len(queries)), queries] = -np.inf
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def ml100k_genres(data_root: Path, item_ids: list[str]) -> list[frozenset[str]]:
+    """MovieLens genre flags of each item (items.csv, first row of a repeated movie_id), without "unknown"."""
+    rows: dict[str, dict[str, str]] = {}
+    with (data_root / "ml100k-posters" / "items.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        genre_columns = fields[fields.index("title") + 1 : fields.index("year")]
+        for row in reader:
+            rows.setdefault(row["movie_id"], row)
+    return [frozenset(g for g in genre_columns if g != "genre_unknown" and rows.get(i, {}).get(g) == "1") for i in item_ids]
+
+
+@dataclass(frozen=True)
+class Judge:
+    """What the figures of a neighbour list are measured against."""
+
+    genres: list[frozenset[str]]
+    heldout: sp.csc_matrix  # (n_users, n_items) binary: the held-out interactions
+    popularity: np.ndarray  # (n_items,) interactions in the whole dataset
+
+    @property
+    def catalogue_popularity(self) -> float:
+        return float(self.popularity.mean())
+
+    def figures(self, queries: np.ndarray, neighbours: np.ndarray) -> dict[str, float]:
+        genre_rows = [q for q in range(len(queries)) if self.genres[queries[q]]]
+        agree = [np.mean([bool(self.genres[queries[q]] & self.genres[j]) for j in neighbours[q]]) for q in genre_rows]
+        users_of = [self.heldout.indices[self.heldout.indptr[i] : self.heldout.indptr[i + 1]] for i in range(self.heldout.shape[1])]
+        any_user: list[float] = []
+        share: list[float] = []
+        for q, item in enumerate(queries):
+            mine = users_of[item]
+            if mine.size == 0:
+                continue
+            common = np.array([np.intersect1d(mine, users_of[j], assume_unique=True).size for j in neighbours[q]])
+            any_user.append(float((common > 0).mean()))
+            share.append(float((common / mine.size).mean()))
+        return {
+            "genre_agreement@10": float(np.mean(agree)),
+            "co_like_rate@10": float(np.mean(any_user)),
+            "co_like_share@10": float(np.mean(share)),
+            "neighbour_popularity": float(self.popularity[neighbours].mean()),
+            "query_items": len(queries),
+            "co_like_query_items": len(any_user),
+        }
+
+
+def heldout_matrix(dataset: InteractionDataset, splits: tuple[int, ...]) -> sp.csc_matrix:
+    keep = np.isin(dataset.split, splits)
+    m = sp.csc_matrix((np.ones(int(keep.sum()), np.float32), (dataset.user[keep], dataset.item[keep])),
+                      shape=(dataset.n_users, dataset.n_items))  # fmt: skip
+    m.sum_duplicates()
+    m.sort_indices()
+    return m
+
+
+@dataclass(frozen=True)
+class Spaces:
+    """The vectors every candidate is computed from (rows = items of the dataset)."""
+
+    vectors: np.ndarray  # (n_items, d) the model's item vectors; cold rows: the encoder's vectors
+    encoded: np.ndarray  # (n_items, d) the item encoder's output from content alone, every row
+    content: np.ndarray  # (n_items, Σ d_m) unit rows
+
+    def scorer(self, method: str, alpha: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
+        """scores (Q, n_items) of the query rows under ``method`` ("blend-content"/"blend-encoded" use ``alpha``)."""
+        cf = unit_rows(self.vectors)
+        enc = unit_rows(self.encoded)
+        if method == "inner_product":
+            return lambda q: self.vectors[q].astype(np.float64) @ self.vectors.T.astype(np.float64)
+        if method == "cosine":
+            return lambda q: cf[q] @ cf.T
+        if method == "content":
+            return lambda q: self.content[q] @ self.content.T
+        if method == "encoded":
+            return lambda q: enc[q] @ enc.T
+        if method == "blend-content":
+            return lambda q: alpha * (cf[q] @ cf.T) + (1 - alpha) * (self.content[q] @ self.content.T)
+        if method == "blend-encoded":
+            return lambda q: alpha * (cf[q] @ cf.T) + (1 - alpha) * (enc[q] @ enc.T)
+        raise ValueError(f"unknown method {method!r}")
+
+
+def ridge_encoded(dataset: InteractionDataset, item_vectors: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
+    """The bundle's cold-start map for an ID model (``training.export.fit_ridge_map``), fitted on ``fit_rows``
+    only, applied to every item's content: (n_items, d)."""
+    import torch
+
+    from training.export.ridge import content_inputs, fit_ridge_map
+
+    view = dataclasses.replace(
+        dataset, item_ids=[dataset.item_ids[i] for i in fit_rows], item_text=[dataset.item_text[i] for i in fit_rows],
+        item_image=[dataset.item_image[i] for i in fit_rows],
+        modalities={n: dataclasses.replace(m, features=m.features[fit_rows], present=m.present[fit_rows])
+                    for n, m in dataset.modalities.items()},
+        user=np.zeros(0, np.int64), item=np.zeros(0, np.int64), timestamp=np.zeros(0, np.int64),
+        split=np.zeros(0, np.int8),
+    )  # fmt: skip
+    encoder, _ = fit_ridge_map(view, item_vectors[fit_rows], holdout=0.1)
+    encoder.eval()
+    tensors: list[torch.Tensor] = []
+    for _, features, mask in content_inputs(dataset):
+        tensors += [torch.from_numpy(features), torch.from_numpy(mask)]
+    with torch.no_grad():
+        return np.asarray(encoder(*tensors).numpy(), dtype=np.float32)
+
+
+def evaluate_methods(spaces: Spaces, queries: np.ndarray, judge: Judge, *, alphas: Mapping[str, float]) -> dict[str, Any]:
+    methods: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        name: spaces.scorer(name) for name in ("inner_product", "cosine", "content", "encoded")
+    }
+    for space, alpha in alphas.items():
+        methods[f"blend-{space}"] = spaces.scorer(f"blend-{space}", alpha)
+    return {name: judge.figures(queries, top_neighbours(score(queries), queries)) for name, score in methods.items()}
+
+
+def select_alpha(spaces: Spaces, queries: np.ndarray, judge: Judge) -> dict[str, Any]:
+    """For each content space, the α with the best validation co-like rate (ties: the larger α)."""
+    grid: dict[str, dict[str, dict[str, float]]] = {}
+    chosen: dict[str, float] = {}
+    for space in CONTENT_SPACES:
+        grid[space] = {str(a): judge.figures(queries, top_neighbours(spaces.scorer(f"blend-{space}", a)(queries), queries))
+                       for a in ALPHAS}  # fmt: skip
+        chosen[space] = max(ALPHAS, key=lambda a: (grid[space][str(a)]["co_like_rate@10"], a))
+    return {"metric": "co_like_rate@10 on validation interactions", "grid": grid, "chosen": chosen}
+
+
+def train_vectors(dataset: InteractionDataset, directory: Path, model: str, *, train_settings: dict[str, str], seed: int,
+                  runs_root: Path | None) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+    import torch
+
+    from models.config import build_config
+    from training.config import preset
+    from training.fit.trainer import TrainConfig, train
+
+    model_layer, train_layer = preset(dataset.name.removesuffix("-cold"), model)
+    config = build_config(TrainConfig, train_layer, {"progress": False, "seed": seed, **train_settings})
+    started = time.perf_counter()
+    result = train(dataset, model, dataset_dir=directory, model_config=model_layer, train_config=config, runs_root=runs_root)
+    with torch.no_grad():
+        result.model.eval()
+        items = result.model.representations().items.float().cpu().numpy()
+    return items, {"run_dir": str(result.run_dir) if result.run_dir else None, "best_epoch": result.best_epoch,
+                   "valid_recall@20": result.valid.get("recall@20"), "test_recall@20": result.test.get("recall@20"),
+                   "train_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+def run_similarity(directory: Path, genres_of: Callable[[list[str]], list[frozenset[str]]], model: str, *,
+                   train_settings: dict[str, str], seed: int, cold_share: float, run: Path | None,
+                   runs_root: Path | None) -> dict[str, Any]:  # fmt: skip
+    """Train (or load ``run``), choose α on validation, measure every candidate on trained and on cold items.
+    ``genres_of(item_ids)`` gives each item's genres."""
+    import torch
+
+    from training.experiments.cold_protocol import COLD, make_cold_split
+    from training.runs import load_run
+
+    dataset = InteractionDataset.load(directory)
+    if not dataset.modalities:
+        raise ValueError(f"{dataset.name} has no content modalities")
+    genres = genres_of(dataset.item_ids)
+    popularity = np.bincount(dataset.item, minlength=dataset.n_items).astype(np.float64)
+    content = content_space(dataset)
+    all_rows = np.arange(dataset.n_items)
+
+    # trained items: the model on the usual split; the encoder fitted on every item, as the bundle's
+    if run is not None:
+        loaded = load_run(run)
+        with torch.no_grad():
+            vectors = loaded.model.representations().items.float().cpu().numpy()
+        trained_info: dict[str, Any] = {"run_dir": str(run), "best_epoch": loaded.metrics.get("best_epoch")}
+    else:
+        vectors, trained_info = train_vectors(dataset, directory, model, train_settings=train_settings, seed=seed,
+                                              runs_root=runs_root)  # fmt: skip
+    spaces = Spaces(vectors=vectors, encoded=ridge_encoded(dataset, vectors, all_rows), content=content)
+    queries = all_rows[np.bincount(dataset.item[dataset.split == 0], minlength=dataset.n_items) > 0]
+    selection = select_alpha(spaces, queries, Judge(genres, heldout_matrix(dataset, (VALID,)), popularity))
+    trained = evaluate_methods(spaces, queries, Judge(genres, heldout_matrix(dataset, (TEST,)), popularity),
+                               alphas=selection["chosen"])  # fmt: skip
+
+    # items held out of training, ingested from content only
+    held_out = make_cold_split(dataset, share=cold_share, seed=seed)  # the one cold-start protocol
+    cold_dataset, cold = held_out.dataset, held_out.cold
+    cold_vectors, cold_info = train_vectors(cold_dataset, directory, model, train_settings=train_settings, seed=seed,
+                                            runs_root=None)  # fmt: skip
+    warm = np.setdiff1d(all_rows, cold)
+    encoded = ridge_encoded(dataset, cold_vectors, warm)
+    served = cold_vectors.copy()
+    served[cold] = encoded[cold]  # what the service holds for an ingested item
+    cold_spaces = Spaces(vectors=served, encoded=encoded, content=content)
+    cold_judge = Judge(genres, heldout_matrix(cold_dataset, (TEST, COLD)), popularity)
+    ingested = evaluate_methods(cold_spaces, cold, cold_judge, alphas=selection["chosen"])
+    return {
+        "dataset": dataset.name, "model": model, "seed": seed, "k": K,
+        "catalogue_popularity": float(popularity.mean()),
+        "trained": {"model": trained_info, "figures": trained},
+        "selection": selection,
+        "ingested": {"model": cold_info, "cold_share": cold_share, "cold_items": int(cold.size), "figures": ingested},
+    }  # fmt: skip
+
+
+def table(report: dict[str, Any], part: str) -> str:
+    lines = [f"| similarity | genre agreement@10 | co-like rate@10 | co-like share@10 | neighbour popularity "
+             f"(catalogue {report['catalogue_popularity']:.1f}) |", "|---|---|---|---|---|"]  # fmt: skip
+    chosen = report["selection"]["chosen"]
+    for name, f in report[part]["figures"].items():
+        label = f"{name} (α={chosen[name.removeprefix('blend-')]})" if name.startswith("blend-") else name
+        lines.append(f"| {label} | {f['genre_agreement@10']:.3f} | {f['co_like_rate@10']:.3f} | "
+                     f"{f['co_like_share@10']:.4f} | {f['neighbour_popularity']:.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(
+    dataset: Annotated[str, typer.Option(help="Prepared dataset with MovieLens genres (ml100k-posters).")] = "ml100k-posters",
+    model: Annotated[str, typer.Option(help="Model trained for the item vectors.")] = "lightgcn",
+    run: Annotated[Path | None, typer.Option(help="A finished run on the usual split, instead of training one.")] = None,
+    train_set: Annotated[list[str], typer.Option("--train", help="Trainer setting KEY=VALUE, e.g. epochs=60.")] = [],  # noqa: B006
+    seed: Annotated[int, typer.Option(help="Seed of training and of the cold-item draw.")] = 2024,
+    cold_share: Annotated[float, typer.Option(help="Share of items held out of training.")] = 0.1,
+    out: Annotated[Path | None, typer.Option(help="JSON report (default docs/similarity-and-blending/similarity-<dataset>.json).")] = None,
+) -> None:
+    from training.cli import parse_assignments
+    from training.settings import PROJECT_ROOT, default_paths
+
+    paths = default_paths()
+    report = run_similarity(paths.datasets / dataset, lambda ids: ml100k_genres(paths.data_root, ids), model,
+                            train_settings=parse_assignments(train_set), seed=seed, cold_share=cold_share, run=run,
+                            runs_root=paths.runs)  # fmt: skip
+    path = out or PROJECT_ROOT / "docs" / "similarity-and-blending" / f"similarity-{dataset}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(f"chosen on validation: {report['selection']['chosen']}")
+    typer.echo("trained items\n" + table(report, "trained"))
+    typer.echo(f"ingested items ({report['ingested']['cold_items']} held out of training)\n" + table(report, "ingested"))
+    typer.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
