@@ -52,7 +52,7 @@ def _lists(http: httpx.Client, users: list[str]) -> list[list[str]]:
 
 def test_concurrent_searches_share_batches_and_a_lone_one_does_not_wait(start: Callable[..., object]) -> None:
     users = [f"u{n}" for n in range(1, 13)]
-    with start(MMREC_BATCH_MAX_WAIT_MS="100", MMREC_CACHE_TTL_S="0.001") as http:  # type: ignore[attr-defined]
+    with start(MMREC_BATCH_MAX_WAIT_MS="100", MMREC_CACHE_TTL_S="0.001", MMREC_BATCH_WORKERS="1") as http:  # type: ignore[attr-defined]
         lone = []
         for user in users[:5]:
             started = time.perf_counter()
