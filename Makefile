@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Main job: prepare the default data, train, export a bundle, serve it on http://127.0.0.1:8000
+## Main job: prepare the default data, train, export a bundle, serve it on http://127.0.0.1:8000.
+## A re-run serves the bundle it made before; `make demo DEMO_ARGS=--retrain` trains again (`mmrec demo --help`).
+DEMO_ARGS ?=
 demo: install
-	$(BIN)/mmrec demo
+	$(BIN)/mmrec demo $(DEMO_ARGS)
 
 ## Test suite (unit, numerical, integration with real Redis and real HTTP)
 test: install
