@@ -55,7 +55,9 @@ def uptime() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--posters", type=Path, default=default_paths().data_root / "ml100k-posters" / "posters")
+    parser.add_argument(
+        "--posters", type=Path, default=default_paths().data_root / "ml100k-posters" / "posters"
+    )
     parser.add_argument("--n", type=int, default=200, help="posters (the first n by file name)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS))
@@ -68,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     encoders = {v.name: ImageEncoder(device="cpu", channels_last=v.channels_last) for v in chosen}
     report: dict[str, Any] = {"posters": len(files), "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
                               "uptime_before": uptime(), "items_per_s": {v.name: [] for v in chosen}}  # fmt: skip
-    print(f"{len(files)} posters, torch threads {torch.get_num_threads()}; {report['uptime_before']}", flush=True)
+    print(
+        f"{len(files)} posters, torch threads {torch.get_num_threads()}; {report['uptime_before']}",
+        flush=True,
+    )
     features: dict[str, np.ndarray] = {}
     for round_ in range(args.rounds):
         order = chosen[round_ % len(chosen) :] + chosen[: round_ % len(chosen)]
@@ -89,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         k: [round(a / b, 2) for a, b in zip(v, report["items_per_s"][base], strict=True)]
         for k, v in report["items_per_s"].items() if k != base
     }  # fmt: skip
-    report["max_abs_diff_from_" + base] = {k: float(np.abs(f - features[base]).max()) for k, f in features.items()}
+    report["max_abs_diff_from_" + base] = {
+        k: float(np.abs(f - features[base]).max()) for k, f in features.items()
+    }
     report["uptime_after"] = uptime()
     for key in ("median_items_per_s", "ratio_to_" + base, "max_abs_diff_from_" + base):
         print(f"{key}: {json.dumps(report[key])}")
