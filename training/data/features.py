@@ -34,8 +34,9 @@ from training.data.feature_cache import FeatureCache, feature_key
 
 logger = logging.getLogger(__name__)
 
-# EfficientNet-Lite0 on CPU runs several times faster on batches of 8 than of 64 (its activations stay in cache:
-# bench/feature_throughput.py); the features are the same.
+# Batches of 8 images: with the channels_last runner and the next batch decoded on a thread, 1.1-1.4x the items/s
+# of batches of 64 decoded inline on 2 cores under load 5-7 (bench/feature_throughput.py); on a quiet machine
+# batches of 8 ran EfficientNet-Lite0 several times faster than 64 (activations that stay in cache). Same features.
 IMAGE_BATCH_SIZE = 8
 
 BatchT_contra = TypeVar("BatchT_contra", contravariant=True)
