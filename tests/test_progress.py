@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from numpy.typing import NDArray
 
 from training.config import TrainConfig
 from training.data.features import encode_texts
@@ -29,7 +31,8 @@ class SleepyTrainer(Trainer):
         return [torch.ones(1, 1)]
 
     def loss(self, batch: Any) -> torch.Tensor:
-        return self.model(batch).square().mean()
+        out: torch.Tensor = self.model(batch).square().mean()
+        return out
 
     def validate(self) -> dict[str, float]:
         return {"recall@20": 0.0}
@@ -54,7 +57,7 @@ class CountingEncoder:
     version = "counting-1"
     dim = 2
 
-    def encode(self, batch: list[str]) -> np.ndarray:
+    def encode(self, batch: Sequence[str], /) -> NDArray[np.float32]:
         return np.ones((len(batch), 2), dtype=np.float32)
 
 

@@ -34,9 +34,9 @@ from training.data.feature_cache import FeatureCache, feature_key
 
 logger = logging.getLogger(__name__)
 
-# Batches of 8 images: with the channels_last runner and the next batch decoded on a thread, 1.1-1.4x the items/s
-# of batches of 64 decoded inline on 2 cores under load 5-7 (bench/feature_throughput.py); on a quiet machine
-# batches of 8 ran EfficientNet-Lite0 several times faster than 64 (activations that stay in cache). Same features.
+# Batches of 8 images, the next batch decoded on a thread, and (prepare.py) the channels_last runner: 2.5-3.2x the
+# items/s of batches of 64 decoded inline at load ~1 (19.5 -> 56.2 posters/s), 1.1-1.4x at load 5-7, where batches
+# of 8 alone were slower (bench/results/feature-throughput*.json). Same features (within 7e-6 with channels_last).
 IMAGE_BATCH_SIZE = 8
 
 BatchT_contra = TypeVar("BatchT_contra", contravariant=True)
