@@ -2,23 +2,35 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+PYPROJECT := $(shell sha1sum pyproject.toml | cut -c1-12)
+# Two stamps: `make demo` installs what the demo runs (train, serve); `make test` adds the dev tools.
+DEMO_STAMP := $(VENV)/.installed-demo-$(PYPROJECT)
+DEV_STAMP := $(VENV)/.installed-dev-$(PYPROJECT)
+PIP := $(BIN)/python -m pip install --progress-bar on
+# The CPU wheel of torch 2.13.0, found locally on the project machines. Elsewhere, plain PyPI serves a CUDA build
+# on Linux: make demo TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
+TORCH_PIP_ARGS ?=
 
-.PHONY: install demo test lint typecheck results clean
-
-$(STAMP): pyproject.toml
+$(DEMO_STAMP): pyproject.toml
+	@echo "== installing torch 2.13.0 (CPU) and the demo's packages (.[train,serve]) into $(VENV): about 70 s from local wheels on 2 cores, longer where pip downloads (it lists each package)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# The CPU wheel of torch 2.13.0 (local on the project machines); a looser pin would pull a CUDA build.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[train,serve,dev]'
-	rm -f $(VENV)/.installed-* && touch $(STAMP)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(PIP) -e '.[train,serve]'
+	rm -f $(VENV)/.installed-demo-* && touch $(DEMO_STAMP)
 
-install: $(STAMP)
+$(DEV_STAMP): $(DEMO_STAMP)
+	@echo "== installing the test and lint tools (.[dev]) into $(VENV)"
+	$(PIP) -e '.[train,serve,dev]'
+	rm -f $(VENV)/.installed-dev-* && touch $(DEV_STAMP)
 
-## Main job: prepare the default data, train, export a bundle, serve it on http://127.0.0.1:8000
-demo: install
-	$(BIN)/mmrec demo
+install: $(DEV_STAMP)
+
+## Main job: prepare the default data, train, export a bundle, serve it on http://127.0.0.1:8000.
+## A re-run serves the bundle it made before; `make demo DEMO_ARGS=--retrain` trains again (`mmrec demo --help`).
+DEMO_ARGS ?=
+demo: $(DEMO_STAMP)
+	$(BIN)/mmrec demo $(DEMO_ARGS)
 
 ## Test suite (unit, numerical, integration with real Redis and real HTTP)
 test: install

@@ -438,3 +438,48 @@ def test_encode_texts_rejects_an_encoder_with_the_wrong_output_shape() -> None:
 )
 def test_encoder_kind_names_the_pretrained_encoder_that_made_the_features(encoder: str, kind: str | None) -> None:
     assert encoder_kind(encoder) == kind
+
+
+# -- throughput settings do not change the features (issue 14) -------------------------------------------------
+
+
+def poster_files(tmp_path: Path, n_synthetic: int = 10, n_real: int = 12) -> list[Path]:
+    """Synthetic images of varied sizes, and the first real posters when the shared data is there."""
+    files = []
+    for seed in range(n_synthetic):
+        path = tmp_path / f"synthetic-{seed}.jpg"
+        path.write_bytes(synthetic_image_bytes(120 + 13 * seed, 300 - 11 * seed, fmt="JPEG", seed=seed))
+        files.append(path)
+    posters = default_paths().data_root / "ml100k-posters" / "posters"
+    if posters.is_dir():
+        files += sorted(posters.iterdir())[:n_real]
+    return files
+
+
+def test_small_batches_prefetch_and_channels_last_keep_the_image_features(
+    tmp_path: Path, image_encoder: ImageEncoder
+) -> None:
+    files = poster_files(tmp_path)
+    reference = encode_images(files, encoder=image_encoder, batch_size=64, prefetch=False, progress=False)
+    fast = ImageEncoder(device="cpu", channels_last=True)
+    for encoder, batch_size in ((image_encoder, 8), (fast, 8), (fast, 3)):
+        result = encode_images(files, encoder=encoder, batch_size=batch_size, prefetch=True, progress=False)
+        assert result.present.all() and result.n_encoded == len(files)
+        np.testing.assert_allclose(result.features, reference.features, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_prefetch_gives_the_same_rows_and_missing_reasons(tmp_path: Path, batch_size: int) -> None:
+    files: list[Path | None] = []
+    for seed in range(7):
+        path = tmp_path / f"{seed}.png"
+        path.write_bytes(synthetic_image_bytes(30, 40, seed=seed) if seed % 3 else b"not an image")
+        files += [path, None, tmp_path / f"absent-{seed}.png"]
+    files.append(files[1 - 1])  # a repeated file: encoded once
+    results = [encode_images(files, encoder=CountingEncoder(version="fake-image@1"), batch_size=batch_size,
+                             prefetch=prefetch, progress=False) for prefetch in (False, True)]  # fmt: skip
+    np.testing.assert_array_equal(results[0].features, results[1].features)
+    np.testing.assert_array_equal(results[0].present, results[1].present)
+    assert results[0].n_missing_reasons == results[1].n_missing_reasons == {
+        "unreadable_image": 4, "no_image": 7, "missing_image_file": 7}  # fmt: skip
+    assert results[1].n_encoded == 4

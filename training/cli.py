@@ -415,27 +415,68 @@ def pipeline(
     typer.echo(f"bundle: {bundle}")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail with one line if ``host:port`` cannot be listened on (busy, or not an address of this machine).
+
+    Binds and closes a socket with SO_REUSEADDR, as uvicorn does, so a port whose last server just stopped
+    (connections in TIME_WAIT) counts as free."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        fail(f"--host {host}: not an address ({exc.strerror})")
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                fail(f"port {port} on {host} is already in use (another mmrec demo or server?); stop it, or pick "
+                     "another with --port (make demo DEMO_ARGS='--port 8001')")  # fmt: skip
+            fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+
+
 @app.command()
 def demo(
     host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8000,
+    dataset: Annotated[str | None, typer.Option(help="Dataset (default: ml100k-posters if the shared data is there, else ml100k from the recbole wheel).")] = None,
     model: Annotated[str, typer.Option(help="Model to train. " + MODEL_HELP)] = "lightgcn",
+    retrain: Annotated[bool, typer.Option("--retrain", help="Train and export again even if a valid bundle of this dataset and model exists.")] = False,
     epochs: Annotated[int, typer.Option(help=EPOCHS_HELP)] = DEMO_EPOCHS,
     safety_minutes: Annotated[float, typer.Option(help=SAFETY_HELP)] = 0.0,
 ) -> None:
     """The main job: prepare the default data, train, export, then serve the bundle over REST.
 
-    Serves with the embedded in-process cache unless REDIS_URL (or MMREC_REDIS_URL) is set.
+    A re-run serves the bundle it exported before ($MMREC_HOME/bundles/<dataset>-<model>) when that bundle is
+    intact and matches the prepared dataset; --retrain trains again. Prepared datasets and encoded item features
+    are always reused. The port is checked before any work. Serves with the embedded in-process cache unless
+    REDIS_URL (or MMREC_REDIS_URL) is set.
     """
     import os
     import shutil
 
+    from training.export.reuse import bundle_problem
     from training.settings import redis_url
 
+    check_port_free(host, port)
+    if model not in MODEL_NAMES:
+        fail(f"unknown model {model!r}; valid models: {', '.join(sorted(MODEL_NAMES))}")
     paths = default_paths()
-    name = _default_demo_dataset(paths)
+    name = dataset or _default_demo_dataset(paths)
+    if not (paths.datasets / name / "dataset.json").exists():
+        source_and_split(name)  # neither prepared nor a known source: fails before any work
     bundle = paths.bundles / f"{name}-{model}"
-    pipeline(dataset=name, model=model, bundle_out=bundle, epochs=epochs, safety_minutes=safety_minutes)
+    problem = "--retrain" if retrain else bundle_problem(bundle, model=model, dataset=name,
+                                                          prepared_dir=paths.datasets / name)  # fmt: skip
+    if problem is None:
+        typer.echo(f"serving the existing bundle {bundle} (`mmrec demo --retrain` trains a new one)", err=True)
+    else:
+        typer.echo(f"training {model} on {name} ({problem})", err=True)
+        pipeline(dataset=name, model=model, bundle_out=bundle, epochs=epochs, safety_minutes=safety_minutes)
     serve = shutil.which("mmrec-serve") or str(Path(sys.executable).with_name("mmrec-serve"))
     args = [serve, "--bundle", str(bundle), "--host", host, "--port", str(port),
             "--state-dir", str(paths.home / "state" / bundle.name)]  # fmt: skip

@@ -176,7 +176,11 @@ class Trainer:
         if self.epochs == 0:
             self.evaluate(0, None)
             self.stopped_by = NOTHING_TO_TRAIN
-        bar = tqdm(range(1, self.epochs + 1), desc=self.name, disable=not self.show_progress, leave=False)
+        # The bar counts to the epoch cap that this run trains to; its ETA is the mean time of the epochs so far
+        # (evaluations included) times the epochs left: smoothing=0, not tqdm's recent-rate average, which swings
+        # between evaluated and plain epochs.
+        bar = tqdm(range(1, self.epochs + 1), desc=self.name, unit="epoch", smoothing=0, disable=not self.show_progress,
+                   leave=False)  # fmt: skip
         for epoch in bar:
             loss = self.train_epoch(epoch)
             evaluated = epoch % self.config.eval_every == 0 or epoch == self.epochs
