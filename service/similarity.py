@@ -9,12 +9,14 @@ mean popularity was 4.4 times the catalogue's). The similarity served is the cos
 validation co-likes on ml100k-posters among the cosine, the content space alone and blends of the two
 (training/experiments/item_similarity.py, docs/similarity-and-blending.md).
 
-The search is exact: one matrix-vector product over the trained rows (memory-mapped, their inverse norms computed
-once at load) plus the ingested rows, deleted rows and the item itself left out. The same unit vectors serve the
-recent-event part of a known user's ranking (service/blending.py).
+The search is exact: one matrix-vector product over the trained rows (memory-mapped; their inverse norms computed
+once, at an engine's first similarity) plus the ingested rows, deleted rows and the item itself left out. The same
+unit vectors serve the recent-event part of a known user's ranking (service/blending.py).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -39,7 +41,12 @@ class ItemSimilarity:
     def __init__(self, bundle: Bundle, catalogue: Catalogue) -> None:
         self.catalogue = catalogue
         self.vectors = bundle.item_vectors  # (n_trained, dim)
-        self.inverse_norms = inverse_norms(self.vectors)
+
+    @functools.cached_property
+    def inverse_norms(self) -> np.ndarray:
+        """(n_trained,) 1/|v| of the trained rows, computed at the first cosine asked for: a pass over every item
+        vector (256 MB at 1M × 64) that start-up and each engine rebuilt on a resync or reload need not pay."""
+        return inverse_norms(self.vectors)
 
     def unit_vector(self, row: int, state: CatalogueState) -> np.ndarray:
         """(dim,) the row's item vector at unit length (zero for a zero vector), trained or ingested."""
