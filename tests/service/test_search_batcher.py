@@ -1,0 +1,114 @@
+"""SearchBatcher (service/batching.py) in process, deterministically: a stand-in catalogue holds the first search
+until the test releases it, so what queues meanwhile is known exactly, whatever the machine's load."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batching import SearchBatcher
+
+DIM = 4
+
+
+class HeldCatalogue:
+    """Scores row r as -|r - query[0]|; the first search waits for ``release``. Records each batch's query count."""
+
+    def __init__(self, rows: int = 50) -> None:
+        self.rows = np.arange(rows, dtype=np.float32)
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.batch_sizes: list[int] = []
+        self.fail = False
+
+    def search(self, queries: np.ndarray, k: int, excludes: Sequence[set[int]], state: object = None) -> list[list[tuple[int, float]]]:
+        self.batch_sizes.append(len(queries))
+        if len(self.batch_sizes) == 1:
+            self.entered.set()
+            assert self.release.wait(10)
+        if self.fail:
+            raise RuntimeError("index broke")
+        answers = []
+        for query, exclude in zip(queries, excludes, strict=True):
+            scores = -np.abs(self.rows - query[0])
+            order = [int(r) for r in np.argsort(-scores, kind="stable") if int(r) not in exclude][:k]
+            answers.append([(r, float(scores[r])) for r in order])
+        return answers
+
+
+def _query(value: float) -> np.ndarray:
+    return np.full(DIM, value, dtype=np.float32)
+
+
+@pytest.fixture
+def batcher() -> Iterator[SearchBatcher]:
+    made: list[SearchBatcher] = []
+
+    def make(**kwargs: object) -> SearchBatcher:
+        made.append(SearchBatcher(**kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield make  # type: ignore[misc]
+    for one in made:
+        one.close()
+
+
+def _submit_while_held(batcher: SearchBatcher, catalogue: HeldCatalogue, queued: int) -> list[Future[list[tuple[int, float]]]]:
+    """One search enters the held catalogue; ``queued`` more wait in the queue; then the catalogue is released."""
+    pool = ThreadPoolExecutor(queued + 1)
+    futures = [pool.submit(batcher.search, catalogue, _query(0), 3, set())]  # type: ignore[arg-type]
+    assert catalogue.entered.wait(10)
+    futures += [pool.submit(batcher.search, catalogue, _query(n), 3, {n}) for n in range(1, queued + 1)]  # type: ignore[arg-type]
+    while batcher._queue.qsize() < queued:  # every one of them is waiting for the worker
+        time.sleep(0.001)
+    catalogue.release.set()
+    pool.shutdown(wait=True)
+    return futures
+
+
+def test_searches_queued_behind_a_running_batch_are_answered_together_and_each_gets_its_own_list(batcher) -> None:  # type: ignore[no-untyped-def]
+    catalogue = HeldCatalogue()
+    one = batcher(max_wait_ms=50, max_size=64, workers=1)
+    futures = _submit_while_held(one, catalogue, queued=11)
+    assert catalogue.batch_sizes == [1, 11]
+    assert (one.batches, one.searches) == (2, 12)
+    for n, future in enumerate(futures):  # brute force: the k nearest rows to n, without row n (excluded) for n ≥ 1
+        expected = sorted((r for r in range(50) if not (n >= 1 and r == n)), key=lambda r: (abs(r - n), r))[:3]
+        assert [row for row, _ in future.result()] == expected
+
+
+def test_a_batch_is_cut_at_max_size(batcher) -> None:  # type: ignore[no-untyped-def]
+    catalogue = HeldCatalogue()
+    one = batcher(max_wait_ms=50, max_size=4, workers=1)
+    _submit_while_held(one, catalogue, queued=10)
+    assert catalogue.batch_sizes == [1, 4, 4, 2]
+
+
+def test_a_lone_search_does_not_wait_out_the_window_when_nothing_else_is_in_flight(batcher) -> None:  # type: ignore[no-untyped-def]
+    catalogue = HeldCatalogue()
+    catalogue.release.set()
+    alone = batcher(max_wait_ms=2000, max_size=64, workers=1, in_flight=lambda: 1)
+    started = time.perf_counter()
+    alone.search(catalogue, _query(5), 2, set())  # type: ignore[arg-type]
+    assert time.perf_counter() - started < 1.0  # far below the 2 s window
+    waiting = batcher(max_wait_ms=300, max_size=64, workers=1, in_flight=lambda: 2)  # another request is on its way
+    started = time.perf_counter()
+    waiting.search(catalogue, _query(5), 2, set())  # type: ignore[arg-type]
+    assert time.perf_counter() - started >= 0.29  # ... so the window is waited out
+
+
+def test_a_failing_search_fails_every_request_of_its_batch_and_the_worker_goes_on(batcher) -> None:  # type: ignore[no-untyped-def]
+    catalogue = HeldCatalogue()
+    catalogue.fail = True
+    one = batcher(max_wait_ms=50, max_size=64, workers=1)
+    futures = _submit_while_held(one, catalogue, queued=3)
+    for future in futures:
+        with pytest.raises(RuntimeError, match="index broke"):
+            future.result()
+    catalogue.fail = False
+    assert [row for row, _ in one.search(catalogue, _query(7), 1, set())] == [7]  # type: ignore[arg-type]
