@@ -30,3 +30,14 @@ def test_read_checkpoint_refuses_another_format(tmp_path: Path) -> None:
     torch.save({"format": 99, "model": "bpr"}, tmp_path / CHECKPOINT_FILE)
     with pytest.raises(ValueError, match="checkpoint format 99, expected 1"):
         read_checkpoint(tmp_path)
+
+
+def test_corruption_record_round_trips_and_a_clean_run_has_none(tmp_path: Path) -> None:
+    from training.runs import CorruptionRecord, read_corruption, write_corruption
+
+    assert read_corruption(tmp_path) is None
+    record = CorruptionRecord(dataset="ml100k-posters", kind="swapped", fraction=0.4, seed=3,
+                              damaged=(("12", "image"), ("7", "text"), ("9", "image")))  # fmt: skip
+    write_corruption(tmp_path, record)
+    assert read_corruption(tmp_path) == record
+    assert record.damaged_by_modality() == {"image": {"12", "9"}, "text": {"7"}}

@@ -6,6 +6,8 @@
         curve.png       training loss and validation Recall@20 per epoch
         checkpoint.pt   the best model's state_dict WITH its config (the model is rebuilt from it)
         <kind>_report.json  reports written into the run by an experiment (QARM: qarm_report.json)
+        corruption.json the item content this run was trained on was damaged on purpose (a corruption benchmark):
+                        how (kind, fraction, seed) and which (item id, modality) pairs; absent for clean runs
 
 This module is the only code that knows these names: the trainer writes a run with :func:`write_run`, readers
 use :func:`read_metrics`, :func:`read_config`, :func:`run_directories`, :func:`load_run`. Torch is imported only
@@ -30,6 +32,8 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 CURVE_FILE = "curve.png"
+CORRUPTION_FILE = "corruption.json"
+CORRUPTION_FORMAT = 1
 
 
 def new_run_directory(root: Path, dataset: str, model: str, seed: int, tag: str = "") -> Path:
@@ -66,6 +70,45 @@ def write_run(
     save_checkpoint(run_dir / CHECKPOINT_FILE, model_name=model_name, model_config=model_config, state=state,
                     dataset_dir=dataset_dir, train_config=train_config)  # fmt: skip
     plot_learning_curve(run_dir / CURVE_FILE, metrics["history"], select_metric)
+
+
+@dataclass(frozen=True)
+class CorruptionRecord:
+    """What a corruption benchmark did to a run's item content: ``damaged`` holds (item id, modality) pairs, the
+    item ids as the dataset spells them (the ids the service serves)."""
+
+    dataset: str
+    kind: str  # "missing" | "swapped" | "noise"
+    fraction: float  # share of the items that got one modality damaged
+    seed: int
+    damaged: tuple[tuple[str, str], ...]
+
+    def damaged_by_modality(self) -> dict[str, set[str]]:
+        by_modality: dict[str, set[str]] = {}
+        for item, modality in self.damaged:
+            by_modality.setdefault(modality, set()).add(item)
+        return by_modality
+
+
+def write_corruption(run_dir: Path, record: CorruptionRecord) -> Path:
+    path = run_dir / CORRUPTION_FILE
+    write_json(path, {"format": CORRUPTION_FORMAT, "dataset": record.dataset, "kind": record.kind,
+                      "fraction": record.fraction, "seed": record.seed,
+                      "damaged": [{"item": item, "modality": modality} for item, modality in record.damaged]})  # fmt: skip
+    return path
+
+
+def read_corruption(run_dir: Path) -> CorruptionRecord | None:
+    """The run's corruption record, or None for a run trained on the dataset's content as it is."""
+    path = run_dir / CORRUPTION_FILE
+    if not path.exists():
+        return None
+    raw = json.loads(path.read_text())
+    if raw.get("format") != CORRUPTION_FORMAT:
+        raise ValueError(f"{path}: corruption record format {raw.get('format')!r}, this code reads {CORRUPTION_FORMAT}")
+    damaged = tuple((str(entry["item"]), str(entry["modality"])) for entry in raw["damaged"])
+    return CorruptionRecord(dataset=raw["dataset"], kind=raw["kind"], fraction=float(raw["fraction"]),
+                            seed=int(raw["seed"]), damaged=damaged)  # fmt: skip
 
 
 def has_results(run_dir: Path) -> bool:
