@@ -61,7 +61,8 @@ def user_error_message(exc: BaseException) -> str | None:
     if isinstance(exc, CommandLineError):
         return str(exc)
     # Those classes can only have been raised if their module is loaded: no import on the error path.
-    for module, name in (("models.config", "ConfigError"), ("training.data.sources", "SourceMissingError")):
+    for module, name in (("models.config", "ConfigError"), ("training.data.sources", "SourceMissingError"),
+                         ("training.experiments.modality_audit", "AuditError")):
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
             return str(exc)
@@ -351,6 +352,25 @@ def r2mr_report_command(
     from training.experiments import r2mr_report
 
     r2mr_report.main(run_directory(run_dir, model="r2mr"), out)
+
+
+@app.command("audit")
+def audit_command(
+    path: Annotated[Path, typer.Argument(help="An r2mr training run directory, or a bundle exported from one.")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default docs/modality-audit).")] = None,
+    top: Annotated[int, typer.Option(help="Worst-judged items listed per modality in the report (and at most 8 "
+                                          "images per row of the contact sheet).")] = 20,
+) -> None:
+    """The modality-quality audit of an R2MR model (training/experiments/modality_audit.py): items whose text or
+    image its reviewer judges out of line with their users, worst first. Writes Markdown, a CSV of every item and a
+    contact sheet of the images judged worst and best; on a corrupted run, precision@N and AUROC at finding the
+    damaged items."""
+    from training.experiments.modality_audit import write_audit
+
+    files = write_audit(path, out or PROJECT_ROOT / "docs" / "modality-audit", top=top)
+    typer.echo(f"report: {files.markdown}")
+    typer.echo(f"csv: {files.csv}")
+    typer.echo(f"contact sheet: {files.contact_sheet or '(none)'}")
 
 
 @app.command("export")
