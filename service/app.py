@@ -25,7 +25,7 @@ from service.errors import ServiceError
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.openapi import install_openapi
-from service.routers import items, recommendations, system, users
+from service.routers import audit, items, recommendations, system, users
 from service.runtime import Runtime
 from service.settings import ServiceSettings
 
@@ -36,7 +36,7 @@ DOCS_ASSETS_URL = "/docs-assets"  # swagger-ui-bundle.js, swagger-ui.css, redoc.
 DESCRIPTION = """
 Top-K recommendations from an exported model bundle (see docs/bundle-format.md), with live item ingestion,
 user events, Redis caching and Prometheus metrics. Once API keys are configured, the `X-API-Key` header carries one:
-writes need the `write` scope, deletes and reload `admin`, a user's events `read` (other reads too when read access
+writes and the audit need the `write` scope, deletes and reload `admin`, a user's events `read` (other reads too when read access
 is keyed). Requests are rate-limited per key and per client address (429 with `Retry-After`).
 Errors are `{"detail": "..."}` naming the problem; 422s also list each problem under `errors`.
 This document describes the bundle served now and the service's settings (k up to max_k, batch sizes, the
@@ -78,7 +78,7 @@ def create_app(settings: ServiceSettings, *, on_ready: Callable[[Runtime], None]
     app.add_middleware(CachedRecommendations, fastapi_app=app, route=recommendations_route)  # hits, before routing
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: 413s are timed too
-    for router in (recommendations.router, users.router, items.router, system.router):
+    for router in (recommendations.router, users.router, items.router, audit.router, system.router):
         app.include_router(router)
     return app
 

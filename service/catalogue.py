@@ -212,6 +212,10 @@ class Catalogue:
             return stored.extra
         return self.bundle.item_metadata[row]
 
+    def stored_item(self, row: int) -> StoredItem | None:
+        """The stored ingested item of a row (deleted ones included); None for a trained row."""
+        return self._ingested.get(row)
+
     def describe(self, item_id: str) -> ItemView:
         row = self.row(item_id)
         stored = self._ingested.get(row)

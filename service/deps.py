@@ -15,8 +15,8 @@ from service.settings import Scope
 _api_key = APIKeyHeader(
     name=API_KEY_HEADER,
     auto_error=False,
-    description="An API key of the service. Once keys are configured: writes need the 'write' scope, deletes and "
-    "reload 'admin', a user's events 'read', other reads 'read' when read_access is 'keyed' (else open).",
+    description="An API key of the service. Once keys are configured: writes and the audit need the 'write' "
+    "scope, deletes and reload 'admin', a user's events 'read', other reads 'read' when read_access is 'keyed' (else open).",
 )
 
 
@@ -54,6 +54,7 @@ class _Authorize:
 ReadAccess = Security(_Authorize("read", "read_access"))  # open unless read_access is "keyed"
 UserDataAccess = Security(_Authorize("read", "keyed"))  # per-user data: keyed whenever keys are configured
 WriteAccess = Security(_Authorize("write", "keyed"))
+AuditAccess = Security(_Authorize("write", "keyed"))  # the catalogue owner's view: the scope that ingests items
 AdminAccess = Security(_Authorize("admin", "keyed"))
 
 KParam = Annotated[int | None, Query(description="How many items (1..max_k; default: the service's default_k).")]

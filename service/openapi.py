@@ -4,11 +4,12 @@ service accepts (or answers with a documented 401/404/409/503), every request it
 answer has the documented shape.
 
 What the routes and models cannot say by themselves, because it is known only at run time:
-- from the settings: ``k`` in 1..max_k, batches of 1..max_batch_items items, whether writes need ``X-API-Key``;
+- from the settings: ``k`` in 1..max_k, the audit's ``limit`` in 1..audit_max_limit, batches of 1..max_batch_items
+  items, whether writes need ``X-API-Key``;
 - from the bundle (so the document follows a reload): the modalities an item may carry and their sizes, whether text
   and images are accepted (an image is a string of format ``base64-image``: an image file in base64, or a data: URL
   of one), which content an item must have, whether diversity by semantic codes is available, and examples naming
-  its users and items.
+  its users and items; the modalities and states the audit accepts (``GET /v1/audit``).
 Errors: every 4xx answer is an ``ErrorResponse`` (``{detail: str, errors?: [...]}``), FastAPI's default
 ``HTTPValidationError`` is never documented.
 """
@@ -22,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.access import AccessControl
+from service.audit import quality_fields
 from service.bundle import Bundle
 from service.settings import ServiceSettings
 
@@ -73,6 +75,7 @@ def complete(generated: Document, settings: ServiceSettings, bundle: Bundle | No
     if bundle is not None:
         _bundle_items(doc, bundle)
         _bundle_codes(doc, bundle)
+        _bundle_audit(doc, bundle)
         _bundle_examples(doc, bundle, settings)
     return doc
 
@@ -117,6 +120,9 @@ def _settings_limits(doc: Document, settings: ServiceSettings) -> None:
     for variant in request["properties"]["k"].get("anyOf", []):
         if variant.get("type") == "integer":
             variant.update(k_range)
+    for parameter in doc["paths"]["/v1/audit"]["get"]["parameters"]:
+        if parameter["name"] == "limit":
+            parameter["schema"].update({"minimum": 1, "maximum": settings.audit_max_limit})
     body = doc["paths"]["/v1/items"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     for variant in body.get("oneOf", []):
         if variant.get("type") == "array":
@@ -210,6 +216,26 @@ def _bundle_codes(doc: Document, bundle: Bundle) -> None:
     for parameter in operation["parameters"]:
         if parameter["name"] == "code_prefix_length":
             parameter["schema"]["maximum"] = bundle.code_levels
+
+
+def _bundle_audit(doc: Document, bundle: Bundle) -> None:
+    """The audit's modality and state as this bundle's model judges them (enums and examples); a bundle without
+    quality scores says that every request answers 409."""
+    operation = doc["paths"]["/v1/audit"]["get"]
+    fields = quality_fields(bundle)
+    if fields is None:
+        operation["description"] += (f"\n\nThe served bundle ({bundle.version}) has no modality quality scores: "
+                                     "every request is answered 409.")  # fmt: skip
+        return
+    for parameter in operation["parameters"]:
+        if parameter["name"] == "modality":
+            parameter["schema"]["enum"] = list(fields.modalities)
+            parameter["examples"] = {"judged": {"summary": "A modality the model judges", "value": fields.modalities[0]}}
+        elif parameter["name"] == "state" and fields.states:
+            parameter["schema"]["enum"] = list(fields.states)
+            parameter["examples"] = {"worst": {"summary": "Both modalities below η", "value": fields.states[-1]}}
+        elif parameter["name"] == "state":
+            operation["parameters"] = [p for p in operation["parameters"] if p["name"] != "state"]
 
 
 def _bundle_examples(doc: Document, bundle: Bundle, settings: ServiceSettings) -> None:

@@ -24,7 +24,16 @@ from service.errors import InvalidInput, Unavailable
 from service.recommender import CodeDiversity, Ranking
 from service.redis_pool import RedisDown
 from service.runtime import Engine, Runtime
-from service.schemas import EventPublic, ItemPublic, RecommendationList, ScoredItem, SimilarItems, UserEvents
+from service.schemas import (
+    AuditedItem,
+    AuditPage,
+    EventPublic,
+    ItemPublic,
+    RecommendationList,
+    ScoredItem,
+    SimilarItems,
+    UserEvents,
+)
 
 
 def resolve_k(runtime: Runtime, k: int | None) -> int:
@@ -258,6 +267,27 @@ def similar_items(runtime: Runtime, item_id: str, *, k: int | None) -> SimilarIt
 
 def get_item(runtime: Runtime, item_id: str) -> ItemPublic:
     return item_public(runtime.engine.catalogue.describe(item_id))
+
+
+AUDIT_DEFAULT_LIMIT = 50
+
+
+def audit_page(runtime: Runtime, *, modality: str, state: str | None, limit: int | None, cursor: str | None) -> AuditPage:
+    """One page of the modality-quality audit (``service/audit.py``); ``limit`` checked against audit_max_limit."""
+    most = runtime.settings.audit_max_limit
+    if limit is None:
+        limit = min(AUDIT_DEFAULT_LIMIT, most)
+    elif not 1 <= limit <= most:
+        raise InvalidInput(f"limit must be between 1 and {most}, got {limit}")
+    engine = runtime.engine
+    page = engine.audit.page(modality=modality, state=state, limit=limit, cursor=cursor)
+    return AuditPage(
+        modality=modality, state=state, limit=limit,
+        items=[AuditedItem(id=e.item_id, source=e.source, score=e.score, state=e.state, scores=e.scores,
+                           has_modality=e.has_modality) for e in page.entries],
+        next_cursor=page.next_cursor, bundle_version=engine.bundle.version,
+        catalogue_version=page.catalogue_version,
+    )  # fmt: skip
 
 
 def user_events(runtime: Runtime, user_id: str) -> UserEvents:

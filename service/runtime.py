@@ -21,6 +21,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from service.audit import QualityAudit, TrainedQuality
 from service.batching import SearchBatcher
 from service.bundle import Bundle, DevicePlan, load_bundle, plan_device
 from service.cache import MemoryCache, RecommendationCache, RedisCache
@@ -54,6 +55,7 @@ class Engine:
     encoder: ItemEncoder
     catalogue: Catalogue
     recommender: Ranker
+    audit: QualityAudit  # GET /v1/audit: the items whose modality quality the model judged, worst first
     synced: bool = False  # ingested items and deletions loaded from the store
 
     @classmethod
@@ -67,15 +69,20 @@ class Engine:
         if bundle.user_tower is not None:
             tower = UserTower(bundle.user_tower, bundle.dim, max_wait_ms=settings.encode_batch_max_wait_ms,
                               max_rows=settings.encode_batch_max_items, workers=settings.encode_batch_workers)  # fmt: skip
-        return cls.on(bundle, encoder, batcher, QueryOptions.from_settings(settings), tower)
+        engine = cls.on(bundle, encoder, batcher, QueryOptions.from_settings(settings), tower)
+        if engine.audit.trained is not None:
+            engine.audit.trained.warm()  # parsed on a thread now, so the first audit request seldom waits for it
+        return engine
 
     @classmethod
     def on(cls, bundle: Bundle, encoder: ItemEncoder, batcher: SearchBatcher, options: QueryOptions,
-           tower: UserTower | None = None) -> Engine:
-        """A fresh engine: the bundle's trained items only (sharing its index, vectors, encoders and tower)."""
+           tower: UserTower | None = None, trained_quality: TrainedQuality | None = None) -> Engine:
+        """A fresh engine: the bundle's trained items only (sharing its index, vectors, encoders and tower, and the
+        trained items' quality rankings when given)."""
         catalogue = Catalogue(bundle, version=f"unsynced-{uuid.uuid4().hex[:12]}")  # never a store version
         recommender = Ranker(bundle, catalogue, batcher=batcher, options=options, tower=tower)
-        return cls(bundle=bundle, encoder=encoder, catalogue=catalogue, recommender=recommender)
+        audit = QualityAudit(bundle, catalogue, trained_quality)
+        return cls(bundle=bundle, encoder=encoder, catalogue=catalogue, recommender=recommender, audit=audit)
 
     def load(self, snapshot: StoreSnapshot) -> int:
         """Apply a store snapshot to this fresh engine; returns how many ingested items were indexed."""
@@ -189,7 +196,8 @@ class Runtime:
         """Load the whole store into a fresh engine (on this bundle, or ``engine``'s) and swap it in; returns the
         stream position the snapshot includes. Raises :class:`RedisDown`."""
         base = engine or self.engine
-        fresh = Engine.on(base.bundle, base.encoder, self.batcher, base.recommender.options, base.recommender.tower)
+        fresh = Engine.on(base.bundle, base.encoder, self.batcher, base.recommender.options, base.recommender.tower,
+                          base.audit.trained)
         snapshot = self.catalogue_store.load()
         replayed = fresh.load(snapshot)
         with self.write_lock:

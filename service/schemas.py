@@ -113,6 +113,53 @@ class ItemDeleted(BaseModel):
     catalogue_version: str
 
 
+# --- the modality-quality audit ------------------------------------------------------------------------------
+
+
+class AuditedItem(BaseModel):
+    id: str
+    source: Literal["trained", "ingested"]
+    score: float = Field(description="The model's quality score of the requested modality, in [0, 1]: agreement of "
+                         "the item's content with the interests of the users who chose it (R2MR's reviewer; for an "
+                         "ingested item, predicted from its content at ingestion). 0 for a missing modality.")  # fmt: skip
+    state: str | None = Field(description="high-quality (every modality ≥ η), disparity (one), low-quality (none).")
+    scores: dict[str, float | None] = Field(description="The item's score of every modality the model judges.")
+    has_modality: bool | None = Field(description="Whether the item has content of the requested modality (null: the "
+                                      "bundle does not say for trained items).")  # fmt: skip
+
+
+class AuditPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "modality": "image",
+                    "state": "low-quality",
+                    "limit": 2,
+                    "items": [
+                        {"id": "item-7", "source": "trained", "score": 0.0, "state": "low-quality",
+                         "scores": {"image": 0.0, "text": 0.31}, "has_modality": False},
+                        {"id": "new-item-1", "source": "ingested", "score": 0.12, "state": "low-quality",
+                         "scores": {"image": 0.12, "text": 0.44}, "has_modality": True},
+                    ],
+                    "next_cursor": "WzEsInIybXItbWwxMDBrIiwiaW1hZ2UiLCJsb3ctcXVhbGl0eSIsMC4xMiwibmV3LWl0ZW0tMSJd",
+                    "bundle_version": "r2mr-ml100k-posters-20260101T000000Z-1a2b3c4d",
+                    "catalogue_version": "8",
+                }
+            ]
+        }
+    )  # fmt: skip
+
+    modality: str
+    state: str | None = Field(description="The state filter (null: every state).")
+    limit: int
+    items: list[AuditedItem] = Field(description="Worst first: by the modality's score, ties by id.")
+    next_cursor: str | None = Field(description="Pass as cursor (with the same modality and state) for the next page; "
+                                    "null on the last page.")  # fmt: skip
+    bundle_version: str
+    catalogue_version: str
+
+
 class ScoredItem(BaseModel):
     id: str
     score: float = Field(description="Inner product of the query vector and the item vector (popularity: count; "

@@ -78,6 +78,8 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_batch_items: int = Field(default=256, ge=1)
     history_length: int = Field(default=200, ge=1, description="Recent events kept per user (most recent last).")
+    audit_max_limit: int = Field(default=500, ge=1, le=10_000, description="GET /v1/audit: most items one page may "
+                                 "ask for (limit); a page without limit has min(50, audit_max_limit).")  # fmt: skip
     recent_events_weight: float = Field(
         default=RECENT_EVENTS_WEIGHT, ge=0, le=100, description="Known users of a bundle with user vectors: items are "
         "scored v_j . u/|u| + w * mean over their recorded events e of cos(v_e, v_j) (strategy user_vector_recent; "

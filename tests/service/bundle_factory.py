@@ -2,7 +2,9 @@
 
 The graphs are tiny but real ONNX, and every one has a numpy twin here (``SyntheticBundle.encode`` etc.), so tests
 can check the service's outputs against a reference:
-- item encoder: ``concat(features and masks, in manifest input order) @ W + b`` (+ an extra output ``x @ q``);
+- item encoder: ``concat(features and masks, in manifest input order) @ W + b`` (+ an extra output ``x @ q``; or,
+  with ``quality=True``, R2MR's quality fields: ``quality_<m> = sigmoid(x_m @ q_m) * mask_m`` per modality and
+  ``quality_state`` = 2 − (number of modalities scoring ≥ 0.5), labelled high-quality / disparity / low-quality);
 - text encoder: mean of token embeddings over the attention mask, tokenised by a WordLevel ``tokenizer.json``;
 - image encoder: per-channel mean of the normalised pixels, times a (3, d) matrix;
 - user tower (sequence bundles): masked mean of the recent item vectors, times a (dim, dim) matrix.
@@ -26,6 +28,7 @@ OPSET = 17
 WORDS = ["the", "a", "film", "quiet", "loud", "lighthouse", "keeper", "space", "war", "love", "story", "dog", "cat", "robot", "city", "night", "day", "music"]
 IMAGE_MEAN = [0.485, 0.456, 0.406]
 IMAGE_STD = [0.229, 0.224, 0.225]
+QUALITY_STATES = ("high-quality", "disparity", "low-quality")
 
 
 @dataclass
@@ -43,6 +46,7 @@ class SyntheticBundle:
     weight: np.ndarray  # (sum of input widths, dim)
     bias: np.ndarray  # (dim,)
     quality: np.ndarray | None = None  # (sum of input widths, 1): the extra output's weights
+    modality_quality: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (d_m, 1): quality_<m> weights
     vocab: dict[str, int] = field(default_factory=dict)
     embedding: np.ndarray | None = None  # (vocab, d_text)
     image_projection: np.ndarray | None = None  # (3, d_image)
@@ -61,6 +65,19 @@ class SyntheticBundle:
     def quality_of(self, features: dict[str, np.ndarray]) -> float:
         assert self.quality is not None
         return float((self._input_row(features) @ self.quality)[0])
+
+    def quality_fields(self, features: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Numpy twin of the quality outputs for one item: quality_<m> (float32) and quality_state (its label)."""
+        out: dict[str, Any] = {}
+        for m, weights in self.modality_quality.items():
+            if m in features:
+                logit = np.asarray(features[m], dtype=np.float32) @ weights
+                out[f"quality_{m}"] = float(np.float32(1.0 / (1.0 + np.exp(-logit[0]))))
+            else:
+                out[f"quality_{m}"] = 0.0
+        n_good = sum(out[f"quality_{m}"] >= 0.5 for m in self.modality_quality)
+        out["quality_state"] = QUALITY_STATES[2 - n_good]
+        return out
 
     def encode_text(self, text: str) -> np.ndarray:
         """Numpy twin of the tokenizer + text_encoder.onnx: (d_text,)."""
@@ -100,6 +117,7 @@ def make_bundle(
     text: bool = False,
     image: bool = False,
     extra_outputs: bool = False,
+    quality: bool = False,
     user_tower: bool = False,
     index_type: str = "flat_ip",
     model_name: str = "toy-mf",
@@ -152,6 +170,9 @@ def make_bundle(
     bundle.bias = (0.1 * rng.normal(size=dim)).astype(np.float32)
     if extra_outputs:
         bundle.quality = rng.normal(size=(width, 1)).astype(np.float32)
+    if quality:
+        assert len(dims) == 2, "quality fields: R2MR judges exactly two modalities"
+        bundle.modality_quality = {m: rng.normal(size=(d, 1)).astype(np.float32) for m, d in sorted(dims.items())}
     if modalities:
         onnx.save(_item_encoder_graph(bundle, dims), out / "item_encoder.onnx")
 
@@ -197,7 +218,8 @@ def make_bundle(
     (out / "user_ids.json").write_text(json.dumps(user_ids))
     with (out / "item_metadata.jsonl").open("w") as fh:
         for r, (item_id, t) in enumerate(zip(item_ids, texts, strict=True)):
-            fh.write(json.dumps({"id": item_id, "text": t, "codes": [r % 4, r % 3]}) + "\n")
+            quality_fields = bundle.quality_fields({m: features[m][r] for m in dims if masks[m][r]}) if quality else {}
+            fh.write(json.dumps({"id": item_id, "text": t, "codes": [r % 4, r % 3], **quality_fields}) + "\n")
     faiss.write_index(_index(bundle.item_vectors, index_type), str(out / "item_index.faiss"))
 
     bundle.manifest = {
@@ -220,7 +242,10 @@ def make_bundle(
                 for n, m, is_mask in bundle.inputs
             ],
             "outputs": {"item_vector": "item_vector"},
-            "extra_outputs": {"quality_logit": "quality"} if extra_outputs else {},
+            "extra_outputs": {**({"quality_logit": "quality"} if extra_outputs else {}),
+                              **{f"quality_{m}": f"quality_{m}" for m in bundle.modality_quality},
+                              **({"quality_state": "quality_state"} if quality else {})},
+            **({"extra_output_labels": {"quality_state": list(QUALITY_STATES)}} if quality else {}),
         } if modalities else None,
         "user_tower": (
             {"onnx": "user_tower.onnx", "max_length": bundle.tower_length,
@@ -276,6 +301,24 @@ def _item_encoder_graph(bundle: SyntheticBundle, dims: dict[str, int]) -> onnx.M
         nodes.append(helper.make_node("MatMul", ["x", "Q"], ["quality_logit"]))
         outputs.append(helper.make_tensor_value_info("quality_logit", TensorProto.FLOAT, ["N", 1]))
         initializers.append(_const("Q", bundle.quality))
+    if bundle.modality_quality:
+        good = []
+        for m, weights in bundle.modality_quality.items():
+            nodes += [
+                helper.make_node("MatMul", [m, f"Q_{m}"], [f"logit_{m}"]),  # (N, 1)
+                helper.make_node("Sigmoid", [f"logit_{m}"], [f"sigmoid_{m}"]),
+                helper.make_node("Mul", [f"sigmoid_{m}", f"{m}_mask"], [f"masked_{m}"]),
+                helper.make_node("Squeeze", [f"masked_{m}", "axis_1"], [f"quality_{m}"]),  # (N,)
+                helper.make_node("GreaterOrEqual", [f"quality_{m}", "eta"], [f"good_{m}"]),
+                helper.make_node("Cast", [f"good_{m}"], [f"good_int_{m}"], to=TensorProto.INT64),
+            ]
+            outputs.append(helper.make_tensor_value_info(f"quality_{m}", TensorProto.FLOAT, ["N"]))
+            initializers.append(_const(f"Q_{m}", weights))
+            good.append(f"good_int_{m}")
+        nodes += [helper.make_node("Add", good, ["n_good"]), helper.make_node("Sub", ["two", "n_good"], ["quality_state"])]
+        outputs.append(helper.make_tensor_value_info("quality_state", TensorProto.INT64, ["N"]))
+        initializers += [_const("axis_1", np.array([1], dtype=np.int64)), _const("eta", np.array(0.5, dtype=np.float32)),
+                         _const("two", np.array(2, dtype=np.int64))]  # fmt: skip
     return _model(nodes, inputs, outputs, initializers)
 
 

@@ -114,6 +114,13 @@ def content_bundle(bundles_dir: Path) -> SyntheticBundle:
 
 
 @pytest.fixture(scope="session")
+def quality_bundle(bundles_dir: Path) -> SyntheticBundle:
+    """An R2MR-like bundle: quality_<m> per modality (tags, audio) and quality_state, for trained items in the
+    metadata and for new items from the item encoder."""
+    return make_bundle(bundles_dir / "quality", seed=3, quality=True, model_name="toy-r2mr")
+
+
+@pytest.fixture(scope="session")
 def sequence_bundle(bundles_dir: Path) -> SyntheticBundle:
     """A sequence model: no user vectors, a user tower, an HNSW index (which cannot remove ids)."""
     return make_bundle(bundles_dir / "sequence", seed=2, user_tower=True, index_type="hnsw_ip", model_name="toy-seq")
