@@ -44,7 +44,7 @@ def brute_force(items: dict[str, dict[str, Any]], modality: str, state: str | No
     return [item_id for _, item_id in sorted(chosen)]
 
 
-def listing(client: TestClient, *, limit: int, headers: dict[str, str] | None = None, **filters: str) -> list[dict[str, Any]]:
+def listing(client: TestClient, *, limit: int, headers: dict[str, str] | None = None, **filters: Any) -> list[dict[str, Any]]:
     """Every page of a listing, concatenated."""
     items: list[dict[str, Any]] = []
     params: dict[str, Any] = {**filters, "limit": limit}
@@ -83,7 +83,7 @@ def new_items(bundle: SyntheticBundle, seed: int, n: int, *, prefix: str) -> lis
 @pytest.mark.parametrize("state", [None, *STATES])
 def test_pages_concatenate_to_the_brute_force_order(audit_client: TestClient, quality_bundle: SyntheticBundle,
                                                      modality: str, state: str | None) -> None:  # fmt: skip
-    filters = {"modality": modality, **({"state": state} if state else {})}
+    filters: dict[str, Any] = {"modality": modality, **({"state": state} if state else {})}
     listed = listing(audit_client, limit=7, **filters)
     expected = brute_force(trained_rows(quality_bundle), modality, state)
     assert [item["id"] for item in listed] == expected and expected
@@ -164,8 +164,8 @@ def test_pages_stay_correct_when_items_are_ingested_and_deleted_between_them(
 
 # --- access ------------------------------------------------------------------------------------------------
 
-READER = {"name": "reader", "key": "reader-key-0123456789", "scopes": ["read"]}
-WRITER = {"name": "writer", "key": "writer-key-0123456789", "scopes": ["write"]}
+READER: dict[str, Any] = {"name": "reader", "key": "reader-key-0123456789", "scopes": ["read"]}
+WRITER: dict[str, Any] = {"name": "writer", "key": "writer-key-0123456789", "scopes": ["write"]}
 
 
 def test_the_audit_needs_a_write_key_once_keys_are_configured(make_settings: Callable[..., ServiceSettings],
