@@ -16,7 +16,12 @@ real behaviour, not a test artefact.
 
 A few refusals follow rules that JSON Schema cannot state; they are described in the operation's 422 text and
 allowed here by message, nothing else: the same id twice in a batch, features whose encoded vector is non-finite or
-huge. A 422 for a schema-valid request with any other message fails the test.
+huge, an image more elongated than max_image_aspect_ratio, an audit cursor the service did not issue (or issued
+for other filters). A 422 for a schema-valid request with any other message
+fails the test.
+
+The content bundle has no modality quality scores, so there ``GET /v1/audit`` answers 409 (documented); a second
+service on the R2MR-like quality bundle runs the same checks on that operation alone, where it answers pages.
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ pytestmark = pytest.mark.timeout(300)  # about a minute on 2 cores
 UNEXPRESSIBLE_422 = (
     "appears more than once in the batch",  # uniqueItems compares whole items, not their ids
     "features give a non-finite or huge item vector",  # depends on the encoder's weights
+    "above max_image_aspect_ratio",  # a ratio of the image's sides (the drawn images go up to 48:1)
+    "cursor: not a cursor of GET /v1/audit",  # an opaque token: only the service's own are valid
+    "cursor: issued for modality=",  # a cursor goes with the filters of the listing it came from
 )
 
 
@@ -88,6 +96,24 @@ def live_service(content_bundle: SyntheticBundle, tmp_path_factory: pytest.TempP
 
 @pytest.fixture(scope="module")
 def api_schema(live_service: str) -> BaseSchema:
+    return contract_schema(live_service)
+
+
+@pytest.fixture(scope="module")
+def audit_schema(quality_bundle: SyntheticBundle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaseSchema]:
+    """GET /v1/audit of an ``mmrec-serve`` on the quality bundle (the only operation whose answers depend on it)."""
+    workdir = tmp_path_factory.mktemp("contract-audit")
+    with pytest.MonkeyPatch.context() as env:
+        for name in [n for n in os.environ if n.startswith("MMREC_")]:
+            env.delenv(name)
+        env.setenv("MMREC_RATE_LIMIT_AUTH_FAILURES", "1000000/minute")
+        args = ["--api-key", API_KEY, "--state-dir", str(workdir / "state"), "--device", "cpu", "--log-level", "warning"]
+        url, process = start_mmrec_serve(quality_bundle.path, args, cwd=workdir)
+    yield contract_schema(url).include(path="/v1/audit")
+    stop_mmrec_serve(process)
+
+
+def contract_schema(url: str) -> BaseSchema:
     config = SchemathesisConfig.from_dict(
         {
             "auth": {"openapi": {"APIKeyHeader": {"api_key": API_KEY}}},
@@ -95,7 +121,7 @@ def api_schema(live_service: str) -> BaseSchema:
             "request-timeout": 30,
         }
     )
-    schema = schemathesis.openapi.from_url(f"{live_service}/openapi.json", config=config)
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json", config=config)
     schema.hook(filter_failure)
     return schema
 
@@ -117,6 +143,7 @@ def _node_id_for_schemathesis(request: pytest.FixtureRequest) -> None:
 
 
 contract = schemathesis.pytest.from_fixture("api_schema")
+audit_contract = schemathesis.pytest.from_fixture("audit_schema")
 
 
 @contract.parametrize()
@@ -128,4 +155,16 @@ contract = schemathesis.pytest.from_fixture("api_schema")
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
 )
 def test_every_operation_keeps_the_openapi_contract(case: Case) -> None:
+    case.call_and_validate()
+
+
+@audit_contract.parametrize()
+@settings(
+    max_examples=EXAMPLES_PER_OPERATION,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+)
+def test_the_audit_keeps_the_openapi_contract_on_a_bundle_with_quality_scores(case: Case) -> None:
     case.call_and_validate()
