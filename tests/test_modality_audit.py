@@ -23,6 +23,7 @@ from training.experiments.modality_audit import (
     auroc,
     bundle_images,
     detection,
+    item_title,
     ranking,
     write_audit,
 )
@@ -191,6 +192,17 @@ def test_a_bundle_whose_run_is_gone_is_audited_without_record_or_images(r2mr_bun
 def test_a_dataset_without_images_gets_no_contact_sheet() -> None:
     images, note = bundle_images(None, ["a"], ("audio", "text"))
     assert images is None and note == "this bundle has no images (its modalities: audio, text): no contact sheet"
+
+
+@pytest.mark.parametrize(("text", "title"), [
+    ("U.S. Marshals (1998). Action|Thriller. A fugitive...", "U.S. Marshals (1998)"),
+    ("What Happened Was... (1994). Comedy. Two people.", "What Happened Was... (1994)"),
+    ("Kolya (1996)", "Kolya (1996)"),
+    ("rock, indie. Artists like these", "rock, indie"),
+    (None, "(no text)"),
+])  # fmt: skip
+def test_titles_end_at_the_year(text: str | None, title: str) -> None:
+    assert item_title(text) == title
 
 
 def refused(args: list[str]) -> str:

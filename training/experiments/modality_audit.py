@@ -23,7 +23,9 @@ record through the run directory its manifest names (``metrics.run_dir``), when 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from training.runs import CorruptionRecord, read_corruption
 
 SHEET_COLUMNS = 8  # images per row of the contact sheet (worst row, best row), at most --top
 PRECISION_AT = (10, 50, 100)  # plus the number of damaged items ranked
+TITLE_WITH_YEAR = re.compile(r"^(.+?\(\d{4}\))(?:\.|$)")  # "U.S. Marshals (1998). Action. ..." -> "U.S. Marshals (1998)"
 
 
 class AuditError(ValueError):
@@ -76,6 +79,15 @@ class AuditTable:
 
 
 # ----------------------------------------------------------------------------------------------- reading
+def item_title(text: str | None) -> str:
+    """The title an item's text starts with: up to its "(year)" when it has one (MovieLens: "Title (1995). Genres.
+    Overview"), else its first sentence (``r2mr_report.title_of``)."""
+    from training.experiments.r2mr_report import title_of
+
+    match = TITLE_WITH_YEAR.match(text or "")
+    return match.group(1).replace("|", "/") if match else title_of(text)
+
+
 def is_bundle(path: Path) -> bool:
     import bundle_format as bf
 
@@ -105,7 +117,6 @@ def run_table(run_dir: Path) -> AuditTable:
 
     from models.r2mr import R2MR, STATE_NAMES
     from training.data.dataset import TRAIN
-    from training.experiments.r2mr_report import title_of
     from training.runs import load_run
 
     run = load_run(run_dir)
@@ -121,7 +132,7 @@ def run_table(run_dir: Path) -> AuditTable:
     metrics = run.metrics
     return AuditTable(
         source=f"run {run_dir}", dataset=dataset.name, item_ids=list(dataset.item_ids),
-        titles=[title_of(text) for text in dataset.item_text], modality_names=tuple(model.modality_names),
+        titles=[item_title(text) for text in dataset.item_text], modality_names=tuple(model.modality_names),
         scores=scores.double().numpy(), states=[STATE_NAMES[int(code)] for code in states],
         present=model.has_modality.numpy().astype(bool), training_users=training_users,
         threshold=model.config.threshold, images=list(dataset.item_image) if has_images else None,
@@ -133,7 +144,6 @@ def run_table(run_dir: Path) -> AuditTable:
 def bundle_table(bundle_dir: Path) -> AuditTable:
     """Scores of an exported bundle's trained items, from ``item_metadata.jsonl`` (what the service serves)."""
     import bundle_format as bf
-    from training.experiments.r2mr_report import title_of
 
     manifest = json.loads((bundle_dir / bf.MANIFEST).read_text())
     item_ids = [str(i) for i in json.loads((bundle_dir / bf.ITEM_IDS).read_text())]
@@ -153,7 +163,7 @@ def bundle_table(bundle_dir: Path) -> AuditTable:
     dataset = str((manifest.get("dataset") or {}).get("name", "unknown"))
     return AuditTable(
         source=f"bundle {bundle_dir} ({manifest.get('bundle_version')})", dataset=dataset, item_ids=item_ids,
-        titles=[title_of(row.get("text")) for row in rows], modality_names=judged_names, scores=scores,
+        titles=[item_title(row.get("text")) for row in rows], modality_names=judged_names, scores=scores,
         states=[str(row["quality_state"]) for row in rows], present=present,
         training_users=np.rint(popularity).astype(np.int64),
         threshold=float(((manifest.get("model") or {}).get("config") or {}).get("threshold", 0.5)),
@@ -346,7 +356,10 @@ def plot_contact_sheet(table: AuditTable, path: Path, *, columns: int) -> Path |
         axes[r, 0].text(-0.08, 0.5, label, rotation=90, va="center", ha="right", transform=axes[r, 0].transAxes)
     fig.tight_layout()
     if shown:
-        fig.savefig(path, dpi=70)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=60, format="png")
+        with Image.open(buffer) as sheet:  # a 256-colour palette: a third of the bytes, posters still recognisable
+            sheet.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
     plt.close(fig)
     return path if shown else None
 
