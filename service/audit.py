@@ -87,8 +87,9 @@ class Ranking:
 
 
 class TrainedQuality:
-    """The trained items' scores and rankings of one bundle, built on first use (a million rows parse in seconds)
-    and shared by every engine on that bundle (a resync keeps it)."""
+    """The trained items' scores and rankings of one bundle, built once (a thread started when the bundle is opened;
+    a million rows took 79 s on 2 cores at load average 13) and shared by every engine on that bundle (a resync
+    keeps it)."""
 
     def __init__(self, bundle: Bundle, fields: QualityFields) -> None:
         self.bundle, self.fields = bundle, fields
@@ -114,7 +115,7 @@ class TrainedQuality:
         names = list(fields.fields.values())
         columns: list[list[float]] = [[] for _ in names]
         codes: list[int] = []
-        for row in self.bundle.item_metadata:  # one json.loads per row, once per bundle (seconds at a million)
+        for row in self.bundle.item_metadata:  # one json.loads a row, once per bundle (1M rows: 79 s at load 13)
             for column, name in zip(columns, names, strict=True):
                 column.append(_score(row.get(name)))
             codes.append(_state_code(row.get(STATE_FIELD), fields.states))
