@@ -227,3 +227,53 @@ def test_the_page_shows_measured_cells_and_not_run_for_the_rest(benchmark_home: 
     assert "**Progress: 5 of the" in page
     assert "| p=0.4 swapped: R2MR above R2MR without reviewer by more than two seed standard deviations | not yet measured" in page
     assert (benchmark_home / "docs" / "modality-quality" / "synthetic-mm-recall.png").exists()
+
+
+# ------------------------------------------------------------------------------------------- the command line
+@pytest.fixture()
+def cli_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MMREC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MMREC_DATA_ROOT", str(tmp_path / "no-data"))
+    monkeypatch.setenv("COLUMNS", "200")
+    return tmp_path / "home"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["corrupt", "--kind", "blur"], "Error: --kind blur: not in the benchmark grid; valid: missing, swapped, noise"),
+    (["corrupt", "--fraction", "0.3"], "Error: --fraction 0.3: not in the benchmark grid; valid: 0, 0.2, 0.4"),
+    (["corrupt", "--model", "mmgcn"], "Error: --model mmgcn: not in the benchmark grid; valid: r2mr, r2mr-no-reviewer"),
+    (["corrupt", "--dataset", "amazon-baby"], "Error: --dataset amazon-baby: not in the benchmark grid; valid: ml100k-posters, lfm2k"),
+    (["corrupt", "--dataset", "lfm2k"], "Error: 'lfm2k' is not a prepared dataset under"),
+    (["train", "--dataset", "lfm2k", "--model", "vbpr", "--corrupt", "kind=swapped"],
+     "Error: --corrupt: vbpr corruption setting kind=swapped with fraction=0.0"),
+    (["train", "--dataset", "lfm2k", "--model", "lightgcn", "--corrupt", "kind=noise", "--corrupt", "fraction=0.2"],
+     "Error: --corrupt: lightgcn reads no item content"),
+    (["train", "--dataset", "lfm2k", "--model", "vbpr", "--corrupt", "noise"], "Error: --corrupt 'noise': expected KEY=VALUE"),
+])  # fmt: skip
+def test_a_bad_benchmark_or_corruption_option_is_refused_with_one_line(args: list[str], message: str, cli_home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith(message), result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_plan_lists_the_slice_and_trains_nothing(cli_home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    data = multimodal_dataset(n_users=30, n_items=50, seed=2)
+    data = dataclasses.replace(data, name="ml100k-posters")
+    data.save(cli_home / "datasets" / "ml100k-posters")
+    result = CliRunner().invoke(app, ["corrupt", "--dataset", "ml100k-posters", "--kind", "noise", "--fraction", "0",
+                                      "--fraction", "0.2", "--model", "vbpr", "--model", "lightgcn", "--seed", "3",
+                                      "--plan", "--out", str(cli_home / "docs" / "modality-quality.md")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["train: ml100k-posters vbpr noise p=0 seed 3",
+                                          "train: ml100k-posters lightgcn noise p=0 seed 3",
+                                          "train: ml100k-posters vbpr noise p=0.2 seed 3"]  # fmt: skip
+    assert not (cli_home / "runs").exists()
