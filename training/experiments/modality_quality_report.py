@@ -313,8 +313,8 @@ def dataset_section(grid: Grid, docs_dir: Path) -> list[str]:
         lines += [f"**{kind}**", "", *detector_table(grid, kind, modalities), ""]
     lines += ["### Runs", "", "Epoch loop: metrics.json's wall time (epochs and evaluations); whole run: the benchmark's "
               "call of the trainer (model build and run directory included; – for a run found on disk). Measured on a "
-              "shared CPU while other jobs ran: compare orders of magnitude. Run with one thread (OMP_NUM_THREADS=1): on 2 "
-              "cores under load ≈ 13, R2MR took ≈ 70 s per epoch with torch's default 2 threads and ≈ 14 s with one.",
+              "shared CPU while other jobs ran: compare orders of magnitude. On a shared CPU run one thread per process "
+              "(OMP_NUM_THREADS=1): with more threads than free cores, torch's threads wait on each other.",
               "", *runs_table(grid), ""]  # fmt: skip
     return lines
 
