@@ -20,6 +20,7 @@ from training.experiments.damage_detectors import (
     CROSS_MODAL_KNN,
     REVIEWER_FINAL,
     REVIEWER_FIRST,
+    REVIEWER_RAW,
     USER_PROFILE,
     auroc,
     detection_auroc,
@@ -210,7 +211,10 @@ def test_the_ledger_holds_the_reviewers_and_the_simple_detectors_auroc(benchmark
     run_small(benchmark_home)
     ledger = json.loads(bench.ledger_path(benchmark_home / "docs", "synthetic-mm").read_text())
     r2mr = [e for e in ledger["runs"].values() if e["label"] == "r2mr" and e["corruption"]["kind"] == "swapped"]
-    assert len(r2mr) == 1 and set(r2mr[0]["detection"]["auroc"]) == {REVIEWER_FIRST, REVIEWER_FINAL}
+    assert len(r2mr) == 1 and set(r2mr[0]["detection"]["auroc"]) == {REVIEWER_FIRST, REVIEWER_FINAL, REVIEWER_RAW}
+    diagnostics = r2mr[0]["detection"]["diagnostics"]
+    assert set(diagnostics["share rewritten"]) == {"image", "text"}
+    assert set(diagnostics["score s, first review"]["text"]) == {"damaged", "clean"}
     assert all(e["detection"] is None for e in ledger["runs"].values() if e["label"] != "r2mr" or
                e["corruption"]["kind"] == "none")  # fmt: skip
     assert set(ledger["detectors"]) == {"swapped/0.4/2024"}

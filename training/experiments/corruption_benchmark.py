@@ -37,7 +37,9 @@ from training.config import (
 from training.data.corruption import CorruptedContent, corrupt_content
 from training.data.dataset import InteractionDataset
 from training.experiments.damage_detectors import (
+    REVIEWER_RAW,
     detection_auroc,
+    group_means,
     reviewer_detector_scores,
     simple_detector_scores,
 )
@@ -175,14 +177,35 @@ def finished_runs(runs_root: Path, dataset: str, model: str) -> dict[str, Path]:
 
 # -------------------------------------------------------------------------------------------------- detectors
 def reviewer_detection(model: Any, clean: InteractionDataset, corrupted: CorruptedContent) -> dict[str, Any] | None:
-    """AUROC of an R2MR model's reviewer (first review and final model); None for a run without a reviewer."""
+    """AUROC of an R2MR model's reviewer (first review, final model, and the final reviewer on the content as
+    given), with diagnostics of the damaged vs the clean items; None for a run without a reviewer."""
+    import torch
+    import torch.nn.functional as F
+
     from models.r2mr import R2MR
 
     if not isinstance(model, R2MR) or not model.config.reviewer:
         return None
+    names = model.modality_names
     scores, _ = model.quality()
-    detectors = reviewer_detector_scores(model.first_review.cpu().numpy(), scores.cpu().numpy(), model.modality_names)
-    return detection_auroc(clean, corrupted, detectors)
+    given = torch.stack([model.rescore(k, model.initial_features[k]) for k in range(2)]) * model.has_modality.float()
+    detectors = reviewer_detector_scores(model.first_review.cpu().numpy(), scores.cpu().numpy(), names)
+    detectors[REVIEWER_RAW] = {m: 1.0 - given[k].cpu().numpy() for k, m in enumerate(names)}
+    result = detection_auroc(clean, corrupted, detectors)
+    with torch.no_grad():
+        drift = [F.cosine_similarity(model.item_features[m], model.initial_features[k], dim=1) for k, m in enumerate(names)]
+    first = model.first_review.cpu().numpy()
+    diagnostics = {
+        "score s, final model": {m: scores[k].cpu().numpy() for k, m in enumerate(names)},
+        "cosine of the trained table to the content as given": {m: drift[k].cpu().numpy() for k, m in enumerate(names)},
+        "share rewritten": {m: model.rewritten[k].float().cpu().numpy() for k, m in enumerate(names)},
+    }
+    if bool((first >= 0).all()):  # the best epoch came after the first round
+        diagnostics["score s, first review"] = {m: first[k] for k, m in enumerate(names)}
+        diagnostics["share below η at the first review"] = {
+            m: (first[k] < model.config.threshold).astype(float) for k, m in enumerate(names)}  # fmt: skip
+    result["diagnostics"] = group_means(diagnostics, clean, corrupted)
+    return result
 
 
 def simple_detection(clean: InteractionDataset, corrupted: CorruptedContent) -> dict[str, Any]:

@@ -5,7 +5,9 @@ Each detector gives every (item, modality) a score, higher = more likely damaged
 - **reviewer** (R2MR): 1 − s^m, at the FIRST review round (``R2MR.first_review``, scores before the model has
   trained on its own verdicts for long) and for the final model (``R2MR.quality()`` at the best epoch). R2MR scores
   a modality the item lacks 0, so a missing modality scores 1 (unless a kept rewrite filled it in: then its score is
-  the rewrite's);
+  the rewrite's). Both review R2MR's trainable feature table ē, which BPR and kept rewrites move away from the item's
+  content during training; as a diagnostic, the final reviewer also scores the content as given (the fixed
+  projection of the item's features, ``R2MR.initial_features``);
 - **(a) user-profile cosine**: 1 − cos(x̂_i, p_i), p_i = Σ over the item's training users u, Σ over u's OTHER
   training items j that have the modality, of x̂_j (one term per deduplicated training edge (u, j), j ≠ i);
 - **(b) cross-modal kNN**: the mean cosine distance 1 − cos(x̂_i, x̂_j) between the item's feature and the features
@@ -47,6 +49,7 @@ USER_PROFILE = "user-profile cosine (a)"
 CROSS_MODAL_KNN = "cross-modal kNN (b)"
 REVIEWER_FIRST = "reviewer, first review"
 REVIEWER_FINAL = "reviewer, final model"
+REVIEWER_RAW = "final reviewer on the content as given"  # a diagnostic: the trained table vs the item's own content
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -121,6 +124,21 @@ def reviewer_detector_scores(first: np.ndarray, final: np.ndarray, names: tuple[
     out = {REVIEWER_FINAL: {m: 1.0 - final[k] for k, m in enumerate(names)}}
     if bool((first >= 0).all()):
         out[REVIEWER_FIRST] = {m: 1.0 - first[k] for k, m in enumerate(names)}
+    return out
+
+
+def group_means(values: Mapping[str, Mapping[str, np.ndarray]], clean: InteractionDataset,
+                corrupted: CorruptedContent) -> dict[str, dict[str, dict[str, float | None]]]:  # fmt: skip
+    """name → modality → mean of (I,) ``values`` over the damaged and over the clean items of the scored population
+    (for the reviewer's diagnostics: how far its table moved, how much was rewritten)."""
+    scored = population(clean)
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for name, by_modality in values.items():
+        out[name] = {}
+        for m, array in by_modality.items():
+            hit = corrupted.damaged_mask(m)
+            out[name][m] = {"damaged": finite_mean(np.asarray(array, dtype=np.float64)[scored & hit]),
+                            "clean": finite_mean(np.asarray(array, dtype=np.float64)[scored & ~hit])}  # fmt: skip
     return out
 
 

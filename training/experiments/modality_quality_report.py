@@ -135,6 +135,22 @@ def detector_table(grid: Grid, kind: str, modalities: Sequence[str]) -> list[str
     return lines
 
 
+def diagnostics_table(grid: Grid, kind: str) -> list[str]:
+    """R2MR's reviewer on the damaged vs the clean items (means over the scored items, then over seeds)."""
+    lines = []
+    for fraction in (p for p in FRACTIONS if p):
+        runs = [r["detection"]["diagnostics"] for r in grid.runs("r2mr", kind, fraction)
+                if (r.get("detection") or {}).get("diagnostics")]  # fmt: skip
+        for name in dict.fromkeys(n for run in runs for n in run):
+            for m in dict.fromkeys(m for run in runs if name in run for m in run[name]):
+                cells = [mean_std([run[name][m][group] for run in runs if name in run and run[name][m][group] is not None])
+                         for group in ("damaged", "clean")]  # fmt: skip
+                lines.append(f"| {fraction:g} | {name} | {m} | {cells[0]} | {cells[1]} |")
+    if not lines:
+        return []
+    return ["| p | R2MR (full model) | modality | damaged items | clean items |", "|---|---|---|---|---|", *lines]
+
+
 def mean_auroc(results: Sequence[Mapping[str, Any]], modality: str, seeds: set[int]) -> float | None:
     values = [float(r[modality]) for r in results if r["seed"] in seeds]
     return statistics.mean(values) if values else None
@@ -233,8 +249,10 @@ def plot_recall(grid: Grid, path: Path) -> None:
         axis.set_xticks(list(FRACTIONS))
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("test Recall@20")
-    axes[-1].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
+    handles, labels = max((axis.get_legend_handles_labels() for axis in axes), key=lambda found: len(found[1]))
+    if labels:
+        fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4)
+    fig.tight_layout(rect=(0, 0.15, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -311,6 +329,9 @@ def dataset_section(grid: Grid, docs_dir: Path) -> list[str]:
     lines += ["### Detecting the damaged modality (AUROC)", ""]
     for kind in KINDS:
         lines += [f"**{kind}**", "", *detector_table(grid, kind, modalities), ""]
+        why = diagnostics_table(grid, kind)
+        if why:
+            lines += [f"What R2MR's reviewer saw ({kind}): means over the scored items, then over seeds.", "", *why, ""]
     lines += ["### Runs", "", "Epoch loop: metrics.json's wall time (epochs and evaluations); whole run: the benchmark's "
               "call of the trainer (model build and run directory included; – for a run found on disk). Measured on a "
               "shared CPU while other jobs ran: compare orders of magnitude. On a shared CPU run one thread per process "
