@@ -35,6 +35,8 @@ DATASETS_HELP = (f"One of {', '.join(SOURCE_NAMES)}; add -seq for the leave-one-
 MODEL_HELP = f"One of {', '.join(MODEL_NAMES)}."
 SET_HELP = "Model setting KEY=VALUE (repeatable); `mmrec config MODEL [--dataset D]` lists keys, defaults, presets."
 TRAIN_HELP = "Trainer setting KEY=VALUE (repeatable), e.g. epochs=200; `mmrec config MODEL` lists them."
+CORRUPT_HELP = ("Damage the item content before the model is built, KEY=VALUE (repeatable): kind=missing|swapped|noise, "
+                "fraction=P (share of the items with content), seed=S; recorded in the run (docs/modality-quality.md).")
 
 
 class CommandLineError(Exception):
@@ -113,15 +115,17 @@ def dataset_dir(paths: Paths, name: str, *, encode: bool = True) -> Path:
     return directory
 
 
-def compose_run(dataset: str, model: str, set_: list[str], train_set: list[str], seed: int | None) -> RunConfig:
+def compose_run(dataset: str, model: str, set_: list[str], train_set: list[str], seed: int | None,
+                corrupt: list[str] | None = None) -> RunConfig:  # fmt: skip
     """The run's configs from the command line; ``--train seed=...`` is refused, not silently overridden."""
     from training.config import compose
 
-    overrides = Overrides.from_assignments(set_, train_set)
+    overrides = Overrides.from_assignments(set_, train_set, corrupt or [])
     if seed is not None:
         if "seed" in overrides.train:
             fail(f"give the seed as --seed {overrides.train['seed']}, not --train seed=...")
-        overrides = Overrides(model=overrides.model, train={**overrides.train, "seed": seed})
+        overrides = Overrides(model=overrides.model, train={**overrides.train, "seed": seed},
+                              corruption=overrides.corruption)  # fmt: skip
     return compose(dataset, model, overrides)
 
 
@@ -199,16 +203,17 @@ def train_command(
     train_set: Annotated[list[str], typer.Option("--train", help=TRAIN_HELP)] = [],  # noqa: B006
     seed: Annotated[int, typer.Option(help="Seed of initialisation and sampling.")] = 2024,
     tag: Annotated[str, typer.Option(help="Variant label (ablations); runs with a tag get their own row.")] = "",
+    corrupt: Annotated[list[str], typer.Option("--corrupt", help=CORRUPT_HELP)] = [],  # noqa: B006
 ) -> None:
     """Train one model; writes a run directory with config, metrics, learning curve and checkpoint."""
     from training.data.dataset import InteractionDataset
     from training.fit.trainer import train
 
-    run = compose_run(dataset, model, set_, train_set, seed)
+    run = compose_run(dataset, model, set_, train_set, seed, corrupt)
     paths = default_paths()
     directory = dataset_dir(paths, dataset)
     result = train(InteractionDataset.load(directory), model, dataset_dir=directory, model_config=run.model_config,
-                   train_config=run.train, runs_root=paths.runs, tag=tag)  # fmt: skip
+                   train_config=run.train, runs_root=paths.runs, tag=tag, corruption=run.corruption)  # fmt: skip
     typer.echo(json.dumps({"run_dir": str(result.run_dir), "best_epoch": result.best_epoch,
                            "stopped_by": result.stopped_by,
                            "valid": {k: round(v, 4) for k, v in result.valid.items() if "@20" in k},
@@ -341,6 +346,53 @@ def cold_start_command(
                                         train_set=train_set, out=out, doc=doc,
                                         command="mmrec " + shlex.join(sys.argv[1:]))  # fmt: skip
     typer.echo(f"wrote {path}")
+
+
+@app.command("corrupt")
+def corrupt_command(
+    dataset: Annotated[list[str], typer.Option(help="Dataset (repeatable; default: ml100k-posters and lfm2k, prepared).")] = [],  # noqa: B006
+    kind: Annotated[list[str], typer.Option(help="Corruption kind (repeatable; default: missing, swapped, noise).")] = [],  # noqa: B006
+    fraction: Annotated[list[float], typer.Option(help="Share p of the items damaged (repeatable; default: 0, 0.2, 0.4).")] = [],  # noqa: B006
+    model: Annotated[list[str], typer.Option(help="Benchmark model (repeatable; default: all of r2mr, r2mr-no-reviewer, r2mr-no-rewriter, freedom, lattice, vbpr, lightgcn).")] = [],  # noqa: B006
+    seed: Annotated[list[int], typer.Option(help="Training and corruption seed (repeatable; default: 2024, 1, 2).")] = [],  # noqa: B006
+    plan: Annotated[bool, typer.Option("--plan", help="List the runs of the slice (to train or reused) and train nothing.")] = False,
+    out: Annotated[Path, typer.Option(help="Markdown to write (its ledgers and plots go in modality-quality/ beside it).")] = PROJECT_ROOT / "docs" / "modality-quality.md",
+) -> None:
+    """The corruption benchmark (docs/modality-quality.md): train every cell of the slice that has no run yet
+    (resumable), then write the tables, the goals, the detectors' AUROC and the plot."""
+    from training.experiments import corruption_benchmark as bench
+    from training.experiments.modality_quality_report import write_page
+
+    cells = bench.grid(*benchmark_slice(dataset, kind, fraction, model, seed))
+    paths = default_paths()
+    for name in dict.fromkeys(c.dataset for c in cells):
+        prepared(paths, name)
+    docs_dir = out.parent
+    if plan:
+        for cell, key in bench.unique_cells(cells, {}):
+            recorded = any(e["key"] == key for e in bench.read_ledger(bench.ledger_path(docs_dir, cell.dataset),
+                                                                       cell.dataset)["runs"].values())  # fmt: skip
+            found = recorded or key in bench.finished_runs(paths.runs, cell.dataset, cell.model.model)
+            typer.echo(f"{'reuse' if found else 'train'}: {cell.dataset} {cell.model.label} {cell.kind} "
+                       f"p={cell.fraction:g} seed {cell.seed}")  # fmt: skip
+        return
+    bench.run_cells(cells, datasets_root=paths.datasets, runs_root=paths.runs, docs_dir=docs_dir, echo=typer.echo,
+                    after_each=lambda: write_page(docs_dir, out))  # fmt: skip
+    typer.echo(f"wrote {write_page(docs_dir, out)}")
+
+
+def benchmark_slice(datasets: list[str], kinds: list[str], fractions: list[float], models: list[str],
+                    seeds: list[int]) -> tuple[list[str], list[str], list[float], list[str], list[int]]:  # fmt: skip
+    """The options of `mmrec corrupt` checked against the grid, defaults filled in."""
+    from training.experiments import corruption_benchmark as bench
+
+    for given, valid, option in ((datasets, bench.DATASETS, "--dataset"), (kinds, bench.KINDS, "--kind"),
+                                 (fractions, bench.FRACTIONS, "--fraction"), (models, bench.MODEL_BY_LABEL, "--model")):  # fmt: skip
+        unknown = [str(v) for v in given if v not in valid]
+        if unknown:
+            fail(f"{option} {unknown[0]}: not in the benchmark grid; valid: {', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in valid)}")
+    return (datasets or list(bench.DATASETS), kinds or list(bench.KINDS), fractions or list(bench.FRACTIONS),
+            models or list(bench.MODEL_BY_LABEL), seeds or list(bench.SEEDS))  # fmt: skip
 
 
 @app.command("r2mr-report")

@@ -7,6 +7,9 @@ Layers, the later wins:
    tables of the dataset (model settings there were chosen on VALIDATION by `mmrec tune`);
 3. overrides: the command line's ``--set`` / ``--train``, a script's seeds, caps and grids, a test's values.
 
+A run may also be trained on deliberately damaged item content (:class:`CorruptionConfig`, the command line's
+``--corrupt``; the corruption benchmark, docs/modality-quality.md). It has no preset layer: clean unless asked.
+
 Every key of every layer is checked against its dataclass and every value coerced to its field's type; a mistake
 raises :class:`~models.config.ConfigError` with one line that names the key and the valid ones. `mmrec config MODEL`
 prints the keys with their defaults and preset values (:func:`describe`). Importing this module does not import
@@ -61,17 +64,58 @@ class TrainConfig:
     progress: bool = True
 
 
+CORRUPTION_KINDS = ("none", "missing", "swapped", "noise")
+
+
+@dataclass(frozen=True)
+class CorruptionConfig:
+    """How a run's item content is damaged before the model is built (training/data/corruption.py).
+
+    ``fraction`` of the items that have any content get ONE of their present modalities (a seeded uniform choice)
+    damaged: ``missing`` (mask off), ``swapped`` (another item's feature of that modality), ``noise`` (a draw from
+    the modality's mean and covariance). Interactions and splits are never touched. ``kind = "none"`` (the default,
+    with fraction 0) is the dataset's content as it is.
+    """
+
+    kind: str = "none"
+    fraction: float = 0.0
+    seed: int = 0  # seeds the damaged items, the damaged modality and the replacement (independent of training)
+
+    def __post_init__(self) -> None:
+        from models.config import ConfigError
+
+        if self.kind not in CORRUPTION_KINDS:
+            raise ConfigError(f"kind={self.kind!r}: expected one of {', '.join(CORRUPTION_KINDS)}")
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError(f"fraction={self.fraction}: expected a share in [0, 1]")
+        if (self.kind == "none") != (self.fraction == 0.0):
+            raise ConfigError(f"kind={self.kind} with fraction={self.fraction}: a clean run is kind=none with "
+                              "fraction 0 (leave --corrupt out); a corrupted one needs both")  # fmt: skip
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none"
+
+    def label(self) -> str:
+        """A run directory suffix: ``swapped-p40-c2024`` (kind, percent of items, corruption seed)."""
+        return f"{self.kind}-p{round(self.fraction * 100)}-c{self.seed}" if self.active else ""
+
+
 @dataclass(frozen=True)
 class Overrides:
-    """Settings that win over the presets: ``model`` for the model's config, ``train`` for :class:`TrainConfig`."""
+    """Settings that win over the presets: ``model`` for the model's config, ``train`` for :class:`TrainConfig`,
+    ``corruption`` for :class:`CorruptionConfig`."""
 
     model: Mapping[str, Any] = field(default_factory=dict)
     train: Mapping[str, Any] = field(default_factory=dict)
+    corruption: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_assignments(cls, model: Sequence[str] = (), train: Sequence[str] = ()) -> Overrides:
-        """From the command line's ``KEY=VALUE`` strings (``--set`` and ``--train``)."""
-        return cls(model=parse_assignments(model, option="--set"), train=parse_assignments(train, option="--train"))
+    def from_assignments(cls, model: Sequence[str] = (), train: Sequence[str] = (),
+                         corruption: Sequence[str] = ()) -> Overrides:  # fmt: skip
+        """From the command line's ``KEY=VALUE`` strings (``--set``, ``--train`` and ``--corrupt``)."""
+        return cls(model=parse_assignments(model, option="--set"), train=parse_assignments(train, option="--train"),
+                   corruption=parse_assignments(corruption, option="--corrupt"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,6 +126,7 @@ class RunConfig:
     model: str
     model_config: Any  # the model's frozen config dataclass (models/<model>.py)
     train: TrainConfig
+    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
 
     def model_settings(self) -> dict[str, Any]:
         from models.config import config_to_dict
@@ -138,8 +183,20 @@ def compose(dataset: str, model: str, overrides: Overrides | None = None, *,
         (f"{presets.name} {source}", layer) for source, kind, layer in layers if kind == "train"]
     model_layers.append(("--set", overrides.model))
     train_layers.append(("--train", overrides.train))
+    corruption = _checked(CorruptionConfig, [("--corrupt", overrides.corruption)], model, "corruption")
+    if corruption.active and not reads_content(model):
+        from models.config import ConfigError
+
+        raise ConfigError(f"--corrupt: {model} reads no item content, so damaging it changes nothing; train it clean")
     return RunConfig(dataset=dataset, model=model, model_config=_checked(config_class, model_layers, model, "model"),
-                     train=_checked(TrainConfig, train_layers, model, "trainer"))  # fmt: skip
+                     train=_checked(TrainConfig, train_layers, model, "trainer"), corruption=corruption)  # fmt: skip
+
+
+def reads_content(model: str) -> bool:
+    """Whether ``model`` is built from item content (its spec needs modalities): the models a corruption applies to."""
+    from models import model_spec
+
+    return bool(model_spec(model).needs_modalities)
 
 
 @dataclass(frozen=True)
@@ -178,8 +235,8 @@ def _checked(cls: type[Any], layers: Sequence[tuple[str, Mapping[str, Any]]], mo
     for source, layer in layers:
         unknown = sorted(set(layer) - set(names))
         if unknown:
-            raise ConfigError(f"{source}: {model} has no {kind} setting {unknown[0]!r}; valid: {', '.join(names)} "
-                              f"(`mmrec config {model}` lists them with defaults)")  # fmt: skip
+            hint = "" if cls is CorruptionConfig else f" (`mmrec config {model}` lists them with defaults)"
+            raise ConfigError(f"{source}: {model} has no {kind} setting {unknown[0]!r}; valid: {', '.join(names)}{hint}")
         try:
             build_config(cls, layer)  # each layer's values coerced on their own: a bad value names its layer
         except ConfigError as exc:

@@ -191,7 +191,7 @@ def read_checkpoint(run_dir: Path, *, reader: str = "") -> dict[str, Any]:
 class LoadedRun:
     model: Recommender
     model_name: str
-    dataset: InteractionDataset
+    dataset: InteractionDataset  # with the item content the model was built from (damaged, for a corrupted run)
     inputs: ModelInputs
     config: dict[str, Any]
     metrics: dict[str, Any]
@@ -199,12 +199,13 @@ class LoadedRun:
 
 
 def load_run(run_dir: Path, *, dataset_dir: Path | None = None) -> LoadedRun:
-    """Rebuild the best model of a run from its checkpoint (config included) and its prepared dataset."""
+    """Rebuild the best model of a run from its checkpoint (config included) and its prepared dataset; a corrupted
+    run's item content is damaged again from its config.json and checked against its corruption.json."""
     from models import build_model
     from training.data.inputs import model_inputs
 
     checkpoint = read_checkpoint(run_dir)
-    dataset = InteractionDataset.load(dataset_dir or Path(checkpoint["dataset_dir"]))
+    dataset = corrupted_as_trained(run_dir, InteractionDataset.load(dataset_dir or Path(checkpoint["dataset_dir"])))
     inputs = model_inputs(dataset)
     model = build_model(checkpoint["model"], inputs, checkpoint["model_config"])
     model.load_state_dict(checkpoint["state_dict"])
@@ -218,6 +219,24 @@ def load_run(run_dir: Path, *, dataset_dir: Path | None = None) -> LoadedRun:
         metrics=read_metrics(run_dir),
         directory=run_dir,
     )
+
+
+def corrupted_as_trained(run_dir: Path, dataset: InteractionDataset) -> InteractionDataset:
+    """``dataset`` with the item content the run was trained on: its config's ``corruption`` applied again (the draw
+    is a function of the dataset and the config), which must damage the pairs its corruption.json records."""
+    settings = read_config(run_dir).get("corruption")
+    if not settings:
+        return dataset
+    from models.config import build_config
+    from training.config import CorruptionConfig
+    from training.data.corruption import corrupt_content
+
+    corrupted = corrupt_content(dataset, build_config(CorruptionConfig, settings))
+    recorded = read_corruption(run_dir)
+    if recorded is None or recorded.damaged != corrupted.record().damaged:
+        raise ValueError(f"{run_dir}: its config's corruption {settings} does not damage the items its "
+                         f"{CORRUPTION_FILE} records (another dataset, or changed corruption code?)")  # fmt: skip
+    return corrupted.dataset
 
 
 def initialise_from_run(model: Recommender, run_dir: Path, *, model_name: str) -> list[str]:

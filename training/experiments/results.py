@@ -55,10 +55,13 @@ def _train_defaults() -> dict[str, Any]:
 
 
 def ledger_entry(run_dir: Path, runs_root: Path) -> dict[str, Any] | None:
-    """The ledger line of one run directory (None while it has no metrics.json or config.json yet)."""
+    """The ledger line of one run directory (None while it has no metrics.json or config.json yet, and for a run
+    trained on deliberately damaged content: those are the corruption benchmark's, docs/modality-quality.md)."""
     if not has_results(run_dir):
         return None
     metrics, config = read_metrics(run_dir), read_config(run_dir)
+    if config.get("corruption"):
+        return None
     return {
         "run": run_dir.relative_to(runs_root).as_posix(),
         "dataset": metrics["dataset"],

@@ -37,13 +37,14 @@ from tqdm import tqdm
 from models import build_model, model_spec
 from models.base import Recommender
 from models.config import build_config, config_to_dict
-from training.config import TrainConfig
+from training.config import CorruptionConfig, TrainConfig, reads_content
+from training.data.corruption import corrupt_content
 from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset
 from training.data.inputs import model_inputs
 from training.device import resolve_device
 from training.fit.evaluator import FullRankingEvaluator
 from training.fit.sampling import BPRSampler, SequenceSampler
-from training.runs import initialise_from_run, new_run_directory, write_run
+from training.runs import initialise_from_run, new_run_directory, write_corruption, write_run
 from training.settings import world_size as configured_world_size
 
 __all__ = ["Callback", "ClipGradNorm", "RecommenderTrainer", "TrainConfig", "TrainResult", "Trainer", "train"]
@@ -285,17 +286,24 @@ def safety_cap_warning(minutes: float, epoch: int, epochs: int) -> str:
 
 class RecommenderTrainer(Trainer):
     """A registered model (``models.MODELS``) trained on an :class:`InteractionDataset`: BPR or sequence batches,
-    Adam (with the StepLR decay of ``lr_decay``), full-ranking Recall/NDCG/... on the valid and test splits."""
+    Adam (with the StepLR decay of ``lr_decay``), full-ranking Recall/NDCG/... on the valid and test splits.
+
+    With an active ``corruption`` the model is built from damaged item content (``training/data/corruption.py``),
+    the one place where a corruption reaches a model; interactions, sampling and evaluation are the same."""
 
     def __init__(self, dataset: InteractionDataset, model_name: str, *, dataset_dir: Path,
                  model_config: Mapping[str, Any] | Any = None, config: TrainConfig | None = None,
                  initialise: Callable[[Recommender], None] | None = None,
-                 callbacks: Sequence[Callback] = ()) -> None:  # fmt: skip
+                 callbacks: Sequence[Callback] = (), corruption: CorruptionConfig | None = None) -> None:  # fmt: skip
         config = config or TrainConfig()
         check_select_metric(config)
         self.rank, self.world_size = distributed()
         seed_everything(config.seed)
         self.dataset, self.dataset_dir, self.model_name = dataset, dataset_dir, model_name
+        corruption = corruption or CorruptionConfig()
+        if corruption.active and not reads_content(model_name):
+            raise ValueError(f"{model_name} reads no item content: a corruption of it would change nothing")
+        self.content = corrupt_content(dataset, corruption)  # the dataset itself when clean
         self.model_config = self._model_config(model_config)
         self.device = resolve_device(config.device)
         self.recommender = self._build(initialise, config)
@@ -332,7 +340,7 @@ class RecommenderTrainer(Trainer):
         optimiser sees its parameters: it installs pretrained parts that a config cannot carry (QARM's alignment
         head and codebooks); they must live in the model's state_dict so that the checkpoint rebuilds the model.
         """
-        model = build_model(self.model_name, model_inputs(self.dataset), config_to_dict(self.model_config))
+        model = build_model(self.model_name, model_inputs(self.content.dataset), config_to_dict(self.model_config))
         if initialise is not None:
             initialise(model)
         if config.init_from:
@@ -367,19 +375,24 @@ class RecommenderTrainer(Trainer):
 
     def write_run(self, runs_root: Path, tag: str = "") -> Path:
         """The checkpoint: a run directory with config, metrics, learning curve and the best state."""
-        run_dir = new_run_directory(runs_root, self.dataset.name, self.model_name, self.config.seed, tag)
+        corruption = self.content.config
+        directory_tag = "-".join(part for part in (tag, corruption.label()) if part)
+        run_dir = new_run_directory(runs_root, self.dataset.name, self.model_name, self.config.seed, directory_tag)
         train_dict, model_dict = config_to_dict(self.config), config_to_dict(self.model_config)
         data = self.dataset
+        damaged = {"corruption": config_to_dict(corruption)} if corruption.active else {}  # clean runs: no key
         write_run(run_dir, config={
             "model": self.model_name, "model_config": model_dict, "train_config": train_dict,
             "dataset": {"name": data.name, "split": data.split_name, "dir": str(self.dataset_dir),
                         "n_users": data.n_users, "n_items": data.n_items},
-            "tag": tag, "world_size": self.world_size,
+            "tag": tag, "world_size": self.world_size, **damaged,
         }, metrics={
             "model": self.model_name, "dataset": data.name, "seed": self.config.seed, "tag": tag,
             **self.summary(), "history": self.history,
         }, model_name=self.model_name, model_config=model_dict, state=self.recommender.state_dict(),
             dataset_dir=self.dataset_dir, train_config=train_dict, select_metric=self.config.select_metric)  # fmt: skip
+        if corruption.active:
+            write_corruption(run_dir, self.content.record())
         return run_dir
 
 
@@ -400,14 +413,17 @@ def train(
     tag: str = "",
     initialise: Callable[[Recommender], None] | None = None,
     callbacks: Sequence[Callback] = (),
+    corruption: CorruptionConfig | None = None,
 ) -> TrainResult:
     """Train ``model_name`` on ``dataset`` and, when ``runs_root`` is given, write a run directory there.
 
     ``model_config`` is a mapping of settings or the model's config dataclass (``compose(...).model_config``);
-    ``initialise`` installs pretrained parts (see :meth:`RecommenderTrainer._build`).
+    ``initialise`` installs pretrained parts (see :meth:`RecommenderTrainer._build`); ``corruption``
+    (``compose(...).corruption``) damages the item content the model is built from, and is recorded in the run.
     """
     trainer = RecommenderTrainer(dataset, model_name, dataset_dir=dataset_dir, model_config=model_config,
-                                 config=train_config, initialise=initialise, callbacks=callbacks)  # fmt: skip
+                                 config=train_config, initialise=initialise, callbacks=callbacks,
+                                 corruption=corruption)  # fmt: skip
     best = trainer.fit()
     run_dir = trainer.write_run(runs_root, tag) if runs_root is not None and trainer.rank == 0 else None
     return TrainResult(run_dir=run_dir, best_epoch=best.epoch, valid=best.valid, test=best.test,

@@ -1,0 +1,318 @@
+"""The corruption benchmark (``mmrec corrupt``, docs/modality-quality.md): datasets × kinds × fractions × models ×
+seeds, each cell one training run on item content damaged by ``training/data/corruption.py``.
+
+The protocol is the clean rows' (docs/results.md): each model's preset (``training/presets.toml``), selection on
+validation Recall@20, test metrics at the best validation epoch; R2MR with scripts/run-r2mr.sh's epoch caps. The
+corruption seed of a cell is its training seed: seed s damages the same items for every model, and the seeds vary
+the draw as well as the initialisation. p = 0 is the clean run, shared by the three kinds; LightGCN reads no
+content, so its one clean run per seed is its row at every kind and p (the floor content must not push below).
+
+Resumable: a cell whose composed configuration (model, tag, model and trainer settings, corruption) matches a
+finished run directory under the runs root, or a run already recorded in the ledger
+``docs/modality-quality/<dataset>.json``, is not trained again. The ledger keeps each run's metrics and its
+reviewer detection results, so the report survives the run directories; it is rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.config import build_config, config_to_dict
+from training.config import (
+    CorruptionConfig,
+    Overrides,
+    RunConfig,
+    TrainConfig,
+    compose,
+    model_config_class,
+    reads_content,
+)
+from training.data.corruption import CorruptedContent, corrupt_content
+from training.data.dataset import InteractionDataset
+from training.experiments.damage_detectors import (
+    REVIEWER_RAW,
+    detection_auroc,
+    group_means,
+    reviewer_detector_scores,
+    simple_detector_scores,
+)
+from training.runs import has_results, read_config, read_metrics
+
+DATASETS = ("ml100k-posters", "lfm2k")
+KINDS = ("missing", "swapped", "noise")
+FRACTIONS = (0.0, 0.2, 0.4)
+SEEDS = (2024, 1, 2)
+LEDGER_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class BenchmarkModel:
+    """A row of the benchmark: a registered model, its variant tag (ablations) and the settings that make it."""
+
+    label: str
+    model: str
+    tag: str = ""
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+MODELS = (
+    BenchmarkModel("r2mr", "r2mr"),
+    BenchmarkModel("r2mr-no-reviewer", "r2mr", "no-reviewer", {"reviewer": False}),
+    BenchmarkModel("r2mr-no-rewriter", "r2mr", "no-rewriter", {"rewriter": False}),
+    BenchmarkModel("freedom", "freedom"),
+    BenchmarkModel("lattice", "lattice"),
+    BenchmarkModel("vbpr", "vbpr"),
+    BenchmarkModel("lightgcn", "lightgcn"),
+)
+MODEL_BY_LABEL = {m.label: m for m in MODELS}
+
+# The clean rows' caps that are not presets: scripts/run-r2mr.sh trains R2MR to 80 epochs on ml100k-posters and 200
+# on lfm2k, with a 30-minute wall-clock safety cap that is reported if it fires (metrics.json stopped_by).
+PROTOCOL_TRAIN: dict[tuple[str, str], dict[str, Any]] = {
+    ("ml100k-posters", "r2mr"): {"epochs": 80, "max_minutes": 30.0},
+    ("lfm2k", "r2mr"): {"epochs": 200, "max_minutes": 30.0},
+}
+IGNORED_TRAIN_KEYS = ("progress", "device")  # change nothing a run computes
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: a model on content damaged by ``kind`` at ``fraction``, with training (and corruption) seed."""
+
+    dataset: str
+    model: BenchmarkModel
+    kind: str
+    fraction: float
+    seed: int
+
+    def corruption(self) -> CorruptionConfig:
+        if self.fraction == 0.0 or not reads_content(self.model.model):
+            return CorruptionConfig()
+        return CorruptionConfig(kind=self.kind, fraction=self.fraction, seed=self.seed)
+
+    def compose(self, train_overrides: Mapping[str, Any] = {}) -> RunConfig:  # noqa: B006 (read only)
+        train = {**PROTOCOL_TRAIN.get((self.dataset, self.model.model), {}), **train_overrides,
+                 "seed": self.seed, "progress": False}  # fmt: skip
+        corruption = config_to_dict(self.corruption()) if self.corruption().active else {}
+        return compose(self.dataset, self.model.model, Overrides(model=dict(self.model.settings), train=train,
+                                                                 corruption=corruption))  # fmt: skip
+
+
+def run_key(dataset: str, model: str, tag: str, model_config: Mapping[str, Any], train_config: Mapping[str, Any],
+            corruption: Mapping[str, Any] | None) -> str:  # fmt: skip
+    """What makes two runs the same run: settings missing from an older run are their defaults (as in results.py);
+    the seed is part of the trainer settings."""
+    model_settings = {**config_to_dict(model_config_class(model)()), **model_config}
+    train = {k: v for k, v in {**config_to_dict(TrainConfig()), **train_config}.items() if k not in IGNORED_TRAIN_KEYS}
+    damage = config_to_dict(build_config(CorruptionConfig, corruption)) if corruption else None
+    value = {"dataset": dataset, "model": model, "tag": tag, "model_config": model_settings, "train_config": train,
+             "corruption": damage}  # fmt: skip
+    return json.dumps(json.loads(json.dumps(value)), sort_keys=True)
+
+
+def cell_key(cell: Cell, train_overrides: Mapping[str, Any] = {}) -> str:  # noqa: B006 (read only)
+    run = cell.compose(train_overrides)
+    corruption = config_to_dict(run.corruption) if run.corruption.active else None
+    return run_key(cell.dataset, cell.model.model, cell.model.tag, run.model_settings(), config_to_dict(run.train),
+                   corruption)  # fmt: skip
+
+
+def key_of_run(run_dir: Path) -> str:
+    config = read_config(run_dir)
+    return run_key(config["dataset"]["name"], config["model"], config.get("tag", "") or "", config["model_config"],
+                   config["train_config"], config.get("corruption"))  # fmt: skip
+
+
+def grid(datasets: Sequence[str], kinds: Sequence[str], fractions: Sequence[float], models: Sequence[str],
+         seeds: Sequence[int]) -> list[Cell]:  # fmt: skip
+    """The cells in training order: seed by seed (every model of the first seed first), then dataset, kind, fraction
+    and model as given."""
+    return [Cell(dataset, MODEL_BY_LABEL[label], kind, fraction, seed) for seed in seeds for dataset in datasets
+            for kind in kinds for fraction in fractions for label in models]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------- the ledger
+def ledger_path(docs_dir: Path, dataset: str) -> Path:
+    return docs_dir / "modality-quality" / f"{dataset}.json"
+
+
+def read_ledger(path: Path, dataset: str) -> dict[str, Any]:
+    if not path.exists():
+        return {"format": LEDGER_FORMAT, "dataset": dataset, "runs": {}, "detectors": {}}
+    ledger: dict[str, Any] = json.loads(path.read_text())
+    if ledger.get("format") != LEDGER_FORMAT:
+        raise ValueError(f"{path}: ledger format {ledger.get('format')!r}, this code reads {LEDGER_FORMAT}")
+    return ledger
+
+
+def write_ledger(path: Path, ledger: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+
+
+def ledger_entry(run_dir: Path, runs_root: Path, cell: Cell, key: str, train_seconds: float | None) -> dict[str, Any]:
+    metrics = read_metrics(run_dir)
+    return {"run": run_dir.relative_to(runs_root).as_posix(), "key": key, "label": cell.model.label,
+            "seed": cell.seed, "corruption": config_to_dict(cell.corruption()), "valid": metrics["valid"],
+            "test": metrics["test"], "best_epoch": metrics["best_epoch"], "epochs_run": metrics.get("epochs_run"),
+            "stopped_by": metrics.get("stopped_by", ""), "wall_seconds": metrics["wall_seconds"],
+            "train_seconds": train_seconds}  # fmt: skip
+
+
+def finished_runs(runs_root: Path, dataset: str, model: str) -> dict[str, Path]:
+    """key → run directory of every finished run of ``model`` on ``dataset`` under ``runs_root`` (the latest wins)."""
+    found: dict[str, Path] = {}
+    for run_dir in sorted(runs_root.glob(f"{dataset}/{model}/*")):
+        if has_results(run_dir):
+            found[key_of_run(run_dir)] = run_dir
+    return found
+
+
+# -------------------------------------------------------------------------------------------------- detectors
+def reviewer_detection(model: Any, clean: InteractionDataset, corrupted: CorruptedContent) -> dict[str, Any] | None:
+    """AUROC of an R2MR model's reviewer (first review, final model, and the final reviewer on the content as
+    given), with diagnostics of the damaged vs the clean items; None for a run without a reviewer."""
+    import torch
+    import torch.nn.functional as F
+
+    from models.r2mr import R2MR
+
+    if not isinstance(model, R2MR) or not model.config.reviewer:
+        return None
+    names = model.modality_names
+    scores, _ = model.quality()
+    given = torch.stack([model.rescore(k, model.initial_features[k]) for k in range(2)]) * model.has_modality.float()
+    detectors = reviewer_detector_scores(model.first_review.cpu().numpy(), scores.cpu().numpy(), names)
+    detectors[REVIEWER_RAW] = {m: 1.0 - given[k].cpu().numpy() for k, m in enumerate(names)}
+    result = detection_auroc(clean, corrupted, detectors)
+    with torch.no_grad():
+        drift = [F.cosine_similarity(model.item_features[m], model.initial_features[k], dim=1) for k, m in enumerate(names)]
+    first = model.first_review.cpu().numpy()
+    diagnostics = {
+        "score s, final model": {m: scores[k].cpu().numpy() for k, m in enumerate(names)},
+        "cosine of the trained table to the content as given": {m: drift[k].cpu().numpy() for k, m in enumerate(names)},
+        "share rewritten": {m: model.rewritten[k].float().cpu().numpy() for k, m in enumerate(names)},
+    }
+    if bool((first >= 0).all()):  # the best epoch came after the first round
+        diagnostics["score s, first review"] = {m: first[k] for k, m in enumerate(names)}
+        diagnostics["share below η at the first review"] = {
+            m: (first[k] < model.config.threshold).astype(float) for k, m in enumerate(names)}  # fmt: skip
+    result["diagnostics"] = group_means(diagnostics, clean, corrupted)
+    return result
+
+
+def simple_detection(clean: InteractionDataset, corrupted: CorruptedContent) -> dict[str, Any]:
+    return detection_auroc(clean, corrupted, simple_detector_scores(corrupted))
+
+
+def detector_key(kind: str, fraction: float, seed: int) -> str:
+    return f"{kind}/{fraction:g}/{seed}"
+
+
+def record_simple_detectors(ledger: dict[str, Any], clean: InteractionDataset, cells: Iterable[Cell]) -> None:
+    """The simple detectors of every corrupted (kind, fraction, seed) among ``cells`` (they train nothing)."""
+    for corruption in sorted({(c.kind, c.fraction, c.seed) for c in cells if c.fraction > 0}):
+        key = detector_key(*corruption)
+        if key not in ledger["detectors"]:
+            config = CorruptionConfig(kind=corruption[0], fraction=corruption[1], seed=corruption[2])
+            ledger["detectors"][key] = simple_detection(clean, corrupt_content(clean, config))
+
+
+# ----------------------------------------------------------------------------------------------- running it
+@dataclass(frozen=True)
+class Outcome:
+    cell: Cell
+    run: str
+    trained: bool
+    train_seconds: float | None
+
+
+def unique_cells(cells: Sequence[Cell], train_overrides: Mapping[str, Any]) -> list[tuple[Cell, str]]:
+    """(cell, key) with each run once: p = 0 is shared by the kinds, LightGCN by every kind and p."""
+    seen: set[str] = set()
+    out = []
+    for cell in cells:
+        key = cell_key(cell, train_overrides)
+        if key not in seen:
+            seen.add(key)
+            out.append((cell, key))
+    return out
+
+
+def run_cells(cells: Sequence[Cell], *, datasets_root: Path, runs_root: Path, docs_dir: Path,
+              train_overrides: Mapping[str, Any] = {}, echo: Callable[[str], None] = print,
+              after_each: Callable[[], object] = lambda: None) -> list[Outcome]:  # noqa: B006 (read only)  # fmt: skip
+    """Train every cell that has no run yet (in order), record every cell's run in its dataset's ledger, and call
+    ``after_each`` after each cell (the report is rewritten there)."""
+    outcomes = []
+    for dataset in dict.fromkeys(c.dataset for c in cells):
+        clean = InteractionDataset.load(datasets_root / dataset)
+        path = ledger_path(docs_dir, dataset)
+        ledger = read_ledger(path, dataset)
+        ledger["modalities"] = sorted(clean.modalities)
+        record_simple_detectors(ledger, clean, [c for c in cells if c.dataset == dataset])
+        write_ledger(path, ledger)
+        for cell, key in unique_cells([c for c in cells if c.dataset == dataset], train_overrides):
+            outcome = run_cell(cell, key, clean, ledger, datasets_root=datasets_root, runs_root=runs_root,
+                               train_overrides=train_overrides)  # fmt: skip
+            write_ledger(path, ledger)
+            outcomes.append(outcome)
+            echo(describe_outcome(outcome, ledger["runs"][outcome.run]))
+            after_each()
+    return outcomes
+
+
+def run_cell(cell: Cell, key: str, clean: InteractionDataset, ledger: dict[str, Any], *, datasets_root: Path,
+             runs_root: Path, train_overrides: Mapping[str, Any]) -> Outcome:  # fmt: skip
+    """Reuse the cell's run (ledger, then runs root) or train it; its ledger entry carries the reviewer's AUROC."""
+    recorded = next((name for name, entry in ledger["runs"].items() if entry["key"] == key), None)
+    if recorded is not None:
+        return Outcome(cell, recorded, trained=False, train_seconds=ledger["runs"][recorded]["train_seconds"])
+    existing = finished_runs(runs_root, cell.dataset, cell.model.model).get(key)
+    if existing is not None:
+        entry = ledger_entry(existing, runs_root, cell, key, None)
+        entry["detection"] = loaded_reviewer_detection(existing, clean)
+        ledger["runs"][entry["run"]] = entry
+        return Outcome(cell, entry["run"], trained=False, train_seconds=None)
+    from training.fit.trainer import train
+
+    run = cell.compose(train_overrides)
+    corrupted = corrupt_content(clean, run.corruption)
+    started = time.perf_counter()
+    result = train(clean, cell.model.model, dataset_dir=datasets_root / cell.dataset, model_config=run.model_config,
+                   train_config=run.train, runs_root=runs_root, tag=cell.model.tag, corruption=run.corruption)  # fmt: skip
+    seconds = time.perf_counter() - started
+    assert result.run_dir is not None
+    entry = ledger_entry(result.run_dir, runs_root, cell, key, seconds)
+    entry["detection"] = reviewer_detection(result.model.cpu(), clean, corrupted) if run.corruption.active else None
+    ledger["runs"][entry["run"]] = entry
+    return Outcome(cell, entry["run"], trained=True, train_seconds=seconds)
+
+
+def loaded_reviewer_detection(run_dir: Path, clean: InteractionDataset) -> dict[str, Any] | None:
+    """The reviewer's AUROC of a finished run found on disk (None: clean, or no reviewer)."""
+    config = read_config(run_dir)
+    if not config.get("corruption") or config["model"] != "r2mr" or not config["model_config"].get("reviewer", True):
+        return None
+    from training.runs import load_run
+
+    loaded = load_run(run_dir)
+    corrupted = corrupt_content(clean, build_config(CorruptionConfig, config["corruption"]))
+    return reviewer_detection(loaded.model, clean, corrupted)
+
+
+def describe_outcome(outcome: Outcome, entry: Mapping[str, Any]) -> str:
+    cell = outcome.cell
+    damage = entry["corruption"]
+    what = "clean" if damage["kind"] == "none" else f"{damage['kind']} p={damage['fraction']:g}"
+    how = (f"trained in {outcome.train_seconds:.0f} s" if outcome.trained else "reused")
+    return (f"{cell.dataset} {cell.model.label} {what} seed {cell.seed}: test recall@20 "
+            f"{entry['test'].get('recall@20', np.nan):.4f}, best epoch {entry['best_epoch']} of {entry['epochs_run']} "
+            f"({entry['stopped_by']}), {how} [{entry['run']}]")  # fmt: skip
