@@ -11,7 +11,18 @@ import scipy.sparse as sp
 from synthetic_datasets import multimodal_dataset
 
 from training.data.dataset import TEST
-from training.experiments.item_similarity import Judge, content_space, run_similarity, top_neighbours
+from training.experiments.item_similarity import (
+    NORM_EXPONENTS,
+    POPULARITY_WEIGHTS,
+    Judge,
+    Spaces,
+    choose_correction,
+    content_space,
+    corrections,
+    goal,
+    run_similarity,
+    top_neighbours,
+)
 from training.experiments.recent_events import blended_scores, ranking_metrics, replay, replay_splits
 from training.fit.evaluator import FullRankingEvaluator
 from training.fit.trainer import TrainConfig, train
@@ -36,6 +47,58 @@ def test_blended_scores_are_the_formulas_per_user() -> None:
 def test_top_neighbours_leave_the_query_out_and_break_ties_by_row() -> None:
     scores = np.array([[9.0, 1.0, 5.0, 5.0], [2.0, 9.0, 2.0, 0.0]])
     np.testing.assert_array_equal(top_neighbours(scores, np.array([0, 1]), k=2), [[2, 3], [0, 2]])
+
+
+def test_popularity_corrections_score_as_their_formulas() -> None:
+    """Each correction against its formula per (query, item) in float64; a zero vector scores 0 everywhere."""
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(7, 3)) * rng.uniform(0.1, 5.0, size=(7, 1))
+    vectors[4] = 0.0
+    popularity = np.array([0.0, 3, 50, 1, 7, 0, 120])
+    spaces = Spaces(vectors=vectors, encoded=vectors, content=vectors, popularity=popularity)
+    queries = np.array([0, 2, 6])
+    norm = np.linalg.norm
+    for a in NORM_EXPONENTS:
+        expected = [[0.0 if not norm(vectors[j]) else vectors[q] @ vectors[j] / norm(vectors[q]) / norm(vectors[j]) ** a
+                     for j in range(7)] for q in queries]  # fmt: skip
+        np.testing.assert_allclose(spaces.scorer("norm-exponent", a)(queries), expected, atol=1e-12)
+    for b in POPULARITY_WEIGHTS:
+        expected = [[(0.0 if not norm(vectors[j]) else vectors[q] @ vectors[j] / norm(vectors[q]) / norm(vectors[j]))
+                     + b * np.log(1 + popularity[j]) for j in range(7)] for q in queries]  # fmt: skip
+        np.testing.assert_allclose(spaces.scorer("popularity-shrinkage", b)(queries), expected, atol=1e-12)
+    # the family's ends: a = 0 ranks as the inner product, a = 1 is the cosine
+    np.testing.assert_array_equal(top_neighbours(spaces.scorer("norm-exponent", 0.0)(queries), queries, k=6),
+                                  top_neighbours(spaces.scorer("inner_product")(queries), queries, k=6))  # fmt: skip
+    np.testing.assert_allclose(spaces.scorer("norm-exponent", 1.0)(queries), spaces.scorer("cosine")(queries))
+    assert list(corrections())[0] == "norm_exponent=1" and len(corrections()) == len(NORM_EXPONENTS) + len(POPULARITY_WEIGHTS)
+
+
+def _figures(genre: float, co_like: float, popularity: float) -> dict[str, float]:
+    return {"genre_agreement@10": genre, "co_like_rate@10": co_like, "neighbour_popularity": popularity}
+
+
+def test_choose_correction_takes_the_best_co_likes_among_the_admissible() -> None:
+    baseline = _figures(0.40, 0.30, 260.0)
+    grid = {"a": _figures(0.45, 0.25, 70.0), "b": _figures(0.39, 0.40, 80.0),  # b: genres below the baseline
+            "c": _figures(0.50, 0.35, 130.0),  # c: too popular for a cap of 120
+            "d": _figures(0.40, 0.28, 120.0), "e": _figures(0.41, 0.28, 90.0)}  # fmt: skip
+    assert choose_correction(baseline, grid, 120.0) == (["a", "d", "e"], "d")  # d and e tie on co-likes: d first
+    assert choose_correction(baseline, {"b": grid["b"], "c": grid["c"]}, 120.0) == ([], None)
+
+
+def test_goal_needs_both_figures_above_the_inner_product_for_both_parts_within_the_cap() -> None:
+    def report(ingested_co_like: float) -> dict[str, object]:
+        figures = {"inner_product": _figures(0.4, 0.3, 260.0), "x": _figures(0.5, 0.31, 100.0)}
+        cold = {"inner_product": _figures(0.4, 0.6, 400.0), "x": _figures(0.45, ingested_co_like, 110.0)}
+        return {"catalogue_popularity": 60.0, "correction": {"chosen": "x"}, "trained": {"figures": figures},
+                "ingested": {"figures": cold}}  # fmt: skip
+
+    assert goal(report(0.61))["met"]
+    missed = goal(report(0.6))
+    assert not missed["met"] and missed["parts"]["ingested"] == {
+        "genre_agreement_above_inner_product": True, "co_like_rate_above_inner_product": False,
+        "neighbour_popularity_within_cap": True}  # fmt: skip
+    assert not goal({**report(0.7), "correction": {"chosen": None}})["met"]
 
 
 def test_judge_figures_equal_hand_counts() -> None:
@@ -112,10 +175,24 @@ def test_similarity_run_measures_every_candidate_on_trained_and_cold_items(train
     root, result = trained
     genres = {f"i{i}": frozenset({("A", "B", "C")[i % 3]}) for i in range(50)}
     report = run_similarity(root / "data", lambda ids: [genres[i] for i in ids], "lightgcn", train_settings={"epochs": "2"},
-                            seed=1, cold_share=0.2, run=result.run_dir, runs_root=None)  # type: ignore[attr-defined]  # fmt: skip
-    names = {"inner_product", "cosine", "content", "encoded", "blend-content", "blend-encoded"}
+                            seed=1, cold_share=0.2, run=result.run_dir, runs_root=None,  # type: ignore[attr-defined]
+                            vectors_file=root / "vectors.npz")  # fmt: skip
+    assert report["ingested"]["model"]["epochs_run"] == 2 and report["ingested"]["model"]["stopped_by"] == "epochs"
+    names = {"inner_product", "cosine", "content", "encoded", "blend-content", "blend-encoded", *corrections()}
     assert set(report["trained"]["figures"]) == names and set(report["ingested"]["figures"]) == names
     assert report["ingested"]["cold_items"] == 10
+    for part in ("trained", "ingested"):  # the family's ends are the inner product and the cosine
+        figures = report[part]["figures"]
+        assert figures["norm_exponent=0"] == figures["inner_product"] and figures["norm_exponent=1"] == figures["cosine"]
+    correction = report["correction"]  # chosen on validation by the declared rule
+    cap = 2.0 * report["catalogue_popularity"]
+    assert (correction["admissible"], correction["chosen"]) == choose_correction(correction["inner_product"],
+                                                                                correction["grid"], cap)  # fmt: skip
+    assert report["goal"] == goal(report)
+    # the vectors file: a re-run reads both models' vectors instead of training (1000 epochs would be trained here)
+    again = run_similarity(root / "data", lambda ids: [genres[i] for i in ids], "lightgcn", train_settings={"epochs": "1000"},
+                           seed=1, cold_share=0.2, run=None, runs_root=None, vectors_file=root / "vectors.npz")  # fmt: skip
+    assert again == report
     for part in ("trained", "ingested"):
         for figures in report[part]["figures"].values():
             assert 0.0 <= figures["genre_agreement@10"] <= 1.0 and 0.0 <= figures["co_like_rate@10"] <= 1.0

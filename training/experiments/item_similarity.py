@@ -11,7 +11,12 @@ space, below):
 - ``encoded``: ``cos(e_i, e_j)``, ``e`` the item encoder's output from content alone (the bundle's ridge map for an
   ID model), so trained items are compared as if they were ingested;
 - ``blend``: ``α · cos(v_i, v_j) + (1 − α) · sim_content(i, j)`` with either content space, ``α`` chosen on
-  validation.
+  validation;
+- popularity corrections between the inner product and the cosine: the norm exponent
+  ``v_i/|v_i| · v_j / |v_j|^a`` (``a = 0``: the inner product's ranking, ``a = 1``: the cosine) for ``a`` in
+  ``NORM_EXPONENTS``, and the popularity shrinkage ``cos(v_i, v_j) + b · log(1 + n_j)`` (``n_j`` the item's
+  TRAINING interactions, the bundle's popularity; 0 for an item held out of training) for ``b`` in
+  ``POPULARITY_WEIGHTS``.
 
 Figures for the top-10 neighbours of each query item:
 - genre agreement: share of neighbours sharing at least one MovieLens genre with the query (items.csv flags,
@@ -22,15 +27,19 @@ Figures for the top-10 neighbours of each query item:
 - mean neighbour popularity (interactions in the whole dataset) against the catalogue's mean.
 
 ``α`` and the content space are chosen on the VALIDATION split (the co-like rate with validation interactions as
-the held-out ones); the test split and the cold items only report.
+the held-out ones); the test split and the cold items only report. The popularity correction is chosen on the same
+validation figures by a rule declared before any test figure was read (:func:`select_correction`): among the
+candidates of both families whose genre agreement is at least the inner product's and whose neighbours' mean
+popularity is at most ``POPULARITY_CAP`` times the catalogue's, the highest co-like rate.
 
 The cold experiment holds out 10% of the items entirely (``training.experiments.cold_protocol.make_cold_split``, the one cold-start protocol, seed 2024), trains on
 the rest, gives the cold items vectors from their content alone (ridge map fitted on the warm items), and queries
 each cold item against the whole catalogue (warm and cold items), as after ingesting them.
 
-    .venv/bin/python -m training.experiments.item_similarity --dataset ml100k-posters --train epochs=60
+    .venv/bin/python -m training.experiments.item_similarity --dataset ml100k-posters --vectors /tmp/vectors.npz
 
-prints the tables and writes ``docs/similarity-and-blending/similarity-<dataset>.json`` (or ``--out``).
+trains both models with the presets (early stopping or the epoch cap; ``--vectors`` keeps their item vectors for a
+re-run without training), prints the tables and writes ``docs/similarity-and-blending/similarity-<dataset>.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -48,12 +57,25 @@ import numpy as np
 import scipy.sparse as sp
 import typer
 
-from training.data.dataset import TEST, VALID, InteractionDataset
+from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset
+from training.fit.trainer import Callback
 
 K = 10
 ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 CONTENT_SPACES = ("content", "encoded")
+NORM_EXPONENTS = (0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # a in v_i/|v_i| · v_j/|v_j|^a
+POPULARITY_WEIGHTS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1)  # b in cos(v_i, v_j) + b·log(1 + n_j)
+POPULARITY_CAP = 2.0  # a correction is admissible only if its neighbours are at most this times as popular as average
 EPS = 1e-12
+
+
+def corrections() -> dict[str, tuple[str, float]]:
+    """The popularity corrections measured, by name: (method of :meth:`Spaces.scorer`, its parameter), in order of
+    preference on equal validation co-likes (the norm family first, as it needs nothing but the vectors: the larger
+    exponent first; then the smaller popularity weight)."""
+    out = {f"norm_exponent={a:g}": ("norm-exponent", a) for a in sorted(NORM_EXPONENTS, reverse=True)}
+    out.update({f"popularity_weight={b:g}": ("popularity-shrinkage", b) for b in sorted(POPULARITY_WEIGHTS)})
+    return out
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -138,11 +160,20 @@ class Spaces:
     vectors: np.ndarray  # (n_items, d) the model's item vectors; cold rows: the encoder's vectors
     encoded: np.ndarray  # (n_items, d) the item encoder's output from content alone, every row
     content: np.ndarray  # (n_items, Σ d_m) unit rows
+    popularity: np.ndarray  # (n_items,) training interactions of each item (0 for an item held out of training)
 
     def scorer(self, method: str, alpha: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
-        """scores (Q, n_items) of the query rows under ``method`` ("blend-content"/"blend-encoded" use ``alpha``)."""
+        """scores (Q, n_items) of the query rows under ``method``: "blend-content"/"blend-encoded" weigh the cosine
+        by ``alpha``, "norm-exponent" divides by ``|v_j|^alpha``, "popularity-shrinkage" adds
+        ``alpha · log(1 + n_j)`` to the cosine."""
         cf = unit_rows(self.vectors)
         enc = unit_rows(self.encoded)
+        if method == "norm-exponent":
+            norms = np.linalg.norm(self.vectors.astype(np.float64), axis=1)
+            scaled = self.vectors.astype(np.float64) / np.where(norms > EPS, norms, 1.0)[:, None] ** alpha
+            return lambda q: cf[q] @ scaled.T
+        if method == "popularity-shrinkage":
+            return lambda q: cf[q] @ cf.T + alpha * np.log1p(self.popularity)[None, :]
         if method == "inner_product":
             return lambda q: self.vectors[q].astype(np.float64) @ self.vectors.T.astype(np.float64)
         if method == "cosine":
@@ -183,12 +214,57 @@ def ridge_encoded(dataset: InteractionDataset, item_vectors: np.ndarray, fit_row
 
 
 def evaluate_methods(spaces: Spaces, queries: np.ndarray, judge: Judge, *, alphas: Mapping[str, float]) -> dict[str, Any]:
+    """Figures of every candidate: the four spaces, the chosen blends and every popularity correction."""
     methods: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         name: spaces.scorer(name) for name in ("inner_product", "cosine", "content", "encoded")
     }
     for space, alpha in alphas.items():
         methods[f"blend-{space}"] = spaces.scorer(f"blend-{space}", alpha)
+    for name, (method, parameter) in corrections().items():
+        methods[name] = spaces.scorer(method, parameter)
     return {name: judge.figures(queries, top_neighbours(score(queries), queries)) for name, score in methods.items()}
+
+
+def choose_correction(baseline: Mapping[str, float], grid: Mapping[str, Mapping[str, float]],
+                      popularity_cap: float) -> tuple[list[str], str | None]:
+    """(admissible names, the chosen one or None): admissible = genre agreement at least ``baseline``'s and
+    neighbour popularity at most ``popularity_cap``; chosen = the highest co-like rate among them, the first in
+    ``grid``'s order on equal rates."""
+    admissible = [name for name, f in grid.items() if f["genre_agreement@10"] >= baseline["genre_agreement@10"]
+                  and f["neighbour_popularity"] <= popularity_cap]  # fmt: skip
+    order = list(grid)
+    chosen = max(admissible, key=lambda name: (grid[name]["co_like_rate@10"], -order.index(name)), default=None)
+    return admissible, chosen
+
+
+def select_correction(spaces: Spaces, queries: np.ndarray, judge: Judge) -> dict[str, Any]:
+    """The declared rule, on validation: among the corrections whose genre agreement is at least the inner
+    product's and whose neighbours' mean popularity is at most ``POPULARITY_CAP`` × the catalogue's, the one with
+    the highest co-like rate (equal rates: the first in :func:`corrections`' order). None if none is admissible."""
+    baseline = judge.figures(queries, top_neighbours(spaces.scorer("inner_product")(queries), queries))
+    grid = {name: judge.figures(queries, top_neighbours(spaces.scorer(method, parameter)(queries), queries))
+            for name, (method, parameter) in corrections().items()}  # fmt: skip
+    admissible, chosen = choose_correction(baseline, grid, POPULARITY_CAP * judge.catalogue_popularity)
+    return {"rule": f"highest co_like_rate@10 on validation among corrections with genre_agreement@10 >= the inner "
+                    f"product's and neighbour_popularity <= {POPULARITY_CAP:g} x catalogue", "inner_product": baseline,
+            "grid": grid, "admissible": admissible, "chosen": chosen}  # fmt: skip
+
+
+def goal(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Whether the chosen correction beats the inner product on test genre agreement AND co-like rate, for trained
+    AND ingested items, with neighbours at most ``POPULARITY_CAP`` × as popular as the catalogue's average item."""
+    chosen = report["correction"]["chosen"]
+    cap = POPULARITY_CAP * report["catalogue_popularity"]
+    parts: dict[str, dict[str, bool]] = {}
+    for part in ("trained", "ingested"):
+        figures = report[part]["figures"]
+        mine, inner = (figures[chosen] if chosen else None), figures["inner_product"]
+        parts[part] = {
+            "genre_agreement_above_inner_product": bool(mine and mine["genre_agreement@10"] > inner["genre_agreement@10"]),
+            "co_like_rate_above_inner_product": bool(mine and mine["co_like_rate@10"] > inner["co_like_rate@10"]),
+            "neighbour_popularity_within_cap": bool(mine and mine["neighbour_popularity"] <= cap),
+        }
+    return {"chosen": chosen, "parts": parts, "met": all(all(p.values()) for p in parts.values())}
 
 
 def select_alpha(spaces: Spaces, queries: np.ndarray, judge: Judge) -> dict[str, Any]:
@@ -202,35 +278,104 @@ def select_alpha(spaces: Spaces, queries: np.ndarray, judge: Judge) -> dict[str,
     return {"metric": "co_like_rate@10 on validation interactions", "grid": grid, "chosen": chosen}
 
 
-def train_vectors(dataset: InteractionDataset, directory: Path, model: str, *, train_settings: dict[str, str], seed: int,
-                  runs_root: Path | None) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+@dataclass
+class EpochCount(Callback):
+    """The epochs a run trained (its last epoch)."""
+
+    epochs: int = 0
+
+    def on_epoch_end(self, trainer: Any, epoch: int, loss: float) -> None:
+        self.epochs = epoch
+
+
+def train_vectors(dataset: InteractionDataset, directory: Path, model: str, *, preset_dataset: str,
+                  train_settings: dict[str, str], seed: int, runs_root: Path | None) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+    """Train ``model`` with the presets of ``preset_dataset`` (early stopping or the epoch cap): its item vectors and
+    how the run went (epochs, stop reason, wall time)."""
     import torch
 
     from models.config import build_config
     from training.config import preset
     from training.fit.trainer import TrainConfig, train
 
-    model_layer, train_layer = preset(dataset.name.removesuffix("-cold"), model)
+    model_layer, train_layer = preset(preset_dataset, model)
     config = build_config(TrainConfig, train_layer, {"progress": False, "seed": seed, **train_settings})
+    count = EpochCount()
     started = time.perf_counter()
-    result = train(dataset, model, dataset_dir=directory, model_config=model_layer, train_config=config, runs_root=runs_root)
+    result = train(dataset, model, dataset_dir=directory, model_config=model_layer, train_config=config,
+                   runs_root=runs_root, callbacks=[count])  # fmt: skip
+    seconds = time.perf_counter() - started
     with torch.no_grad():
         result.model.eval()
         items = result.model.representations().items.float().cpu().numpy()
     return items, {"run_dir": str(result.run_dir) if result.run_dir else None, "best_epoch": result.best_epoch,
+                   "epochs_run": count.epochs, "epoch_cap": config.epochs, "patience": config.patience,
+                   "eval_every": config.eval_every, "stopped_by": result.stopped_by,
                    "valid_recall@20": result.valid.get("recall@20"), "test_recall@20": result.test.get("recall@20"),
-                   "train_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+                   "train_seconds": round(seconds, 1),
+                   "seconds_per_epoch": round(seconds / max(count.epochs, 1), 2)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelVectors:
+    """Item vectors of the model on the usual split and of the model trained without the cold items."""
+
+    trained: np.ndarray
+    trained_info: dict[str, Any]
+    cold: np.ndarray
+    cold_info: dict[str, Any]
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            np.savez(f, trained=self.trained, cold=self.cold,
+                     info=np.array(json.dumps({"trained": self.trained_info, "cold": self.cold_info})))  # fmt: skip
+
+    @classmethod
+    def load(cls, path: Path) -> ModelVectors:
+        with np.load(path) as f:
+            info = json.loads(str(f["info"]))
+            return cls(trained=f["trained"], trained_info=info["trained"], cold=f["cold"], cold_info=info["cold"])
+
+
+def model_vectors(dataset: InteractionDataset, cold_dataset: InteractionDataset, directory: Path, model: str, *,
+                  train_settings: dict[str, str], seed: int, run: Path | None, runs_root: Path | None,
+                  vectors_file: Path | None) -> ModelVectors:  # fmt: skip
+    """Both models' item vectors: read from ``vectors_file`` if it exists; else trained (the usual-split one loaded
+    from ``run`` if given) and written to ``vectors_file`` if given."""
+    import torch
+
+    from training.runs import load_run
+
+    if vectors_file is not None and vectors_file.exists():
+        return ModelVectors.load(vectors_file)
+    if run is not None:
+        loaded = load_run(run)
+        with torch.no_grad():
+            trained = loaded.model.representations().items.float().cpu().numpy()
+        trained_info: dict[str, Any] = {"run_dir": str(run), "best_epoch": loaded.metrics.get("best_epoch")}
+    else:
+        trained, trained_info = train_vectors(dataset, directory, model, preset_dataset=dataset.name,
+                                              train_settings=train_settings, seed=seed, runs_root=runs_root)  # fmt: skip
+    cold, cold_info = train_vectors(cold_dataset, directory, model, preset_dataset=dataset.name,
+                                    train_settings=train_settings, seed=seed, runs_root=None)  # fmt: skip
+    vectors = ModelVectors(trained=trained, trained_info=trained_info, cold=cold, cold_info=cold_info)
+    if vectors_file is not None:
+        vectors.save(vectors_file)
+    return vectors
+
+
+def training_popularity(dataset: InteractionDataset) -> np.ndarray:
+    """(n_items,) training interactions of each item: the bundle's popularity."""
+    return np.bincount(dataset.item[dataset.split == TRAIN], minlength=dataset.n_items).astype(np.float64)
 
 
 def run_similarity(directory: Path, genres_of: Callable[[list[str]], list[frozenset[str]]], model: str, *,
                    train_settings: dict[str, str], seed: int, cold_share: float, run: Path | None,
-                   runs_root: Path | None) -> dict[str, Any]:  # fmt: skip
-    """Train (or load ``run``), choose α on validation, measure every candidate on trained and on cold items.
-    ``genres_of(item_ids)`` gives each item's genres."""
-    import torch
-
+                   runs_root: Path | None, vectors_file: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train (or load ``run`` / ``vectors_file``), choose α and the popularity correction on validation, measure
+    every candidate on trained and on cold items. ``genres_of(item_ids)`` gives each item's genres."""
     from training.experiments.cold_protocol import COLD, make_cold_split
-    from training.runs import load_run
 
     dataset = InteractionDataset.load(directory)
     if not dataset.modalities:
@@ -239,77 +384,103 @@ def run_similarity(directory: Path, genres_of: Callable[[list[str]], list[frozen
     popularity = np.bincount(dataset.item, minlength=dataset.n_items).astype(np.float64)
     content = content_space(dataset)
     all_rows = np.arange(dataset.n_items)
+    held_out = make_cold_split(dataset, share=cold_share, seed=seed)  # the one cold-start protocol
+    cold_dataset, cold = held_out.dataset, held_out.cold
+    vectors = model_vectors(dataset, cold_dataset, directory, model, train_settings=train_settings, seed=seed, run=run,
+                            runs_root=runs_root, vectors_file=vectors_file)  # fmt: skip
 
     # trained items: the model on the usual split; the encoder fitted on every item, as the bundle's
-    if run is not None:
-        loaded = load_run(run)
-        with torch.no_grad():
-            vectors = loaded.model.representations().items.float().cpu().numpy()
-        trained_info: dict[str, Any] = {"run_dir": str(run), "best_epoch": loaded.metrics.get("best_epoch")}
-    else:
-        vectors, trained_info = train_vectors(dataset, directory, model, train_settings=train_settings, seed=seed,
-                                              runs_root=runs_root)  # fmt: skip
-    spaces = Spaces(vectors=vectors, encoded=ridge_encoded(dataset, vectors, all_rows), content=content)
-    queries = all_rows[np.bincount(dataset.item[dataset.split == 0], minlength=dataset.n_items) > 0]
-    selection = select_alpha(spaces, queries, Judge(genres, heldout_matrix(dataset, (VALID,)), popularity))
+    spaces = Spaces(vectors=vectors.trained, encoded=ridge_encoded(dataset, vectors.trained, all_rows), content=content,
+                    popularity=training_popularity(dataset))  # fmt: skip
+    queries = all_rows[np.bincount(dataset.item[dataset.split == TRAIN], minlength=dataset.n_items) > 0]
+    valid_judge = Judge(genres, heldout_matrix(dataset, (VALID,)), popularity)
+    selection = select_alpha(spaces, queries, valid_judge)
+    correction = select_correction(spaces, queries, valid_judge)
     trained = evaluate_methods(spaces, queries, Judge(genres, heldout_matrix(dataset, (TEST,)), popularity),
                                alphas=selection["chosen"])  # fmt: skip
 
     # items held out of training, ingested from content only
-    held_out = make_cold_split(dataset, share=cold_share, seed=seed)  # the one cold-start protocol
-    cold_dataset, cold = held_out.dataset, held_out.cold
-    cold_vectors, cold_info = train_vectors(cold_dataset, directory, model, train_settings=train_settings, seed=seed,
-                                            runs_root=None)  # fmt: skip
     warm = np.setdiff1d(all_rows, cold)
-    encoded = ridge_encoded(dataset, cold_vectors, warm)
-    served = cold_vectors.copy()
+    encoded = ridge_encoded(dataset, vectors.cold, warm)
+    served = vectors.cold.copy()
     served[cold] = encoded[cold]  # what the service holds for an ingested item
-    cold_spaces = Spaces(vectors=served, encoded=encoded, content=content)
+    cold_spaces = Spaces(vectors=served, encoded=encoded, content=content, popularity=training_popularity(cold_dataset))
     cold_judge = Judge(genres, heldout_matrix(cold_dataset, (TEST, COLD)), popularity)
     ingested = evaluate_methods(cold_spaces, cold, cold_judge, alphas=selection["chosen"])
-    return {
+    report = {
         "dataset": dataset.name, "model": model, "seed": seed, "k": K,
         "catalogue_popularity": float(popularity.mean()),
-        "trained": {"model": trained_info, "figures": trained},
-        "selection": selection,
-        "ingested": {"model": cold_info, "cold_share": cold_share, "cold_items": int(cold.size), "figures": ingested},
+        "trained": {"model": vectors.trained_info, "figures": trained},
+        "selection": selection, "correction": correction,
+        "ingested": {"model": vectors.cold_info, "cold_share": cold_share, "cold_items": int(cold.size), "figures": ingested},
     }  # fmt: skip
+    return {**report, "goal": goal(report)}
 
 
-def table(report: dict[str, Any], part: str) -> str:
-    lines = [f"| similarity | genre agreement@10 | co-like rate@10 | co-like share@10 | neighbour popularity "
-             f"(catalogue {report['catalogue_popularity']:.1f}) |", "|---|---|---|---|---|"]  # fmt: skip
-    chosen = report["selection"]["chosen"]
-    for name, f in report[part]["figures"].items():
-        label = f"{name} (α={chosen[name.removeprefix('blend-')]})" if name.startswith("blend-") else name
-        lines.append(f"| {label} | {f['genre_agreement@10']:.3f} | {f['co_like_rate@10']:.3f} | "
-                     f"{f['co_like_share@10']:.4f} | {f['neighbour_popularity']:.1f} |")  # fmt: skip
+def label(report: Mapping[str, Any], name: str) -> str:
+    """A candidate's name in the tables."""
+    if name.startswith("blend-"):
+        return f"{name} (α={report['selection']['chosen'][name.removeprefix('blend-')]})"
+    method, _, value = name.partition("=")
+    text = {"norm_exponent": f"norm exponent a={value}", "popularity_weight": f"cos + {value}·log(1+n)"}.get(method, name)
+    return f"**{text} (chosen)**" if name == report["correction"]["chosen"] else text
+
+
+def figures_table(report: Mapping[str, Any], figures: Mapping[str, Mapping[str, float]], extra: str = "",
+                  marks: Mapping[str, str] | None = None) -> str:  # fmt: skip
+    """Markdown rows of ``figures`` (name → figures), an optional last column ``extra`` filled from ``marks``."""
+    head = (f"| similarity | genre agreement@10 | co-like rate@10 | co-like share@10 | neighbour popularity "
+            f"(catalogue {report['catalogue_popularity']:.1f}) |")  # fmt: skip
+    lines = [head + (f" {extra} |" if extra else ""), "|---|---|---|---|---|" + ("---|" if extra else "")]
+    for name, f in figures.items():
+        row = (f"| {label(report, name)} | {f['genre_agreement@10']:.3f} | {f['co_like_rate@10']:.3f} | "
+               f"{f['co_like_share@10']:.4f} | {f['neighbour_popularity']:.1f} |")  # fmt: skip
+        lines.append(row + (f" {(marks or {}).get(name, '')} |" if extra else ""))
     return "\n".join(lines)
+
+
+def table(report: Mapping[str, Any], part: str) -> str:
+    """``part``: "trained" or "ingested" (test figures), or "validation" (the correction's choice)."""
+    if part != "validation":
+        return figures_table(report, report[part]["figures"])
+    correction = report["correction"]
+    figures = {"inner_product": correction["inner_product"], **correction["grid"]}
+    marks = {name: "yes" if name in correction["admissible"] else "no" for name in correction["grid"]}
+    return figures_table(report, figures, extra="admissible", marks=marks)
 
 
 def main(
     dataset: Annotated[str, typer.Option(help="Prepared dataset with MovieLens genres (ml100k-posters).")] = "ml100k-posters",
     model: Annotated[str, typer.Option(help="Model trained for the item vectors.")] = "lightgcn",
     run: Annotated[Path | None, typer.Option(help="A finished run on the usual split, instead of training one.")] = None,
-    train_set: Annotated[list[str], typer.Option("--train", help="Trainer setting KEY=VALUE, e.g. epochs=60.")] = [],  # noqa: B006
+    train_set: Annotated[list[str], typer.Option("--train", help="Trainer setting KEY=VALUE (default: the presets).")] = [],  # noqa: B006
     seed: Annotated[int, typer.Option(help="Seed of training and of the cold-item draw.")] = 2024,
     cold_share: Annotated[float, typer.Option(help="Share of items held out of training.")] = 0.1,
+    vectors: Annotated[Path | None, typer.Option(help="npz of both models' item vectors: read if it exists, else "
+                                                      "written after training.")] = None,  # fmt: skip
     out: Annotated[Path | None, typer.Option(help="JSON report (default docs/similarity-and-blending/similarity-<dataset>.json).")] = None,
+    tables_only: Annotated[bool, typer.Option(help="Print the tables of the existing JSON report; measure nothing.")] = False,
 ) -> None:
     from training.cli import parse_assignments
     from training.settings import PROJECT_ROOT, default_paths
 
     paths = default_paths()
-    report = run_similarity(paths.datasets / dataset, lambda ids: ml100k_genres(paths.data_root, ids), model,
-                            train_settings=parse_assignments(train_set), seed=seed, cold_share=cold_share, run=run,
-                            runs_root=paths.runs)  # fmt: skip
     path = out or PROJECT_ROOT / "docs" / "similarity-and-blending" / f"similarity-{dataset}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    typer.echo(f"chosen on validation: {report['selection']['chosen']}")
-    typer.echo("trained items\n" + table(report, "trained"))
+    if tables_only:
+        report = json.loads(path.read_text())
+    else:
+        report = run_similarity(paths.datasets / dataset, lambda ids: ml100k_genres(paths.data_root, ids), model,
+                                train_settings=parse_assignments(train_set), seed=seed, cold_share=cold_share, run=run,
+                                runs_root=paths.runs, vectors_file=vectors)  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(f"blend α chosen on validation: {report['selection']['chosen']}")
+    typer.echo(f"popularity correction on validation ({report['correction']['rule']}):\n" + table(report, "validation"))
+    typer.echo("trained items (test)\n" + table(report, "trained"))
     typer.echo(f"ingested items ({report['ingested']['cold_items']} held out of training)\n" + table(report, "ingested"))
-    typer.echo(f"wrote {path}")
+    typer.echo(f"goal: {json.dumps(report['goal'])}")
+    if not tables_only:
+        typer.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":
