@@ -12,6 +12,8 @@ from models.config import build_config
 from models.freedom import FREEDOM, FREEDOMConfig
 from models.lattice import LATTICE, LATTICEConfig
 from models.lightgcn import LightGCN, LightGCNConfig
+from models.mario import MARIO, MARIOConfig
+from models.mmgcl import MMGCL, MMGCLConfig
 from models.mmgcn import MMGCN, MMGCNConfig
 from models.mp4sr import MP4SR, MP4SRConfig
 from models.popularity import Popularity, PopularityConfig
@@ -43,6 +45,8 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("lattice", LATTICEConfig, LATTICE, needs_modalities=True),
         ModelSpec("freedom", FREEDOMConfig, FREEDOM, needs_modalities=True),
         ModelSpec("r2mr", R2MRConfig, R2MR, needs_modalities=True),
+        ModelSpec("mmgcl", MMGCLConfig, MMGCL, needs_modalities=True),
+        ModelSpec("mario", MARIOConfig, MARIO, needs_modalities=True),
     ]
 }
 

@@ -2,7 +2,8 @@
 
 A model is built from :class:`ModelInputs` (training interactions and item modalities as tensors: no file I/O),
 returns a loss for a training batch, and returns user and item representations for full-ranking scoring
-(score = user · item). Sequence models return no user table and encode user histories instead.
+(score = user · item, unless the model overrides ``full_sort_scores``). Sequence models return no user table and
+encode user histories instead.
 """
 
 from __future__ import annotations
@@ -101,6 +102,13 @@ class Recommender(nn.Module):
 
     def representations(self) -> Representations:
         raise NotImplementedError
+
+    def full_sort_scores(self, user_vectors: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(B, d) rows of ``representations().users`` (or encoded histories) and (I, d) item vectors → (B, I) the
+        scores the evaluator ranks by: their inner product, which the bundle serves. Only a model whose score is not
+        an inner product overrides it (MARIO's per-interaction attention), and says what its bundle serves instead.
+        """
+        return user_vectors @ items.T
 
     def on_epoch_start(self, epoch: int, generator: torch.Generator) -> None:
         """Called by the trainer before each training epoch (1-based) with a generator seeded by (seed, epoch).

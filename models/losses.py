@@ -36,13 +36,17 @@ def in_batch_info_nce(
     *,
     temperature: float,
     key_ids: torch.Tensor | None = None,
+    extra_negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE of queries (N, d) against the batch's keys (K, d) by inner product / ``temperature`` (normalise first
     for cosine): row n's positive is keys[positives[n]], the other keys are its negatives, except, with ``key_ids``
-    (K,), keys with the same id as row n's positive (the same item twice in the batch). Mean over the rows."""
+    (K,), keys with the same id as row n's positive (the same item twice in the batch). ``extra_negatives`` (N, d):
+    one more negative per row, for row n only (MMGCL's modality-swapped negative). Mean over the rows."""
     logits = queries @ keys.T / temperature  # (N, K)
     if key_ids is not None:
         columns = torch.arange(keys.shape[0], device=keys.device)
         same = (key_ids[None, :] == key_ids[positives][:, None]) & (columns[None, :] != positives[:, None])
         logits = logits.masked_fill(same, -torch.inf)
+    if extra_negatives is not None:
+        logits = torch.cat([logits, (queries * extra_negatives).sum(-1, keepdim=True) / temperature], dim=1)
     return F.cross_entropy(logits, positives)

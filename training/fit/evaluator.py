@@ -96,7 +96,7 @@ class FullRankingEvaluator:
             else:
                 histories = pad_histories([self._histories[u] for u in users], self.history_length).to(device)
                 user_vectors = model.encode_histories(histories, reps)
-            scores = (user_vectors @ items.T).float().cpu()  # (B, I)
+            scores = model.full_sort_scores(user_vectors, items).float().cpu()  # (B, I)
             top = top_k_masked(scores, self.seen[users], max_k).numpy()
             truth = self.truth[users]
             hits = np.take_along_axis(truth.toarray() > 0, top, axis=1)  # (B, max_k)
