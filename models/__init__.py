@@ -13,6 +13,7 @@ from models.freedom import FREEDOM, FREEDOMConfig
 from models.lattice import LATTICE, LATTICEConfig
 from models.lightgcn import LightGCN, LightGCNConfig
 from models.mmgcn import MMGCN, MMGCNConfig
+from models.mmmlp import MMMLP, MMMLPConfig
 from models.mp4sr import MP4SR, MP4SRConfig
 from models.popularity import Popularity, PopularityConfig
 from models.qarm import QARM, QARMConfig
@@ -38,6 +39,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("vbpr", VBPRConfig, VBPR, needs_modalities=True),
         ModelSpec("sasrec", SASRecConfig, SASRec),
         ModelSpec("mp4sr", MP4SRConfig, MP4SR, needs_modalities=True),
+        ModelSpec("mmmlp", MMMLPConfig, MMMLP, needs_modalities=True),
         ModelSpec("qarm", QARMConfig, QARM, needs_modalities=True),
         ModelSpec("mmgcn", MMGCNConfig, MMGCN, needs_modalities=True),
         ModelSpec("lattice", LATTICEConfig, LATTICE, needs_modalities=True),
