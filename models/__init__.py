@@ -15,6 +15,7 @@ from models.lightgcn import LightGCN, LightGCNConfig
 from models.mario import MARIO, MARIOConfig
 from models.mmgcl import MMGCL, MMGCLConfig
 from models.mmgcn import MMGCN, MMGCNConfig
+from models.mmmlp import MMMLP, MMMLPConfig
 from models.mp4sr import MP4SR, MP4SRConfig
 from models.popularity import Popularity, PopularityConfig
 from models.qarm import QARM, QARMConfig
@@ -40,6 +41,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("vbpr", VBPRConfig, VBPR, needs_modalities=True),
         ModelSpec("sasrec", SASRecConfig, SASRec),
         ModelSpec("mp4sr", MP4SRConfig, MP4SR, needs_modalities=True),
+        ModelSpec("mmmlp", MMMLPConfig, MMMLP, needs_modalities=True),
         ModelSpec("qarm", QARMConfig, QARM, needs_modalities=True),
         ModelSpec("mmgcn", MMGCNConfig, MMGCN, needs_modalities=True),
         ModelSpec("lattice", LATTICEConfig, LATTICE, needs_modalities=True),
