@@ -281,3 +281,42 @@ def test_plan_lists_the_slice_and_trains_nothing(cli_home: Path) -> None:
                                           "train: ml100k-posters lightgcn noise p=0 seed 3",
                                           "train: ml100k-posters vbpr noise p=0.2 seed 3"]  # fmt: skip
     assert not (cli_home / "runs").exists()
+
+
+# --------------------------------------------------------------------------------------------------- goals
+def hand_grid(recall: dict[tuple[str, float], list[float]]) -> object:
+    """A Grid whose swapped cells hold runs with the given test Recall@20 per seed (seeds 2024, 1, 2 in order)."""
+    from training.experiments.modality_quality_report import Grid
+
+    cells = {(label, "swapped", p): [{"seed": seed, "test": {"recall@20": value, "ndcg@20": value}}
+                                     for seed, value in zip(bench.SEEDS, values, strict=False)]
+             for (label, p), values in recall.items()}  # fmt: skip
+    return Grid("hand", {"runs": {}, "detectors": {}}, cells, bench.SEEDS)
+
+
+@pytest.mark.parametrize(("r2mr", "expected"), [
+    ([0.40, 0.40, 0.40], "met"),  # drop 0 % vs FREEDOM's and LATTICE's 10 %
+    ([0.37, 0.37, 0.37], "not met"),  # 7.5 % > ½ × 10 %
+    ([0.40], "not yet measured"),  # one seed of three
+])  # fmt: skip
+def test_the_drop_goal_needs_every_seed_and_half_the_baselines_drop(r2mr: list[float], expected: str) -> None:
+    from training.experiments.modality_quality_report import drop_goal
+
+    clean = [0.40, 0.40, 0.40]
+    grid = hand_grid({("r2mr", 0.0): clean, ("r2mr", 0.4): r2mr, ("freedom", 0.0): clean, ("freedom", 0.4): [0.36] * 3,
+                      ("lattice", 0.0): clean, ("lattice", 0.4): [0.36] * 3})  # fmt: skip
+    goal = drop_goal(grid)  # type: ignore[arg-type]
+    assert goal.status == expected
+    if expected == "not yet measured":
+        assert goal.evidence.startswith("so far (1 of 3 seeds) met: drops: R2MR +0.0 %, FREEDOM +10.0 %")
+
+
+def test_the_ablation_goal_compares_the_gap_with_two_seed_standard_deviations() -> None:
+    from training.experiments.modality_quality_report import ablation_goal
+
+    grid = hand_grid({("r2mr", 0.4): [0.40, 0.41, 0.42], ("r2mr-no-reviewer", 0.4): [0.37, 0.38, 0.39]})
+    assert ablation_goal(grid, "r2mr-no-reviewer", "swapped").status == "met"  # type: ignore[arg-type]
+    close = hand_grid({("r2mr", 0.4): [0.40, 0.41, 0.42], ("r2mr-no-reviewer", 0.4): [0.39, 0.40, 0.41]})
+    assert ablation_goal(close, "r2mr-no-reviewer", "swapped").status == "not met"  # type: ignore[arg-type]
+    one = hand_grid({("r2mr", 0.4): [0.40], ("r2mr-no-reviewer", 0.4): [0.39]})
+    assert ablation_goal(one, "r2mr-no-reviewer", "swapped").status == "not yet measured"  # type: ignore[arg-type]

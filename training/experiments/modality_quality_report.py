@@ -164,8 +164,12 @@ class Goal:
     evidence: str
 
 
-def status(ok: bool) -> str:
-    return "met" if ok else "not met"
+def judged(goal: str, ok: bool, evidence: str, n_seeds: int) -> Goal:
+    """met / not met once every seed of the grid is in; before that "not yet measured", with the verdict so far."""
+    verdict = "met" if ok else "not met"
+    if n_seeds < len(SEEDS):
+        return Goal(goal, "not yet measured", f"so far ({n_seeds} of {len(SEEDS)} seeds) {verdict}: {evidence}")
+    return Goal(goal, verdict, evidence)
 
 
 def drop_goal(grid: Grid) -> Goal:
@@ -176,7 +180,8 @@ def drop_goal(grid: Grid) -> Goal:
         return Goal(goal, "not yet measured", f"no runs for {', '.join(missing)}")
     r2mr, freedom, lattice = (drops[label][0] for label in ("r2mr", "freedom", "lattice"))  # type: ignore[index]
     evidence = f"drops: R2MR {100 * r2mr:+.1f} %, FREEDOM {100 * freedom:+.1f} %, LATTICE {100 * lattice:+.1f} %"
-    return Goal(goal, status(r2mr <= 0.5 * freedom and r2mr <= 0.5 * lattice), evidence)
+    n_seeds = min(drop[1] for drop in drops.values() if drop is not None)
+    return judged(goal, r2mr <= 0.5 * freedom and r2mr <= 0.5 * lattice, evidence, n_seeds)
 
 
 def floor_goal(grid: Grid) -> Goal:
@@ -186,18 +191,20 @@ def floor_goal(grid: Grid) -> Goal:
         return Goal(goal, "not yet measured", "no runs for " + " and ".join(
             name for name, values in (("R2MR", r2mr), ("LightGCN", floor)) if not values))  # fmt: skip
     evidence = f"R2MR {mean_std(r2mr)} vs LightGCN {mean_std(floor)}"
-    return Goal(goal, status(statistics.mean(r2mr) > statistics.mean(floor)), evidence)
+    return judged(goal, statistics.mean(r2mr) > statistics.mean(floor), evidence, min(len(r2mr), len(floor)))
 
 
 def ablation_goal(grid: Grid, ablation: str, kind: str) -> Goal:
     goal = f"p=0.4 {kind}: R2MR above {LABELS[ablation]} by more than two seed standard deviations"
     full, other = metric(grid.runs("r2mr", kind, 0.4), "recall@20"), metric(grid.runs(ablation, kind, 0.4), "recall@20")
     if len(full) < 2 or len(other) < 2:
-        return Goal(goal, "not yet measured", f"seeds run: R2MR {len(full)}, {LABELS[ablation]} {len(other)} (needs ≥ 2 each)")
+        so_far = f"; Recall@20 so far {mean_std(full)} vs {mean_std(other)}" if full and other else ""
+        return Goal(goal, "not yet measured", f"seeds run: R2MR {len(full)}, {LABELS[ablation]} {len(other)} (a "
+                                              f"standard deviation needs ≥ 2, the grid has {len(SEEDS)}){so_far}")  # fmt: skip
     gap = statistics.mean(full) - statistics.mean(other)
     spread = max(statistics.stdev(full), statistics.stdev(other))
     evidence = f"Recall@20 {mean_std(full)} vs {mean_std(other)}: gap {gap:+.4f}, 2 × larger std {2 * spread:.4f}"
-    return Goal(goal, status(gap > 2 * spread), evidence)
+    return judged(goal, gap > 2 * spread, evidence, min(len(full), len(other)))
 
 
 def detector_goal(grid: Grid, detector: str, modalities: Sequence[str]) -> Goal:
@@ -215,7 +222,7 @@ def detector_goal(grid: Grid, detector: str, modalities: Sequence[str]) -> Goal:
         assert mine is not None and user_profile is not None and knn is not None  # every seed has all three
         ok = ok and mine >= GOAL_AUROC and mine > max(user_profile, knn)
         evidence.append(f"{m}: {mine:.3f} vs (a) {user_profile:.3f}, (b) {knn:.3f}")
-    return Goal(goal, status(ok), "; ".join(evidence) + f" (seeds: {len(seeds)})")
+    return judged(goal, ok, "; ".join(evidence), len(seeds))
 
 
 def goals(grid: Grid, modalities: Sequence[str]) -> list[Goal]:
@@ -236,13 +243,13 @@ def plot_recall(grid: Grid, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(KINDS), figsize=(5 * len(KINDS), 4), sharey=True)
     for axis, kind in zip(axes, KINDS, strict=True):
-        for model in MODELS:
+        for colour, model in enumerate(MODELS):  # one colour per model in every panel
             points = [(p, metric(grid.runs(model.label, kind, p), "recall@20")) for p in FRACTIONS]
             points = [(p, values) for p, values in points if values]
             if points:
                 axis.errorbar([p for p, _ in points], [statistics.mean(v) for _, v in points],
                               yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points],
-                              marker="o", capsize=3, label=LABELS[model.label],
+                              marker="o", capsize=3, label=LABELS[model.label], color=f"C{colour}",
                               linestyle="--" if model.label == "lightgcn" else "-")  # fmt: skip
         axis.set_title(f"{grid.dataset}: {kind}")
         axis.set_xlabel("fraction p of items with one modality damaged")
