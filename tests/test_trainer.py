@@ -379,3 +379,32 @@ def test_resolve_device_refuses_cuda_where_there_is_none(device: str | torch.dev
     with pytest.raises(ValueError, match=r"device 'cuda(:1)?' requested but CUDA is not available"):
         resolve_device(device)
     assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+
+
+class StopForecasts(Callback):
+    """Records, after each evaluation, the epoch by which the trainer says the run stops (what the bar counts to)."""
+
+    def __init__(self) -> None:
+        self.forecasts: list[tuple[int, int]] = []
+
+    def on_evaluation(self, trainer: Trainer, entry: dict[str, Any]) -> None:
+        self.forecasts.append((entry["epoch"], trainer.latest_stop_epoch()))
+
+
+def test_the_progress_total_is_the_epoch_the_run_stops_at_unless_validation_improves(dataset_dir: Path) -> None:
+    data = InteractionDataset.load(dataset_dir)
+    forecasts = StopForecasts()
+    result = train(data, "bpr", dataset_dir=dataset_dir, model_config=MODEL_CONFIGS["bpr"],
+                   train_config=replace(FAST, epochs=200, patience=3, eval_every=2), runs_root=None,
+                   callbacks=[forecasts])  # fmt: skip
+    assert result.stopped_by == "early_stopping"
+    stopped_at = forecasts.forecasts[-1][0]
+    # from the best evaluation on, nothing improved: every forecast since then named the epoch the run stopped at
+    from_best = [forecast for epoch, forecast in forecasts.forecasts if epoch >= result.best_epoch]
+    assert from_best == [stopped_at] * len(from_best) and stopped_at == result.best_epoch + 3 * 2
+    # each forecast is patience evaluations after that moment's best, never beyond the cap
+    assert all(epoch < forecast <= 200 or epoch == forecast == stopped_at for epoch, forecast in forecasts.forecasts)
+    capped = StopForecasts()
+    train(data, "bpr", dataset_dir=dataset_dir, model_config=MODEL_CONFIGS["bpr"],
+          train_config=replace(FAST, epochs=3, patience=20), runs_root=None, callbacks=[capped])  # fmt: skip
+    assert [forecast for _, forecast in capped.forecasts] == [3, 3, 3]

@@ -177,20 +177,24 @@ class Trainer:
         if self.epochs == 0:
             self.evaluate(0, None)
             self.stopped_by = NOTHING_TO_TRAIN
-        # The bar counts to the epoch cap that this run trains to; its ETA is the mean time of the epochs so far
-        # (evaluations included) times the epochs left: smoothing=0, not tqdm's recent-rate average, which swings
-        # between evaluated and plain epochs.
-        bar = tqdm(range(1, self.epochs + 1), desc=self.name, unit="epoch", smoothing=0, disable=not self.show_progress,
+        # The bar counts to the epoch by which this run will have stopped unless validation improves again
+        # (latest_stop_epoch: early stopping or the epoch cap, whichever comes first), so its total moves out when a
+        # new best is found. Its ETA is the mean time of the epochs so far (evaluations included) times the epochs
+        # left: smoothing=0, not tqdm's recent-rate average, which swings between evaluated and plain epochs.
+        bar = tqdm(total=self.epochs, desc=self.name, unit="epoch", smoothing=0, disable=not self.show_progress,
                    leave=False)  # fmt: skip
-        for epoch in bar:
+        for epoch in range(1, self.epochs + 1):
             loss = self.train_epoch(epoch)
             evaluated = epoch % self.config.eval_every == 0 or epoch == self.epochs
             if evaluated:
                 self.evaluate(epoch, loss)
+                bar.total = self.latest_stop_epoch()
                 bar.set_postfix(loss=f"{loss:.4f}", best=self.best.epoch, **{
-                    f"val_{self.config.select_metric}": f"{self.history[-1]['valid'][self.config.select_metric]:.4f}"})  # fmt: skip
+                    f"val_{self.config.select_metric}": f"{self.history[-1]['valid'][self.config.select_metric]:.4f}"},
+                    refresh=False)  # fmt: skip
             else:
                 self.history.append({"epoch": epoch, "loss": loss})
+            bar.update(1)
             for callback in self.callbacks:
                 callback.on_epoch_end(self, epoch, loss)
             self.stopped_by = self.stop_reason(epoch, evaluated=evaluated) or ""
@@ -198,6 +202,7 @@ class Trainer:
                 break
         else:
             self.stopped_by = self.stopped_by or EPOCH_CAP
+        bar.close()
         self.wall_seconds = time.perf_counter() - self._started
         self.restore_best()
         return self.best
@@ -246,6 +251,14 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_evaluation(self, entry)
         return improved
+
+    def latest_stop_epoch(self) -> int:
+        """The epoch at which this run stops if validation does not improve again: ``patience`` more evaluations
+        after the best epoch (evaluations fall on multiples of ``eval_every``), or the epoch cap if that comes first."""
+        every = self.config.eval_every
+        last_evaluated = self.history[-1]["epoch"] if self.history else 0
+        evaluations_left = self.config.patience - self.stale
+        return int(min(self.epochs, (last_evaluated // every + evaluations_left) * every))
 
     def stop_reason(self, epoch: int, *, evaluated: bool) -> str | None:
         """Early stopping (checked after an evaluation), or the safety cap (logged as a warning); None to go on."""
