@@ -451,7 +451,7 @@ def export_command(
 
     index = IndexConfig(approximate_threshold=exact_up_to, approximate="ivf" if approximate == "ivf" else "hnsw",
                         target_recall_at_20=target_recall)  # fmt: skip
-    precision = bf.INT8_DYNAMIC if text_encoder_precision == bf.INT8_DYNAMIC else bf.FP32
+    precision: bf.EncoderPrecision = bf.INT8_DYNAMIC if text_encoder_precision == bf.INT8_DYNAMIC else bf.FP32
     bundle = export_run(run_dir, out, config=ExportConfig(include_modality_encoders=modality_encoders, index=index,
                                                           text_encoder_precision=precision))  # fmt: skip
     manifest = json.loads((bundle / bf.MANIFEST).read_text())
