@@ -537,3 +537,9 @@ def test_prefetch_gives_the_same_rows_and_missing_reasons(tmp_path: Path, batch_
     assert results[0].n_missing_reasons == results[1].n_missing_reasons == {
         "unreadable_image": 4, "no_image": 7, "missing_image_file": 7}  # fmt: skip
     assert results[1].n_encoded == 4
+
+
+def test_export_text_encoder_refuses_an_unknown_precision_before_exporting(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="precision must be one of fp32, int8-dynamic, got 'int4'"):
+        export_text_encoder(tmp_path / "out", encoder=None, precision="int4")  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
