@@ -6,6 +6,7 @@ and checkouts (``--variant name@/path/to/checkout``, e.g. an exported older comm
     python -m bench.variants startup --bundle var/bench/bundles/synthetic-1000000x64-u100000-exact-s0 \\
         --variant head --variant before@/tmp/base --reps 3
 
+``--variant-bundle name=PATH`` serves another bundle in one variant (the rest serve ``--bundle``).
 ``ingestion``: per variant and repetition a fresh ``python -m service.cli`` (embedded mode), ``--c1`` items posted
 one at a time, ``--c8`` from 8 threads (items/s, latency, server CPU ms per item), then ``--recommendable`` items
 timed from POST to served (``bench/ingestion.py``). ``startup``: time from exec to the first 200 on ``/readyz`` and
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=["ingestion", "startup"])
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--variant", action="append", required=True, help="name[@checkout][:MMREC_X=V,...]")
+    parser.add_argument("--variant-bundle", action="append", default=[], metavar="NAME=BUNDLE",
+                        help="serve this bundle in variant NAME instead of --bundle (e.g. the same run exported "
+                        "with another text encoder precision)")  # fmt: skip
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--c1", type=int, default=24, help="ingestion: items posted one at a time")
     parser.add_argument("--c8", type=int, default=96, help="ingestion: items posted from 8 threads")
@@ -67,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (bundle / "manifest.json").is_file():
         parser.error(f"--bundle {args.bundle}: no manifest.json there")
     variants = [parse_variant(v) for v in args.variant]
+    bundle_of = {name: Path(path).resolve() for name, _, path in (v.partition("=") for v in args.variant_bundle)}
+    for name, path in bundle_of.items():
+        if name not in {v[0] for v in variants} or not (path / "manifest.json").is_file():
+            parser.error(f"--variant-bundle {name}={path}: no such variant, or no manifest.json there")
     work = Path(tempfile.mkdtemp(prefix="bench-variants-"))
     records: list[dict[str, Any]] = []
     content: list[tuple[str, str]] = []
@@ -79,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rep in range(args.reps):
             for name, checkout, env in variants:
+                served = bundle_of.get(name, bundle)
                 record: dict[str, Any] = {"variant": name, "rep": rep, "checkout": str(checkout), "env": env,
-                                          "load_before": round(os.getloadavg()[0], 2)}  # fmt: skip
-                server, state = start(bundle, checkout, env, work, name)
+                                          "bundle": str(served), "load_before": round(os.getloadavg()[0], 2)}  # fmt: skip
+                server, state = start(served, checkout, env, work, name)
                 try:
                     record.update(startup_s=round(server.startup_s or 0.0, 3), ready_rss_mib=round((server.ready_rss_kib or 0) / 1024),
                                   ready_peak_rss_mib=round((server.ready_peak_kib or 0) / 1024))  # fmt: skip

@@ -77,6 +77,15 @@ TEXT: Final = "text"
 IMAGE: Final = "image"
 ENCODER_KINDS: Final[tuple[EncoderKind, ...]] = ("text", "image")
 
+# A shipped encoder graph's arithmetic (a modality entry's "onnx_precision"): "fp32" is the exported graph as is;
+# "int8-dynamic" has its MatMul weights quantised to int8 per output channel and its activations quantised at run
+# time (onnxruntime.quantization.quantize_dynamic). An entry without the field (bundles written before it) is fp32.
+# Optional and read-only for the service (it runs either graph alike), so no format version is bumped for it.
+EncoderPrecision = Literal["fp32", "int8-dynamic"]
+FP32: Final = "fp32"
+INT8_DYNAMIC: Final = "int8-dynamic"
+ENCODER_PRECISIONS: Final[tuple[EncoderPrecision, ...]] = ("fp32", "int8-dynamic")
+
 
 def modality_encoder_kind(entry: Mapping[str, Any], *, format_version: int) -> EncoderKind | None:
     """Which pretrained encoder a manifest "modalities" entry ships: None when it ships none (no ``encoder_onnx``);
@@ -92,3 +101,14 @@ def modality_encoder_kind(entry: Mapping[str, Any], *, format_version: int) -> E
     if kind == IMAGE:
         return IMAGE
     raise ValueError(f"encoder_kind must be one of {', '.join(ENCODER_KINDS)}, got {kind!r}")
+
+
+def modality_encoder_precision(entry: Mapping[str, Any]) -> EncoderPrecision:
+    """The arithmetic of a modality entry's shipped encoder graph ("onnx_precision"): "fp32" where the entry names
+    none; a value outside ENCODER_PRECISIONS is a ValueError."""
+    precision = entry.get("onnx_precision", FP32)
+    if precision == FP32:
+        return FP32
+    if precision == INT8_DYNAMIC:
+        return INT8_DYNAMIC
+    raise ValueError(f"onnx_precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {precision!r}")

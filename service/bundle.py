@@ -89,6 +89,7 @@ class Modality:
     text: TextSpec | None = None
     image: ImageSpec | None = None
     present: np.ndarray | None = None  # bool (n_items,): which trained items have it (item_features mask, if shipped)
+    encoder_precision: bf.EncoderPrecision | None = None  # the shipped encoder graph's arithmetic; None: no encoder
 
 
 @dataclass(frozen=True)
@@ -555,6 +556,13 @@ def _encoder_kind(spec: dict[str, Any], *, format_version: int, where: str) -> b
         raise BundleError(f"{where}: {exc}") from exc
 
 
+def _encoder_precision(spec: dict[str, Any], *, where: str) -> bf.EncoderPrecision:
+    try:
+        return bf.modality_encoder_precision(spec)
+    except ValueError as exc:
+        raise BundleError(f"{where}: {exc}") from exc
+
+
 def _read_modalities(
     manifest: dict[str, Any], sessions: _SessionFactory, files: dict[str, Path], *, n_items: int
 ) -> dict[str, Modality]:
@@ -571,8 +579,10 @@ def _read_modalities(
         text = _read_text_spec(spec, sessions, files, where) if kind == bf.TEXT else None
         image = _read_image_spec(spec, sessions, where) if kind == bf.IMAGE else None
         encoder = spec.get("encoder")
+        precision = None if kind is None else _encoder_precision(spec, where=where)
         modalities[name] = Modality(name=name, dim=dim, encoder=None if encoder is None else str(encoder), text=text,
-                                    image=image, present=_read_presence(files, name, n_items=n_items))  # fmt: skip
+                                    image=image, present=_read_presence(files, name, n_items=n_items),
+                                    encoder_precision=precision)  # fmt: skip
     if sum(m.text is not None for m in modalities.values()) > 1:
         raise BundleError("manifest.json: more than one modality has a text encoder; the service supports one")
     if sum(m.image is not None for m in modalities.values()) > 1:

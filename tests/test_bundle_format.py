@@ -1,5 +1,6 @@
-"""bundle_format.modality_encoder_kind: the one rule by which the service and the benchmarks tell a modality's
-shipped encoder apart (format 2 names it; format 1 is read by its keys)."""
+"""bundle_format.modality_encoder_kind and modality_encoder_precision: the rules by which the service and the
+benchmarks read a modality's shipped encoder (its kind: format 2 names it, format 1 is read by its keys; its
+arithmetic: fp32 unless the entry says otherwise)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,21 @@ def test_modality_encoder_kind_refuses_an_unknown_kind_in_format_2(named: str | 
     entry = {"dim": 8, "encoder_onnx": "x.onnx", **({} if named is None else {"encoder_kind": named})}
     with pytest.raises(ValueError, match=f"encoder_kind must be one of text, image, got {named!r}"):
         bf.modality_encoder_kind(entry, format_version=2)
+
+
+@pytest.mark.parametrize(
+    ("entry", "precision"),
+    [
+        ({"dim": 384, "encoder_onnx": bf.TEXT_ENCODER, "encoder_kind": "text"}, "fp32"),  # written before the field
+        ({"dim": 384, "encoder_onnx": bf.TEXT_ENCODER, "onnx_precision": "fp32"}, "fp32"),
+        ({"dim": 384, "encoder_onnx": bf.TEXT_ENCODER, "onnx_precision": "int8-dynamic"}, "int8-dynamic"),
+    ],
+)
+def test_modality_encoder_precision_reads_the_entry(entry: dict[str, Any], precision: str) -> None:
+    assert bf.modality_encoder_precision(entry) == precision
+
+
+@pytest.mark.parametrize("named", [None, "int8", "FP32", 8])
+def test_modality_encoder_precision_refuses_an_unknown_precision(named: object) -> None:
+    with pytest.raises(ValueError, match=f"onnx_precision must be one of fp32, int8-dynamic, got {named!r}"):
+        bf.modality_encoder_precision({"dim": 8, "encoder_onnx": "x.onnx", "onnx_precision": named})

@@ -139,6 +139,18 @@ def test_export_refuses_an_unknown_index_kind(home: Path, tmp_path: Path) -> Non
         "--approximate must be ivf or hnsw, got 'lsh'")
 
 
+def test_export_refuses_an_unknown_text_encoder_precision(home: Path, tmp_path: Path) -> None:
+    assert refused(["export", str(tmp_path), "--out", str(tmp_path / "b"), "--text-encoder-precision", "int4"]) == (
+        "--text-encoder-precision must be one of fp32, int8-dynamic, got 'int4'")
+
+
+def test_export_text_encoder_precision_defaults_to_the_export_config_default() -> None:
+    from training.export.bundle import ExportConfig
+
+    default = inspect.signature(export_command).parameters["text_encoder_precision"].default
+    assert default == ExportConfig().text_encoder_precision == "int8-dynamic"
+
+
 def test_debug_shows_the_traceback_instead(home: Path) -> None:
     result = CliRunner().invoke(app, ["--debug", "train", "--dataset", "lfm2k", "--model", "nope"])
     assert result.exit_code == 1

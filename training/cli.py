@@ -434,20 +434,26 @@ def export_command(
     exact_up_to: Annotated[int, typer.Option(help="Items up to which the index is exact (flat inner product); above it, approximate.")] = 200_000,
     approximate: Annotated[str, typer.Option(help="Approximate index above the threshold: ivf or hnsw.")] = "ivf",
     target_recall: Annotated[float, typer.Option(help="recall@20 against exact search that the approximate index's nprobe / efSearch must reach.")] = 0.95,
+    text_encoder_precision: Annotated[str, typer.Option(help="The text encoder graph: int8-dynamic (MatMul weights in int8, half the CPU of a text) or fp32.")] = "int8-dynamic",
 ) -> None:
     """Export a run as a bundle: manifest, FAISS index, arrays and ONNX graphs (docs/bundle-format.md).
 
     The option defaults are IndexConfig's (training/export/item_index.py; a test keeps them equal)."""
     if approximate not in ("ivf", "hnsw"):
         fail(f"--approximate must be ivf or hnsw, got {approximate!r}")
-    run_directory(run_dir)
     import bundle_format as bf
+
+    if text_encoder_precision not in bf.ENCODER_PRECISIONS:
+        fail(f"--text-encoder-precision must be one of {', '.join(bf.ENCODER_PRECISIONS)}, got {text_encoder_precision!r}")
+    run_directory(run_dir)
     from training.export.bundle import ExportConfig, export_run
     from training.export.item_index import IndexConfig
 
     index = IndexConfig(approximate_threshold=exact_up_to, approximate="ivf" if approximate == "ivf" else "hnsw",
                         target_recall_at_20=target_recall)  # fmt: skip
-    bundle = export_run(run_dir, out, config=ExportConfig(include_modality_encoders=modality_encoders, index=index))
+    precision: bf.EncoderPrecision = bf.INT8_DYNAMIC if text_encoder_precision == bf.INT8_DYNAMIC else bf.FP32
+    bundle = export_run(run_dir, out, config=ExportConfig(include_modality_encoders=modality_encoders, index=index,
+                                                          text_encoder_precision=precision))  # fmt: skip
     manifest = json.loads((bundle / bf.MANIFEST).read_text())
     typer.echo(f"bundle {manifest['bundle_version']} written to {bundle}")
 

@@ -39,7 +39,8 @@ def models(runtime: RuntimeDep) -> ModelInfo:
     modalities = {}
     for name, m in bundle.modalities.items():
         accepts: list[str] = ["features"] + (["text"] if m.text else []) + (["image_base64"] if m.image else [])
-        modalities[name] = ModalityInfo.model_validate({"dim": m.dim, "encoder": m.encoder, "accepts": accepts})
+        modalities[name] = ModalityInfo.model_validate({"dim": m.dim, "encoder": m.encoder, "accepts": accepts,
+                                                      "encoder_precision": m.encoder_precision})  # fmt: skip
     return ModelInfo(
         model=bundle.model_name,
         kind=bundle.model_kind,

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 from bundle_factory import SyntheticBundle
 from fastapi.testclient import TestClient
+
+from service.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,8 +59,24 @@ def test_models_endpoint_reports_bundle_and_placement(client: TestClient, featur
     assert body["dataset"]["name"] == "synthetic" and body["dim"] == 16
     assert body["device"] == "cpu" and body["ort_providers"] == ["CPUExecutionProvider"] and body["faiss_gpu"] is False
     assert body["index"] == {"type": "flat_ip", "approximate": False, "size": 120, "faiss_gpu": False}
-    assert body["modalities"]["tags"] == {"dim": 8, "encoder": None, "accepts": ["features"]}
+    assert body["modalities"]["tags"] == {"dim": 8, "encoder": None, "accepts": ["features"], "encoder_precision": None}
     assert body["extra_outputs"] == ["quality"] and body["user_tower"] is False
+
+
+def test_models_endpoint_reports_the_precision_of_each_shipped_encoder(
+    tmp_path: Path, content_bundle: SyntheticBundle, make_settings: Callable[..., ServiceSettings],
+    serve: Callable[[ServiceSettings], AbstractContextManager[TestClient]],
+) -> None:  # fmt: skip
+    bundle = tmp_path / "bundle"
+    shutil.copytree(content_bundle.path, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["modalities"]["text"]["onnx_precision"] = "int8-dynamic"  # the image entry names none: fp32
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with serve(make_settings(bundle_dir=bundle)) as client:
+        modalities = client.get("/v1/models").json()["modalities"]
+    assert modalities["text"]["encoder_precision"] == "int8-dynamic" and "text" in modalities["text"]["accepts"]
+    assert modalities["image"]["encoder_precision"] == "fp32"
+    assert all(m["encoder_precision"] is None for name, m in modalities.items() if name not in ("text", "image"))
 
 
 def test_metrics_expose_latency_cache_and_index_size(client: TestClient) -> None:

@@ -86,6 +86,43 @@ def test_load_bundle_refuses_a_format_2_encoder_without_its_kind(tmp_path: Path,
         load_bundle(target, plan=CPU)
 
 
+def _with_text_precision(path: Path, precision: object) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["modalities"]["text"]["onnx_precision"] = precision
+    _edit_manifest(path, modalities=manifest["modalities"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8-dynamic"])
+def test_load_bundle_reads_the_text_encoder_precision(tmp_path: Path, content_bundle: SyntheticBundle, precision: str) -> None:
+    target = tmp_path / "bundle"
+    shutil.copytree(content_bundle.path, target)
+    _with_text_precision(target, precision)
+    bundle = load_bundle(target, plan=CPU)
+    assert bundle.modalities["text"].encoder_precision == precision
+    assert bundle.modalities["image"].encoder_precision == "fp32"  # no field: fp32
+
+
+def test_load_bundle_without_precision_fields_reads_fp32_encoders_and_none_for_feature_modalities(
+    content_bundle: SyntheticBundle,
+) -> None:
+    manifest = json.loads((content_bundle.path / "manifest.json").read_text())
+    assert all("onnx_precision" not in entry for entry in manifest["modalities"].values())  # as bundles before it
+    bundle = load_bundle(content_bundle.path, plan=CPU)
+    assert {name: m.encoder_precision for name, m in bundle.modalities.items()} == {
+        name: ("fp32" if entry.get("encoder_onnx") else None) for name, entry in manifest["modalities"].items()
+    }
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", None])
+def test_load_bundle_refuses_an_unknown_text_encoder_precision(tmp_path: Path, content_bundle: SyntheticBundle,
+                                                               precision: object) -> None:  # fmt: skip
+    target = tmp_path / "bundle"
+    shutil.copytree(content_bundle.path, target)
+    _with_text_precision(target, precision)
+    with pytest.raises(BundleError, match=rf"modalities\.text: onnx_precision must be one of fp32, int8-dynamic, got {precision!r}"):
+        load_bundle(target, plan=CPU)
+
+
 def test_load_bundle_reads_which_trained_items_have_each_modality(features_bundle: SyntheticBundle) -> None:
     bundle = load_bundle(features_bundle.path, plan=CPU)
     for name, modality in bundle.modalities.items():

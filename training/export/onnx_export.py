@@ -5,7 +5,11 @@ The graphs are made by the torch.export-based exporter (``torch.onnx.export(...,
 weights inside the ``.onnx`` file (no external data): the bundle lists one file per encoder.
 
 - ``text_encoder.onnx``: ``input_ids``, ``attention_mask`` int64 ``(N, T)`` -> ``sentence_embedding`` float32
-  ``(N, 384)``; mean pooling and L2 normalisation are inside the graph. ``tokenizer.json`` is the package's
+  ``(N, 384)``; mean pooling and L2 normalisation are inside the graph. By default its MatMul weights are
+  quantised to int8 (``onnx_precision: "int8-dynamic"``, :func:`quantize_text_encoder`): through the service's
+  text encoder it costs 13.0 ms of CPU per ml100k-posters text instead of 27.5 (one thread, a loaded 2-core
+  machine), at a cosine of 0.993 on average (0.984 at least) to the fp32 graph's embeddings
+  (bench/results/text-encoder-int8.json). ``tokenizer.json`` is the package's
   tokenizer saved with truncation to ``max_length`` and batch-longest padding set (the packaged file pads and
   truncates to a fixed 128), so that a service that loads it and applies the manifest's ``max_length`` gets the
   training-time token ids either way.
@@ -91,12 +95,16 @@ def _export_modality_encoder(encoder: TextEncoder | ImageEncoder, kind: bf.Encod
 
 
 def export_text_encoder(
-    out_dir: str | os.PathLike[str], *, encoder: TextEncoder | None = None
+    out_dir: str | os.PathLike[str], *, encoder: TextEncoder | None = None, precision: bf.EncoderPrecision = bf.INT8_DYNAMIC
 ) -> dict[str, Any]:
     """Write ``text_encoder.onnx`` and ``tokenizer.json`` into ``out_dir``; return the manifest's "text" entry.
 
-    ``encoder`` defaults to a freshly loaded :class:`TextEncoder` on the CPU.
+    ``encoder`` defaults to a freshly loaded :class:`TextEncoder` on the CPU. ``precision``: "int8-dynamic" writes
+    the graph quantised by :func:`quantize_text_encoder`, "fp32" the exported graph as is; the entry's
+    ``onnx_precision`` says which.
     """
+    if precision not in bf.ENCODER_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(bf.ENCODER_PRECISIONS)}, got {precision!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder = encoder if encoder is not None else TextEncoder(device="cpu")
@@ -104,13 +112,45 @@ def export_text_encoder(
     input_ids, attention_mask = encoder.tokenize(["an example item text, long enough to pad", "short"])
     batch = torch.export.Dim("batch")
     tokens = torch.export.Dim("tokens", max=_BERT_MAX_POSITIONS)
+    exported = out / bf.TEXT_ENCODER if precision == bf.FP32 else out / f"{bf.TEXT_ENCODER}.fp32-staging"
     entry = _export_modality_encoder(
-        encoder, bf.TEXT, (input_ids.to(encoder.device), attention_mask.to(encoder.device)), out / bf.TEXT_ENCODER,
+        encoder, bf.TEXT, (input_ids.to(encoder.device), attention_mask.to(encoder.device)), exported,
         inputs=["input_ids", "attention_mask"], output="sentence_embedding",
         dynamic_shapes={"input_ids": {0: batch, 1: tokens}, "attention_mask": {0: batch, 1: tokens}},
     )  # fmt: skip
+    if precision == bf.INT8_DYNAMIC:
+        try:
+            quantize_text_encoder(exported, out / bf.TEXT_ENCODER)
+        finally:
+            exported.unlink()
     encoder.tokenizer.save(str(out / bf.TEXT_TOKENIZER))
-    return {**entry, "tokenizer": bf.TEXT_TOKENIZER, "max_length": encoder.max_length}
+    return {**entry, "encoder_onnx": bf.TEXT_ENCODER, "onnx_precision": precision, "tokenizer": bf.TEXT_TOKENIZER,
+            "max_length": encoder.max_length}  # fmt: skip
+
+
+def quantize_text_encoder(fp32_graph: Path, out: Path) -> None:
+    """Write ``fp32_graph`` with its MatMul weights in int8, one scale per output channel, and activations quantised
+    at run time (onnxruntime's dynamic quantisation: DynamicQuantizeLinear + MatMulInteger operators).
+
+    Measured on MiniLM against the fp32 graph over the 1,663 ml100k-posters item texts: cosine mean 0.993, min
+    0.984, CPU 13.0 ms a text against 27.5 (bench/results/text-encoder-int8.json); on 200 of them, one scale per
+    tensor gave cosine 0.955 (min 0.926), uint8 weights 0.980 (min 0.963), and quantising the embedding Gather too
+    0.992 at the same speed. The embedding tables stay fp32: they cost no arithmetic.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    hint = _DropQuantizationHint()
+    root.addFilter(hint)  # quantize_dynamic logs a pre-processing hint that applies to static quantisation
+    try:
+        quantize_dynamic(fp32_graph, out, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
+    finally:
+        root.removeFilter(hint)
+
+
+class _DropQuantizationHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
 
 
 def export_image_encoder(
