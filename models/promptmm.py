@@ -18,7 +18,8 @@ Teacher (``stage="teacher"``). Per content modality m the item features x̂^m (L
   + reg_weight·EmbLoss(E of the batch).
 
 Student (``stage="student"``): a LightGCN over ID embeddings only (``student_embedding_size``,
-``student_n_layers``), no content at all, what the bundle serves. The teacher (loaded from its run, frozen, in eval
+``student_n_layers``), no content at all, what the bundle serves. With ``start_from_teacher`` (the reference's
+``init_user_item_embed``) its embeddings start, at the trainer's first epoch, at the teacher's z_u and z_i. The teacher (loaded from its run, frozen, in eval
 mode) provides, once per epoch, its fused scores and its modality-specific scores u^m · i^m. Loss:
 
 - BPR(student) + reg_weight·EmbLoss;
@@ -65,7 +66,10 @@ class PromptMMConfig:
     feature_reg: float = 1e-5  # the reference's feat_reg_decay
     reg_weight: float = 1e-4  # EmbLoss on the batch's ID embeddings, as LightGCN here
     # student
-    student_embedding_size: int = 32  # the reference's student_embed_size: the served vectors are this wide
+    student_embedding_size: int = (
+        64  # the served width; equal to the teacher's so that the student can start there
+    )
+    start_from_teacher: bool = True  # the reference's init_user_item_embed: epoch 1 starts the student at z
     student_n_layers: int = 1  # the reference's student_n_layers
     n_list_negatives: int = 10  # the reference's neg_sample_num
     temperature: float = 5.0  # τ of the listwise distillation (the reference's student_tau)
@@ -224,6 +228,9 @@ class PromptMM(Recommender):
             return
         self.teacher.requires_grad_(False)
         d = config.student_embedding_size
+        if config.start_from_teacher and d != config.embedding_size:
+            raise ValueError(f"PromptMM start_from_teacher needs student_embedding_size ({d}) equal to the teacher's "
+                             f"embedding_size ({config.embedding_size})")  # fmt: skip
         self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(inputs.n_users, d)))
         self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(inputs.n_items, d)))
         self.hint = nn.Linear(
@@ -261,6 +268,11 @@ class PromptMM(Recommender):
                 None  # the teacher is frozen; recomputed so that it follows the model's device
             )
             self.negative_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            if epoch == 1 and self.config.start_from_teacher:
+                users, items, _, _ = self.frozen_teacher()
+                with torch.no_grad():
+                    self.user_embedding.copy_(users)
+                    self.item_embedding.copy_(items)
 
     def student_loss(self, batch: PairwiseBatch) -> torch.Tensor:
         c = self.config

@@ -33,7 +33,12 @@ from training.fit.trainer import TrainConfig, train
 from training.runs import load_run
 
 D, DS = 8, 4
-CONFIG: dict[str, Any] = {"embedding_size": D, "n_layers": 2, "student_embedding_size": DS}
+CONFIG: dict[str, Any] = {
+    "embedding_size": D,
+    "n_layers": 2,
+    "student_embedding_size": DS,
+    "start_from_teacher": False,
+}
 
 
 def build(inputs: ModelInputs | None = None, *, seed: int = 0, **overrides: Any) -> PromptMM:
@@ -224,6 +229,20 @@ def test_student_missing_modality_rows_have_no_influence() -> None:
         assert float(a(fixed_batch(zeros))) == pytest.approx(float(b(fixed_batch(junk))), rel=1e-6)
 
 
+def test_student_starts_at_the_teachers_vectors_at_epoch_one() -> None:
+    inputs = make_inputs()
+    teacher = build(inputs)
+    student = student_of(teacher, inputs, student_embedding_size=D, start_from_teacher=True)
+    with torch.no_grad():
+        t = teacher.representations()
+    torch.testing.assert_close(student.user_embedding.detach(), t.users)
+    torch.testing.assert_close(student.item_embedding.detach(), t.items)
+    with pytest.raises(
+        ValueError, match=r"start_from_teacher needs student_embedding_size \(4\) equal to the teacher's"
+    ):
+        build(inputs, stage="student", start_from_teacher=True)
+
+
 def test_student_refuses_an_untrained_teacher() -> None:
     inputs = make_inputs()
     student = build(inputs, stage="student")
@@ -240,7 +259,7 @@ def test_teacher_then_student_through_the_trainer_and_the_student_exports_id_sty
                     model_config={"embedding_size": D}, train_config=config)  # fmt: skip
     assert teacher.run_dir is not None
     student = train(dataset, "promptmm", dataset_dir=tmp_path / "data", runs_root=tmp_path / "runs",
-                    model_config={"embedding_size": D, "stage": "student", "student_embedding_size": DS},
+                    model_config={"embedding_size": D, "stage": "student", "student_embedding_size": D},
                     train_config=TrainConfig(epochs=3, progress=False, topk=(5, 10, 20),
                                              init_from=str(teacher.run_dir)))  # fmt: skip
     assert student.run_dir is not None
@@ -258,7 +277,7 @@ def test_teacher_then_student_through_the_trainer_and_the_student_exports_id_sty
         reps = run.model.representations()
     assert reps.users is not None
     bundle = load_bundle(bundle_dir, plan=plan_device("cpu"))
-    assert bundle.model_name == "promptmm" and bundle.score == "inner_product" and bundle.dim == DS
+    assert bundle.model_name == "promptmm" and bundle.score == "inner_product" and bundle.dim == D
     np.testing.assert_allclose(bundle.item_vectors, reps.items.numpy(), atol=1e-6)
     assert bundle.user_vectors is not None
     np.testing.assert_allclose(bundle.user_vectors, reps.users.numpy(), atol=1e-6)
