@@ -14,6 +14,7 @@ from models.lattice import LATTICE, LATTICEConfig
 from models.lightgcn import LightGCN, LightGCNConfig
 from models.mario import MARIO, MARIOConfig
 from models.mmgcl import MMGCL, MMGCLConfig
+from models.mkgat import MKGAT, MKGATConfig
 from models.mmgcn import MMGCN, MMGCNConfig
 from models.mmmlp import MMMLP, MMMLPConfig
 from models.mp4sr import MP4SR, MP4SRConfig
@@ -30,6 +31,7 @@ class ModelSpec:
     config_class: type[Any]
     model_class: type[Recommender]
     needs_modalities: bool = False
+    needs_knowledge_graph: bool = False  # model_inputs joins the dataset's KG (training/data/knowledge_graph.py)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -49,6 +51,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("r2mr", R2MRConfig, R2MR, needs_modalities=True),
         ModelSpec("mmgcl", MMGCLConfig, MMGCL, needs_modalities=True),
         ModelSpec("mario", MARIOConfig, MARIO, needs_modalities=True),
+        ModelSpec("mkgat", MKGATConfig, MKGAT, needs_modalities=True, needs_knowledge_graph=True),
     ]
 }
 
