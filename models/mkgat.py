@@ -35,7 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import ContentEncoder, ModelInputs, PairwiseBatch, Recommender, Representations, require_modalities
+from models.base import (
+    ContentEncoder,
+    ModelInputs,
+    PairwiseBatch,
+    Recommender,
+    Representations,
+    require_modalities,
+)
 from models.losses import bpr_loss, squared_l2_penalty
 
 NEGATIVE_SLOPE = 0.2  # LeakyReLU slope of the attention logits and layer outputs (GAT's, as KGAT's code)
@@ -70,10 +77,11 @@ class EdgeWeightedSum(torch.autograd.Function):
         ctx.save_for_backward(heads, tails, weights, x)
         n = x.shape[0]
         adjacency = torch.sparse_coo_tensor(torch.stack([heads, tails]), weights, (n, n), check_invariants=False)
-        return torch.sparse.mm(adjacency, x)  # rows and columns are node rows by construction: no check
+        out: torch.Tensor = torch.sparse.mm(adjacency, x)  # rows and columns are node rows by construction: no check
+        return out
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
                  ) -> tuple[None, None, torch.Tensor, torch.Tensor]:  # fmt: skip
         heads, tails, weights, x = ctx.saved_tensors  # type: ignore[attr-defined]
         n = x.shape[0]
@@ -81,6 +89,11 @@ class EdgeWeightedSum(torch.autograd.Function):
         grad_x = torch.sparse.mm(transposed, grad)
         grad_weights = (grad[heads] * x[tails]).sum(1)  # (E,)
         return None, None, grad_weights, grad_x
+
+
+def edge_weighted_sum(heads: torch.Tensor, tails: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = EdgeWeightedSum.apply(heads, tails, weights, x)  # type: ignore[no-untyped-call]
+    return out
 
 
 class MGATLayer(nn.Module):
@@ -110,7 +123,7 @@ class MGATLayer(nn.Module):
         attention = weights / total[h]  # π(h,r,t): softmax over each head's edges
         per_relation = torch.zeros(n * n_relations, device=nodes.device).index_add(0, h * n_relations + r, attention)
         aggregated = (head * (total > 0).to(head.dtype)[:, None] + per_relation.view(n, n_relations) @ relation
-                      + EdgeWeightedSum.apply(h, t, attention, tail))  # fmt: skip  (N, d) Σ π e(h,r,t)
+                      + edge_weighted_sum(h, t, attention, tail))  # fmt: skip  (N, d) Σ π e(h,r,t)
         return F.leaky_relu(self.self_map(nodes) + aggregated, NEGATIVE_SLOPE)
 
 
@@ -247,6 +260,8 @@ class MKGAT(Recommender):
 class MKGATContentEncoder(ContentEncoder):
     """A new item's MKGAT vector: the propagation of its star graph (a zero ID embedding, its present m-tails W_m x̂^m
     as neighbours over has_m, the item as each tail's only neighbour over the inverse), written densely for ONNX."""
+
+    has_relations: torch.Tensor
 
     def __init__(self, model: MKGAT) -> None:
         super().__init__()

@@ -18,7 +18,7 @@ import pytest
 import torch
 from optimisation_checks import loss_before_and_after_adam
 from synthetic_datasets import multimodal_dataset
-from test_multimodal_graph_models import N_ITEMS, N_USERS, fixed_batch, leaky, make_inputs, scores_of
+from test_multimodal_graph_models import N_ITEMS, N_USERS, fixed_batch, make_inputs, scores_of
 
 from models import build_model
 from models.base import KnowledgeGraph, ModelInputs
@@ -76,7 +76,8 @@ def reference_scores(model: MKGAT, inputs: ModelInputs) -> np.ndarray:
         present = inputs.modalities[name].present.numpy()
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         tails.append((x @ p[f"projections.{name}.weight"].T + p[f"projections.{name}.bias"]) * present[:, None])
-        edges += [(items_at + i, 1 + N_RELATIONS + m, tails_at + m * N_ITEMS + i) for i in np.nonzero(present)[0]]
+        edges += [(items_at + int(i), 1 + N_RELATIONS + m, tails_at + m * N_ITEMS + int(i))
+                  for i in np.nonzero(present)[0]]  # fmt: skip
     edges += [(t, r + n_forward, h) for h, r, t in edges]
     e = np.concatenate([p["user_embedding"], p["entity_embedding"], *tails])
     relations = p["relation_embedding"]
@@ -98,7 +99,8 @@ def reference_scores(model: MKGAT, inputs: ModelInputs) -> np.ndarray:
         layers.append(e)
     z = np.concatenate([layers[0], *(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
                                      for x in layers[1:])], axis=1)  # fmt: skip
-    return z[:N_USERS] @ z[N_USERS : N_USERS + N_ITEMS].T
+    scores: np.ndarray = z[:N_USERS] @ z[N_USERS : N_USERS + N_ITEMS].T
+    return scores
 
 
 def leaky_slope(x: Any) -> Any:
@@ -219,10 +221,7 @@ def test_join_equals_the_brute_force_reference() -> None:
                                  for a, b, c in rng.integers(0, [30, 3, 30], size=(80, 3))))  # fmt: skip
     raw = RawKnowledgeGraph(links=links, triples=triples)
     graph, coverage = join_knowledge_graph(item_ids, raw)
-    entity_names = {}
-    for h, _, t in triples:
-        for e in (h, t):
-            entity_names.setdefault(e, None)
+    entity_names = list(dict.fromkeys(e for h, _, t in triples for e in (h, t)))  # order of first appearance
 
     def label(row: int, other_entities: list[str]) -> str:
         return f"item:{item_ids[row]}" if row < len(item_ids) else f"entity:{other_entities[row - len(item_ids)]}"
