@@ -13,6 +13,7 @@ from models.freedom import FREEDOM, FREEDOMConfig
 from models.lattice import LATTICE, LATTICEConfig
 from models.lightgcn import LightGCN, LightGCNConfig
 from models.mario import MARIO, MARIOConfig
+from models.mkgat import MKGAT, MKGATConfig
 from models.mmgcl import MMGCL, MMGCLConfig
 from models.mmgcn import MMGCN, MMGCNConfig
 from models.mmmlp import MMMLP, MMMLPConfig
@@ -31,6 +32,7 @@ class ModelSpec:
     config_class: type[Any]
     model_class: type[Recommender]
     needs_modalities: bool = False
+    needs_knowledge_graph: bool = False  # model_inputs joins the dataset's KG (training/data/knowledge_graph.py)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -51,6 +53,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("mmgcl", MMGCLConfig, MMGCL, needs_modalities=True),
         ModelSpec("mario", MARIOConfig, MARIO, needs_modalities=True),
         ModelSpec("promptmm", PromptMMConfig, PromptMM, needs_modalities=True),
+        ModelSpec("mkgat", MKGATConfig, MKGAT, needs_modalities=True, needs_knowledge_graph=True),
     ]
 }
 

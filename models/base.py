@@ -25,12 +25,25 @@ class ModalityInput:
 
 
 @dataclass(frozen=True)
+class KnowledgeGraph:
+    """Item-anchored knowledge-graph triples (head, relation, tail) as node rows: 0..I-1 are the items (an item
+    linked to a KG entity IS that entity), I..I+n_entities-1 the other entities. Only MKGAT reads it."""
+
+    n_entities: int  # entities that are not items
+    n_relations: int
+    heads: torch.Tensor  # (T,) int64 node rows
+    relations: torch.Tensor  # (T,) int64 in [0, n_relations)
+    tails: torch.Tensor  # (T,) int64 node rows
+
+
+@dataclass(frozen=True)
 class ModelInputs:
     n_users: int
     n_items: int
     train_users: torch.Tensor  # (E,) int64
     train_items: torch.Tensor  # (E,) int64
     modalities: Mapping[str, ModalityInput] = field(default_factory=dict)
+    knowledge_graph: KnowledgeGraph | None = None  # given only to models that ask for it (ModelSpec)
 
 
 def require_modalities(inputs: ModelInputs, model: str) -> None:

@@ -201,12 +201,12 @@ class LoadedRun:
 def load_run(run_dir: Path, *, dataset_dir: Path | None = None) -> LoadedRun:
     """Rebuild the best model of a run from its checkpoint (config included) and its prepared dataset; a corrupted
     run's item content is damaged again from its config.json and checked against its corruption.json."""
-    from models import build_model
+    from models import build_model, model_spec
     from training.data.inputs import model_inputs
 
     checkpoint = read_checkpoint(run_dir)
     dataset = corrupted_as_trained(run_dir, InteractionDataset.load(dataset_dir or Path(checkpoint["dataset_dir"])))
-    inputs = model_inputs(dataset)
+    inputs = model_inputs(dataset, knowledge_graph=model_spec(checkpoint["model"]).needs_knowledge_graph)
     model = build_model(checkpoint["model"], inputs, checkpoint["model_config"])
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()

@@ -353,7 +353,8 @@ class RecommenderTrainer(Trainer):
         optimiser sees its parameters: it installs pretrained parts that a config cannot carry (QARM's alignment
         head and codebooks); they must live in the model's state_dict so that the checkpoint rebuilds the model.
         """
-        model = build_model(self.model_name, model_inputs(self.content.dataset), config_to_dict(self.model_config))
+        inputs = model_inputs(self.content.dataset, knowledge_graph=model_spec(self.model_name).needs_knowledge_graph)
+        model = build_model(self.model_name, inputs, config_to_dict(self.model_config))
         if initialise is not None:
             initialise(model)
         if config.init_from:
