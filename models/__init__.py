@@ -13,6 +13,7 @@ from models.freedom import FREEDOM, FREEDOMConfig
 from models.lattice import LATTICE, LATTICEConfig
 from models.lightgcn import LightGCN, LightGCNConfig
 from models.mario import MARIO, MARIOConfig
+from models.mcln import MCLN, MCLNConfig
 from models.mmgcl import MMGCL, MMGCLConfig
 from models.mmgcn import MMGCN, MMGCNConfig
 from models.mmmlp import MMMLP, MMMLPConfig
@@ -49,6 +50,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("r2mr", R2MRConfig, R2MR, needs_modalities=True),
         ModelSpec("mmgcl", MMGCLConfig, MMGCL, needs_modalities=True),
         ModelSpec("mario", MARIOConfig, MARIO, needs_modalities=True),
+        ModelSpec("mcln", MCLNConfig, MCLN, needs_modalities=True),
     ]
 }
 
