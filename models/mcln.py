@@ -39,7 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import ContentEncoder, ModelInputs, PairwiseBatch, Recommender, Representations, require_modalities
+from models.base import (
+    ContentEncoder,
+    ModelInputs,
+    PairwiseBatch,
+    Recommender,
+    Representations,
+    require_modalities,
+)
 from models.graph import light_propagate, normalized_bipartite_adjacency
 from models.losses import bpr_loss, squared_l2_penalty
 
@@ -137,10 +144,10 @@ class MCLN(Recommender):
         d = config.embedding_size
         self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(inputs.n_users, d)))
         self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(inputs.n_items, d)))
-        self.projections = nn.ModuleDict(
-            {n: nn.Linear(inputs.modalities[n].features.shape[1], d, bias=False) for n in self.content_names})
-        for projection in self.projections.values():
-            nn.init.xavier_uniform_(projection.weight)
+        projections = {n: nn.Linear(inputs.modalities[n].features.shape[1], d, bias=False) for n in self.content_names}
+        for projection in projections.values():
+            nn.init.xavier_uniform_(projection.weight)  # as the authors' W_v, W_t
+        self.projections = nn.ModuleDict(projections)
         self.filter = CounterfactualFilter((1 + len(self.content_names)) * d, d, config.n_blocks, config.ffn_multiplier)
         present = torch.stack([inputs.modalities[n].present for n in self.content_names], dim=1)  # (I, M)
         self.register_buffer("present", present, persistent=False)
@@ -270,6 +277,7 @@ class MCLNContentEncoder(ContentEncoder):
                                 catalogue_tokens: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """Block b for N independent new items: row n's keys are the I catalogue states and row n itself."""
         attention = self.filter.attention[b]
+        assert isinstance(attention, CounterfactualAttention)
         q, cf_q = attention.query(h), attention.cf_query(token)  # (N, D)
         logits_catalogue = (q @ attention.key(catalogue).T - cf_q @ attention.cf_key(catalogue_tokens).T)
         logits_own = ((q * attention.key(h)).sum(-1, keepdim=True) - (cf_q * attention.cf_key(token)).sum(-1, keepdim=True))
