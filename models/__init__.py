@@ -14,6 +14,7 @@ from models.lattice import LATTICE, LATTICEConfig
 from models.lightgcn import LightGCN, LightGCNConfig
 from models.mario import MARIO, MARIOConfig
 from models.mkgat import MKGAT, MKGATConfig
+from models.mcln import MCLN, MCLNConfig
 from models.mmgcl import MMGCL, MMGCLConfig
 from models.mmgcn import MMGCN, MMGCNConfig
 from models.mmmlp import MMMLP, MMMLPConfig
@@ -54,6 +55,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("mario", MARIOConfig, MARIO, needs_modalities=True),
         ModelSpec("promptmm", PromptMMConfig, PromptMM, needs_modalities=True),
         ModelSpec("mkgat", MKGATConfig, MKGAT, needs_modalities=True, needs_knowledge_graph=True),
+        ModelSpec("mcln", MCLNConfig, MCLN, needs_modalities=True),
     ]
 }
 
