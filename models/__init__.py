@@ -21,6 +21,7 @@ from models.popularity import Popularity, PopularityConfig
 from models.qarm import QARM, QARMConfig
 from models.r2mr import R2MR, R2MRConfig
 from models.sasrec import SASRec, SASRecConfig
+from models.tmfun import TMFUN, TMFUNConfig
 from models.vbpr import VBPR, VBPRConfig
 
 
@@ -49,6 +50,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("r2mr", R2MRConfig, R2MR, needs_modalities=True),
         ModelSpec("mmgcl", MMGCLConfig, MMGCL, needs_modalities=True),
         ModelSpec("mario", MARIOConfig, MARIO, needs_modalities=True),
+        ModelSpec("tmfun", TMFUNConfig, TMFUN, needs_modalities=True),
     ]
 }
 
