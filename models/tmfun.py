@@ -11,7 +11,8 @@ Graph-learned node vectors (all graphs built once, here, from the training edges
 Attention-guided multi-step fusion, guided by the item's interaction vector ê_i (the interaction data decides how
 much each modality matters to that item):
 
-    att_g(c_1..c_n) = softmax_c((W_q g) · (W_k c) / √d)                    one guided attention block per step
+    att_g(c_1..c_n) = softmax_c(q · tanh(W_c c + b + W_g g))   one additive attention block per step; its scores
+                                                              see g and c detached (they weigh, not shape, them)
     step 1, modality with modality:  a_i = att^1_{ê_i}(h^1_i..h^M_i),   h^mm_i = Σ_m a^m_i h^m_i
     step 2, modality with ID:        b_i = att^2_{ê_i}(ê_i, ĥ^mm_i),   z_i = n_i (b^id_i ê_i + b^mm_i ĥ^mm_i)
 
