@@ -24,6 +24,7 @@ from models.promptmm import PromptMM, PromptMMConfig
 from models.qarm import QARM, QARMConfig
 from models.r2mr import R2MR, R2MRConfig
 from models.sasrec import SASRec, SASRecConfig
+from models.tmfun import TMFUN, TMFUNConfig
 from models.vbpr import VBPR, VBPRConfig
 
 
@@ -56,6 +57,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("promptmm", PromptMMConfig, PromptMM, needs_modalities=True),
         ModelSpec("mkgat", MKGATConfig, MKGAT, needs_modalities=True, needs_knowledge_graph=True),
         ModelSpec("mcln", MCLNConfig, MCLN, needs_modalities=True),
+        ModelSpec("tmfun", TMFUNConfig, TMFUN, needs_modalities=True),
     ]
 }
 
