@@ -13,8 +13,8 @@ from models.freedom import FREEDOM, FREEDOMConfig
 from models.lattice import LATTICE, LATTICEConfig
 from models.lightgcn import LightGCN, LightGCNConfig
 from models.mario import MARIO, MARIOConfig
-from models.mkgat import MKGAT, MKGATConfig
 from models.mcln import MCLN, MCLNConfig
+from models.mkgat import MKGAT, MKGATConfig
 from models.mmgcl import MMGCL, MMGCLConfig
 from models.mmgcn import MMGCN, MMGCNConfig
 from models.mmmlp import MMMLP, MMMLPConfig
