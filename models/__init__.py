@@ -17,6 +17,7 @@ from models.mmgcl import MMGCL, MMGCLConfig
 from models.mmgcn import MMGCN, MMGCNConfig
 from models.mmmlp import MMMLP, MMMLPConfig
 from models.mp4sr import MP4SR, MP4SRConfig
+from models.pamd import PAMD, PAMDConfig
 from models.popularity import Popularity, PopularityConfig
 from models.qarm import QARM, QARMConfig
 from models.r2mr import R2MR, R2MRConfig
@@ -49,6 +50,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("r2mr", R2MRConfig, R2MR, needs_modalities=True),
         ModelSpec("mmgcl", MMGCLConfig, MMGCL, needs_modalities=True),
         ModelSpec("mario", MARIOConfig, MARIO, needs_modalities=True),
+        ModelSpec("pamd", PAMDConfig, PAMD, needs_modalities=True),
     ]
 }
 
