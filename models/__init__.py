@@ -19,6 +19,7 @@ from models.mmgcl import MMGCL, MMGCLConfig
 from models.mmgcn import MMGCN, MMGCNConfig
 from models.mmmlp import MMMLP, MMMLPConfig
 from models.mp4sr import MP4SR, MP4SRConfig
+from models.pamd import PAMD, PAMDConfig
 from models.popularity import Popularity, PopularityConfig
 from models.promptmm import PromptMM, PromptMMConfig
 from models.qarm import QARM, QARMConfig
@@ -58,6 +59,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("mkgat", MKGATConfig, MKGAT, needs_modalities=True, needs_knowledge_graph=True),
         ModelSpec("mcln", MCLNConfig, MCLN, needs_modalities=True),
         ModelSpec("tmfun", TMFUNConfig, TMFUN, needs_modalities=True),
+        ModelSpec("pamd", PAMDConfig, PAMD, needs_modalities=True),
     ]
 }
 

@@ -31,7 +31,7 @@ PRESETS_FILE = Path(__file__).with_name("presets.toml")
 # The raw sources of training/data/sources.py (SOURCES); "<source>-seq" is a source with the leave-one-out split.
 SOURCE_NAMES = ("ml100k-posters", "ml100k", "lfm2k", "amazon-baby", "amazon-scientific")
 MODEL_NAMES = ("popularity", "bpr", "lightgcn", "vbpr", "sasrec", "mp4sr", "mmmlp", "qarm", "mmgcn", "lattice",
-               "freedom", "r2mr", "mmgcl", "mario", "promptmm", "mkgat", "mcln", "tmfun")  # fmt: skip
+               "freedom", "r2mr", "mmgcl", "mario", "promptmm", "mkgat", "mcln", "tmfun", "pamd")  # fmt: skip
 
 DEFAULT_TOPK = (5, 10, 20, 50)
 
