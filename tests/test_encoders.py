@@ -253,8 +253,9 @@ def test_int8_text_onnx_is_close_to_torch(exported_int8: tuple[Path, dict[str, A
     want = text_encoder.encode(texts)
     cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     real = np.array([bool(t) for t in texts])
-    # Measured: >= 0.984 for every ml100k-posters text; the empty text (only [CLS] [SEP]) 0.968.
-    assert cosine[real].min() >= 0.98 and cosine.min() >= 0.95 and cosine.mean() >= 0.99, cosine
+    # Measured: >= 0.984 for every ml100k-posters text (mean 0.993); the empty text (only [CLS] [SEP]) 0.968-0.972.
+    # The mean is over the real texts: without the shared data there are only 4 texts, one of them empty.
+    assert cosine[real].min() >= 0.98 and cosine.min() >= 0.95 and cosine[real].mean() >= 0.99, cosine
     assert np.abs(got - want).max() > 1e-4  # it is the quantised graph, not the fp32 one
 
 
