@@ -21,16 +21,15 @@ from test_multimodal_graph_models import (
     fixed_batch,
     make_inputs,
     synthetic_dataset,
+    train_synthetic_and_reload,
 )
 
 from models import build_model
 from models.base import ModelInputs, PairwiseBatch
 from models.mario import MARIO, attention_scores, modality_attention
-from training.data.dataset import VALID, InteractionDataset
+from training.data.dataset import VALID
 from training.data.inputs import model_inputs
 from training.fit.evaluator import FullRankingEvaluator
-from training.fit.trainer import TrainConfig, train
-from training.runs import load_run
 
 D = 8
 CONFIG: dict[str, Any] = {"embedding_size": D, "n_layers": 2}
@@ -233,14 +232,7 @@ def test_models_refuse_inputs_without_modalities() -> None:
 
 
 def test_trainer_runs_mario_and_the_checkpoint_rebuilds_it(tmp_path: Path) -> None:
-    directory = tmp_path / "synthetic-mm"
-    synthetic_dataset().save(directory)
-    data = InteractionDataset.load(directory)
-    config = TrainConfig(epochs=3, batch_size=64, learning_rate=0.01, device="cpu", progress=False, seed=5)
-    result = train(data, "mario", dataset_dir=directory, model_config=CONFIG, train_config=config,
-                   runs_root=tmp_path / "runs")  # fmt: skip
-    assert result.run_dir is not None and 1 <= result.best_epoch <= 3
-    loaded = load_run(result.run_dir).model
+    result, loaded = train_synthetic_and_reload("mario", CONFIG, tmp_path)
     assert isinstance(loaded, MARIO) and isinstance(result.model, MARIO)
     np.testing.assert_allclose(exact_scores(loaded), exact_scores(result.model), rtol=1e-5, atol=1e-6)
 

@@ -20,15 +20,12 @@ from test_multimodal_graph_models import (
     dense_sym_normalized,
     fixed_batch,
     make_inputs,
-    synthetic_dataset,
+    train_synthetic_and_reload,
 )
 
 from models import build_model
 from models.base import ModelInputs, PairwiseBatch
 from models.mcln import MCLN
-from training.data.dataset import InteractionDataset
-from training.fit.trainer import TrainConfig, train
-from training.runs import load_run
 
 D = 8
 CONFIG: dict[str, Any] = {"embedding_size": D, "n_layers": 2, "n_blocks": 2, "ffn_multiplier": 2,
@@ -247,14 +244,7 @@ def test_a_user_with_every_item_is_refused() -> None:
 
 
 def test_trainer_runs_mcln_and_the_checkpoint_rebuilds_it(tmp_path: Path) -> None:
-    directory = tmp_path / "synthetic-mm"
-    synthetic_dataset().save(directory)
-    data = InteractionDataset.load(directory)
-    config = TrainConfig(epochs=3, batch_size=64, learning_rate=0.01, device="cpu", progress=False, seed=5)
-    result = train(data, "mcln", dataset_dir=directory, model_config=CONFIG, train_config=config,
-                   runs_root=tmp_path / "runs")  # fmt: skip
-    assert result.run_dir is not None and 1 <= result.best_epoch <= 3
-    loaded = load_run(result.run_dir).model
+    result, loaded = train_synthetic_and_reload("mcln", CONFIG, tmp_path)
     assert isinstance(loaded, MCLN) and isinstance(result.model, MCLN)
     with torch.no_grad():
         torch.testing.assert_close(loaded.representations().items, result.model.representations().items)

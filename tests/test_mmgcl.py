@@ -20,7 +20,7 @@ from test_multimodal_graph_models import (
     fixed_batch,
     make_inputs,
     scores_of,
-    synthetic_dataset,
+    train_synthetic_and_reload,
 )
 
 from models import build_model
@@ -28,9 +28,6 @@ from models.base import ModelInputs
 from models.graph import normalized_bipartite_adjacency
 from models.losses import in_batch_info_nce
 from models.mmgcl import MMGCL, swap_one_block
-from training.data.dataset import InteractionDataset
-from training.fit.trainer import TrainConfig, train
-from training.runs import load_run
 
 D = 8
 CONFIG: dict[str, Any] = {"embedding_size": D, "n_layers": 2}
@@ -251,11 +248,5 @@ def test_content_encoder_equals_a_trained_item_without_edges() -> None:
 
 
 def test_trainer_runs_mmgcl_and_the_checkpoint_rebuilds_it(tmp_path: Path) -> None:
-    directory = tmp_path / "synthetic-mm"
-    synthetic_dataset().save(directory)
-    data = InteractionDataset.load(directory)
-    config = TrainConfig(epochs=3, batch_size=64, learning_rate=0.01, device="cpu", progress=False, seed=5)
-    result = train(data, "mmgcl", dataset_dir=directory, model_config=CONFIG, train_config=config,
-                   runs_root=tmp_path / "runs")  # fmt: skip
-    assert result.run_dir is not None and 1 <= result.best_epoch <= 3
-    np.testing.assert_allclose(scores_of(load_run(result.run_dir).model), scores_of(result.model), rtol=1e-5, atol=1e-6)
+    result, loaded = train_synthetic_and_reload("mmgcl", CONFIG, tmp_path)
+    np.testing.assert_allclose(scores_of(loaded), scores_of(result.model), rtol=1e-5, atol=1e-6)

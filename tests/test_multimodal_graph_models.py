@@ -78,6 +78,18 @@ def scores_of(model: Recommender) -> np.ndarray:
     return (reps.users @ reps.items.T).double().numpy()
 
 
+def train_synthetic_and_reload(name: str, model_config: dict[str, Any], tmp_path: Path) -> tuple[Any, Recommender]:
+    """Train ``name`` for 3 epochs on the saved synthetic multimodal dataset; its result and the model rebuilt from
+    the run directory's checkpoint (the best epoch is one of the 3)."""
+    directory = tmp_path / "synthetic-mm"
+    synthetic_dataset().save(directory)
+    config = TrainConfig(epochs=3, batch_size=64, learning_rate=0.01, device="cpu", progress=False, seed=5)
+    result = train(InteractionDataset.load(directory), name, dataset_dir=directory, model_config=model_config,
+                   train_config=config, runs_root=tmp_path / "runs")  # fmt: skip
+    assert result.run_dir is not None and 1 <= result.best_epoch <= 3
+    return result, load_run(result.run_dir).model
+
+
 # ------------------------------------------------------------------------------ dense numpy references
 def leaky(x: np.ndarray) -> np.ndarray:
     return np.where(x > 0, x, 0.01 * x)
@@ -364,12 +376,5 @@ def synthetic_dataset() -> InteractionDataset:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_trainer_runs_each_model_and_the_checkpoint_rebuilds_it(name: str, tmp_path: Path) -> None:
-    directory = tmp_path / "synthetic-mm"
-    synthetic_dataset().save(directory)
-    data = InteractionDataset.load(directory)
-    config = TrainConfig(epochs=3, batch_size=64, learning_rate=0.01, device="cpu", progress=False, seed=5)
-    result = train(data, name, dataset_dir=directory, model_config=CONFIGS[name], train_config=config,
-                   runs_root=tmp_path / "runs")  # fmt: skip
-    assert result.run_dir is not None and 1 <= result.best_epoch <= 3
-    loaded = load_run(result.run_dir)
-    np.testing.assert_allclose(scores_of(loaded.model), scores_of(result.model), rtol=1e-5, atol=1e-6)
+    result, loaded = train_synthetic_and_reload(name, CONFIGS[name], tmp_path)
+    np.testing.assert_allclose(scores_of(loaded), scores_of(result.model), rtol=1e-5, atol=1e-6)

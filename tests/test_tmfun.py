@@ -23,15 +23,12 @@ from test_multimodal_graph_models import (
     make_inputs,
     normalize_rows,
     scores_of,
-    synthetic_dataset,
+    train_synthetic_and_reload,
 )
 
 from models import build_model
 from models.base import ModalityInput, ModelInputs
 from models.tmfun import TMFUN
-from training.data.dataset import InteractionDataset
-from training.fit.trainer import TrainConfig, train
-from training.runs import load_run
 
 D, K = 8, 3
 CONFIG: dict[str, Any] = {"embedding_size": D, "knn_k": K}
@@ -187,13 +184,6 @@ def test_models_refuse_inputs_without_modalities() -> None:
 
 
 def test_trainer_runs_tmfun_and_the_checkpoint_rebuilds_it(tmp_path: Path) -> None:
-    directory = tmp_path / "synthetic-mm"
-    synthetic_dataset().save(directory)
-    data = InteractionDataset.load(directory)
-    config = TrainConfig(epochs=3, batch_size=64, learning_rate=0.01, device="cpu", progress=False, seed=5)
-    result = train(data, "tmfun", dataset_dir=directory, model_config=CONFIG, train_config=config,
-                   runs_root=tmp_path / "runs")  # fmt: skip
-    assert result.run_dir is not None and 1 <= result.best_epoch <= 3
-    loaded = load_run(result.run_dir).model
+    result, loaded = train_synthetic_and_reload("tmfun", CONFIG, tmp_path)
     assert isinstance(loaded, TMFUN) and isinstance(result.model, TMFUN)
     np.testing.assert_allclose(scores_of(loaded), scores_of(result.model), rtol=1e-5, atol=1e-6)
