@@ -1,4 +1,5 @@
-"""A check shared by the model test modules (not a test module itself): does the loss go down under Adam?"""
+"""Checks shared by the model test modules (not a test module itself): does the loss go down under Adam? And a
+model moved off its initial parameter values, so that nothing is checked by accident."""
 
 from __future__ import annotations
 
@@ -20,3 +21,10 @@ def loss_before_and_after_adam(model: Recommender, batch: PairwiseBatch, *, step
     with torch.no_grad():
         after = float(model(batch))
     return before, after
+
+
+def move_off_initial_values(model: torch.nn.Module, *, scale: float = 0.05) -> None:
+    """Add ``scale`` times standard-normal noise (torch's global generator) to every parameter, in place."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn_like(param))

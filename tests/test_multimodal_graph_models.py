@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from optimisation_checks import loss_before_and_after_adam
+from optimisation_checks import loss_before_and_after_adam, move_off_initial_values
 
 from models import build_model
 from models.base import ModalityInput, ModelInputs, PairwiseBatch, Recommender
@@ -211,9 +211,7 @@ def test_representations_have_one_row_per_user_and_item(name: str, names: tuple[
 def test_full_sort_scores_equal_the_dense_reference(name: str, names: tuple[str, ...]) -> None:
     inputs = make_inputs(names)
     model = build(name, inputs)
-    with torch.no_grad():  # move every parameter off its initial value so that nothing is checked by accident
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
+    move_off_initial_values(model)
     np.testing.assert_allclose(scores_of(model), reference_scores(name, model, inputs), rtol=1e-4, atol=1e-5)
 
 

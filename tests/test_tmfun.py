@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from optimisation_checks import loss_before_and_after_adam
+from optimisation_checks import loss_before_and_after_adam, move_off_initial_values
 from test_multimodal_graph_models import (
     N_ITEMS,
     N_USERS,
@@ -38,9 +38,7 @@ def build(inputs: ModelInputs | None = None, *, seed: int = 0, **overrides: Any)
     torch.manual_seed(seed)
     model = build_model("tmfun", inputs or make_inputs(), CONFIG, overrides)
     assert isinstance(model, TMFUN)
-    with torch.no_grad():  # move every parameter off its initial value so that nothing is checked by accident
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
+    move_off_initial_values(model)
     return model
 
 
