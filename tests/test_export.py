@@ -7,9 +7,14 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
+from export_round_trip import (
+    ONNX_TOLERANCE,
+    assert_onnx_item_encoder_matches,
+    catalogue_content,
+    train_and_export,
+)
 from synthetic_datasets import multimodal_dataset
 
 import bundle_format as bf
@@ -19,20 +24,12 @@ from training.export.ridge import fit_ridge_map
 from training.fit.trainer import TrainConfig, train
 from training.runs import load_run
 
-ONNX_TOLERANCE = 1e-4
-
 
 @pytest.fixture(scope="module", params=["lightgcn", "vbpr", "bpr"])
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
-    root = tmp_path_factory.mktemp(request.param)
-    dataset = multimodal_dataset()
-    dataset.save(root / "data")
-    result = train(dataset, request.param, dataset_dir=root / "data", runs_root=root / "runs",
-                   model_config={"embedding_size": 8},
-                   train_config=TrainConfig(epochs=3, progress=False, topk=(5, 10, 20)))  # fmt: skip
-    assert result.run_dir is not None
-    bundle = export_run(result.run_dir, root / "bundle", config=ExportConfig(include_modality_encoders=False))
-    return request.param, result.run_dir, bundle
+    run_dir, bundle = train_and_export(tmp_path_factory.mktemp(request.param), multimodal_dataset(), request.param,
+                                       {"embedding_size": 8})  # fmt: skip
+    return request.param, run_dir, bundle
 
 
 def test_export_manifest_lists_every_file_with_its_sha256(exported: tuple[str, Path, Path]) -> None:
@@ -59,25 +56,12 @@ def test_export_item_vectors_equal_model_representations(exported: tuple[str, Pa
 def test_export_item_encoder_onnx_matches_torch(exported: tuple[str, Path, Path]) -> None:
     model_name, run_dir, bundle = exported
     run = load_run(run_dir)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    encoder = run.model.content_encoder()
+    encoder, method = run.model.content_encoder(), "native"
     if encoder is None:  # ID model: the ridge map fitted at export time
         encoder, _ = fit_ridge_map(run.dataset, run.model.representations().items.detach().numpy(), holdout=0.1)
-        assert manifest["item_encoder"]["method"] == "ridge-map"
-    else:
-        assert manifest["item_encoder"]["method"] == "native"
-    feeds, tensors = {}, []
-    for name in ("image", "text"):
-        m = run.dataset.modalities[name]
-        feeds[name] = m.features
-        feeds[f"{name}_mask"] = m.present.astype(np.float32)[:, None]
-        tensors += [torch.from_numpy(feeds[name]), torch.from_numpy(feeds[f"{name}_mask"])]
-    assert [i["name"] for i in manifest["item_encoder"]["inputs"]] == list(feeds)
-    session = ort.InferenceSession(str(bundle / "item_encoder.onnx"), providers=["CPUExecutionProvider"])
-    (onnx_out,) = session.run(["item_vector"], feeds)
-    with torch.no_grad():
-        torch_out = encoder(*tensors).numpy()
-    np.testing.assert_allclose(onnx_out, torch_out, atol=ONNX_TOLERANCE)
+        method = "ridge-map"
+    onnx_out = assert_onnx_item_encoder_matches(bundle, encoder, catalogue_content(run.dataset, ("image", "text")),
+                                                method=method)  # fmt: skip
     if model_name == "vbpr":  # a trained item's content half is exactly what the encoder gives a new item
         half = onnx_out.shape[1] // 2
         np.testing.assert_allclose(onnx_out[:, half:], np.load(bundle / "item_vectors.npy")[:, half:], atol=ONNX_TOLERANCE)

@@ -6,16 +6,20 @@ brute-force reference, reading the KG from a recbole-format wheel, and a trainer
 from __future__ import annotations
 
 import dataclasses
-import json
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
+from export_round_trip import (
+    assert_bundle_serves_model_scores,
+    assert_onnx_item_encoder_matches,
+    catalogue_content,
+    train_and_export,
+)
 from optimisation_checks import loss_before_and_after_adam, move_off_initial_values
 from synthetic_datasets import multimodal_dataset
 from test_multimodal_graph_models import N_ITEMS, N_USERS, fixed_batch, make_inputs, scores_of
@@ -23,11 +27,8 @@ from test_multimodal_graph_models import N_ITEMS, N_USERS, fixed_batch, make_inp
 from models import build_model
 from models.base import KnowledgeGraph, ModelInputs
 from models.mkgat import MKGAT, NEGATIVE_SLOPE
-from service.bundle import load_bundle, plan_device
 from training.data.knowledge_graph import RECBOLE_KG_DIR, RawKnowledgeGraph, join_knowledge_graph
 from training.data.sources import RECBOLE_WHEEL
-from training.export.bundle import ExportConfig, export_run
-from training.fit.trainer import TrainConfig, train
 from training.runs import load_run
 
 D = 8
@@ -255,15 +256,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, P
     triples = [(f"m.film{i}", "film.film.genre", f"m.genre{i % 4}") for i in range(1, 50)]
     triples += [(f"m.genre{g}", "film.film_genre.films_in_this_genre", f"m.film{g + 1}") for g in range(4)]
     fake_recbole_wheel(root / "home", links, triples)
-    dataset.save(root / "data")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MMREC_HOME", str(root / "home"))
-        result = train(dataset, "mkgat", dataset_dir=root / "data", runs_root=root / "runs",
-                       model_config={"embedding_size": D},
-                       train_config=TrainConfig(epochs=3, progress=False, topk=(5, 10, 20)))  # fmt: skip
-        assert result.run_dir is not None
-        bundle = export_run(result.run_dir, root / "bundle", config=ExportConfig(include_modality_encoders=False))
-        yield result.run_dir, bundle
+        yield train_and_export(root, dataset, "mkgat", {"embedding_size": D})
 
 
 def test_the_trained_model_has_the_joined_kg_from_the_wheel(exported: tuple[Path, Path]) -> None:
@@ -273,30 +268,14 @@ def test_the_trained_model_has_the_joined_kg_from_the_wheel(exported: tuple[Path
     assert isinstance(run.model, MKGAT)
 
 
-def test_service_serves_the_exported_inner_product_and_native_item_encoder(exported: tuple[Path, Path]) -> None:
+def test_service_serves_the_exported_inner_product_and_native_item_encoder(
+    exported: tuple[Path, Path],
+) -> None:
     run_dir, path = exported
+    assert_bundle_serves_model_scores(run_dir, path, model_name="mkgat", dim=3 * D)
     run = load_run(run_dir)
-    with torch.no_grad():
-        reps = run.model.representations()
-    assert reps.users is not None
-    bundle = load_bundle(path, plan=plan_device("cpu"))
-    assert bundle.model_name == "mkgat" and bundle.score == "inner_product" and bundle.dim == 3 * D
-    np.testing.assert_allclose(bundle.item_vectors, reps.items.numpy(), atol=1e-6)
-    assert bundle.user_vectors is not None
-    np.testing.assert_allclose(bundle.user_vectors, reps.users.numpy(), atol=1e-6)
-    manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["item_encoder"]["method"] == "native"
     encoder = run.model.content_encoder()
     assert encoder is not None
-    feeds, tensors = {}, []
-    for modality in encoder.modality_names:
-        m = run.dataset.modalities[modality]
-        feeds[modality] = m.features
-        feeds[f"{modality}_mask"] = m.present.astype(np.float32)[:, None]
-        tensors += [torch.from_numpy(feeds[modality]), torch.from_numpy(feeds[f"{modality}_mask"])]
-    session = ort.InferenceSession(str(path / "item_encoder.onnx"), providers=["CPUExecutionProvider"])
-    (onnx_out,) = session.run(["item_vector"], feeds)
-    with torch.no_grad():
-        torch_out = encoder(*tensors).numpy()
-    np.testing.assert_allclose(onnx_out, torch_out, atol=1e-4)
+    feeds = catalogue_content(run.dataset, encoder.modality_names)
+    onnx_out = assert_onnx_item_encoder_matches(path, encoder, feeds, method="native")
     assert not onnx_out[:, :D].any()  # a new item has no ID block

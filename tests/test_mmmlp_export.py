@@ -14,6 +14,12 @@ import onnxruntime as ort
 import pytest
 import redis
 import torch
+from export_round_trip import (
+    ONNX_TOLERANCE,
+    assert_onnx_item_encoder_matches,
+    catalogue_content,
+    train_and_export,
+)
 from fastapi.testclient import TestClient
 from test_mp4sr_export import MAX_LENGTH, N_ITEMS, sequential_dataset
 from test_mp4sr_serving import (  # noqa: F401  (redis_base: the module-scoped real-Redis fixture)
@@ -29,12 +35,10 @@ from models.mmmlp import MMMLP
 from service.app import create_app
 from service.settings import ServiceSettings
 from training.data.dataset import TEST
-from training.export.bundle import ExportConfig, export_run
 from training.fit.evaluator import pad_histories
-from training.fit.trainer import TrainConfig, train
+from training.fit.trainer import TrainConfig
 from training.runs import load_run
 
-ONNX_TOLERANCE = 1e-4
 SMALL = {"hidden_size": 8, "max_length": MAX_LENGTH, "n_layers": 1, "fusion_layers": 1}
 FAST = TrainConfig(epochs=3, batch_size=16, sequence_stride=0, progress=False, device="cpu", topk=(5, 10), seed=3,
                    select_metric="recall@10")  # fmt: skip
@@ -43,14 +47,9 @@ FAST = TrainConfig(epochs=3, batch_size=16, sequence_stride=0, progress=False, d
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MMMLP]:
     """An MMMLP run on item walks (text + image, some missing), its bundle, and the torch model behind it."""
-    root = tmp_path_factory.mktemp("mmmlp")
-    dataset = sequential_dataset()
-    dataset.save(root / "data")
-    result = train(dataset, "mmmlp", dataset_dir=root / "data", runs_root=root / "runs", model_config=SMALL,
-                   train_config=FAST)  # fmt: skip
-    assert result.run_dir is not None
-    bundle = export_run(result.run_dir, root / "bundle", config=ExportConfig(include_modality_encoders=False))
-    model = load_run(result.run_dir).model
+    run_dir, bundle = train_and_export(tmp_path_factory.mktemp("mmmlp"), sequential_dataset(), "mmmlp", SMALL,
+                                       train_config=FAST)  # fmt: skip
+    model = load_run(run_dir).model
     assert isinstance(model, MMMLP)
     return bundle, model.eval()
 
@@ -85,18 +84,8 @@ def test_onnx_user_tower_equals_torch(exported: tuple[Path, MMMLP]) -> None:
 
 def test_onnx_item_encoder_equals_torch(exported: tuple[Path, MMMLP]) -> None:
     bundle, model = exported
-    dataset = sequential_dataset()
-    feeds, args = {}, []
-    for name in ("image", "text"):
-        m = dataset.modalities[name]
-        mask = m.present.astype(np.float32)[:, None]
-        feeds[name], feeds[f"{name}_mask"] = m.features, mask
-        args += [torch.from_numpy(m.features), torch.from_numpy(mask)]
-    session = ort.InferenceSession(str(bundle / "item_encoder.onnx"), providers=["CPUExecutionProvider"])
-    (onnx_vectors,) = session.run(["item_vector"], feeds)
-    with torch.no_grad():
-        torch_vectors = model.content_encoder()(*args).numpy()
-    np.testing.assert_allclose(onnx_vectors, torch_vectors, atol=ONNX_TOLERANCE)
+    feeds = catalogue_content(sequential_dataset(), ("image", "text"))
+    onnx_vectors = assert_onnx_item_encoder_matches(bundle, model.content_encoder(), feeds, method="native")
     trained = np.load(bundle / "item_vectors.npy")
     np.testing.assert_allclose(onnx_vectors[:, 8:], trained[:, 8:], atol=ONNX_TOLERANCE)  # content slots exact
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from export_round_trip import assert_bundle_serves_model_scores, train_and_export
 from optimisation_checks import loss_before_and_after_adam, move_off_initial_values
 from synthetic_datasets import multimodal_dataset
 from test_multimodal_graph_models import (
@@ -27,8 +28,6 @@ from test_multimodal_graph_models import (
 from models import build_model
 from models.base import ModelInputs
 from models.promptmm import PromptMM, listwise_distillation
-from service.bundle import load_bundle, plan_device
-from training.export.bundle import ExportConfig, export_run
 from training.fit.trainer import TrainConfig, train
 from training.runs import load_run
 
@@ -256,31 +255,20 @@ def test_teacher_then_student_through_the_trainer_and_the_student_exports_id_sty
     teacher = train(dataset, "promptmm", dataset_dir=tmp_path / "data", runs_root=tmp_path / "runs",
                     model_config={"embedding_size": D}, train_config=config)  # fmt: skip
     assert teacher.run_dir is not None
-    student = train(dataset, "promptmm", dataset_dir=tmp_path / "data", runs_root=tmp_path / "runs",
-                    model_config={"embedding_size": D, "stage": "student", "student_embedding_size": D},
-                    train_config=TrainConfig(epochs=3, progress=False, topk=(5, 10, 20),
-                                             init_from=str(teacher.run_dir)))  # fmt: skip
-    assert student.run_dir is not None
-    run = load_run(student.run_dir)
+    student_dir, bundle_dir = train_and_export(
+        tmp_path / "student",
+        dataset,
+        "promptmm",
+        {"embedding_size": D, "stage": "student", "student_embedding_size": D},
+        train_config=TrainConfig(epochs=3, progress=False, topk=(5, 10, 20), init_from=str(teacher.run_dir)),
+    )
+    run = load_run(student_dir)
     loaded_teacher = load_run(teacher.run_dir).model
     for (
         key,
         value,
     ) in loaded_teacher.state_dict().items():  # the student run carries the frozen teacher unchanged
         torch.testing.assert_close(run.model.state_dict()[key], value, rtol=0, atol=0)
-    bundle_dir = export_run(
-        student.run_dir, tmp_path / "bundle", config=ExportConfig(include_modality_encoders=False)
-    )
-    with torch.no_grad():
-        reps = run.model.representations()
-    assert reps.users is not None
-    bundle = load_bundle(bundle_dir, plan=plan_device("cpu"))
-    assert bundle.model_name == "promptmm" and bundle.score == "inner_product" and bundle.dim == D
-    np.testing.assert_allclose(bundle.item_vectors, reps.items.numpy(), atol=1e-6)
-    assert bundle.user_vectors is not None
-    np.testing.assert_allclose(bundle.user_vectors, reps.users.numpy(), atol=1e-6)
-    scores, _ = bundle.index.search(bundle.user_vectors, 5)
-    exact = bundle.user_vectors @ bundle.item_vectors.T
-    np.testing.assert_allclose(scores, -np.sort(-exact, axis=1)[:, :5], rtol=1e-5, atol=1e-5)
+    assert_bundle_serves_model_scores(student_dir, bundle_dir, model_name="promptmm", dim=D)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     assert manifest["item_encoder"]["method"] == "ridge-map"  # ID-style: no content path of its own
