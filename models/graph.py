@@ -1,9 +1,13 @@
 """Graph builders shared by every graph model: the normalised user–item adjacency and item–item kNN graphs.
 
-All graphs are sparse COO tensors; nothing here reads or writes files.
+All graphs are built as sparse COO tensors (``to_csr`` converts one for the faster ``sparse_matmul``); nothing here
+reads or writes files.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Any
 
 import torch
 
@@ -108,11 +112,54 @@ def fuse_graphs(graphs: list[torch.Tensor], row_weights: torch.Tensor) -> torch.
 
 
 def light_propagate(adjacency: torch.Tensor, ego: torch.Tensor, n_layers: int) -> torch.Tensor:
-    """LightGCN propagation: the mean of E, ÂE, …, Â^L E (no weights, no non-linearities)."""
+    """LightGCN propagation: the mean of E, ÂE, …, Â^L E (no weights, no non-linearities).
+
+    A CSR ``adjacency`` (``to_csr`` of the symmetric Â) goes through ``sparse_matmul`` as its own transpose."""
     layers = [ego]
     for _ in range(n_layers):
-        layers.append(torch.sparse.mm(adjacency, layers[-1]))
+        if adjacency.layout == torch.sparse_csr:
+            layers.append(sparse_matmul(adjacency, layers[-1]))
+        else:
+            layers.append(torch.sparse.mm(adjacency, layers[-1]))
     return torch.stack(layers).mean(dim=0)
+
+
+# ------------------------------------------------------------------ CSR products (the same sums, faster on the CPU)
+def to_csr(matrix: torch.Tensor) -> torch.Tensor:
+    """A sparse COO matrix as CSR, for ``sparse_matmul``."""
+    with warnings.catch_warnings():  # torch flags sparse CSR as beta; its matrix product is stable since 2.0
+        warnings.simplefilter("ignore", UserWarning)
+        return matrix.coalesce().to_sparse_csr()
+
+
+class _CSRMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, matrix: torch.Tensor, transposed: torch.Tensor, dense: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.transposed = transposed
+        product: torch.Tensor = torch.sparse.mm(matrix, dense)
+        return product
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+        return None, None, torch.sparse.mm(ctx.transposed, grad)
+
+
+def sparse_matmul(
+    matrix: torch.Tensor, dense: torch.Tensor, *, transposed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``matrix @ dense`` for a constant CSR ``matrix``, the gradient of ``dense`` taken with the CSR ``transposed``
+    (matrixᵀ built once, e.g. ``to_csr(coo.t())``; None: ``matrix`` is symmetric, its own transpose).
+
+    ``torch.sparse.mm`` on a COO matrix, and the backward of a CSR one, transpose and re-sort the matrix at every
+    call: on ml100k-posters' graphs ~3× the time of these two CSR products. The matrix gets no gradient."""
+    if matrix.requires_grad:
+        raise ValueError("sparse_matmul: the sparse matrix is a constant; it cannot require a gradient")
+    product: torch.Tensor = _CSRMatmul.apply(  # type: ignore[no-untyped-call]
+        matrix, matrix if transposed is None else transposed, dense
+    )
+    return product
 
 
 def degree_sensitive_edge_sample(

@@ -47,7 +47,7 @@ from models.base import (
     Representations,
     require_modalities,
 )
-from models.graph import light_propagate, normalized_bipartite_adjacency
+from models.graph import light_propagate, normalized_bipartite_adjacency, to_csr
 from models.losses import bpr_loss, squared_l2_penalty
 
 QUERY_CHUNK = 4096  # catalogue rows attended at once when ranking: bounds the (chunk, I) logits in memory
@@ -155,7 +155,7 @@ class MCLN(Recommender):
             features = F.normalize(inputs.modalities[name].features, dim=1) * present[:, m, None]
             self.register_buffer(f"features_{name}", features, persistent=False)  # (I, d_m), 0 where absent
         adjacency = normalized_bipartite_adjacency(inputs.n_users, inputs.n_items, inputs.train_users, inputs.train_items)
-        self.register_buffer("adjacency", adjacency, persistent=False)
+        self.register_buffer("adjacency", to_csr(adjacency), persistent=False)  # CSR: see light_propagate
         keys = torch.unique(inputs.train_users * inputs.n_items + inputs.train_items)  # sorted
         full = torch.bincount(keys // inputs.n_items, minlength=inputs.n_users) >= inputs.n_items
         if config.attention_set_size < 1:
@@ -204,8 +204,12 @@ class MCLN(Recommender):
     def filter_sets(self, tokens: torch.Tensor, counterfactual: torch.Tensor | None) -> torch.Tensor:
         """(B, D) batch tokens → (B, d) f, each group of ``attention_set_size`` consecutive rows one set."""
         size = self.config.attention_set_size
-        return torch.cat([self.filter(tokens[s : s + size], None if counterfactual is None else counterfactual[s : s + size])
-                          for s in range(0, tokens.shape[0], size)])  # fmt: skip
+        # split, not slices: a slice's backward writes its gradient into a zero (B, D) tensor, one per set
+        sets = torch.split(tokens, size)
+        if counterfactual is None:
+            return torch.cat([self.filter(t, None) for t in sets])
+        counterfactual_sets = torch.split(counterfactual, size)
+        return torch.cat([self.filter(t, cf) for t, cf in zip(sets, counterfactual_sets, strict=True)])
 
     def loss(self, batch: PairwiseBatch) -> torch.Tensor:  # type: ignore[override]
         users, collaborative, content = self.encode()

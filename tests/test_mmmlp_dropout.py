@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from models.mmmlp import MMMLP, SameDrawsDropout
+from models.layers import SameDrawsDropout
+from models.mmmlp import MMMLP
 from tests.test_mmmlp import SMALL, mmmlp, tiny_batch, tiny_inputs
 
 
