@@ -104,22 +104,29 @@ def compare(dataset: str, methods: list[str], *, repeats: int, work_dir: Path) -
         "calibration_seed": 0,
         "held_out_images": len(rows),
         "quantise_seconds_per_graph": round(quantise_s, 1),
-        "graph_bytes": {name: (directory / "image_encoder.onnx").stat().st_size for name, directory in graphs.items()},
+        "graph_bytes": {
+            name: (directory / "image_encoder.onnx").stat().st_size for name, directory in graphs.items()
+        },
         "feature_cosine_fp32_onnx_vs_trained_features": _summary(_cosine(features["fp32"], trained)),
-        "feature_cosine_int8_vs_fp32": {name: _summary(_cosine(f, features["fp32"]))
-                                        for name, f in features.items() if name != "fp32"},  # fmt: skip
-        "feature_cosine_int8_vs_trained_features": {name: _summary(_cosine(f, trained))
-                                                    for name, f in features.items() if name != "fp32"},  # fmt: skip
+        "feature_cosine_int8_vs_fp32": {
+            name: _summary(_cosine(f, features["fp32"])) for name, f in features.items() if name != "fp32"
+        },  # fmt: skip
+        "feature_cosine_int8_vs_trained_features": {
+            name: _summary(_cosine(f, trained)) for name, f in features.items() if name != "fp32"
+        },  # fmt: skip
         "repeats": repeats,
         "cpu_ms_per_image_median": {name: round(ms, 2) for name, ms in median_cpu.items()},
         "wall_ms_per_image_median": {name: round(ms, 2) for name, ms in median_wall.items()},
-        "cpu_ratio_int8_over_fp32": {name: round(ms / median_cpu["fp32"], 3)
-                                     for name, ms in median_cpu.items() if name != "fp32"},  # fmt: skip
+        "cpu_ratio_int8_over_fp32": {
+            name: round(ms / median_cpu["fp32"], 3) for name, ms in median_cpu.items() if name != "fp32"
+        },  # fmt: skip
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.image_encoder_precision", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.image_encoder_precision", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--dataset", default="ml100k-posters")
     parser.add_argument("--method", action="append", choices=["MinMax", "Percentile", "Entropy"],
                         help="calibration method of an int8-static graph (repeatable; default MinMax)")  # fmt: skip
@@ -128,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work_dir:
-        found = compare(args.dataset, args.method or ["MinMax"], repeats=args.repeats, work_dir=Path(work_dir))
+        found = compare(
+            args.dataset, args.method or ["MinMax"], repeats=args.repeats, work_dir=Path(work_dir)
+        )
     meta = {"command": " ".join(["python -m bench.image_encoder_precision", *sys.argv[1:]]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
             "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}  # fmt: skip
