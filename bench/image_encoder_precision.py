@@ -11,7 +11,9 @@ through each graph in onnxruntime sessions set up as the service's (one intra-op
 cosine of each int8 graph's 1280-d features to the fp32 graph's (mean, 1st percentile, min), and of the fp32
 graph's to the features training computed with torch (``modalities/image.npy``), as a reference for "same".
 Time: CPU (``time.process_time``) and wall ms of each run, the graphs interleaved per poster in an order that
-alternates, over ``--repeats`` passes; the median per graph and the ratio int8 / fp32.
+alternates, over ``--repeats`` passes; the median per graph and the ratio int8 / fp32. With ``--bundle`` (an
+export of a run on the same dataset), also the item vectors its item encoder makes from each graph's features
+(cosine, overlap of the 20 nearest trained items and of the 20 users scoring the item highest).
 """
 
 from __future__ import annotations
@@ -39,6 +41,58 @@ def _summary(values: np.ndarray) -> dict[str, float]:
             "min": round(float(values.min()), 5)}  # fmt: skip
 
 
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    return np.argpartition(-scores, k - 1, axis=1)[:, :k]
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.array([len(set(x.tolist()) & set(y.tolist())) / len(x) for x, y in zip(a, b, strict=True)])
+
+
+def downstream(
+    bundle_dir: Path, rows: list[int], features: dict[str, np.ndarray], *, k: int = 20
+) -> dict[str, Any]:
+    """Through a bundle of the same dataset (its item encoder, as the service runs it): the item vector each
+    graph's poster features make with the item's own other features (``item_features/``), as a new item would get
+    it; cosine int8 vs fp32, overlap of the ``k`` nearest trained items and of the ``k`` users scoring it highest."""
+    from service.bundle import load_bundle, plan_device
+    from service.encoding import EncodingLimits, ItemEncoder
+    from service.settings import ServiceSettings
+
+    bundle = load_bundle(bundle_dir, plan=plan_device("cpu", onnx_threads=1))
+    encoder = ItemEncoder(bundle, limits=EncodingLimits.from_settings(ServiceSettings(bundle_dir=bundle_dir)))
+    others = {
+        name: np.load(bundle_dir / "item_features" / f"{name}.npy")
+        for name in bundle.modalities
+        if name != "image"
+    }
+    vectors = {}
+    for name, image in features.items():
+        items = [{"image": image[n], **{m: f[r] for m, f in others.items()}} for n, r in enumerate(rows)]
+        vectors[name] = np.concatenate([encoder.run(items[i : i + 64])[0] for i in range(0, len(items), 64)])
+    found: dict[str, Any] = {"bundle": str(bundle_dir), "model": bundle.manifest["model"]["name"]}
+    users = bundle.user_vectors
+    for name, v in vectors.items():
+        if name == "fp32":
+            continue
+        found[name] = {
+            "item_vector_cosine_int8_vs_fp32": _summary(_cosine(v, vectors["fp32"])),
+            f"similar_items_overlap_at_{k}": _summary(
+                _overlap(_top(v @ bundle.item_vectors.T, k), _top(vectors["fp32"] @ bundle.item_vectors.T, k))
+            ),
+            **(
+                {}
+                if users is None
+                else {
+                    f"top_users_overlap_at_{k}": _summary(
+                        _overlap(_top(v @ users.T, k), _top(vectors["fp32"] @ users.T, k))
+                    )
+                }
+            ),  # fmt: skip
+        }
+    return found
+
+
 def _session(path: Path) -> Any:
     import onnxruntime as ort
 
@@ -51,10 +105,16 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def compare(dataset: str, methods: list[str], *, repeats: int, work_dir: Path) -> dict[str, Any]:
+def compare(
+    dataset: str, methods: list[str], *, repeats: int, work_dir: Path, bundle: Path | None = None
+) -> dict[str, Any]:
     from training.data.dataset import InteractionDataset
     from training.data.encoders import ImageEncoder, UnreadableImageError, preprocess_image
-    from training.export.onnx_export import export_image_encoder, image_calibration_sample
+    from training.export.onnx_export import (
+        IMAGE_FP32_LEADING_CONVOLUTIONS,
+        export_image_encoder,
+        image_calibration_sample,
+    )
     from training.settings import default_paths
 
     data = InteractionDataset.load(default_paths().datasets / dataset)
@@ -102,6 +162,7 @@ def compare(dataset: str, methods: list[str], *, repeats: int, work_dir: Path) -
         "dataset": dataset,
         "calibration_images": len(calibration),
         "calibration_seed": 0,
+        "fp32_leading_convolutions": IMAGE_FP32_LEADING_CONVOLUTIONS,
         "held_out_images": len(rows),
         "quantise_seconds_per_graph": round(quantise_s, 1),
         "graph_bytes": {
@@ -120,6 +181,7 @@ def compare(dataset: str, methods: list[str], *, repeats: int, work_dir: Path) -
         "cpu_ratio_int8_over_fp32": {
             name: round(ms / median_cpu["fp32"], 3) for name, ms in median_cpu.items() if name != "fp32"
         },  # fmt: skip
+        **({} if bundle is None else {"through_the_bundle": downstream(bundle, rows, features)}),
     }
 
 
@@ -130,14 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="ml100k-posters")
     parser.add_argument("--method", action="append", choices=["MinMax", "Percentile", "Entropy"],
                         help="calibration method of an int8-static graph (repeatable; default MinMax)")  # fmt: skip
+    parser.add_argument(
+        "--bundle", help="a bundle of the same dataset: also compare the item vectors it makes"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the held-out posters")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "image-encoder-int8.json"))
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work_dir:
-        found = compare(
-            args.dataset, args.method or ["MinMax"], repeats=args.repeats, work_dir=Path(work_dir)
-        )
+        found = compare(args.dataset, args.method or ["MinMax"], repeats=args.repeats, work_dir=Path(work_dir),
+                        bundle=None if args.bundle is None else Path(args.bundle))  # fmt: skip
     meta = {"command": " ".join(["python -m bench.image_encoder_precision", *sys.argv[1:]]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
             "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}  # fmt: skip

@@ -350,15 +350,19 @@ def test_export_image_encoder_int8_static_is_close_to_fp32_on_images_it_was_not_
     entry = export_image_encoder(out, encoder=image_encoder, precision="int8-static", calibration_images=calibration)
     assert entry == {**fp32_entry, "onnx_precision": "int8-static"}
     assert sorted(p.name for p in out.iterdir()) == ["image_encoder.onnx"]  # no fp32 graph or scratch left behind
-    ops = [node.op_type for node in onnx.load(str(out / "image_encoder.onnx")).graph.node]
-    assert ops.count("QuantizeLinear") >= 49 and ops.count("Conv") == 49  # every convolution reads int8 activations
+    graph = onnx.load(str(out / "image_encoder.onnx")).graph
+    convolutions = [node for node in graph.node if node.op_type == "Conv"]
+    dequantised = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    int8_weights = [conv.input[1] in dequantised for conv in convolutions]
+    assert len(convolutions) == 49 and int8_weights == [False] * 6 + [True] * 43  # the first six stay fp32
     pixels = np.stack([preprocess_image(synthetic_image_bytes(180, 240, fmt="JPEG", seed=100 + s)) for s in range(4)])
     fp32 = run_session(fp32_dir / "image_encoder.onnx", {"pixels": pixels})
     int8 = run_session(out / "image_encoder.onnx", {"pixels": pixels})
     assert int8.shape == (4, IMAGE_DIM) and int8.dtype == np.float32
-    # Measured on real posters, MinMax: cosine 0.83 on average, 0.45 at worst (bench/results/image-encoder-int8.json);
-    # a graph with broken scales (e.g. calibrated on blank images) falls far below.
-    assert _cosine(int8, fp32).min() >= 0.7, _cosine(int8, fp32)
+    # On 1,363 real posters the cosine is 0.99 on average (bench/results/image-encoder-int8.json); full-range int8
+    # weights on a CPU without VNNI, or every convolution quantised, fall to 0.83-0.96 on average.
+    cosine = _cosine(int8, fp32)
+    assert cosine.min() >= 0.97, cosine
 
 
 def test_export_image_encoder_int8_static_needs_calibration_images(tmp_path: Path) -> None:
