@@ -42,7 +42,8 @@ class ExportConfig:
     ridge_holdout: float = 0.1  # share of trained items held out to choose the ridge strength
     # MiniLM's MatMuls in int8: half the CPU of ingesting a text (the service's largest cost), cosine 0.993 to fp32
     text_encoder_precision: bf.EncoderPrecision = bf.INT8_DYNAMIC
-    # EfficientNet-Lite0 in fp32 unless asked: int8-static (calibrated on the dataset's own images) is opt-in
+    # EfficientNet-Lite0 in fp32 unless asked: int8-static (0.68x the CPU, feature cosine 0.990) moves ridge-map item
+    # vectors by cosine 0.984 on average, 0.87 at worst (bench/results/image-encoder-int8.json): opt-in
     image_encoder_precision: bf.EncoderPrecision = bf.FP32
 
 

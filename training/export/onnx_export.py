@@ -14,7 +14,10 @@ weights inside the ``.onnx`` file (no external data): the bundle lists one file 
   truncates to a fixed 128), so that a service that loads it and applies the manifest's ``max_length`` gets the
   training-time token ids either way.
 - ``image_encoder.onnx``: ``pixels`` float32 ``(N, 3, 224, 224)`` -> ``features`` float32 ``(N, 1280)``; the
-  preprocessing recipe (``resize``, ``size``, ``mean``, ``std``) goes into the manifest entry.
+  preprocessing recipe (``resize``, ``size``, ``mean``, ``std``) goes into the manifest entry. fp32 by default;
+  ``precision="int8-static"`` (:func:`quantize_image_encoder`, calibrated on the dataset's own images) costs 0.68x
+  the CPU of a poster at a feature cosine of 0.990 on average (0.968 at least), but moves the item vectors a ridge
+  map makes from the features more than the int8 text encoder does (bench/results/image-encoder-int8.json).
 """
 
 from __future__ import annotations
