@@ -79,12 +79,18 @@ ENCODER_KINDS: Final[tuple[EncoderKind, ...]] = ("text", "image")
 
 # A shipped encoder graph's arithmetic (a modality entry's "onnx_precision"): "fp32" is the exported graph as is;
 # "int8-dynamic" has its MatMul weights quantised to int8 per output channel and its activations quantised at run
-# time (onnxruntime.quantization.quantize_dynamic). An entry without the field (bundles written before it) is fp32.
-# Optional and read-only for the service (it runs either graph alike), so no format version is bumped for it.
-EncoderPrecision = Literal["fp32", "int8-dynamic"]
+# time (onnxruntime.quantization.quantize_dynamic); "int8-static" has int8 weights per output channel and int8
+# activations with scales fixed at export by calibration on the dataset's own images (quantize_static, QDQ
+# operators). An entry without the field (bundles written before it) is fp32. Optional and read-only for the service
+# (it runs every graph alike), so no format version is bumped for it; a reader that predates a value refuses it by
+# name rather than guessing. Which values an exporter writes depends on the encoder (text: dynamic; image: static).
+EncoderPrecision = Literal["fp32", "int8-dynamic", "int8-static"]
 FP32: Final = "fp32"
 INT8_DYNAMIC: Final = "int8-dynamic"
-ENCODER_PRECISIONS: Final[tuple[EncoderPrecision, ...]] = ("fp32", "int8-dynamic")
+INT8_STATIC: Final = "int8-static"
+ENCODER_PRECISIONS: Final[tuple[EncoderPrecision, ...]] = ("fp32", "int8-dynamic", "int8-static")
+TEXT_ENCODER_PRECISIONS: Final[tuple[EncoderPrecision, ...]] = ("fp32", "int8-dynamic")
+IMAGE_ENCODER_PRECISIONS: Final[tuple[EncoderPrecision, ...]] = ("fp32", "int8-static")
 
 
 def modality_encoder_kind(entry: Mapping[str, Any], *, format_version: int) -> EncoderKind | None:
@@ -111,4 +117,6 @@ def modality_encoder_precision(entry: Mapping[str, Any]) -> EncoderPrecision:
         return FP32
     if precision == INT8_DYNAMIC:
         return INT8_DYNAMIC
+    if precision == INT8_STATIC:
+        return INT8_STATIC
     raise ValueError(f"onnx_precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {precision!r}")

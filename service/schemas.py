@@ -353,7 +353,7 @@ class ModalityInfo(BaseModel):
     dim: int
     encoder: str | None
     accepts: list[Literal["features", "text", "image_base64"]]
-    encoder_precision: Literal["fp32", "int8-dynamic"] | None = Field(
+    encoder_precision: Literal["fp32", "int8-dynamic", "int8-static"] | None = Field(
         default=None, description="Arithmetic of the shipped encoder graph (manifest onnx_precision); null without one."
     )
 

@@ -39,13 +39,21 @@ def test_modality_encoder_kind_refuses_an_unknown_kind_in_format_2(named: str | 
         ({"dim": 384, "encoder_onnx": bf.TEXT_ENCODER, "encoder_kind": "text"}, "fp32"),  # written before the field
         ({"dim": 384, "encoder_onnx": bf.TEXT_ENCODER, "onnx_precision": "fp32"}, "fp32"),
         ({"dim": 384, "encoder_onnx": bf.TEXT_ENCODER, "onnx_precision": "int8-dynamic"}, "int8-dynamic"),
+        ({"dim": 1280, "encoder_onnx": bf.IMAGE_ENCODER, "encoder_kind": "image"}, "fp32"),  # written before the field
+        ({"dim": 1280, "encoder_onnx": bf.IMAGE_ENCODER, "onnx_precision": "int8-static"}, "int8-static"),
     ],
 )
 def test_modality_encoder_precision_reads_the_entry(entry: dict[str, Any], precision: str) -> None:
     assert bf.modality_encoder_precision(entry) == precision
 
 
-@pytest.mark.parametrize("named", [None, "int8", "FP32", 8])
+@pytest.mark.parametrize("named", [None, "int8", "FP32", "int8-Static", 8])
 def test_modality_encoder_precision_refuses_an_unknown_precision(named: object) -> None:
-    with pytest.raises(ValueError, match=f"onnx_precision must be one of fp32, int8-dynamic, got {named!r}"):
+    with pytest.raises(ValueError, match=f"onnx_precision must be one of fp32, int8-dynamic, int8-static, got {named!r}"):
         bf.modality_encoder_precision({"dim": 8, "encoder_onnx": "x.onnx", "onnx_precision": named})
+
+
+def test_each_encoder_kind_writes_precisions_that_readers_accept() -> None:
+    assert set(bf.TEXT_ENCODER_PRECISIONS) | set(bf.IMAGE_ENCODER_PRECISIONS) == set(bf.ENCODER_PRECISIONS)
+    for precision in bf.ENCODER_PRECISIONS:
+        assert bf.modality_encoder_precision({"onnx_precision": precision}) == precision

@@ -151,6 +151,18 @@ def test_export_text_encoder_precision_defaults_to_the_export_config_default() -
     assert default == ExportConfig().text_encoder_precision == "int8-dynamic"
 
 
+def test_export_refuses_an_image_encoder_precision_it_does_not_write(home: Path, tmp_path: Path) -> None:
+    assert refused(["export", str(tmp_path), "--out", str(tmp_path / "b"), "--image-encoder-precision", "int8-dynamic"]) == (
+        "--image-encoder-precision must be one of fp32, int8-static, got 'int8-dynamic'")
+
+
+def test_export_image_encoder_precision_defaults_to_the_export_config_default() -> None:
+    from training.export.bundle import ExportConfig
+
+    default = inspect.signature(export_command).parameters["image_encoder_precision"].default
+    assert default == ExportConfig().image_encoder_precision == "fp32"
+
+
 def test_debug_shows_the_traceback_instead(home: Path) -> None:
     result = CliRunner().invoke(app, ["--debug", "train", "--dataset", "lfm2k", "--model", "nope"])
     assert result.exit_code == 1

@@ -435,6 +435,7 @@ def export_command(
     approximate: Annotated[str, typer.Option(help="Approximate index above the threshold: ivf or hnsw.")] = "ivf",
     target_recall: Annotated[float, typer.Option(help="recall@20 against exact search that the approximate index's nprobe / efSearch must reach.")] = 0.95,
     text_encoder_precision: Annotated[str, typer.Option(help="The text encoder graph: int8-dynamic (MatMul weights in int8, half the CPU of a text) or fp32.")] = "int8-dynamic",
+    image_encoder_precision: Annotated[str, typer.Option(help="The image encoder graph: fp32, or int8-static (int8 weights and activations, scales calibrated on 300 of the dataset's images).")] = "fp32",
 ) -> None:
     """Export a run as a bundle: manifest, FAISS index, arrays and ONNX graphs (docs/bundle-format.md).
 
@@ -443,17 +444,21 @@ def export_command(
         fail(f"--approximate must be ivf or hnsw, got {approximate!r}")
     import bundle_format as bf
 
-    if text_encoder_precision not in bf.ENCODER_PRECISIONS:
-        fail(f"--text-encoder-precision must be one of {', '.join(bf.ENCODER_PRECISIONS)}, got {text_encoder_precision!r}")
+    if text_encoder_precision not in bf.TEXT_ENCODER_PRECISIONS:
+        fail(f"--text-encoder-precision must be one of {', '.join(bf.TEXT_ENCODER_PRECISIONS)}, got {text_encoder_precision!r}")
+    if image_encoder_precision not in bf.IMAGE_ENCODER_PRECISIONS:
+        fail(f"--image-encoder-precision must be one of {', '.join(bf.IMAGE_ENCODER_PRECISIONS)}, got {image_encoder_precision!r}")
     run_directory(run_dir)
     from training.export.bundle import ExportConfig, export_run
     from training.export.item_index import IndexConfig
 
     index = IndexConfig(approximate_threshold=exact_up_to, approximate="ivf" if approximate == "ivf" else "hnsw",
                         target_recall_at_20=target_recall)  # fmt: skip
-    precision: bf.EncoderPrecision = bf.INT8_DYNAMIC if text_encoder_precision == bf.INT8_DYNAMIC else bf.FP32
+    text_precision: bf.EncoderPrecision = bf.INT8_DYNAMIC if text_encoder_precision == bf.INT8_DYNAMIC else bf.FP32
+    image_precision: bf.EncoderPrecision = bf.INT8_STATIC if image_encoder_precision == bf.INT8_STATIC else bf.FP32
     bundle = export_run(run_dir, out, config=ExportConfig(include_modality_encoders=modality_encoders, index=index,
-                                                          text_encoder_precision=precision))  # fmt: skip
+                                                          text_encoder_precision=text_precision,
+                                                          image_encoder_precision=image_precision))  # fmt: skip
     manifest = json.loads((bundle / bf.MANIFEST).read_text())
     typer.echo(f"bundle {manifest['bundle_version']} written to {bundle}")
 

@@ -70,12 +70,13 @@ def test_models_endpoint_reports_the_precision_of_each_shipped_encoder(
     bundle = tmp_path / "bundle"
     shutil.copytree(content_bundle.path, bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["modalities"]["text"]["onnx_precision"] = "int8-dynamic"  # the image entry names none: fp32
+    manifest["modalities"]["text"]["onnx_precision"] = "int8-dynamic"
+    manifest["modalities"]["image"]["onnx_precision"] = "int8-static"
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with serve(make_settings(bundle_dir=bundle)) as client:
         modalities = client.get("/v1/models").json()["modalities"]
     assert modalities["text"]["encoder_precision"] == "int8-dynamic" and "text" in modalities["text"]["accepts"]
-    assert modalities["image"]["encoder_precision"] == "fp32"
+    assert modalities["image"]["encoder_precision"] == "int8-static"
     assert all(m["encoder_precision"] is None for name, m in modalities.items() if name not in ("text", "image"))
 
 

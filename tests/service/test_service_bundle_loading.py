@@ -86,9 +86,9 @@ def test_load_bundle_refuses_a_format_2_encoder_without_its_kind(tmp_path: Path,
         load_bundle(target, plan=CPU)
 
 
-def _with_text_precision(path: Path, precision: object) -> None:
+def _with_text_precision(path: Path, precision: object, *, modality: str = "text") -> None:
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["modalities"]["text"]["onnx_precision"] = precision
+    manifest["modalities"][modality]["onnx_precision"] = precision
     _edit_manifest(path, modalities=manifest["modalities"])
 
 
@@ -100,6 +100,16 @@ def test_load_bundle_reads_the_text_encoder_precision(tmp_path: Path, content_bu
     bundle = load_bundle(target, plan=CPU)
     assert bundle.modalities["text"].encoder_precision == precision
     assert bundle.modalities["image"].encoder_precision == "fp32"  # no field: fp32
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8-static"])
+def test_load_bundle_reads_the_image_encoder_precision(tmp_path: Path, content_bundle: SyntheticBundle, precision: str) -> None:
+    target = tmp_path / "bundle"
+    shutil.copytree(content_bundle.path, target)
+    _with_text_precision(target, precision, modality="image")
+    bundle = load_bundle(target, plan=CPU)
+    assert bundle.modalities["image"].encoder_precision == precision
+    assert bundle.modalities["text"].encoder_precision == "fp32"  # no field: fp32
 
 
 def test_load_bundle_without_precision_fields_reads_fp32_encoders_and_none_for_feature_modalities(
@@ -119,7 +129,7 @@ def test_load_bundle_refuses_an_unknown_text_encoder_precision(tmp_path: Path, c
     target = tmp_path / "bundle"
     shutil.copytree(content_bundle.path, target)
     _with_text_precision(target, precision)
-    with pytest.raises(BundleError, match=rf"modalities\.text: onnx_precision must be one of fp32, int8-dynamic, got {precision!r}"):
+    with pytest.raises(BundleError, match=rf"modalities\.text: onnx_precision must be one of fp32, int8-dynamic, int8-static, got {precision!r}"):
         load_bundle(target, plan=CPU)
 
 
