@@ -19,7 +19,6 @@ export of a run on the same dataset), also the item vectors its item encoder mak
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.results_file import write_measurement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,11 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as work_dir:
         found = compare(args.dataset, args.method or ["MinMax"], repeats=args.repeats, work_dir=Path(work_dir),
                         bundle=None if args.bundle is None else Path(args.bundle))  # fmt: skip
-    meta = {"command": " ".join(["python -m bench.image_encoder_precision", *sys.argv[1:]]),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
-            "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}  # fmt: skip
-    Path(args.out).write_text(json.dumps({"meta": meta, **found}, indent=1))
-    print(json.dumps(found, indent=1))
+    write_measurement(Path(args.out), " ".join(["python -m bench.image_encoder_precision", *sys.argv[1:]]), found, load_before=load_before)
     return 0
 
 

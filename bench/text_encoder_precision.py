@@ -14,7 +14,6 @@ CPU time of the text runs (``time.process_time`` of this process, one thread) pe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.results_file import write_measurement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
     found = compare(Path(args.fp32), Path(args.int8))
-    meta = {"command": " ".join(["python -m bench.text_encoder_precision", *sys.argv[1:]]),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
-            "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}  # fmt: skip
-    Path(args.out).write_text(json.dumps({"meta": meta, **found}, indent=1))
-    print(json.dumps(found, indent=1))
+    write_measurement(Path(args.out), " ".join(["python -m bench.text_encoder_precision", *sys.argv[1:]]), found, load_before=load_before)
     return 0
 
 

@@ -139,28 +139,23 @@ def test_export_refuses_an_unknown_index_kind(home: Path, tmp_path: Path) -> Non
         "--approximate must be ivf or hnsw, got 'lsh'")
 
 
-def test_export_refuses_an_unknown_text_encoder_precision(home: Path, tmp_path: Path) -> None:
-    assert refused(["export", str(tmp_path), "--out", str(tmp_path / "b"), "--text-encoder-precision", "int4"]) == (
-        "--text-encoder-precision must be one of fp32, int8-dynamic, got 'int4'")
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--text-encoder-precision", "int4", "--text-encoder-precision must be one of fp32, int8-dynamic, got 'int4'"),
+    ("--image-encoder-precision", "int8-dynamic",
+     "--image-encoder-precision must be one of fp32, int8-static, got 'int8-dynamic'"),
+])  # fmt: skip
+def test_export_refuses_an_encoder_precision_it_does_not_write(home: Path, tmp_path: Path, option: str, value: str,
+                                                               message: str) -> None:  # fmt: skip
+    assert refused(["export", str(tmp_path), "--out", str(tmp_path / "b"), option, value]) == message
 
 
-def test_export_text_encoder_precision_defaults_to_the_export_config_default() -> None:
+@pytest.mark.parametrize(("parameter", "expected"), [("text_encoder_precision", "int8-dynamic"),
+                                                     ("image_encoder_precision", "fp32")])  # fmt: skip
+def test_export_encoder_precision_defaults_to_the_export_config_default(parameter: str, expected: str) -> None:
     from training.export.bundle import ExportConfig
 
-    default = inspect.signature(export_command).parameters["text_encoder_precision"].default
-    assert default == ExportConfig().text_encoder_precision == "int8-dynamic"
-
-
-def test_export_refuses_an_image_encoder_precision_it_does_not_write(home: Path, tmp_path: Path) -> None:
-    assert refused(["export", str(tmp_path), "--out", str(tmp_path / "b"), "--image-encoder-precision", "int8-dynamic"]) == (
-        "--image-encoder-precision must be one of fp32, int8-static, got 'int8-dynamic'")
-
-
-def test_export_image_encoder_precision_defaults_to_the_export_config_default() -> None:
-    from training.export.bundle import ExportConfig
-
-    default = inspect.signature(export_command).parameters["image_encoder_precision"].default
-    assert default == ExportConfig().image_encoder_precision == "fp32"
+    default = inspect.signature(export_command).parameters[parameter].default
+    assert default == getattr(ExportConfig(), parameter) == expected
 
 
 def test_debug_shows_the_traceback_instead(home: Path) -> None:
