@@ -113,10 +113,7 @@ def modality_encoder_precision(entry: Mapping[str, Any]) -> EncoderPrecision:
     """The arithmetic of a modality entry's shipped encoder graph ("onnx_precision"): "fp32" where the entry names
     none; a value outside ENCODER_PRECISIONS is a ValueError."""
     precision = entry.get("onnx_precision", FP32)
-    if precision == FP32:
-        return FP32
-    if precision == INT8_DYNAMIC:
-        return INT8_DYNAMIC
-    if precision == INT8_STATIC:
-        return INT8_STATIC
+    for known in ENCODER_PRECISIONS:
+        if precision == known:
+            return known
     raise ValueError(f"onnx_precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {precision!r}")

@@ -93,12 +93,13 @@ def main(argv: list[str]) -> int:
     content = content_space(dataset)
     trained_rows = np.flatnonzero(cold_users > 0)
     content_cosine = content[cold] @ content[trained_rows].T  # (n_cold, n_trained)
+    content_order = np.argsort(-content_cosine, axis=1, kind="stable")  # nearest trained items first
     judge = Judge(genres, heldout_matrix(held_out.dataset, (TEST, COLD)), popularity)
     rows = {}
     for beta in BETAS:
         knn = item_knn(cold_shared, cold_users, beta)
         for m in CONTENT_NEIGHBOURS:
-            nearest = np.argsort(-content_cosine, axis=1, kind="stable")[:, :m]
+            nearest = content_order[:, :m]
             weights = np.take_along_axis(content_cosine, nearest, axis=1)
             scores = np.einsum("qm,qmn->qn", weights, knn[trained_rows[nearest]])
             scores[:, cold_users == 0] = -np.inf

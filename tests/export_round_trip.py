@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from models.base import ContentEncoder
+from models.base import ContentEncoder, Representations
 from service.bundle import Bundle, load_bundle, plan_device
 from training.data.dataset import InteractionDataset
 from training.export.bundle import ExportConfig, export_run
@@ -42,6 +42,10 @@ def assert_bundle_holds_the_model_vectors(
     item vectors are the run's ``representations()``, and which can ingest items. Returns the loaded bundle."""
     with torch.no_grad():
         reps = load_run(run_dir).model.representations()
+    return _assert_bundle_holds(bundle_path, reps, model_name=model_name, dim=dim)
+
+
+def _assert_bundle_holds(bundle_path: Path, reps: Representations, *, model_name: str, dim: int) -> Bundle:
     assert reps.users is not None
     bundle = load_bundle(bundle_path, plan=plan_device("cpu"))
     assert bundle.model_name == model_name and bundle.score == "inner_product" and bundle.dim == dim
@@ -65,13 +69,13 @@ def assert_bundle_serves_model_scores(run_dir: Path, bundle_path: Path, *, model
                                       ) -> None:  # fmt: skip
     """The bundle holds the model's vectors (``assert_bundle_holds_the_model_vectors``), the inner product it serves
     is the ``full_sort_scores`` the evaluator ranks by, and its index returns the exact top ``k`` of both."""
-    bundle = assert_bundle_holds_the_model_vectors(run_dir, bundle_path, model_name=model_name, dim=dim)
-    assert bundle.user_vectors is not None
     model = load_run(run_dir).model
     with torch.no_grad():
         reps = model.representations()
         assert reps.users is not None
         evaluated = model.full_sort_scores(reps.users, reps.items).numpy()
+    bundle = _assert_bundle_holds(bundle_path, reps, model_name=model_name, dim=dim)
+    assert bundle.user_vectors is not None
     served = bundle.user_vectors @ bundle.item_vectors.T
     np.testing.assert_allclose(served, evaluated, rtol=1e-5, atol=1e-5)
     for scores in (served, evaluated):
