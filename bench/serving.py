@@ -10,7 +10,9 @@ What runs (every server a separate process started here, loaded by ``wrk`` in it
   (``--reps``; medians reported):
   ``service`` (``python -m service.cli`` = ``mmrec-serve`` of this checkout, embedded mode), ``service-nobatch``
   (``MMREC_BATCH_MAX_WAIT_MS=0``), ``service-redis`` (Redis db 12, private key prefix, deleted afterwards),
-  ``service-ivf`` (approximate index), ``service-cached`` / ``service-redis-cached`` (cache hits), ``naive``
+  ``service-ivf`` (approximate index), ``service-ivf-redis`` (the same in Redis mode), ``service-ivf-2proc`` /
+  ``service-redis-2proc`` (Redis mode, ``MMREC_WORKERS=2``: two worker processes on the port, IVF / exact),
+  ``service-cached`` / ``service-redis-cached`` (cache hits), ``naive``
   (``bench/naive_server.py``: FastAPI + torch full sort), ``floor-async`` / ``floor-sync``
   (``bench/floor_server.py``: constant answer);
 - uncached variants run with ``MMREC_CACHE_TTL_S=0.001`` (every lookup misses; the measured hit rate is reported)
@@ -88,6 +90,11 @@ VARIANTS = (
     Variant("service-nobatch", "service, uncached, micro-batching off", "service", env={"MMREC_BATCH_MAX_WAIT_MS": "0"}),
     Variant("service-redis", "service, uncached (Redis)", "service", redis=True),
     Variant("service-ivf", "service, approximate index (IVF), uncached", "service", approximate=True),
+    Variant("service-ivf-redis", "service, IVF, uncached (Redis)", "service", redis=True, approximate=True),
+    Variant("service-ivf-2proc", "service, IVF, uncached (Redis, 2 worker processes)", "service", redis=True,
+            approximate=True, env={"MMREC_WORKERS": "2"}),
+    Variant("service-redis-2proc", "service, uncached (Redis, 2 worker processes)", "service", redis=True,
+            env={"MMREC_WORKERS": "2"}),
     Variant("service-cached", "service, cache hit (embedded)", "service", cached=True),
     Variant("service-redis-cached", "service, cache hit (Redis)", "service", redis=True, cached=True),
     Variant("naive", "naive torch reference", "naive"),

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import ipaddress
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 from uvicorn.config import LOGGING_CONFIG
@@ -76,12 +79,17 @@ def _parser() -> argparse.ArgumentParser:
                         "(default 127.0.0.1,::1)")  # fmt: skip
     parser.add_argument("--max-k", type=int)
     parser.add_argument("--cache-ttl-s", type=float)
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--workers", type=int, help="server processes on the port (env MMREC_WORKERS, default 1); "
+                        "above 1 needs --redis-url: each process is a replica of the catalogue")  # fmt: skip
+    parser.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"],
+                        help=f"default info (env {LOG_LEVEL_ENV})")  # fmt: skip
     return parser
 
 
 FIELDS = ("bundle_dir", "redis_url", "redis_url_file", "redis_prefix", "state_dir", "device", "api_key", "api_key_file",
-          "api_keys_file", "read_access", "allow_open_writes", "forwarded_allow_ips", "max_k", "cache_ttl_s")  # fmt: skip
+          "api_keys_file", "read_access", "allow_open_writes", "forwarded_allow_ips", "max_k", "cache_ttl_s", "workers")  # fmt: skip
+LOG_LEVEL_ENV = "MMREC_SERVE_LOG_LEVEL"  # the log level, read by each worker process (not a ServiceSettings field)
+WORKER_APP = "service.cli:worker_app"  # what uvicorn imports in each worker process when workers > 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,13 +117,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    log_level = args.log_level or os.environ.get(LOG_LEVEL_ENV) or "info"
+    serve = functools.partial(uvicorn.run, host=args.host, port=args.port, log_level=log_level,
+                              log_config=redacting_log_config(), proxy_headers=True,
+                              forwarded_allow_ips=settings.forwarded_allow_ips)  # fmt: skip
+    if settings.workers > 1:
+        # Each worker is a fresh interpreter (spawned by uvicorn's supervisor) that builds its settings from the
+        # environment, so the options given here travel there as the MMREC_* variables they stand for.
+        os.environ.update(worker_environment(overrides, host=args.host, port=args.port, log_level=log_level))
+        print(f"mmrec-serve: starting {settings.workers} worker processes on {args.host}:{args.port} (Redis mode: "
+              "each one a replica of the catalogue); each prints its banner when ready", flush=True)  # fmt: skip
+        serve(WORKER_APP, factory=True, workers=settings.workers)
+        return 0
+    configure_logging(log_level)
+    serve(create_app(settings, on_ready=lambda runtime: print(banner(runtime, host=args.host, port=args.port), flush=True)))
+    return 0
+
+
+def worker_environment(overrides: dict[str, Any], *, host: str, port: int, log_level: str) -> dict[str, str]:
+    """The ``MMREC_*`` variables that give a worker process the settings of this command line."""
+    env = {f"MMREC_{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
+           for name, value in overrides.items()}  # fmt: skip
+    env.update({LOG_LEVEL_ENV: log_level, "MMREC_SERVE_HOST": host, "MMREC_SERVE_PORT": str(port)})
+    return env
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process (``--workers`` above 1): settings from the environment the parent set."""
+    configure_logging(os.environ.get(LOG_LEVEL_ENV, "info"))
+    host, port = os.environ.get("MMREC_SERVE_HOST", "127.0.0.1"), int(os.environ.get("MMREC_SERVE_PORT", "8000"))
+    settings = ServiceSettings()  # type: ignore[call-arg]  # bundle_dir comes from MMREC_BUNDLE_DIR
+    label = f"mmrec-serve worker {os.getpid()}"
+    return create_app(settings, on_ready=lambda runtime: print(banner(runtime, host=host, port=port, label=label), flush=True))
+
+
+def configure_logging(log_level: str) -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactSecrets())
-    app = create_app(settings, on_ready=lambda runtime: print(banner(runtime, host=args.host, port=args.port), flush=True))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=redacting_log_config(),
-                proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips)  # fmt: skip
-    return 0
 
 
 def _secrets_on_the_command_line(args: argparse.Namespace) -> list[str]:
@@ -147,7 +186,7 @@ def redacting_log_config() -> dict[str, Any]:
     return config
 
 
-def banner(runtime: Runtime, *, host: str, port: int) -> str:
+def banner(runtime: Runtime, *, host: str, port: int, label: str = "mmrec-serve") -> str:
     engine, plan, settings = runtime.engine, runtime.plan, runtime.settings
     bundle = engine.bundle
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -159,7 +198,7 @@ def banner(runtime: Runtime, *, host: str, port: int) -> str:
     )
     return "\n".join(
         [
-            f"mmrec-serve: bundle {bundle.version} (model {bundle.model_name}, dataset {bundle.dataset_name}, "
+            f"{label}: bundle {bundle.version} (model {bundle.model_name}, dataset {bundle.dataset_name}, "
             f"{engine.catalogue.size} items, dim {bundle.dim}, index {bundle.index_type})",
             f"  device: {plan.device}; onnxruntime providers: {', '.join(plan.ort_providers)}; "
             f"faiss on GPU: {'yes' if bundle.index_on_gpu else 'no'}",

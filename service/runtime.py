@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 import uuid
 from collections.abc import Sequence
@@ -315,6 +317,7 @@ class Runtime:
                 checks["redis_error"] = self.pool.last_error
         checks["catalogue"] = "loaded" if self.engine.synced else "trained items only (store not loaded yet)"
         checks["status"] = "degraded" if degraded else "ready"
+        checks["replica"] = f"{socket.gethostname()}:{os.getpid()}"
         return checks
 
     def close(self) -> None:

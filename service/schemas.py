@@ -334,6 +334,7 @@ class Readiness(BaseModel):
                     "cache": "unavailable",
                     "store": "unavailable",
                     "catalogue": "loaded",
+                    "replica": "api-7f9c4d-2:41",
                     "redis_error": "ConnectionError: Error 111 connecting to redis:6379. Connection refused.",
                 }
             ]
@@ -346,6 +347,8 @@ class Readiness(BaseModel):
     cache: Literal["redis", "embedded", "unavailable"]
     store: Literal["redis", "sqlite", "unavailable"]
     catalogue: str
+    replica: str = Field(description="The process that answered, host:pid (several worker processes or replicas "
+                         "behind one address each answer with their own).")  # fmt: skip
     redis_error: str | None = None
 
 

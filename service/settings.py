@@ -117,6 +117,11 @@ class ServiceSettings(BaseSettings):
         default=1, ge=1, description="OpenMP threads of a FAISS search. 1: the event loop needs the other core, and "
         "OpenMP threads that spin-wait collapse when the cores are oversubscribed (a 2-thread batch measured 10-20x "
         "slower than a 1-thread one on a loaded 2-core machine).")  # fmt: skip
+    workers: int = Field(
+        default=1, ge=1, le=64, description="Server processes on the one port (uvicorn workers). Above 1 needs Redis "
+        "mode: each process is a replica that follows the changes stream and shares the cache and rate limits through "
+        "Redis, and the bundle's memory-mapped files through the page cache. Embedded mode keeps its catalogue, cache "
+        "and SQLite writer in one process, so it serves with 1.")  # fmt: skip
     faiss_blas_threshold: int = Field(
         default=16, ge=1, description="Batches of at least this many queries are scored by one BLAS matrix product "
         "(FAISS's distance_compute_blas_threshold, whose default 128000 never lets a micro-batch use BLAS).")  # fmt: skip
@@ -142,6 +147,13 @@ class ServiceSettings(BaseSettings):
     def _check_k(self) -> ServiceSettings:
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) exceeds max_k ({self.max_k})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> ServiceSettings:
+        if self.workers > 1 and self.redis_url is None:
+            raise ValueError(f"workers = {self.workers} needs redis_url: embedded mode keeps its catalogue, cache and "
+                             "SQLite state in one process (serve with 1 worker, or give a Redis URL)")  # fmt: skip
         return self
 
     @model_validator(mode="before")

@@ -3,6 +3,8 @@ writes answer 503 (nothing accepted that could be lost), and everything recovers
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -86,5 +88,6 @@ def test_redis_down_at_start_then_back_replays_the_catalogue(
         assert client.get("/readyz").json() | {"redis_error": None} == {
             "status": "ready", "bundle": "loaded", "bundle_version": client.get("/v1/models").json()["bundle_version"],
             "cache": "redis", "store": "redis", "catalogue": "loaded", "redis_error": None,
+            "replica": f"{socket.gethostname()}:{os.getpid()}",  # the test's own process serves the app
         }
         assert client.get("/v1/items/late").status_code == 200
