@@ -8,6 +8,11 @@ items in the content space (text + image features), weighted by that content cos
 
     MMREC_HOME=/work/var-shared python scripts/similarity_item_knn.py [--out JSON]
 
+Also EASE (Steck, WWW 2019), the item-to-item regression ``B = I − P·diag(1/diag P)``, ``P = (XᵀX + λI)⁻¹`` with
+a zero diagonal, whose row ``B[i]`` says how much an interaction with ``i`` predicts each other item (λ, the
+shrinkage, trades popular neighbours against rare ones), measured the same way (ingested items: the EASE rows of
+their ``m`` nearest trained items).
+
 Prints one line per candidate and writes docs/similarity-and-blending/item-knn-ml100k-posters.json.
 """
 
@@ -33,6 +38,7 @@ from training.experiments.item_similarity import (
 from training.settings import PROJECT_ROOT, default_paths
 
 BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+EASE_SHRINKAGE = (100.0, 500.0, 2000.0)
 CONTENT_NEIGHBOURS = (5, 10, 20, 50)
 SEED = 2024
 COLD_SHARE = 0.1
@@ -55,6 +61,25 @@ def item_knn(shared: np.ndarray, n_users: np.ndarray, beta: float) -> np.ndarray
     scores = shared / n[:, None] ** (1.0 - beta) / n[None, :] ** beta
     scores[:, n_users == 0] = -1.0
     return scores
+
+
+def ease(shared: np.ndarray, n_users: np.ndarray, shrinkage: float) -> np.ndarray:
+    """EASE's item-item weights ``B`` (zero diagonal) from the Gram matrix ``XᵀX`` (``shared`` off the diagonal,
+    ``n_users`` on it); columns of items without training users get −1."""
+    gram = shared.copy()
+    gram[np.diag_indices_from(gram)] = n_users + shrinkage
+    precision = np.linalg.inv(gram)
+    weights = -precision / np.diag(precision)[None, :]
+    np.fill_diagonal(weights, 0.0)
+    weights[:, n_users == 0] = -1.0
+    return weights
+
+
+def candidates(shared: np.ndarray, n_users: np.ndarray) -> dict[str, np.ndarray]:
+    """Every item-to-item score matrix measured, by name."""
+    out = {f"item-knn β={beta}": item_knn(shared, n_users, beta) for beta in BETAS}
+    out.update({f"ease λ={shrinkage:g}": ease(shared, n_users, shrinkage) for shrinkage in EASE_SHRINKAGE})
+    return out
 
 
 def rounded(figures: dict[str, float]) -> dict[str, float]:
@@ -80,11 +105,9 @@ def main(argv: list[str]) -> int:
     for part, splits in (("validation", (VALID,)), ("trained", (TEST,))):
         judge = Judge(genres, heldout_matrix(dataset, splits), popularity)
         rows = {}
-        for beta in BETAS:
-            rows[f"item-knn β={beta}"] = rounded(
-                judge.figures(queries, top_neighbours(item_knn(shared, n_users, beta)[queries], queries))
-            )
-            print(part, f"item-knn β={beta}", rows[f"item-knn β={beta}"], flush=True)
+        for name, scores in candidates(shared, n_users).items():
+            rows[name] = rounded(judge.figures(queries, top_neighbours(scores[queries], queries)))
+            print(part, name, rows[name], flush=True)
         report[part] = rows
 
     held_out = make_cold_split(dataset, share=COLD_SHARE, seed=SEED)
@@ -96,14 +119,13 @@ def main(argv: list[str]) -> int:
     content_order = np.argsort(-content_cosine, axis=1, kind="stable")  # nearest trained items first
     judge = Judge(genres, heldout_matrix(held_out.dataset, (TEST, COLD)), popularity)
     rows = {}
-    for beta in BETAS:
-        knn = item_knn(cold_shared, cold_users, beta)
+    for family, item_scores in candidates(cold_shared, cold_users).items():
         for m in CONTENT_NEIGHBOURS:
             nearest = content_order[:, :m]
             weights = np.take_along_axis(content_cosine, nearest, axis=1)
-            scores = np.einsum("qm,qmn->qn", weights, knn[trained_rows[nearest]])
+            scores = np.einsum("qm,qmn->qn", weights, item_scores[trained_rows[nearest]])
             scores[:, cold_users == 0] = -np.inf
-            name = f"item-knn β={beta}, {m} content neighbours"
+            name = f"{family}, {m} content neighbours"
             rows[name] = rounded(judge.figures(cold, top_neighbours(scores, cold)))
             print("ingested", name, rows[name], flush=True)
     report["ingested"] = {"cold_items": int(cold.size), "seed": SEED, "figures": rows}
