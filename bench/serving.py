@@ -1,7 +1,7 @@
 """Serving benchmark suite: the service against a naive reference and the HTTP floor, measured from outside.
 
-    python -m bench.serving --preset quick                                  # ~6 min: 1M items, 1 repetition
-    python -m bench.serving --preset full --real-bundle var/bundles/ml100k-posters-lightgcn   # ~35-40 min
+    python -m bench.serving --preset quick                                  # ~7 min: 1M items, 1 repetition
+    python -m bench.serving --preset full --real-bundle var/bundles/ml100k-posters-lightgcn   # ~40-45 min
 
 What runs (every server a separate process started here, loaded by ``wrk`` in its own process, one wrk thread):
 - synthetic bundles (``bench/synthetic_bundle.py``) of each ``--sizes`` (items × 64-d, 100k users), exact index,
@@ -494,9 +494,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 2)[2])  # fmt: skip
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                        help="quick: 1M items, 1 repetition, 3 s points (~6 min on a quiet machine once the bundles "
-                             "exist; 11 min with other work on 1.5 of 2 cores); full: 100k and 1M, 3 repetitions, 7 s "
-                             "points (~35-40 min)")  # fmt: skip
+                        help="quick: 1M items, 1 repetition, 3 s points (~7 min on a quiet machine once the bundles "
+                             "exist; ~13 min with other work on 1.5 of 2 cores); full: 100k and 1M, 3 repetitions, 7 s "
+                             "points (~40-45 min)")  # fmt: skip
     parser.add_argument("--sizes", help="catalogue sizes, comma-separated: 100k, 1m or a number (preset's otherwise)")
     parser.add_argument("--reps", type=int, help="repetitions of every variant (medians are reported)")
     parser.add_argument("--duration", type=int, help="seconds of each measured wrk run (whole seconds)")

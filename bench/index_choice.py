@@ -1,0 +1,88 @@
+"""Which approximate index for a large catalogue? IVF-Flat at several list counts and HNSW, built by the exporter's
+own function (``training/export/item_index.build_index``: the search parameter chosen as the smallest reaching the
+target recall@20 on the bundle's user vectors), then timed on the same held-out user queries.
+
+    python -m bench.index_choice --bundle var/bench/bundles/synthetic-1000000x64-u100000-approximate-s0 \\
+        --ivf-lists 4000,16000 --hnsw --out bench/results/index-choice-1m.json
+
+Per index: build seconds (``--build-threads`` OpenMP threads), the chosen parameter and its recall, then for each
+batch size the search time per query and the vectors scored per query (FAISS's IVF statistics; HNSW's distance
+count) for a top-``--fetch`` search on one thread, as the service runs it (``faiss_threads`` 1). Every index is warmed
+with one full pass over the queries before it is timed (the first pass pays page faults). Writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+import bundle_format as bf
+from bench.results_file import write_measurement
+from training.export.item_index import IndexConfig, build_index
+
+
+def time_searches(index: Any, queries: np.ndarray, *, batch: int, fetch: int) -> dict[str, float]:
+    """ms per query and vectors scored per query over ``queries`` in batches of ``batch``, on one thread."""
+    faiss.cvar.indexIVF_stats.reset()
+    faiss.cvar.hnsw_stats.reset()
+    started = time.perf_counter()
+    for start in range(0, len(queries), batch):
+        index.search(queries[start : start + batch], fetch)
+    seconds = time.perf_counter() - started
+    scored = faiss.cvar.indexIVF_stats.ndis + faiss.cvar.hnsw_stats.ndis
+    return {"ms_per_query": round(1000 * seconds / len(queries), 4), "scored_per_query": round(scored / len(queries), 1)}
+
+
+def measure(name: str, config: IndexConfig, items: np.ndarray, users: np.ndarray, queries: np.ndarray,
+            args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    faiss.omp_set_num_threads(args.build_threads)
+    started = time.perf_counter()
+    index, info = build_index(items, config, user_vectors=users)
+    built = time.perf_counter() - started
+    faiss.omp_set_num_threads(1)
+    time_searches(index, queries, batch=max(args.batches), fetch=args.fetch)  # warm: touch every list once
+    timings = {str(b): time_searches(index, queries, batch=b, fetch=args.fetch) for b in args.batches}
+    found = {"index": info, "build_s": round(built, 1), "search": timings}
+    print(name, found, flush=True)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.index_choice", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, required=True, help="a bundle with item and user vectors")
+    parser.add_argument("--ivf-lists", default="0", help="IVF list counts, comma-separated (0: the exporter's 4·√n)")
+    parser.add_argument("--hnsw", action="store_true", help="also HNSW (M 32, efConstruction 40: the exporter's)")
+    parser.add_argument("--target-recall", type=float, default=0.95)
+    parser.add_argument("--queries", type=int, default=640, help="user vectors timed (not those recall is tuned on)")
+    parser.add_argument("--batches", default="1,8,32", help="batch sizes timed")
+    parser.add_argument("--fetch", type=int, default=60, help="results per query (k plus seen items, as served)")
+    parser.add_argument("--build-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    load_before = os.getloadavg()[0]
+    items = np.ascontiguousarray(np.load(args.bundle / bf.ITEM_VECTORS), dtype=np.float32)
+    users = np.ascontiguousarray(np.load(args.bundle / bf.USER_VECTORS), dtype=np.float32)
+    # build_index tunes recall on 1,000 random user vectors; the timing uses the last ones (an overlap of ~1%)
+    queries = np.ascontiguousarray(users[-args.queries :])
+    found: dict[str, Any] = {"bundle": args.bundle.name, "items": len(items), "fetch": args.fetch, "indexes": {}}
+    for lists in (int(n) for n in args.ivf_lists.split(",") if n):
+        config = IndexConfig(approximate_threshold=0, ivf_nlist=lists, target_recall_at_20=args.target_recall)
+        found["indexes"][f"ivf-{lists or 'default'}"] = measure(f"ivf {lists}", config, items, users, queries, args)
+    if args.hnsw:
+        config = IndexConfig(approximate_threshold=0, approximate="hnsw", target_recall_at_20=args.target_recall)
+        found["indexes"]["hnsw"] = measure("hnsw", config, items, users, queries, args)
+    write_measurement(args.out, "python -m bench.index_choice " + " ".join(argv or sys.argv[1:]), found,
+                      load_before=load_before)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
