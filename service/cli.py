@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import ipaddress
 import logging
 import os
@@ -28,6 +27,8 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 from uvicorn.config import LOGGING_CONFIG
+from uvicorn.main import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 import bundle_format as bf
 from service.app import create_app
@@ -81,14 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-ttl-s", type=float)
     parser.add_argument("--workers", type=int, help="server processes on the port (env MMREC_WORKERS, default 1); "
                         "above 1 needs --redis-url: each process is a replica of the catalogue")  # fmt: skip
-    parser.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"],
-                        help=f"default info (env {LOG_LEVEL_ENV})")  # fmt: skip
+    parser.add_argument("--log-level", default=None, choices=LOG_LEVELS, help=f"default info (env {LOG_LEVEL_ENV})")
     return parser
 
 
 FIELDS = ("bundle_dir", "redis_url", "redis_url_file", "redis_prefix", "state_dir", "device", "api_key", "api_key_file",
           "api_keys_file", "read_access", "allow_open_writes", "forwarded_allow_ips", "max_k", "cache_ttl_s", "workers")  # fmt: skip
 LOG_LEVEL_ENV = "MMREC_SERVE_LOG_LEVEL"  # the log level, read by each worker process (not a ServiceSettings field)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 WORKER_APP = "service.cli:worker_app"  # what uvicorn imports in each worker process when workers > 1
 
 
@@ -117,21 +118,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    log_level = args.log_level or os.environ.get(LOG_LEVEL_ENV) or "info"
-    serve = functools.partial(uvicorn.run, host=args.host, port=args.port, log_level=log_level,
-                              log_config=redacting_log_config(), proxy_headers=True,
-                              forwarded_allow_ips=settings.forwarded_allow_ips)  # fmt: skip
+    log_level = (args.log_level or os.environ.get(LOG_LEVEL_ENV) or "info").lower()
+    if log_level not in LOG_LEVELS:
+        print(f"mmrec-serve: {LOG_LEVEL_ENV}: {log_level!r} is not one of {', '.join(LOG_LEVELS)}", file=sys.stderr)
+        return 2
+    serving = {"host": args.host, "port": args.port, "log_level": log_level, "log_config": redacting_log_config(),
+               "proxy_headers": True, "forwarded_allow_ips": settings.forwarded_allow_ips}  # fmt: skip
     if settings.workers > 1:
         # Each worker is a fresh interpreter (spawned by uvicorn's supervisor) that builds its settings from the
         # environment, so the options given here travel there as the MMREC_* variables they stand for.
         os.environ.update(worker_environment(overrides, host=args.host, port=args.port, log_level=log_level))
         print(f"mmrec-serve: starting {settings.workers} worker processes on {args.host}:{args.port} (Redis mode: "
               "each one a replica of the catalogue); each prints its banner when ready", flush=True)  # fmt: skip
-        serve(WORKER_APP, factory=True, workers=settings.workers)
-        return 0
+        return run_workers(uvicorn.Config(WORKER_APP, factory=True, workers=settings.workers, **serving))
     configure_logging(log_level)
-    serve(create_app(settings, on_ready=lambda runtime: print(banner(runtime, host=args.host, port=args.port), flush=True)))
+    uvicorn.run(create_app(settings, on_ready=lambda runtime: print(banner(runtime, host=args.host, port=args.port), flush=True)),
+                **serving)  # fmt: skip
     return 0
+
+
+def run_workers(config: uvicorn.Config) -> int:
+    """uvicorn's multi-process supervisor until it stops; 3 (uvicorn's start-up failure code, as the single-process
+    path exits) when it stopped because a worker could not start (``uvicorn.run`` would exit 0 then)."""
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
 
 def worker_environment(overrides: dict[str, Any], *, host: str, port: int, log_level: str) -> dict[str, str]:

@@ -347,8 +347,8 @@ class Readiness(BaseModel):
     cache: Literal["redis", "embedded", "unavailable"]
     store: Literal["redis", "sqlite", "unavailable"]
     catalogue: str
-    replica: str = Field(description="The process that answered, host:pid (several worker processes or replicas "
-                         "behind one address each answer with their own).")  # fmt: skip
+    replica: str | None = Field(default=None, description="The process that answered, host:pid (several worker "
+                                "processes or replicas behind one address each answer with their own).")  # fmt: skip
     redis_error: str | None = None
 
 

@@ -31,6 +31,27 @@ def test_more_than_one_worker_needs_redis(features_bundle: SyntheticBundle, tmp_
     assert "Traceback" not in done.stderr
 
 
+def test_workers_that_cannot_load_the_bundle_exit_with_uvicorns_start_up_failure(redis_url: str, redis_prefix: str,
+                                                                                  tmp_path: Path) -> None:  # fmt: skip
+    broken = tmp_path / "bundle"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{}")  # a manifest the loader refuses: every worker fails to start
+    done = subprocess.run([sys.executable, "-m", "service.cli", "--bundle", str(broken), "--workers", "2", "--redis-url",
+                           redis_url, "--redis-prefix", redis_prefix, "--device", "cpu"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr  # as the single-process path exits, not 0
+
+
+def test_an_unknown_log_level_in_the_environment_is_refused(features_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "service.cli", "--bundle", str(features_bundle.path)], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "MMREC_SERVE_LOG_LEVEL": "verbose"},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert "MMREC_SERVE_LOG_LEVEL: 'verbose' is not one of" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_worker_environment_gives_each_worker_the_command_line_settings(
     features_bundle: SyntheticBundle, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
