@@ -26,8 +26,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
-from uvicorn.config import LOGGING_CONFIG
-from uvicorn.main import STARTUP_FAILURE
+from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 import bundle_format as bf
