@@ -9,8 +9,9 @@ Per index: seconds to build it and tune its parameter (``--build-threads`` OpenM
 included), the chosen parameter and its recall, then for each batch size the search time per query and the
 distances computed per query (IVF: the list centres, every one of them, plus the list entries scanned, from FAISS's
 IVF statistics; HNSW: its distance count) for a top-``--fetch`` search on one thread with the service's BLAS
-threshold (``faiss_threads`` 1, ``faiss_blas_threshold``), as the service runs it. Every index is warmed with one
-pass over the queries before it is timed (the first pass pays the page faults of the lists it probes). Writes JSON.
+threshold (``faiss_threads`` 1, ``faiss_blas_threshold``), as the service runs it. All indexes are built first, each
+warmed with one pass over the queries (the first pass pays the page faults of the lists it probes), then timed in
+``--rounds`` interleaved rounds (every index and batch size once a round): medians and ranges. Writes JSON.
 """
 
 from __future__ import annotations
@@ -49,19 +50,34 @@ def time_searches(index: Any, queries: np.ndarray, *, batch: int, fetch: int) ->
             "distances_per_query": round(scanned + centres, 1)}  # fmt: skip
 
 
-def measure(name: str, config: IndexConfig, items: np.ndarray, users: np.ndarray, queries: np.ndarray,
-            args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
-    faiss.omp_set_num_threads(args.build_threads)
+def build(name: str, config: IndexConfig, items: np.ndarray, users: np.ndarray, threads: int) -> tuple[Any, dict[str, Any]]:
+    faiss.omp_set_num_threads(threads)
     started = time.perf_counter()
     index, info = build_index(items, config, user_vectors=users)
-    built = time.perf_counter() - started
+    found = {"index": info, "build_and_tune_s": round(time.perf_counter() - started, 1)}
+    print(name, found, flush=True)
+    return index, found
+
+
+def time_interleaved(indexes: dict[str, Any], queries: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """Every (index, batch size) timed once per round, the rounds repeated: the medians and ranges of ms per query
+    (the machine's noise falls on every index alike)."""
     faiss.omp_set_num_threads(1)
     faiss.cvar.distance_compute_blas_threshold = SERVICE_BLAS_THRESHOLD
-    time_searches(index, queries, batch=max(args.batches), fetch=args.fetch)  # warm: the lists these queries probe
-    timings = {str(b): time_searches(index, queries, batch=b, fetch=args.fetch) for b in args.batches}
-    found = {"index": info, "build_and_tune_s": round(built, 1), "search": timings}
-    print(name, found, flush=True)
-    return found
+    for index in indexes.values():
+        time_searches(index, queries, batch=max(args.batches), fetch=args.fetch)  # warm: the lists these queries probe
+    rounds: dict[tuple[str, int], list[dict[str, float]]] = {(n, b): [] for n in indexes for b in args.batches}
+    for _ in range(args.rounds):
+        for (name, batch), found in rounds.items():
+            found.append(time_searches(indexes[name], queries, batch=batch, fetch=args.fetch))
+    out: dict[str, Any] = {name: {} for name in indexes}
+    for (name, batch), found in rounds.items():
+        ms = [f["ms_per_query"] for f in found]
+        out[name][str(batch)] = {"ms_per_query": round(float(np.median(ms)), 4), "ms_per_query_range": [min(ms), max(ms)],
+                                 "scanned_per_query": found[0]["scanned_per_query"],
+                                 "distances_per_query": found[0]["distances_per_query"]}  # fmt: skip
+        print(name, batch, out[name][str(batch)], flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=640, help="user vectors timed (not those recall is tuned on)")
     parser.add_argument("--batches", default="1,8,32", help="batch sizes timed")
     parser.add_argument("--fetch", type=int, default=60, help="results per query (k plus seen items, as served)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians reported)")
     parser.add_argument("--build-threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -82,13 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     users = np.ascontiguousarray(np.load(args.bundle / bf.USER_VECTORS), dtype=np.float32)
     # build_index tunes recall on 1,000 random user vectors; the timing uses the last ones (an overlap of ~1%)
     queries = np.ascontiguousarray(users[-args.queries :])
-    found: dict[str, Any] = {"bundle": args.bundle.name, "items": len(items), "fetch": args.fetch, "indexes": {}}
-    for lists in (int(n) for n in args.ivf_lists.split(",") if n):
-        config = IndexConfig(approximate_threshold=0, ivf_nlist=lists, target_recall_at_20=args.target_recall)
-        found["indexes"][f"ivf-{lists or 'default'}"] = measure(f"ivf {lists}", config, items, users, queries, args)
+    configs = {f"ivf-{lists or 'default'}": IndexConfig(approximate_threshold=0, ivf_nlist=lists,
+                                                        target_recall_at_20=args.target_recall)
+               for lists in (int(n) for n in args.ivf_lists.split(",") if n)}  # fmt: skip
     if args.hnsw:
-        config = IndexConfig(approximate_threshold=0, approximate="hnsw", target_recall_at_20=args.target_recall)
-        found["indexes"]["hnsw"] = measure("hnsw", config, items, users, queries, args)
+        configs["hnsw"] = IndexConfig(approximate_threshold=0, approximate="hnsw", target_recall_at_20=args.target_recall)
+    built = {name: build(name, config, items, users, args.build_threads) for name, config in configs.items()}
+    timings = time_interleaved({name: index for name, (index, _) in built.items()}, queries, args)
+    found: dict[str, Any] = {"bundle": args.bundle.name, "items": len(items), "fetch": args.fetch, "rounds": args.rounds,
+                             "indexes": {name: {**info, "search": timings[name]} for name, (_, info) in built.items()}}  # fmt: skip
     write_measurement(args.out, "python -m bench.index_choice " + " ".join(argv or sys.argv[1:]), found,
                       load_before=load_before)  # fmt: skip
     return 0
