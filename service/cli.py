@@ -9,6 +9,8 @@ where every user of the machine can read them (``ps``, ``/proc/<pid>/cmdline``):
 warned about. At start-up it prints where it serves, an example request, the chosen device and who may do what; it
 refuses (exit 2) to listen on a non-loopback address without API keys unless ``--allow-open-writes`` is given.
 Credentials are redacted from every log line (Redis passwords, ``?api_key=``-like query parameters).
+``--workers N`` (Redis mode only) serves the port from N processes, each a replica of the catalogue (service/README.md,
+"Several processes"); it exits 3, as one process does, when they cannot start.
 """
 
 from __future__ import annotations
