@@ -73,22 +73,19 @@ def downstream(
         vectors[name] = np.concatenate([encoder.run(items[i : i + 64])[0] for i in range(0, len(items), 64)])
     found: dict[str, Any] = {"bundle": str(bundle_dir), "model": bundle.manifest["model"]["name"]}
     users = bundle.user_vectors
+    fp32 = vectors["fp32"]
+    fp32_items = _top(fp32 @ bundle.item_vectors.T, k)
+    fp32_users = None if users is None else _top(fp32 @ users.T, k)
     for name, v in vectors.items():
         if name == "fp32":
             continue
         found[name] = {
-            "item_vector_cosine_int8_vs_fp32": _summary(_cosine(v, vectors["fp32"])),
-            f"similar_items_overlap_at_{k}": _summary(
-                _overlap(_top(v @ bundle.item_vectors.T, k), _top(vectors["fp32"] @ bundle.item_vectors.T, k))
-            ),
+            "item_vector_cosine_int8_vs_fp32": _summary(_cosine(v, fp32)),
+            f"similar_items_overlap_at_{k}": _summary(_overlap(_top(v @ bundle.item_vectors.T, k), fp32_items)),
             **(
                 {}
-                if users is None
-                else {
-                    f"top_users_overlap_at_{k}": _summary(
-                        _overlap(_top(v @ users.T, k), _top(vectors["fp32"] @ users.T, k))
-                    )
-                }
+                if users is None or fp32_users is None
+                else {f"top_users_overlap_at_{k}": _summary(_overlap(_top(v @ users.T, k), fp32_users))}
             ),  # fmt: skip
         }
     return found

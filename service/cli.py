@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 FIELDS = ("bundle_dir", "redis_url", "redis_url_file", "redis_prefix", "state_dir", "device", "api_key", "api_key_file",
           "api_keys_file", "read_access", "allow_open_writes", "forwarded_allow_ips", "max_k", "cache_ttl_s", "workers")  # fmt: skip
 LOG_LEVEL_ENV = "MMREC_SERVE_LOG_LEVEL"  # the log level, read by each worker process (not a ServiceSettings field)
+HOST_ENV, PORT_ENV = "MMREC_SERVE_HOST", "MMREC_SERVE_PORT"  # where the workers listen, for their banners
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 WORKER_APP = "service.cli:worker_app"  # what uvicorn imports in each worker process when workers > 1
 
@@ -150,14 +151,14 @@ def worker_environment(overrides: dict[str, Any], *, host: str, port: int, log_l
     """The ``MMREC_*`` variables that give a worker process the settings of this command line."""
     env = {f"MMREC_{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
            for name, value in overrides.items()}  # fmt: skip
-    env.update({LOG_LEVEL_ENV: log_level, "MMREC_SERVE_HOST": host, "MMREC_SERVE_PORT": str(port)})
+    env.update({LOG_LEVEL_ENV: log_level, HOST_ENV: host, PORT_ENV: str(port)})
     return env
 
 
 def worker_app() -> FastAPI:
     """The app of one worker process (``--workers`` above 1): settings from the environment the parent set."""
     configure_logging(os.environ.get(LOG_LEVEL_ENV, "info"))
-    host, port = os.environ.get("MMREC_SERVE_HOST", "127.0.0.1"), int(os.environ.get("MMREC_SERVE_PORT", "8000"))
+    host, port = os.environ.get(HOST_ENV, "127.0.0.1"), int(os.environ.get(PORT_ENV, "8000"))
     settings = ServiceSettings()  # type: ignore[call-arg]  # bundle_dir comes from MMREC_BUNDLE_DIR
     label = f"mmrec-serve worker {os.getpid()}"
     return create_app(settings, on_ready=lambda runtime: print(banner(runtime, host=host, port=port, label=label), flush=True))

@@ -139,6 +139,7 @@ class Engine:
 class Runtime:
     def __init__(self, settings: ServiceSettings, metrics: Metrics) -> None:
         self.settings = settings
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"  # this process, as /readyz names it
         self.metrics = metrics
         self.plan = plan_device(settings.device, onnx_threads=settings.onnx_threads)
         self.pool: RedisPool | None = None
@@ -317,7 +318,7 @@ class Runtime:
                 checks["redis_error"] = self.pool.last_error
         checks["catalogue"] = "loaded" if self.engine.synced else "trained items only (store not loaded yet)"
         checks["status"] = "degraded" if degraded else "ready"
-        checks["replica"] = f"{socket.gethostname()}:{os.getpid()}"
+        checks["replica"] = self.replica
         return checks
 
     def close(self) -> None:
