@@ -1,6 +1,7 @@
-"""Which approximate index for a large catalogue? IVF-Flat at several list counts and HNSW, built by the exporter's
-own function (``training/export/item_index.build_index``: the search parameter chosen as the smallest reaching the
-target recall@20 on the bundle's user vectors), then timed on the same held-out user queries.
+"""Which approximate index for a large catalogue? IVF-Flat of each kind (``ivf``: L2 over the vectors with one
+coordinate appended, the exporter's default; ``ivf-ip``: under the inner product) at several list counts, and HNSW,
+built by the exporter's own function (``training/export/item_index.build_index``: the search parameter chosen as the
+smallest reaching the target recall@20 on the bundle's user vectors), then timed on the same held-out user queries.
 
     python -m bench.index_choice --bundle var/bench/bundles/synthetic-1000000x64-u100000-approximate-s0 \\
         --ivf-lists 4000,16000 --hnsw --out bench/results/index-choice-1m.json
@@ -11,7 +12,9 @@ distances computed per query (IVF: the list centres, every one of them, plus the
 IVF statistics; HNSW: its distance count) for a top-``--fetch`` search on one thread with the service's BLAS
 threshold (``faiss_threads`` 1, ``faiss_blas_threshold``), as the service runs it. All indexes are built first, each
 warmed with one pass over the queries (the first pass pays the page faults of the lists it probes), then timed in
-``--rounds`` interleaved rounds (every index and batch size once a round): medians and ranges. Writes JSON.
+``--rounds`` interleaved rounds (every index and batch size once a round): medians and ranges. An ``ivf`` index is
+searched as the service searches it (``service.bundle.search_mips_index``: the appended 0, then the candidates scored
+again by exact inner products), so its times include that. Writes JSON.
 """
 
 from __future__ import annotations
@@ -20,28 +23,41 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import faiss
 import numpy as np
 
 import bundle_format as bf
 from bench.results_file import write_measurement
+from service.bundle import search_mips_index
 from service.settings import ServiceSettings
 from training.export.item_index import IndexConfig, build_index
 
 SERVICE_BLAS_THRESHOLD = int(ServiceSettings.model_fields["faiss_blas_threshold"].default)
 
 
-def time_searches(index: Any, queries: np.ndarray, *, batch: int, fetch: int) -> dict[str, float]:
+Search = Callable[[np.ndarray, int], object]
+
+
+def searcher(index: Any, info: dict[str, Any], items: np.ndarray) -> Search:
+    """How the service searches ``index`` (its manifest entry ``info``): FAISS directly, or for ``ivf_flat_mips``
+    with the appended coordinate and the exact re-scoring."""
+    if info["type"] == bf.INDEX_IVF_MIPS:
+        return lambda queries, k: search_mips_index(index, items, queries, k)
+    return lambda queries, k: index.search(queries, k)
+
+
+def time_searches(index: Any, search: Search, queries: np.ndarray, *, batch: int, fetch: int) -> dict[str, float]:
     """ms per query and distances computed per query over ``queries`` in batches of ``batch``, on one thread."""
     stats: Any = faiss.cvar  # FAISS's global search statistics (not in its type stubs)
     stats.indexIVF_stats.reset()
     stats.hnsw_stats.reset()
     started = time.perf_counter()
     for start in range(0, len(queries), batch):
-        index.search(queries[start : start + batch], fetch)
+        search(queries[start : start + batch], fetch)
     seconds = time.perf_counter() - started
     ivf = faiss.try_extract_index_ivf(index)
     centres = ivf.nlist if ivf is not None else 0  # the flat coarse quantizer scores every list centre
@@ -59,17 +75,18 @@ def build(name: str, config: IndexConfig, items: np.ndarray, users: np.ndarray, 
     return index, found
 
 
-def time_interleaved(indexes: dict[str, Any], queries: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+def time_interleaved(indexes: dict[str, tuple[Any, Search]], queries: np.ndarray, args: argparse.Namespace
+                     ) -> dict[str, Any]:  # fmt: skip
     """Every (index, batch size) timed once per round, the rounds repeated: the medians and ranges of ms per query
     (the machine's noise falls on every index alike)."""
     faiss.omp_set_num_threads(1)
     faiss.cvar.distance_compute_blas_threshold = SERVICE_BLAS_THRESHOLD
-    for index in indexes.values():
-        time_searches(index, queries, batch=max(args.batches), fetch=args.fetch)  # warm: the lists these queries probe
+    for index, search in indexes.values():  # warm: the lists these queries probe
+        time_searches(index, search, queries, batch=max(args.batches), fetch=args.fetch)
     rounds: dict[tuple[str, int], list[dict[str, float]]] = {(n, b): [] for n in indexes for b in args.batches}
     for _ in range(args.rounds):
         for (name, batch), found in rounds.items():
-            found.append(time_searches(indexes[name], queries, batch=batch, fetch=args.fetch))
+            found.append(time_searches(*indexes[name], queries, batch=batch, fetch=args.fetch))
     out: dict[str, Any] = {name: {} for name in indexes}
     for (name, batch), found in rounds.items():
         ms = [f["ms_per_query"] for f in found]
@@ -84,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.index_choice", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, required=True, help="a bundle with item and user vectors")
     parser.add_argument("--ivf-lists", default="0", help="IVF list counts, comma-separated (0: the exporter's 4·√n)")
+    parser.add_argument("--ivf-kinds", default="ivf,ivf-ip", help="IVF kinds built at each list count (ivf, ivf-ip)")
     parser.add_argument("--hnsw", action="store_true", help="also HNSW (M 32, efConstruction 40: the exporter's)")
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--queries", type=int, default=640, help="user vectors timed (not those recall is tuned on)")
@@ -99,13 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     users = np.ascontiguousarray(np.load(args.bundle / bf.USER_VECTORS), dtype=np.float32)
     # build_index tunes recall on 1,000 random user vectors; the timing uses the last ones (an overlap of ~1%)
     queries = np.ascontiguousarray(users[-args.queries :])
-    configs = {f"ivf-{lists or 'default'}": IndexConfig(approximate_threshold=0, ivf_nlist=lists,
-                                                        target_recall_at_20=args.target_recall)
-               for lists in (int(n) for n in args.ivf_lists.split(",") if n)}  # fmt: skip
+    kinds: list[Literal["ivf", "ivf-ip"]] = []
+    for kind in args.ivf_kinds.split(","):
+        if kind not in ("ivf", "ivf-ip"):
+            parser.error(f"--ivf-kinds: {kind!r} is not ivf or ivf-ip")
+        kinds.append("ivf" if kind == "ivf" else "ivf-ip")
+    configs = {f"{kind}-{lists or 'default'}": IndexConfig(approximate_threshold=0, approximate=kind, ivf_nlist=lists,
+                                                           target_recall_at_20=args.target_recall)
+               for kind in kinds for lists in (int(n) for n in args.ivf_lists.split(",") if n)}  # fmt: skip
     if args.hnsw:
         configs["hnsw"] = IndexConfig(approximate_threshold=0, approximate="hnsw", target_recall_at_20=args.target_recall)
     built = {name: build(name, config, items, users, args.build_threads) for name, config in configs.items()}
-    timings = time_interleaved({name: index for name, (index, _) in built.items()}, queries, args)
+    timings = time_interleaved({name: (index, searcher(index, info["index"], items)) for name, (index, info) in built.items()},
+                               queries, args)  # fmt: skip
     found: dict[str, Any] = {"bundle": args.bundle.name, "items": len(items), "fetch": args.fetch, "rounds": args.rounds,
                              "indexes": {name: {**info, "search": timings[name]} for name, (_, info) in built.items()}}  # fmt: skip
     write_measurement(args.out, "python -m bench.index_choice " + " ".join(argv or sys.argv[1:]), found,

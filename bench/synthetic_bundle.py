@@ -39,7 +39,8 @@ import bundle_format as bf
 from training.export.item_index import IndexConfig, build_index
 from training.export.staging import publish_bundle, staged_file_hashes
 
-GENERATOR_VERSION = 1  # bump when the generated data changes, so cached bundles are rebuilt
+# bump when the generated data or the exporter's index changes, so cached bundles are rebuilt (2: ivf_flat_mips)
+GENERATOR_VERSION = 2
 WORDS = ("red", "blue", "quiet", "loud", "classic", "modern", "wool", "steel", "garden", "travel", "kitchen",
          "summer", "winter", "deluxe", "mini", "pro", "family", "vintage", "smart", "organic")  # fmt: skip
 

@@ -70,6 +70,13 @@ MANIFEST_FIELDS: Final = frozenset({
 })  # fmt: skip
 REQUIRED_MANIFEST_FIELDS: Final = ("bundle_version", "model", "dim", "files")
 SCORE: Final = "inner_product"
+
+# The manifest's "index.type" (docs/bundle-format.md, "Index"). Every kind ranks by inner product.
+INDEX_FLAT_IP: Final = "flat_ip"  # exact
+INDEX_IVF_MIPS: Final = "ivf_flat_mips"  # IVF-Flat, L2 over the vectors with sqrt(max_norm² − ‖x‖²) appended
+INDEX_IVF_IP: Final = "ivf_flat_ip"  # IVF-Flat under the inner product (bundles written before ivf_flat_mips)
+INDEX_HNSW_IP: Final = "hnsw_ip"
+INDEX_TYPES: Final = (INDEX_FLAT_IP, INDEX_IVF_MIPS, INDEX_IVF_IP, INDEX_HNSW_IP)
 FALLBACK_UNKNOWN_USER: Final = "history-mean, else popularity"
 
 EncoderKind = Literal["text", "image"]

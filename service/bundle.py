@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import mmap
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -197,6 +198,14 @@ class Bundle:
 
     def training_history(self, user_row: int) -> np.ndarray:
         return self.history_indices[self.history_indptr[user_row] : self.history_indptr[user_row + 1]]
+
+    def search_index(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index's best ``k`` trained rows for each query (B, dim) float32: (scores, rows), both (B, k), best
+        first, scores the inner products, rows -1 where the index found fewer (scored -inf for ``ivf_flat_mips``)."""
+        if self.index_type == bf.INDEX_IVF_MIPS:
+            return search_mips_index(self.index, self.item_vectors, queries, k)
+        scores, rows = self.index.search(queries, k)
+        return scores, rows
 
     @property
     def code_field(self) -> str | None:
@@ -718,6 +727,13 @@ def _read_index(files: dict[str, Path], manifest: dict[str, Any], shape: tuple[i
     (memory-mapped) storage, so they are held once; ``item_vectors.npy`` is only read through, once, to check them
     (and hash it). An IVF index stores them in list order, so the mapped file serves them."""
     n_items, dim = shape
+    spec = manifest.get("index") or {}
+    index_type = str(spec.get("type", bf.INDEX_FLAT_IP))
+    if index_type not in bf.INDEX_TYPES:
+        raise BundleError(f"manifest.json: index.type {index_type!r} is not supported (one of {', '.join(bf.INDEX_TYPES)})")
+    params = spec.get("params") or {}
+    max_norm = _mips_max_norm(params) if index_type == bf.INDEX_IVF_MIPS else None
+    index_dim = dim + 1 if max_norm is not None else dim  # ivf_flat_mips: one coordinate appended
     try:
         # Flat codes are mapped, not copied (never modified: see service/catalogue.py); other indexes are read.
         index = faiss.read_index(str(files[bf.ITEM_INDEX]), faiss.IO_FLAG_MMAP_IFC)
@@ -726,19 +742,24 @@ def _read_index(files: dict[str, Path], manifest: dict[str, Any], shape: tuple[i
     # No downcast_index here: its proxy would not own the index, which the original proxy frees on collection.
     if not isinstance(index, faiss.IndexIDMap2):
         raise BundleError(f"item_index.faiss: expected an IndexIDMap2, got {type(index).__name__}")
-    if index.d != dim or index.ntotal != n_items:
-        raise BundleError(f"item_index.faiss: holds {index.ntotal} vectors of dim {index.d}, expected {n_items} of {dim}")
+    if index.d != index_dim or index.ntotal != n_items:
+        raise BundleError(
+            f"item_index.faiss: holds {index.ntotal} vectors of dim {index.d}, expected {n_items} of {index_dim}"
+            + (f" (index type {index_type}: dim {dim} + 1)" if max_norm is not None else "")
+        )
     if not np.array_equal(faiss.vector_to_array(index.id_map), np.arange(n_items, dtype=np.int64)):
         raise BundleError("item_index.faiss: FAISS ids must be the item row numbers 0..n_items-1 in order")
-    spec = manifest.get("index") or {}
-    index_type = str(spec.get("type", "flat_ip"))
     inner = faiss.downcast_index(index.index)
-    stored = _stored_vectors(inner, n_items, dim)
+    if max_norm is not None and not (isinstance(inner, faiss.IndexIVFFlat) and inner.metric_type == faiss.METRIC_L2):
+        raise BundleError(f"item_index.faiss: index type {index_type} must be an L2 IndexIVFFlat, got {type(inner).__name__}")
+    stored = _stored_vectors(inner, n_items, index_dim)
+    if max_norm is not None:
+        stored = _mips_stored_vectors(stored, dim, max_norm)
     item_vectors = _check_item_vectors(files, stored, shape, digests)
-    ef_search = (spec.get("params") or {}).get("efSearch")
+    ef_search = params.get("efSearch")
     if ef_search is not None and hasattr(inner, "hnsw"):
         inner.hnsw.efSearch = int(ef_search)
-    nprobe = (spec.get("params") or {}).get("nprobe")
+    nprobe = params.get("nprobe")
     if nprobe is not None and hasattr(inner, "nprobe"):
         inner.nprobe = int(nprobe)
     if plan.faiss_gpu:
@@ -748,6 +769,51 @@ def _read_index(files: dict[str, Path], manifest: dict[str, Any], shape: tuple[i
         except (RuntimeError, AttributeError) as exc:  # e.g. HNSW has no GPU version: stay on CPU
             log.warning("FAISS index stays on CPU: %s", exc)
     return index, index_type, False, item_vectors
+
+
+def search_mips_index(index: Any, item_vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Search an ``ivf_flat_mips`` index: each query (B, dim) with a 0 appended, then the candidates scored again by
+    their exact inner products with ``item_vectors`` and ordered by them (the index's L2 distances are
+    ‖q‖² + max_norm² − 2 q·x in float32). Returns (scores, rows), (B, k); rows -1 (score -inf) where it found fewer."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    augmented = np.zeros((len(queries), queries.shape[1] + 1), dtype=np.float32)
+    augmented[:, :-1] = queries
+    _, rows = index.search(augmented, k)
+    found = rows >= 0
+    scores = np.full(rows.shape, -np.inf, dtype=np.float32)
+    gathered = item_vectors[rows[found]]  # (hits, dim)
+    scores[found] = np.einsum("hd,hd->h", gathered, np.repeat(queries, found.sum(axis=1), axis=0))
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+
+def _mips_max_norm(params: dict[str, Any]) -> float:
+    value = params.get("max_norm")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise BundleError(f"manifest.json: index.params.max_norm must be a finite number >= 0 for "
+                          f"{bf.INDEX_IVF_MIPS}, got {value!r}")  # fmt: skip
+    return float(value)
+
+
+def _mips_stored_vectors(stored: _StoredVectors, dim: int, max_norm: float) -> _StoredVectors:
+    """The item vectors of an ``ivf_flat_mips`` index (its rows less the appended coordinate), checking on the way
+    that each row's appended coordinate is ``sqrt(max_norm² − ‖x‖²)``: what makes its L2 order the inner-product
+    order (docs/bundle-format.md). The coordinate is float32, so it is compared to within 1e-5 · max_norm²."""
+    bound = max_norm * max_norm
+
+    def rows(start: int, stop: int) -> np.ndarray:
+        full = stored.rows(start, stop)
+        vectors, extra = full[:, :dim], full[:, dim].astype(np.float64)
+        total = (vectors.astype(np.float64) ** 2).sum(axis=1) + extra * extra
+        bad = ~((extra >= 0) & (np.abs(total - bound) <= 1e-5 * max(bound, 1e-12)))
+        if bad.any():
+            raise BundleError(
+                f"item_index.faiss: row {start + int(np.flatnonzero(bad)[0])}'s appended coordinate is not "
+                f"sqrt(max_norm² − ‖x‖²) for max_norm {max_norm}: the index is damaged or the manifest's max_norm is wrong"
+            )
+        return vectors
+
+    return _StoredVectors(rows, None)
 
 
 @dataclass(frozen=True)

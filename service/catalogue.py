@@ -262,10 +262,9 @@ class Catalogue:
     def _candidates(self, queries: np.ndarray, fetch: int, state: CatalogueState) -> list[list[tuple[int, float]]]:
         """The best ``fetch`` rows of the trained index and of the ingested rows, merged, best first (all rows,
         deleted ones included: the caller filters)."""
-        index = self.bundle.index
-        trained_fetch = min(fetch, int(index.ntotal))
+        trained_fetch = min(fetch, int(self.bundle.index.ntotal))
         if trained_fetch > 0:
-            scores, labels = index.search(queries, trained_fetch)  # (B, trained_fetch)
+            scores, labels = self.bundle.search_index(queries, trained_fetch)  # (B, trained_fetch)
         else:
             scores = labels = np.zeros((len(queries), 0))
         ingested = state.ingested_vectors

@@ -60,7 +60,7 @@ def assert_index_returns_the_top_k_of(bundle: Bundle, scores: np.ndarray, *, k: 
     """The bundle's FAISS index, searched with every user vector, returns the top ``k`` of ``scores`` (U, I): the
     same values, in order, at ids whose ``scores`` are those values."""
     assert bundle.user_vectors is not None
-    found, ids = bundle.index.search(bundle.user_vectors, k)
+    found, ids = bundle.search_index(bundle.user_vectors, k)
     np.testing.assert_allclose(found, -np.sort(-scores, axis=1)[:, :k], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.take_along_axis(scores, ids, axis=1), found, rtol=1e-5, atol=1e-5)
 

@@ -14,7 +14,7 @@ from bench.synthetic_bundle import GENERATOR_VERSION, SyntheticSpec, ensure_bund
 from service.bundle import load_bundle, plan_device
 
 
-@pytest.mark.parametrize(("index", "expected_type"), [("exact", "flat_ip"), ("approximate", "ivf_flat_ip")])
+@pytest.mark.parametrize(("index", "expected_type"), [("exact", "flat_ip"), ("approximate", "ivf_flat_mips")])
 def test_synthetic_bundle_loads_in_the_service_with_the_exporters_index(tmp_path: Path, index: str, expected_type: str) -> None:
     spec = SyntheticSpec(n_items=8_000, n_users=600, dim=16, index="exact" if index == "exact" else "approximate")
     path, report = ensure_bundle(spec, tmp_path)

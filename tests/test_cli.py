@@ -136,7 +136,7 @@ def test_a_runs_root_that_is_not_a_folder_is_refused(command: str, home: Path, t
 
 def test_export_refuses_an_unknown_index_kind(home: Path, tmp_path: Path) -> None:
     assert refused(["export", str(tmp_path), "--out", str(tmp_path / "b"), "--approximate", "lsh"]) == (
-        "--approximate must be ivf or hnsw, got 'lsh'")
+        "--approximate must be ivf, ivf-ip or hnsw, got 'lsh'")
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [

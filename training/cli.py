@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from typer.core import TyperGroup
@@ -432,7 +432,7 @@ def export_command(
     out: Annotated[Path, typer.Option(help="Bundle directory to write (replaced if it exists).")],
     modality_encoders: Annotated[bool, typer.Option(help="Include the ONNX text/image encoders (for raw-content ingestion).")] = True,
     exact_up_to: Annotated[int, typer.Option(help="Items up to which the index is exact (flat inner product); above it, approximate.")] = 200_000,
-    approximate: Annotated[str, typer.Option(help="Approximate index above the threshold: ivf or hnsw.")] = "ivf",
+    approximate: Annotated[str, typer.Option(help="Approximate index above the threshold: ivf (IVF-Flat, L2 over the vectors with one coordinate appended: inner-product order), ivf-ip (IVF-Flat under the inner product, as before) or hnsw.")] = "ivf",
     target_recall: Annotated[float, typer.Option(help="recall@20 against exact search that the approximate index's nprobe / efSearch must reach.")] = 0.95,
     text_encoder_precision: Annotated[str, typer.Option(help="The text encoder graph: int8-dynamic (MatMul weights in int8, half the CPU of a text) or fp32.")] = "int8-dynamic",
     image_encoder_precision: Annotated[str, typer.Option(help="The image encoder graph: fp32, or int8-static (int8 weights and activations, scales calibrated on 300 of the dataset's images).")] = "fp32",
@@ -440,8 +440,9 @@ def export_command(
     """Export a run as a bundle: manifest, FAISS index, arrays and ONNX graphs (docs/bundle-format.md).
 
     The option defaults are IndexConfig's (training/export/item_index.py; a test keeps them equal)."""
-    if approximate not in ("ivf", "hnsw"):
-        fail(f"--approximate must be ivf or hnsw, got {approximate!r}")
+    approximate_kinds: dict[str, Literal["ivf", "ivf-ip", "hnsw"]] = {"ivf": "ivf", "ivf-ip": "ivf-ip", "hnsw": "hnsw"}
+    if approximate not in approximate_kinds:
+        fail(f"--approximate must be ivf, ivf-ip or hnsw, got {approximate!r}")
     import bundle_format as bf
 
     if text_encoder_precision not in bf.TEXT_ENCODER_PRECISIONS:
@@ -452,7 +453,7 @@ def export_command(
     from training.export.bundle import ExportConfig, export_run
     from training.export.item_index import IndexConfig
 
-    index = IndexConfig(approximate_threshold=exact_up_to, approximate="ivf" if approximate == "ivf" else "hnsw",
+    index = IndexConfig(approximate_threshold=exact_up_to, approximate=approximate_kinds[approximate],
                         target_recall_at_20=target_recall)  # fmt: skip
     text_precision: bf.EncoderPrecision = bf.INT8_DYNAMIC if text_encoder_precision == bf.INT8_DYNAMIC else bf.FP32
     image_precision: bf.EncoderPrecision = bf.INT8_STATIC if image_encoder_precision == bf.INT8_STATIC else bf.FP32
