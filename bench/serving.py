@@ -10,7 +10,8 @@ What runs (every server a separate process started here, loaded by ``wrk`` in it
   (``--reps``; medians reported):
   ``service`` (``python -m service.cli`` = ``mmrec-serve`` of this checkout, embedded mode), ``service-nobatch``
   (``MMREC_BATCH_MAX_WAIT_MS=0``), ``service-redis`` (Redis db 12, private key prefix, deleted afterwards),
-  ``service-ivf`` (approximate index), ``service-ivf-redis`` (the same in Redis mode), ``service-ivf-2proc`` /
+  ``service-ivf`` (approximate index: the exporter's default, ``ivf_flat_mips``), ``service-ivf-ip`` (the
+  inner-product IVF ``ivf_flat_ip``, the default before it), ``service-ivf-redis`` (the same in Redis mode), ``service-ivf-2proc`` /
   ``service-redis-2proc`` (Redis mode, ``MMREC_WORKERS=2``: two worker processes on the port, IVF / exact),
   ``service-cached`` / ``service-redis-cached`` (cache hits), ``naive``
   (``bench/naive_server.py``: FastAPI + torch full sort), ``floor-async`` / ``floor-sync``
@@ -82,7 +83,14 @@ class Variant:
     cached: bool = False
     approximate: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    index: str = ""  # the synthetic bundle's index when not the exporter's default for ``approximate``
     mode: str = ""  # floor: async | sync
+
+
+def bundle_index(variant: Variant) -> str:
+    """The synthetic bundle a variant serves: ``exact``, ``approximate`` (the exporter's default approximate index)
+    or ``approximate-ip`` (its inner-product IVF, the default before ``ivf_flat_mips``)."""
+    return variant.index or ("approximate" if variant.approximate else "exact")
 
 
 VARIANTS = (
@@ -90,6 +98,8 @@ VARIANTS = (
     Variant("service-nobatch", "service, uncached, micro-batching off", "service", env={"MMREC_BATCH_MAX_WAIT_MS": "0"}),
     Variant("service-redis", "service, uncached (Redis)", "service", redis=True),
     Variant("service-ivf", "service, approximate index (IVF), uncached", "service", approximate=True),
+    Variant("service-ivf-ip", "service, inner-product IVF (ivf_flat_ip), uncached", "service", approximate=True,
+            index="approximate-ip"),
     Variant("service-ivf-redis", "service, IVF, uncached (Redis)", "service", redis=True, approximate=True),
     Variant("service-ivf-2proc", "service, IVF, uncached (Redis, 2 worker processes)", "service", redis=True,
             approximate=True, env={"MMREC_WORKERS": "2"}),
@@ -206,10 +216,10 @@ class Suite:
         bundles = {"exact": exact_dir}
         self.results["bundles"][f"{name}-exact"] = exact_info
         variants = self.variants_for(n_items)
-        if any(v.approximate for v in variants):
-            spec = SyntheticSpec(n_items=n_items, n_users=self.args.users, index="approximate")
-            bundles["approximate"], info = ensure_bundle(spec, self.work / "bundles")
-            self.results["bundles"][f"{name}-approximate"] = info
+        for index in sorted({bundle_index(v) for v in variants} - {"exact"}):
+            spec = SyntheticSpec(n_items=n_items, n_users=self.args.users, index=index)  # type: ignore[arg-type]
+            bundles[index], info = ensure_bundle(spec, self.work / "bundles")
+            self.results["bundles"][f"{name}-{index}"] = info
         user_ids = json.loads((exact_dir / bf.USER_IDS).read_text())
         rng = random.Random(f"{n_items}")
         shuffled = user_ids[:]
@@ -219,7 +229,7 @@ class Suite:
         for rep in range(self.args.reps):
             shift = rep % len(variants)
             for variant in variants[shift:] + variants[:shift]:
-                bundle = bundles["approximate" if variant.approximate else "exact"]
+                bundle = bundles[bundle_index(variant)]
                 ids = hot_ids if variant.cached else all_ids
                 self.bench_variant(variant, bundle, ids, size=name, rep=rep, check_recall=rep == 0)
 

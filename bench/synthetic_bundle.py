@@ -50,7 +50,7 @@ class SyntheticSpec:
     n_items: int
     n_users: int = 100_000
     dim: int = 64
-    index: Literal["exact", "approximate"] = "exact"
+    index: Literal["exact", "approximate", "approximate-ip"] = "exact"  # approximate-ip: the ivf-ip kind
     target_recall_at_20: float = 0.95
     seed: int = 0
 
@@ -98,7 +98,8 @@ def write_bundle(spec: SyntheticSpec, out: Path) -> Path:
     _write_metadata(staging / bf.ITEM_METADATA, spec.n_items, rng)
 
     threshold = spec.n_items if spec.index == "exact" else 0
-    config = IndexConfig(approximate_threshold=threshold, target_recall_at_20=spec.target_recall_at_20, seed=spec.seed)
+    config = IndexConfig(approximate_threshold=threshold, approximate="ivf-ip" if spec.index == "approximate-ip" else "ivf",
+                         target_recall_at_20=spec.target_recall_at_20, seed=spec.seed)  # fmt: skip
     index, index_info = build_index(items, config, user_vectors=users)
     faiss.write_index(index, str(staging / bf.ITEM_INDEX))
 
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, required=True)
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--index", choices=["exact", "approximate"], default="exact")
+    parser.add_argument("--index", choices=["exact", "approximate", "approximate-ip"], default="exact",
+                        help="approximate: the exporter's default approximate index; approximate-ip: its ivf-ip kind")
     parser.add_argument("--target-recall", type=float, default=0.95, help="recall@20 the approximate index must reach")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", type=Path, default=Path("var/bench/bundles"), help="bundles are written under it")
