@@ -1,15 +1,21 @@
-"""Ingestion throughput and start-up of service variants, interleaved: settings (``--variant name:MMREC_X=V,...``)
-and checkouts (``--variant name@/path/to/checkout``, e.g. an exported older commit) side by side in one run.
+"""Ingestion throughput, read throughput and start-up of service variants, interleaved: settings (``--variant
+name:MMREC_X=V,...``) and checkouts (``--variant name@/path/to/checkout``, e.g. an exported older commit) side by
+side in one run.
 
     python -m bench.variants ingestion --bundle var/bundles/ml100k-posters-lightgcn \\
         --variant batch --variant nobatch:MMREC_ENCODE_BATCH_MAX_WAIT_MS=0 --reps 2
     python -m bench.variants startup --bundle var/bench/bundles/synthetic-1000000x64-u100000-exact-s0 \\
         --variant head --variant before@/tmp/base --reps 3
+    python -m bench.variants reads --bundle var/bench/bundles/synthetic-1000000x64-u100000-approximate-s0 \\
+        --variant head --variant before@/tmp/base --reps 3 --concurrency 8,32
 
 ``--variant-bundle name=PATH`` serves another bundle in one variant (the rest serve ``--bundle``).
 ``ingestion``: per variant and repetition a fresh ``python -m service.cli`` (embedded mode), ``--c1`` items posted
 one at a time, ``--c8`` from 8 threads (items/s, latency, server CPU ms per item), then ``--recommendable`` items
-timed from POST to served (``bench/ingestion.py``). ``startup``: time from exec to the first 200 on ``/readyz`` and
+timed from POST to served (``bench/ingestion.py``). ``reads``: uncached recommendations (``MMREC_CACHE_TTL_S=0.001``
+unless the variant sets it) for the bundle's users in a shuffled order, loaded by ``wrk`` (``bench/load.py``) at each
+``--concurrency`` for ``--duration`` s after 1 s of warm-up (req/s, p50/p99, server CPU per request).
+``startup``: time from exec to the first 200 on ``/readyz`` and
 RSS / peak RSS (``VmHWM``) at that moment. Every record carries the 1-minute load average before and after it (the
 machine is shared: compare variants of one run, not runs). Prints one line per record and writes JSON to ``--out``.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -55,7 +62,7 @@ def start(bundle: Path, checkout: Path, env: dict[str, str], work: Path, name: s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.variants", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("what", choices=["ingestion", "startup"])
+    parser.add_argument("what", choices=["ingestion", "reads", "startup"])
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--variant", action="append", required=True, help="name[@checkout][:MMREC_X=V,...]")
     parser.add_argument("--variant-bundle", action="append", default=[], metavar="NAME=BUNDLE",
@@ -65,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--c1", type=int, default=24, help="ingestion: items posted one at a time")
     parser.add_argument("--c8", type=int, default=96, help="ingestion: items posted from 8 threads")
     parser.add_argument("--recommendable", type=int, default=20, help="ingestion: items timed until recommendable")
+    parser.add_argument("--concurrency", default="32", help="reads: wrk connections, comma-separated")
+    parser.add_argument("--duration", type=int, default=4, help="reads: seconds of each measured wrk run")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "variants.json"))
     args = parser.parse_args(argv)
     bundle = Path(args.bundle).resolve()
@@ -79,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     content: list[tuple[str, str]] = []
     matches: list[tuple[str | None, float]] = []
+    ids_file = work / "user-ids.txt"
+    if args.what == "reads":
+        from bench.load import write_ids
+
+        user_ids = json.loads((bundle / "user_ids.json").read_text())
+        random.Random(0).shuffle(user_ids)
+        write_ids(ids_file, user_ids)
     if args.what == "ingestion":
         from bench.ingestion import ingestion_content, matching_users
 
@@ -90,12 +106,15 @@ def main(argv: list[str] | None = None) -> int:
                 served = bundle_of.get(name, bundle)
                 record: dict[str, Any] = {"variant": name, "rep": rep, "checkout": str(checkout), "env": env,
                                           "bundle": str(served), "load_before": round(os.getloadavg()[0], 2)}  # fmt: skip
-                server, state = start(served, checkout, env, work, name)
+                server_env = {"MMREC_CACHE_TTL_S": READS_TTL_S, **env} if args.what == "reads" else env
+                server, state = start(served, checkout, server_env, work, name)
                 try:
                     record.update(startup_s=round(server.startup_s or 0.0, 3), ready_rss_mib=round((server.ready_rss_kib or 0) / 1024),
                                   ready_peak_rss_mib=round((server.ready_peak_kib or 0) / 1024))  # fmt: skip
                     if args.what == "ingestion":
                         record.update(ingest(server, content, matches, args), content=source)
+                    elif args.what == "reads":
+                        record["reads"] = reads(server, ids_file, args)
                 finally:
                     server.stop()
                     shutil.rmtree(state, ignore_errors=True)
@@ -131,9 +150,29 @@ def ingest(server: Server, content: list[tuple[str, str]], matches: list[tuple[s
     return found
 
 
+READS_TTL_S = "0.001"  # every lookup misses, as bench.serving's uncached variants
+READS_PATH = "/v1/users/{id}/recommendations?k=20"
+
+
+def reads(server: Server, ids_file: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from bench.load import run_wrk
+
+    run_wrk(server, ids_file=ids_file, path_template=READS_PATH, connections=8, duration_s=1)  # warm-up
+    found = []
+    for offset, connections in enumerate(int(c) for c in args.concurrency.split(",")):
+        result = run_wrk(server, ids_file=ids_file, path_template=READS_PATH, connections=connections,
+                         duration_s=args.duration, offset=1000 * (offset + 1))  # fmt: skip
+        result.pop("wrk_output")
+        found.append(result)
+    return found
+
+
 def summary(record: dict[str, Any]) -> str:
     line = (f"{record['variant']:>12} rep {record['rep']}: start-up {record['startup_s']:.2f} s, RSS {record['ready_rss_mib']} "
             f"MiB (peak {record['ready_peak_rss_mib']})")  # fmt: skip
+    for point in record.get("reads", []):
+        line += (f"; c={point['connections']} {point['req_per_s']} req/s (p50 {point['latency_ms']['p50']} ms, p99 "
+                 f"{point['latency_ms']['p99']} ms, {point['server_cpu_ms_per_req']} CPU ms/req, failed {point['failed']})")  # fmt: skip
     if "c8" in record:
         c8 = record["c8"]
         line += (f"; c=8 {c8['items_per_s']} items/s (p50 {c8['latency_ms']['p50']} ms, p99 {c8['latency_ms']['p99']} ms, "

@@ -204,7 +204,7 @@ class SqliteCatalogueStore:
         self.db = db
 
     def load(self) -> StoreSnapshot:
-        with self.db.reading() as conn:
+        with self.db.snapshot() as conn:
             items = [StoredItem.from_json(r[0]) for r in conn.execute("SELECT record FROM items ORDER BY seq")]
             deleted = {r[0] for r in conn.execute("SELECT id FROM tombstones")}
             row = conn.execute("SELECT value FROM meta WHERE key = 'catalogue_version'").fetchone()

@@ -1,6 +1,9 @@
 """The embedded mode's durable state: one SQLite file in ``state_dir`` for ingested items, deletions and events.
 
-Every write is one transaction, committed with ``synchronous=FULL`` before the request is answered.
+Every write is one transaction on the one writing connection, committed with ``synchronous=FULL`` before the request
+is answered. Reads go through a read-only connection of the reading thread's own: in WAL mode readers run beside
+each other and beside the writer, each statement seeing the last committed state, so a request thread reading a
+user's events never queues behind another's (nor behind a write's fsync).
 """
 
 from __future__ import annotations
@@ -33,7 +36,11 @@ class StateDatabase:
             self._conn.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise OSError(f"state_dir {state_dir}: cannot open the state database ({exc})") from exc
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the writing connection
+        self._local = threading.local()  # each thread's reading connection
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -48,8 +55,27 @@ class StateDatabase:
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            yield self._conn
+        """This thread's read-only connection (opened on its first read)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            with self._readers_lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("the state database is closed")
+                conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+                conn.execute("PRAGMA query_only = ON")
+                self._readers.append(conn)
+            self._local.conn = conn
+        yield conn
+
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """This thread's reading connection inside one read transaction: its statements see one committed state."""
+        with self.reading() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
 
     def bump_version(self, conn: sqlite3.Connection) -> int:
         """Increment the catalogue version inside the caller's transaction."""
@@ -61,5 +87,9 @@ class StateDatabase:
         return int(row[0])
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._readers_lock:
+            self._closed = True
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
             self._conn.close()

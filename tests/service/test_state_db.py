@@ -1,0 +1,110 @@
+"""service.state_db: reads run on each thread's own read-only connection, beside the writer and each other, and see
+committed state only; a snapshot's statements see one state; closing closes every connection."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from service.state_db import StateDatabase
+
+
+def _events(db: StateDatabase, user: str) -> list[str]:
+    with db.reading() as conn:
+        return [r[0] for r in conn.execute("SELECT item_id FROM events WHERE user_id = ? ORDER BY seq", (user,))]
+
+
+def _append(conn: sqlite3.Connection, user: str, item: str) -> None:
+    conn.execute("INSERT INTO events (user_id, item_id, record) VALUES (?, ?, '{}')", (user, item))
+
+
+def test_a_read_does_not_wait_for_an_open_write_and_sees_only_committed_rows(tmp_path: Path) -> None:
+    db = StateDatabase(tmp_path)
+    with db.transaction() as conn:
+        _append(conn, "u1", "a")
+    inside, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with db.transaction() as conn:
+            _append(conn, "u1", "b")
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert inside.wait(10)
+    seen: list[list[str]] = []
+    reader = threading.Thread(target=lambda: seen.append(_events(db, "u1")))
+    reader.start()
+    reader.join(5)
+    try:
+        assert not reader.is_alive(), "the read waited for the open write transaction"
+        assert seen == [["a"]]  # the uncommitted row is not visible
+    finally:
+        release.set()
+        thread.join(10)
+    assert _events(db, "u1") == ["a", "b"]  # committed: the next read sees it
+    db.close()
+
+
+def test_readers_run_side_by_side_on_connections_of_their_own(tmp_path: Path) -> None:
+    db = StateDatabase(tmp_path)
+    connections: list[sqlite3.Connection] = []
+    both_inside = threading.Barrier(2, timeout=10)
+
+    def read() -> None:
+        with db.reading() as conn:
+            connections.append(conn)
+            both_inside.wait()  # a lock shared by readers would deadlock here (BrokenBarrierError)
+            conn.execute("SELECT COUNT(*) FROM events").fetchone()
+
+    threads = [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert len(connections) == 2 and connections[0] is not connections[1]
+    with db.reading() as first, db.reading() as again:
+        assert first is again  # one connection per thread, reused
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            first.execute("INSERT INTO meta (key, value) VALUES ('x', '1')")
+    db.close()
+
+
+def test_a_snapshot_sees_one_state_across_its_statements(tmp_path: Path) -> None:
+    db = StateDatabase(tmp_path)
+    with db.snapshot() as conn:
+        before = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        writer = threading.Thread(target=lambda: _commit_one(db))
+        writer.start()
+        writer.join(10)
+        assert not writer.is_alive()  # the write did not wait for the snapshot either
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == before
+    assert _events(db, "u2") == ["z"]
+    db.close()
+
+
+def _commit_one(db: StateDatabase) -> None:
+    with db.transaction() as conn:
+        _append(conn, "u2", "z")
+
+
+def test_close_closes_every_reading_connection(tmp_path: Path) -> None:
+    db = StateDatabase(tmp_path)
+    held: list[sqlite3.Connection] = []
+
+    def read() -> None:
+        with db.reading() as conn:
+            held.append(conn)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join(10)
+    db.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        held[0].execute("SELECT 1")
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        _events(db, "u1")  # this thread had no reading connection yet: none is opened after close
