@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,15 @@ CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, seq);
 """
 
 
+class _Reader:
+    """A thread's reading connection; the thread-local holds it, so it is collected when the thread ends."""
+
+    __slots__ = ("__weakref__", "conn")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+
 class StateDatabase:
     def __init__(self, state_dir: Path) -> None:
         try:
@@ -37,8 +47,8 @@ class StateDatabase:
         except (OSError, sqlite3.Error) as exc:
             raise OSError(f"state_dir {state_dir}: cannot open the state database ({exc})") from exc
         self._lock = threading.Lock()  # the writing connection
-        self._local = threading.local()  # each thread's reading connection
-        self._readers: list[sqlite3.Connection] = []
+        self._local = threading.local()  # each thread's _Reader
+        self._readers: list[weakref.finalize[[], _Reader]] = []  # closes a reader's connection when its thread ends, or at close()
         self._readers_lock = threading.Lock()
         self._closed = False
 
@@ -55,17 +65,20 @@ class StateDatabase:
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:
-        """This thread's read-only connection (opened on its first read)."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+        """This thread's read-only connection (opened on its first read, closed when the thread ends: the thread
+        pool retires idle threads and starts new ones, which must not leave connections behind)."""
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is None:
             with self._readers_lock:
                 if self._closed:
                     raise sqlite3.ProgrammingError("the state database is closed")
                 conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
                 conn.execute("PRAGMA query_only = ON")
-                self._readers.append(conn)
-            self._local.conn = conn
-        yield conn
+                reader = _Reader(conn)
+                self._readers = [f for f in self._readers if f.alive]
+                self._readers.append(weakref.finalize(reader, conn.close))
+            self._local.reader = reader
+        yield reader.conn
 
     @contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
@@ -89,7 +102,7 @@ class StateDatabase:
     def close(self) -> None:
         with self._lock, self._readers_lock:
             self._closed = True
-            for reader in self._readers:
-                reader.close()
+            for close_reader in self._readers:
+                close_reader()
             self._readers.clear()
             self._conn.close()

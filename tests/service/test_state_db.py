@@ -3,6 +3,7 @@ committed state only; a snapshot's statements see one state; closing closes ever
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 import threading
 from pathlib import Path
@@ -108,3 +109,24 @@ def test_close_closes_every_reading_connection(tmp_path: Path) -> None:
         held[0].execute("SELECT 1")
     with pytest.raises(sqlite3.ProgrammingError, match="closed"):
         _events(db, "u1")  # this thread had no reading connection yet: none is opened after close
+
+
+def test_a_finished_threads_reading_connection_is_closed(tmp_path: Path) -> None:
+    """Thread pools retire idle threads and start new ones: their connections must not pile up."""
+    db = StateDatabase(tmp_path)
+    held: list[sqlite3.Connection] = []
+
+    def read() -> None:
+        with db.reading() as conn:
+            held.append(conn)
+
+    for _ in range(3):
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join(10)
+    gc.collect()
+    for conn in held:
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+    assert _events(db, "u1") == []  # and this thread still reads
+    db.close()
