@@ -200,12 +200,48 @@ class Bundle:
         return self.history_indices[self.history_indptr[user_row] : self.history_indptr[user_row + 1]]
 
     def search_index(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The index's best ``k`` trained rows for each query (B, dim) float32: (scores, rows), both (B, k), best
-        first, scores the inner products, rows -1 where the index found fewer (scored -inf for ``ivf_flat_mips``)."""
-        if self.index_type == bf.INDEX_IVF_MIPS:
-            return search_mips_index(self.index, self.item_vectors, queries, k)
-        scores, rows = self.index.search(queries, k)
+        """The index's best ``k`` trained rows for each query (B, dim): (scores, rows), both (B, k), best first,
+        scores the inner products; rows -1 only where the index holds fewer than ``k`` rows.
+
+        An IVF index probes ``nprobe`` lists, which can hold fewer than ``k`` rows between them (a large ``k``, small
+        lists): such queries are searched again with twice the lists probed, up to every list (exact), so a caller
+        that asks for ``k`` rows gets ``k`` whenever the index holds them."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        scores, rows = self._search_index_once(queries, k, None)
+        probe = self._ivf_probe()
+        if probe is None:
+            return scores, rows
+        nprobe, nlist = probe
+        wanted = min(k, int(self.index.ntotal))
+        short = np.flatnonzero((rows >= 0).sum(axis=1) < wanted)
+        while len(short) and nprobe < nlist:
+            nprobe = min(2 * nprobe, nlist)
+            try:
+                params: Any = faiss.SearchParametersIVF()
+                params.nprobe = nprobe
+                again_scores, again_rows = self._search_index_once(queries[short], k, params)
+            except (RuntimeError, TypeError):  # an index that takes no search parameters (GPU): score them all
+                again_scores, again_rows = _exact_top_k(self.item_vectors, queries[short], k)
+                nprobe = nlist
+            scores[short], rows[short] = again_scores, again_rows
+            short = short[(again_rows >= 0).sum(axis=1) < wanted]
         return scores, rows
+
+    def _search_index_once(self, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        if self.index_type == bf.INDEX_IVF_MIPS:
+            return search_mips_index(self.index, self.item_vectors, queries, k, params=params)
+        scores, rows = self.index.search(queries, k) if params is None else self.index.search(queries, k, params=params)
+        return scores, rows
+
+    def _ivf_probe(self) -> tuple[int, int] | None:
+        """(nprobe, nlist) of an IVF index, from the manifest; None for other kinds."""
+        if self.index_type not in (bf.INDEX_IVF_MIPS, bf.INDEX_IVF_IP):
+            return None
+        params = (self.manifest.get("index") or {}).get("params") or {}
+        inner: Any = faiss.downcast_index(self.index.index) if not self.index_on_gpu else None
+        nlist = int(params.get("nlist") or (inner.nlist if inner is not None else 0))
+        nprobe = int(params.get("nprobe") or (inner.nprobe if inner is not None else 1))
+        return (nprobe, nlist) if nlist > 0 else None
 
     @property
     def code_field(self) -> str | None:
@@ -771,20 +807,36 @@ def _read_index(files: dict[str, Path], manifest: dict[str, Any], shape: tuple[i
     return index, index_type, False, item_vectors
 
 
-def search_mips_index(index: Any, item_vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search_mips_index(index: Any, item_vectors: np.ndarray, queries: np.ndarray, k: int, *, params: Any = None
+                      ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Search an ``ivf_flat_mips`` index: each query (B, dim) with a 0 appended, then the candidates scored again by
     their exact inner products with ``item_vectors`` and ordered by them (the index's L2 distances are
     ‖q‖² + max_norm² − 2 q·x in float32). Returns (scores, rows), (B, k); rows -1 (score -inf) where it found fewer."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     augmented = np.zeros((len(queries), queries.shape[1] + 1), dtype=np.float32)
     augmented[:, :-1] = queries
-    _, rows = index.search(augmented, k)
+    _, rows = index.search(augmented, k) if params is None else index.search(augmented, k, params=params)
     found = rows >= 0
     scores = np.full(rows.shape, -np.inf, dtype=np.float32)
     gathered = item_vectors[rows[found]]  # (hits, dim)
     scores[found] = np.einsum("hd,hd->h", gathered, np.repeat(queries, found.sum(axis=1), axis=0))
     order = np.argsort(-scores, axis=1, kind="stable")
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+
+def _exact_top_k(item_vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) of the best ``k`` rows by inner product, best first, by brute force (-1 / -inf past the end)."""
+    all_scores = queries @ np.asarray(item_vectors).T  # (B, n)
+    take = min(k, all_scores.shape[1])
+    top = np.argpartition(-all_scores, take - 1, axis=1)[:, :take] if 0 < take < all_scores.shape[1] else (
+        np.broadcast_to(np.arange(all_scores.shape[1]), all_scores.shape))  # fmt: skip
+    top_scores = np.take_along_axis(all_scores, top, axis=1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    scores[:, :take] = np.take_along_axis(top_scores, order, axis=1)
+    rows[:, :take] = np.take_along_axis(top, order, axis=1)
+    return scores, rows
 
 
 def _mips_max_norm(params: dict[str, Any]) -> float:

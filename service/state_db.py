@@ -26,6 +26,9 @@ CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, seq);
 """
 
 
+WAL_RESET_BYTES = 16 << 20  # the write-ahead log is emptied past this size (SQLite's own checkpoints keep ~4 MiB)
+
+
 class _Reader:
     """A thread's reading connection; the thread-local holds it, so it is collected when the thread ends."""
 
@@ -46,6 +49,7 @@ class StateDatabase:
             self._conn.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise OSError(f"state_dir {state_dir}: cannot open the state database ({exc})") from exc
+        self._wal_path = self.path.with_name(self.path.name + "-wal")
         self._lock = threading.Lock()  # the writing connection
         self._local = threading.local()  # each thread's _Reader
         self._readers: list[weakref.finalize[[], _Reader]] = []  # closes a reader's connection when its thread ends, or at close()
@@ -62,6 +66,20 @@ class StateDatabase:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+            self._bound_wal()
+
+    def _bound_wal(self) -> None:
+        """Readers that never pause (every request thread reads) starve SQLite's automatic checkpoints of the moment
+        they need to start the log over, so the WAL file would grow with every write. Past ``WAL_RESET_BYTES`` the
+        writer checkpoints with TRUNCATE: it waits (busy timeout) for the reads under way, which are single short
+        statements, copies the log into the database and empties it; readers that start meanwhile read the
+        database file. A checkpoint that cannot finish now is tried again after the next write."""
+        try:
+            size = self._wal_path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size > WAL_RESET_BYTES:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from service import state_db
 from service.state_db import StateDatabase
 
 
@@ -129,4 +130,38 @@ def test_a_finished_threads_reading_connection_is_closed(tmp_path: Path) -> None
         with pytest.raises(sqlite3.ProgrammingError):
             conn.execute("SELECT 1")
     assert _events(db, "u1") == []  # and this thread still reads
+    db.close()
+
+
+def test_the_write_ahead_log_stays_bounded_while_readers_never_pause(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Continuous readers would starve SQLite's automatic checkpoints of the moment they need to start the log
+    over (the log grew to ~40 MiB in 15 s here before the writer checkpointed); the writer empties it past the bound."""
+    monkeypatch.setattr(state_db, "WAL_RESET_BYTES", 1 << 20)
+    db = StateDatabase(tmp_path)
+    stop = threading.Event()
+    reads = [0]
+
+    def read() -> None:
+        while not stop.is_set():
+            _events(db, "u1")
+            reads[0] += 1
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for t in readers:
+        t.start()
+    wal = tmp_path / "mmrec-state.sqlite3-wal"
+    largest = 0
+    try:
+        for n in range(300):  # ~6 MiB of rows, 6x the bound
+            with db.transaction() as conn:
+                conn.execute("INSERT INTO events (user_id, item_id, record) VALUES ('u1', ?, ?)", (str(n), "x" * 20_000))
+            largest = max(largest, wal.stat().st_size if wal.exists() else 0)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(10)
+    assert reads[0] > 100  # the readers were reading throughout
+    assert largest < 3 << 20, largest  # the bound plus what one write and SQLite's page overhead add
+    assert len(_events(db, "u1")) == 300
     db.close()
