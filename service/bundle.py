@@ -788,6 +788,9 @@ def _read_index(files: dict[str, Path], manifest: dict[str, Any], shape: tuple[i
     inner = faiss.downcast_index(index.index)
     if max_norm is not None and not (isinstance(inner, faiss.IndexIVFFlat) and inner.metric_type == faiss.METRIC_L2):
         raise BundleError(f"item_index.faiss: index type {index_type} must be an L2 IndexIVFFlat, got {type(inner).__name__}")
+    if max_norm is None and inner.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise BundleError(f"item_index.faiss: index type {index_type} ranks by inner product, but the index's metric is "
+                          f"{'L2' if inner.metric_type == faiss.METRIC_L2 else inner.metric_type}")  # fmt: skip
     stored = _stored_vectors(inner, n_items, index_dim)
     if max_norm is not None:
         stored = _mips_stored_vectors(stored, dim, max_norm)

@@ -197,6 +197,16 @@ def test_an_index_declared_as_the_other_ivf_kind_is_refused(mips_bundle: Synthet
         load_bundle(_rewritten(mips_bundle, tmp_path / "b", manifest_index=entry), plan=plan_device("cpu"))
 
 
+def test_an_inner_product_kind_holding_an_l2_index_is_refused(ip_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    target = _rewritten(ip_bundle, tmp_path / "b")
+    l2 = faiss.IndexIDMap2(faiss.IndexFlatL2(16))  # the right vectors and ids, ranked by distance
+    l2.add_with_ids(ip_bundle.item_vectors, np.arange(len(ip_bundle.item_vectors), dtype=np.int64))
+    faiss.write_index(l2, str(target / "item_index.faiss"))
+    write_manifest(target, {**json.loads(json.dumps(ip_bundle.manifest)), "index": {"type": "flat_ip"}})
+    with pytest.raises(BundleError, match=r"index type flat_ip ranks by inner product, but the index's metric is L2"):
+        load_bundle(target, plan=plan_device("cpu"))
+
+
 @pytest.mark.parametrize("k", [20, 200, 3_000])
 def test_ivf_search_returns_k_rows_when_the_probed_lists_hold_fewer(ivf_bundle: SyntheticBundle, tmp_path: Path,
                                                                    k: int) -> None:  # fmt: skip
