@@ -198,16 +198,23 @@ class Runtime:
     def resync(self, engine: Engine | None = None) -> str:
         """Load the whole store into a fresh engine (on this bundle, or ``engine``'s) and swap it in; returns the
         stream position the snapshot includes. Raises :class:`RedisDown`."""
-        base = engine or self.engine
+        fresh, snapshot = self._load_store(engine or self.engine)
+        with self.write_lock:
+            self._swap_in(fresh, snapshot)
+        return snapshot.position
+
+    def _load_store(self, base: Engine) -> tuple[Engine, StoreSnapshot]:
         fresh = Engine.on(base.bundle, base.encoder, self.batcher, base.recommender.options, base.recommender.tower,
                           base.audit.trained)
         snapshot = self.catalogue_store.load()
         replayed = fresh.load(snapshot)
-        with self.write_lock:
-            self.engine = fresh
-            self.applied.set(snapshot.version)
         log.info("catalogue %s: loaded %d ingested items, %d items live", fresh.catalogue.version, replayed, fresh.catalogue.size)
-        return snapshot.position
+        return fresh, snapshot
+
+    def _swap_in(self, fresh: Engine, snapshot: StoreSnapshot) -> None:
+        """Serve ``fresh`` (the caller holds ``write_lock``)."""
+        self.engine = fresh
+        self.applied.set(snapshot.version)
 
     def apply(self, change: Change) -> str | None:
         """Apply one change of the stream (the follower calls this, in stream order). Returns a new stream
@@ -288,9 +295,12 @@ class Runtime:
                 if not self.applied.wait_for(written.version, self.settings.reload_timeout_s):
                     raise Unavailable("the reload is announced but this replica has not applied it yet; see /v1/models")
                 return previous, self.engine
+            # Embedded: the store is loaded into the new engine and swapped in under the write lock, so a write
+            # committed meanwhile waits and lands in the new engine instead of the old one it would leave behind.
             with self.write_lock:
-                written = self.catalogue_store.announce_reload(fresh.bundle.version)
-            self.resync(fresh)
+                self.catalogue_store.announce_reload(fresh.bundle.version)
+                loaded, snapshot = self._load_store(fresh)
+                self._swap_in(loaded, snapshot)
             return previous, self.engine
         except RedisDown as exc:
             raise Unavailable(f"catalogue store unavailable, bundle not reloaded: {exc}") from exc

@@ -4,6 +4,7 @@ settings), with Redis and with the embedded SQLite store; a new bundle re-encode
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -132,3 +133,44 @@ def test_items_that_do_not_fit_a_new_bundle_are_kept_for_later(
     _replace_bundle(live, features_bundle.path)
     with serve(settings) as client:
         assert client.get("/v1/items/eight-tags").status_code == 200  # but it was not thrown away
+
+
+def test_an_item_ingested_while_an_embedded_reload_loads_the_store_is_served_after_it(
+    make_settings: Callable[..., ServiceSettings], serve: Serve, tmp_path: Path, features_bundle: SyntheticBundle
+) -> None:
+    """The reload loads the stored items into the new engine; an item committed meanwhile must not be left in the
+    old engine (served by nobody until a restart). The POST is sent after the store was read, before the swap."""
+    import threading
+
+    from service.schemas import ItemCreate
+    from service.writes import ingest_items
+
+    live = tmp_path / "live-bundle"
+    shutil.copytree(features_bundle.path, live)
+    with serve(make_settings(bundle_dir=live)) as client:
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        store, original_load = runtime.catalogue_store, runtime.catalogue_store.load
+        answers: list[int] = []
+
+        def post() -> None:  # what POST /v1/items runs on its worker thread
+            created = ingest_items(runtime, [ItemCreate(id="racing", features={"tags": TAGS.tolist()})])
+            answers.append(len(created))
+
+        def load_then_post() -> Any:
+            snapshot = original_load()  # the store as read for the new engine, before the POST
+            writer = threading.Thread(target=post)
+            writer.start()
+            writer.join(2)  # the POST completes now (nothing held) or waits for the reload to finish
+            return snapshot
+
+        store.load = load_then_post
+        try:
+            assert client.post("/v1/admin/reload").status_code == 200
+        finally:
+            store.load = original_load
+        deadline = time.monotonic() + 10
+        while not answers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert answers == [1]
+        assert client.get("/v1/items/racing").status_code == 200
+        assert client.get("/v1/items/racing/similar", params={"k": 3}).status_code == 200
