@@ -94,37 +94,48 @@ def _commit_one(db: StateDatabase) -> None:
         _append(conn, "u2", "z")
 
 
-def test_close_closes_every_reading_connection(tmp_path: Path) -> None:
-    db = StateDatabase(tmp_path)
-    held: list[sqlite3.Connection] = []
+def _reading_thread(db: StateDatabase, release: threading.Event) -> tuple[threading.Thread, sqlite3.Connection]:
+    """A thread that opens its reading connection, then waits for ``release``; returns it and its connection."""
+    opened: list[sqlite3.Connection] = []
+    ready = threading.Event()
 
     def read() -> None:
         with db.reading() as conn:
-            held.append(conn)
+            opened.append(conn)
+        ready.set()
+        release.wait(10)
 
     thread = threading.Thread(target=read)
     thread.start()
-    thread.join(10)
+    assert ready.wait(10)
+    return thread, opened[0]
+
+
+def test_close_closes_every_reading_connection(tmp_path: Path) -> None:
+    db = StateDatabase(tmp_path)
+    release = threading.Event()
+    thread, conn = _reading_thread(db, release)  # alive: its connection is closed by close(), not by its end
     db.close()
-    with pytest.raises(sqlite3.ProgrammingError):
-        held[0].execute("SELECT 1")
-    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
-        _events(db, "u1")  # this thread had no reading connection yet: none is opened after close
+    try:
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            _events(db, "u1")  # this thread had no reading connection yet: none is opened after close
+    finally:
+        release.set()
+        thread.join(10)
 
 
 def test_a_finished_threads_reading_connection_is_closed(tmp_path: Path) -> None:
     """Thread pools retire idle threads and start new ones: their connections must not pile up."""
     db = StateDatabase(tmp_path)
-    held: list[sqlite3.Connection] = []
-
-    def read() -> None:
-        with db.reading() as conn:
-            held.append(conn)
-
+    release = threading.Event()
+    release.set()  # each thread ends as soon as it has read
+    held = []
     for _ in range(3):
-        thread = threading.Thread(target=read)
-        thread.start()
+        thread, conn = _reading_thread(db, release)
         thread.join(10)
+        held.append(conn)
     gc.collect()
     for conn in held:
         with pytest.raises(sqlite3.ProgrammingError):
