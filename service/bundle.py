@@ -13,6 +13,7 @@ import mmap
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -208,7 +209,7 @@ class Bundle:
         that asks for ``k`` rows gets ``k`` whenever the index holds them."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         scores, rows = self._search_index_once(queries, k, None)
-        probe = self._ivf_probe()
+        probe = self._ivf_probe
         if probe is None:
             return scores, rows
         nprobe, nlist = probe
@@ -221,7 +222,7 @@ class Bundle:
                 params.nprobe = nprobe
                 again_scores, again_rows = self._search_index_once(queries[short], k, params)
             except (RuntimeError, TypeError):  # an index that takes no search parameters (GPU): score them all
-                again_scores, again_rows = _exact_top_k(self.item_vectors, queries[short], k)
+                again_scores, again_rows = faiss.knn(queries[short], self.item_vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
                 nprobe = nlist
             scores[short], rows[short] = again_scores, again_rows
             short = short[(again_rows >= 0).sum(axis=1) < wanted]
@@ -230,11 +231,13 @@ class Bundle:
     def _search_index_once(self, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
         if self.index_type == bf.INDEX_IVF_MIPS:
             return search_mips_index(self.index, self.item_vectors, queries, k, params=params)
-        scores, rows = self.index.search(queries, k) if params is None else self.index.search(queries, k, params=params)
+        scores, rows = self.index.search(queries, k, params=params)
         return scores, rows
 
+    @cached_property
     def _ivf_probe(self) -> tuple[int, int] | None:
-        """(nprobe, nlist) of an IVF index, from the manifest; None for other kinds."""
+        """(nprobe, nlist) of an IVF index, from the manifest (read once, not on every search); None for other
+        kinds."""
         if self.index_type not in (bf.INDEX_IVF_MIPS, bf.INDEX_IVF_IP):
             return None
         params = (self.manifest.get("index") or {}).get("params") or {}
@@ -818,28 +821,13 @@ def search_mips_index(index: Any, item_vectors: np.ndarray, queries: np.ndarray,
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     augmented = np.zeros((len(queries), queries.shape[1] + 1), dtype=np.float32)
     augmented[:, :-1] = queries
-    _, rows = index.search(augmented, k) if params is None else index.search(augmented, k, params=params)
+    _, rows = index.search(augmented, k, params=params)
     found = rows >= 0
     scores = np.full(rows.shape, -np.inf, dtype=np.float32)
     gathered = item_vectors[rows[found]]  # (hits, dim)
     scores[found] = np.einsum("hd,hd->h", gathered, np.repeat(queries, found.sum(axis=1), axis=0))
     order = np.argsort(-scores, axis=1, kind="stable")
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
-
-
-def _exact_top_k(item_vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, rows) of the best ``k`` rows by inner product, best first, by brute force (-1 / -inf past the end)."""
-    all_scores = queries @ np.asarray(item_vectors).T  # (B, n)
-    take = min(k, all_scores.shape[1])
-    top = np.argpartition(-all_scores, take - 1, axis=1)[:, :take] if 0 < take < all_scores.shape[1] else (
-        np.broadcast_to(np.arange(all_scores.shape[1]), all_scores.shape))  # fmt: skip
-    top_scores = np.take_along_axis(all_scores, top, axis=1)
-    order = np.argsort(-top_scores, axis=1, kind="stable")
-    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    rows = np.full((len(queries), k), -1, dtype=np.int64)
-    scores[:, :take] = np.take_along_axis(top_scores, order, axis=1)
-    rows[:, :take] = np.take_along_axis(top, order, axis=1)
-    return scores, rows
 
 
 def _mips_max_norm(params: dict[str, Any]) -> float:

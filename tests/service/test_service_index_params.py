@@ -237,3 +237,21 @@ def test_ivf_recommendations_have_k_items_when_the_probed_lists_hold_fewer(
         for user in ("u0", "u7", "u31"):
             answer = client.get(f"/v1/users/{user}/recommendations", params={"k": 100})
             assert answer.status_code == 200 and len(answer.json()["items"]) == 100
+
+
+def test_an_ivf_index_without_search_parameters_scores_its_short_queries_exactly(
+    ivf_bundle: SyntheticBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU index takes no per-search nprobe: the short queries are then scored against every item (faiss.knn)."""
+    assert ivf_bundle.user_vectors is not None
+    loaded = load_bundle(_with_nprobe(ivf_bundle, tmp_path / "b", 1), plan=plan_device("cpu"))
+
+    def no_parameters() -> None:
+        raise TypeError("this index takes no search parameters")
+
+    monkeypatch.setattr(faiss, "SearchParametersIVF", no_parameters)
+    scores, rows = loaded.search_index(ivf_bundle.user_vectors, 200)
+    assert (rows >= 0).all()
+    exact = ivf_bundle.user_vectors @ ivf_bundle.item_vectors.T
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, rows, axis=1), rtol=1e-5, atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
