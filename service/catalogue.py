@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -233,9 +234,10 @@ class Catalogue:
             created=None,
         )
 
-    def search(self, queries: np.ndarray, k: int, exclude: Sequence[set[int]],
-               state: CatalogueState | None = None) -> list[list[tuple[int, float]]]:  # fmt: skip
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[set[int]], state: CatalogueState | None = None,
+               *, pool: Executor | None = None, shards: int = 1) -> list[list[tuple[int, float]]]:  # fmt: skip
         """Top-``k`` live rows by inner product for each query (B, dim), skipping each query's excluded rows.
+        ``pool`` and ``shards``: an exact index is scanned in that many row ranges at once (:meth:`Bundle.search_index`).
 
         Over-fetch then filter: FAISS is asked for ``k`` plus each query's exclusions plus (a bounded share of) the
         deleted trained rows; a query left short by filtering is asked again for more, so a query gets exactly
@@ -248,7 +250,7 @@ class Catalogue:
         extra = min(state.deleted_trained, 4 * k + 64)  # deleted rows filtered out, beyond which we fetch again
         fetch = k + max((len(e) for e in exclude), default=0) + extra
         while pending:
-            hits = self._candidates(queries[pending], fetch, state)
+            hits = self._candidates(queries[pending], fetch, state, pool=pool, shards=shards)
             short: list[int] = []
             for q, candidates in zip(pending, hits, strict=True):
                 kept = [(r, s) for r, s in candidates if state.active[r] and r not in exclude[q]]
@@ -259,12 +261,13 @@ class Catalogue:
             pending, fetch = short, 2 * fetch
         return results
 
-    def _candidates(self, queries: np.ndarray, fetch: int, state: CatalogueState) -> list[list[tuple[int, float]]]:
+    def _candidates(self, queries: np.ndarray, fetch: int, state: CatalogueState, *, pool: Executor | None,
+                    shards: int) -> list[list[tuple[int, float]]]:  # fmt: skip
         """The best ``fetch`` rows of the trained index and of the ingested rows, merged, best first (all rows,
         deleted ones included: the caller filters)."""
         trained_fetch = min(fetch, int(self.bundle.index.ntotal))
         if trained_fetch > 0:
-            scores, labels = self.bundle.search_index(queries, trained_fetch)  # (B, trained_fetch)
+            scores, labels = self.bundle.search_index(queries, trained_fetch, pool=pool, shards=shards)  # (B, fetch)
         else:
             scores = labels = np.zeros((len(queries), 0))
         ingested = state.ingested_vectors

@@ -112,7 +112,9 @@ class ServiceSettings(BaseSettings):
     batch_workers: int = Field(
         default=2, ge=1, le=64, description="Micro-batching: threads that gather and run batches; with 2, one "
         "gathers the next batch while the other searches, so searches can use two cores without OpenMP threads "
-        "(+45% uncached at 1M on an otherwise idle 2-core host; 1 is better on a host whose cores other work takes).")  # fmt: skip
+        "(+45% uncached at 1M on an otherwise idle 2-core host; 1 is better on a host whose cores other work takes). "
+        "A batch over an exact index searched while no other is, is split by rows over this many threads (a lone "
+        "query at 1M answers in about half the time).")  # fmt: skip
     faiss_threads: int = Field(
         default=1, ge=1, description="OpenMP threads of a FAISS search. 1: the event loop needs the other core, and "
         "OpenMP threads that spin-wait collapse when the cores are oversubscribed (a 2-thread batch measured 10-20x "

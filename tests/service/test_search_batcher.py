@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,15 +20,19 @@ DIM = 4
 class HeldCatalogue:
     """Scores row r as -|r - query[0]|; the first search waits for ``release``. Records each batch's query count."""
 
-    def __init__(self, rows: int = 50) -> None:
+    def __init__(self, rows: int = 50, *, exact: bool = False) -> None:
         self.rows = np.arange(rows, dtype=np.float32)
         self.release = threading.Event()
         self.entered = threading.Event()
         self.batch_sizes: list[int] = []
+        self.shards: list[int] = []  # each search's shard count (1: no pool)
         self.fail = False
+        self.bundle = SimpleNamespace(index_splits_by_rows=exact)  # an exact index, scanned in row ranges
 
-    def search(self, queries: np.ndarray, k: int, excludes: Sequence[set[int]], state: object = None) -> list[list[tuple[int, float]]]:
+    def search(self, queries: np.ndarray, k: int, excludes: Sequence[set[int]], state: object = None, *,
+               pool: object = None, shards: int = 1) -> list[list[tuple[int, float]]]:  # fmt: skip
         self.batch_sizes.append(len(queries))
+        self.shards.append(shards if pool is not None else 1)
         if len(self.batch_sizes) == 1:
             self.entered.set()
             assert self.release.wait(10)
@@ -111,4 +116,22 @@ def test_a_failing_search_fails_every_request_of_its_batch_and_the_worker_goes_o
         with pytest.raises(RuntimeError, match="index broke"):
             future.result()
     catalogue.fail = False
-    assert [row for row, _ in one.search(catalogue, _query(7), 1, set())] == [7]  # type: ignore[arg-type]
+    assert [row for row, _ in one.search(catalogue, _query(7), 1, set())] == [7]
+
+
+def test_a_lone_batch_over_an_exact_index_uses_the_shard_threads_and_one_beside_another_is_searched_whole(batcher) -> None:  # type: ignore[no-untyped-def]
+    """Two workers over an exact index: the first batch (nothing else searched) is split over both shard threads;
+    a batch searched while the first is held runs whole on its own worker; answers are right either way."""
+    catalogue = HeldCatalogue(exact=True)
+    two = batcher(max_wait_ms=1, max_size=64, workers=2)
+    pool = ThreadPoolExecutor(2)
+    first = pool.submit(two.search, catalogue, _query(0), 3, set())
+    assert catalogue.entered.wait(10)
+    beside = pool.submit(two.search, catalogue, _query(9), 3, {9})
+    assert [row for row, _ in beside.result(timeout=10)] == [8, 10, 7]  # answered while the first batch is held
+    catalogue.release.set()
+    assert [row for row, _ in first.result(timeout=10)] == [0, 1, 2]
+    pool.shutdown(wait=True)
+    assert catalogue.shards == [2, 1] and catalogue.batch_sizes == [1, 1]
+    assert [row for row, _ in two.search(catalogue, _query(30), 1, set())] == [30]
+    assert catalogue.shards[-1] == 2  # alone again
