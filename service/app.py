@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -50,6 +51,8 @@ def create_app(settings: ServiceSettings, *, on_ready: Callable[[Runtime], None]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # this event loop's limiter of worker threads (run_in_threadpool), which every sync route and miss goes through
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.request_threads
         try:
             runtime = await run_in_threadpool(Runtime, settings, metrics)
         except BundleError as exc:

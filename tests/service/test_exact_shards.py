@@ -1,5 +1,6 @@
-"""An exact (flat) index scanned as row ranges on several threads (service/bundle.py ``search_flat_in_shards``,
-service/batching.py): the same answers as one scan and as brute-force numpy, through the bundle and over HTTP."""
+"""Search threads. An exact (flat) index scanned as row ranges on several threads (service/bundle.py
+``search_flat_in_shards``, service/batching.py): the same answers as one scan and as brute-force numpy, through the
+bundle and over HTTP. The request thread pool (where searches wait for their batch) sized by ``request_threads``."""
 
 from __future__ import annotations
 
@@ -105,3 +106,16 @@ def test_served_lists_from_split_scans_equal_brute_force(make_settings: Callable
         assert client.delete(f"/v1/items/{top[0]}").status_code == 200
         after = [item["id"] for item in client.get("/v1/users/u1/recommendations", params={"k": 5}).json()["items"]]
         assert after[:4] == top[1:] and top[0] not in after
+
+
+
+def test_the_app_sizes_its_request_thread_pool_from_the_settings(make_settings: Callable[..., ServiceSettings],
+                                                                 serve: Serve) -> None:  # fmt: skip
+    """``request_threads``: the event loop's limiter of worker threads (a request waiting in a batch holds one)."""
+    import anyio.to_thread
+
+    with serve(make_settings(request_threads=7)) as client:
+        assert client.get("/v1/users/u0/recommendations", params={"k": 3}).status_code == 200
+        assert client.portal is not None
+        limiter = client.portal.call(anyio.to_thread.current_default_thread_limiter)
+        assert limiter.total_tokens == 7
