@@ -5,6 +5,7 @@ Only numpy, faiss, onnxruntime and tokenizers: the bundle is the whole contract 
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -212,7 +213,8 @@ class Bundle:
         scores the inner products; rows -1 only where the index holds fewer than ``k`` rows.
 
         With a ``pool`` and ``shards`` > 1, an exact index (:attr:`index_splits_by_rows`) is scanned as ``shards``
-        row ranges at once on the pool's threads (the same exact answer, in a fraction of the time).
+        row ranges at once on the pool's threads: the same scores in a fraction of the time (equal scores may be
+        ordered, and cut at the ``k``-th place, differently: :func:`search_flat_in_shards`).
 
         An IVF index probes ``nprobe`` lists, which can hold fewer than ``k`` rows between them (a large ``k``, small
         lists): such queries are searched again with twice the lists probed, up to every list (exact), so a caller
@@ -807,6 +809,8 @@ def _read_index(files: dict[str, Path], manifest: dict[str, Any], shape: tuple[i
         raise BundleError(f"item_index.faiss: index type {index_type} ranks by inner product, but the index's metric is "
                           f"{'L2' if inner.metric_type == faiss.METRIC_L2 else inner.metric_type}")  # fmt: skip
     stored = _stored_vectors(inner, n_items, index_dim)
+    if index_type == bf.INDEX_FLAT_IP and not isinstance(inner, faiss.IndexFlat):  # searched exactly, maybe in shards
+        raise BundleError(f"item_index.faiss: index type {index_type} must be a flat index, got {type(inner).__name__}")
     if max_norm is not None:
         stored = _mips_stored_vectors(stored, dim, max_norm)
     item_vectors = _check_item_vectors(files, stored, shape, digests)
@@ -832,8 +836,10 @@ def search_flat_in_shards(item_vectors: np.ndarray, queries: np.ndarray, k: int,
                           ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Exact top-``k`` by inner product of each query (B, dim) over ``item_vectors``, split into ``shards``
     contiguous row ranges (each at least :data:`SHARD_MIN_ROWS` rows) searched at once on ``pool``'s threads, each
-    shard's best ``k`` merged. Returns (scores, rows), (B, k), best first; rows -1 (score -inf) where fewer than ``k`` rows
-    exist.
+    shard's best ``k`` merged. Returns (scores, rows), (B, k), best first, equal scores by row among those found;
+    rows -1 (score -inf) where fewer than ``k`` rows exist. The scores are those of one scan of every row; where
+    several rows score the same, which of them are kept at the ``k``-th place and their order may differ from one
+    scan's (FAISS's own order of equal scores).
 
     A FAISS scan of a batch costs about one pass over the vectors plus the products, so splitting by rows divides
     its time by the threads while each thread still amortises its pass over the whole batch (splitting the batch
@@ -848,10 +854,12 @@ def search_flat_in_shards(item_vectors: np.ndarray, queries: np.ndarray, k: int,
         found = rows >= 0
         return np.where(found, scores, np.float32(-np.inf)), np.where(found, rows + start, -1)
 
-    parts = list(pool.map(search_shard, range(shards)))
-    scores = np.concatenate([part[0] for part in parts], axis=1)  # (B, about shards * k), shard by shard: row order
+    futures = [pool.submit(search_shard, shard) for shard in range(shards)]
+    concurrent.futures.wait(futures)  # every shard has ended before this batch answers (or raises)
+    parts = [future.result() for future in futures]
+    scores = np.concatenate([part[0] for part in parts], axis=1)  # (B, about shards * k)
     rows = np.concatenate([part[1] for part in parts], axis=1)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), -scores))[:, :k]  # ties: lower row first
     scores, rows = np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
     if scores.shape[1] < k:  # fewer rows than k in all
         pad = k - scores.shape[1]

@@ -113,13 +113,14 @@ class ServiceSettings(BaseSettings):
         default=2, ge=1, le=64, description="Micro-batching: threads that gather and run batches; with 2, one "
         "gathers the next batch while the other searches, so searches can use two cores without OpenMP threads "
         "(+45% uncached at 1M on an otherwise idle 2-core host; 1 is better on a host whose cores other work takes). "
-        "A batch over an exact index searched while no other is, is split by rows over this many threads (a lone "
-        "query at 1M answers in about half the time).")  # fmt: skip
+        "With micro-batching on and 2 or more workers, a batch over an exact index of at least 131,072 rows that is "
+        "searched while no other batch is, is split by rows over a pool of this many further threads (a lone query "
+        "at 1M answers in about half the time).")  # fmt: skip
     request_threads: int = Field(
         default=128, ge=1, le=4096, description="Threads for the request work that runs off the event loop (anyio's "
         "thread limiter; its default is 40). A request waiting in a search batch holds one, so below batch_max_size x "
         "batch_workers requests queue for a thread instead of joining a batch: at 1M items exact, c = 64, 128 served "
-        "+15-25% over 40 (batches of 12 instead of 10, p99 250-300 instead of 330-400 ms).")  # fmt: skip
+        "356-381 against 286-287 req/s with 40, p99 241-245 against 339-358 ms (service/README.md).")  # fmt: skip
     faiss_threads: int = Field(
         default=1, ge=1, description="OpenMP threads of a FAISS search. 1: the event loop needs the other core, and "
         "OpenMP threads that spin-wait collapse when the cores are oversubscribed (a 2-thread batch measured 10-20x "

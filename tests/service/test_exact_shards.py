@@ -49,6 +49,25 @@ def test_shards_find_the_brute_force_top_k(pool: ThreadPoolExecutor, monkeypatch
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
 
 
+def test_equal_scores_keep_the_scan_scores_and_order_by_row(pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Duplicate vectors (equal scores across shards): the scores equal one scan's, the rows are distinct, each
+    scores what it is said to, and equal scores come lowest row first."""
+    monkeypatch.setattr(service_bundle, "SHARD_MIN_ROWS", 4)
+    rng = np.random.default_rng(7)
+    distinct = rng.normal(size=(3, 4)).astype(np.float32)
+    vectors = distinct[rng.integers(0, 3, size=24)]  # 24 rows, 3 distinct vectors
+    queries = rng.normal(size=(4, 4)).astype(np.float32)
+    for k in (1, 6, 10, 24):
+        scores, rows = search_flat_in_shards(vectors, queries, k, pool=pool, shards=3)
+        expected, _ = _brute_force(vectors, queries, k)
+        np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+        for q in range(len(queries)):
+            assert len(set(rows[q].tolist())) == k
+            np.testing.assert_allclose(scores[q], vectors[rows[q]] @ queries[q], rtol=1e-5, atol=1e-5)
+            for a, b in zip(range(k - 1), range(1, k), strict=True):
+                assert scores[q, a] > scores[q, b] or rows[q, a] < rows[q, b]
+
+
 def test_fewer_rows_than_k_are_padded_with_minus_one(pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(service_bundle, "SHARD_MIN_ROWS", 4)
     rng = np.random.default_rng(3)
@@ -81,7 +100,7 @@ def test_served_lists_from_split_scans_equal_brute_force(make_settings: Callable
                                                          features_bundle: SyntheticBundle,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Over HTTP, micro-batching on with two workers: every list is scanned in shards (counted) and equals numpy's
-    top-k without the user's seen items; a deleted item leaves the lists; an ingested one is ranked with the rest."""
+    top-k without the user's seen items; a deleted item leaves the lists."""
     monkeypatch.setattr(service_bundle, "SHARD_MIN_ROWS", 16)
     calls: list[int] = []
     original = service_bundle.search_flat_in_shards

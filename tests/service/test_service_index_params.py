@@ -207,6 +207,17 @@ def test_an_inner_product_kind_holding_an_l2_index_is_refused(ip_bundle: Synthet
         load_bundle(target, plan=plan_device("cpu"))
 
 
+def test_a_flat_kind_holding_another_index_is_refused(ip_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    """flat_ip is searched exactly (and split by rows): an approximate index under that name is refused."""
+    target = _rewritten(ip_bundle, tmp_path / "b")
+    hnsw = faiss.IndexIDMap2(faiss.IndexHNSWFlat(16, 8, faiss.METRIC_INNER_PRODUCT))
+    hnsw.add_with_ids(ip_bundle.item_vectors, np.arange(len(ip_bundle.item_vectors), dtype=np.int64))
+    faiss.write_index(hnsw, str(target / "item_index.faiss"))
+    write_manifest(target, {**json.loads(json.dumps(ip_bundle.manifest)), "index": {"type": "flat_ip"}})
+    with pytest.raises(BundleError, match=r"index type flat_ip must be a flat index, got IndexHNSWFlat"):
+        load_bundle(target, plan=plan_device("cpu"))
+
+
 @pytest.mark.parametrize("k", [20, 200, 3_000])
 def test_ivf_search_returns_k_rows_when_the_probed_lists_hold_fewer(ivf_bundle: SyntheticBundle, tmp_path: Path,
                                                                    k: int) -> None:  # fmt: skip
