@@ -5,14 +5,13 @@ Only numpy, faiss, onnxruntime and tokenizers: the bundle is the whole contract 
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import logging
 import math
 import mmap
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -855,7 +854,7 @@ def search_flat_in_shards(item_vectors: np.ndarray, queries: np.ndarray, k: int,
         return np.where(found, scores, np.float32(-np.inf)), np.where(found, rows + start, -1)
 
     futures = [pool.submit(search_shard, shard) for shard in range(shards)]
-    concurrent.futures.wait(futures)  # every shard has ended before this batch answers (or raises)
+    wait(futures)  # every shard has ended before this batch answers (or raises)
     parts = [future.result() for future in futures]
     scores = np.concatenate([part[0] for part in parts], axis=1)  # (B, about shards * k)
     rows = np.concatenate([part[1] for part in parts], axis=1)
