@@ -50,10 +50,6 @@ class _Search:
     answer: Future[Hits] = field(default_factory=Future)
 
 
-def _shard_thread_setup(faiss_threads: int) -> None:
-    faiss.omp_set_num_threads(faiss_threads)
-
-
 class SearchBatcher:
     def __init__(self, *, max_wait_ms: float, max_size: int, faiss_threads: int = 1, workers: int = 1,
                  observe: Callable[[float], None] | None = None, in_flight: Callable[[], int] | None = None) -> None:  # fmt: skip
@@ -77,7 +73,7 @@ class SearchBatcher:
         self._shard_pool: ThreadPoolExecutor | None = None
         if self.enabled and workers > 1:
             self._shard_pool = ThreadPoolExecutor(workers, thread_name_prefix="mmrec-search-shard",
-                                                  initializer=_shard_thread_setup, initargs=(faiss_threads,))  # fmt: skip
+                                                  initializer=faiss.omp_set_num_threads, initargs=(faiss_threads,))  # fmt: skip
         if self.enabled:
             self._threads = [threading.Thread(target=self._run, name=f"mmrec-search-batcher-{n}", daemon=True)
                              for n in range(workers)]  # fmt: skip
