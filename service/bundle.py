@@ -11,7 +11,7 @@ import logging
 import math
 import mmap
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +23,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 import bundle_format as bf
+from service.exact_search import ExactInnerProductSearch, search_in_shards
 from service.ids import IdsError, IdTable
 from service.settings import Device
 
@@ -206,21 +207,35 @@ class Bundle:
         scan over threads by rows (:func:`search_flat_in_shards`)."""
         return self.index_type == bf.INDEX_FLAT_IP and not self.index_on_gpu and len(self.item_vectors) >= 2 * SHARD_MIN_ROWS
 
+    @cached_property
+    def exact_search(self) -> ExactInnerProductSearch | None:
+        """How a flat (exact) index on the CPU is scanned in row ranges (:meth:`search_index` with a pool, a lone
+        batch): :class:`ExactInnerProductSearch` over the item vectors (the index's own memory-mapped storage), which
+        does not copy each item block into BLAS's layout as FAISS's flat search does. None for other indexes and for
+        a GPU index."""
+        if self.index_type != bf.INDEX_FLAT_IP or self.index_on_gpu:
+            return None
+        return ExactInnerProductSearch(self.item_vectors)
+
     def search_index(self, queries: np.ndarray, k: int, *, pool: Executor | None = None, shards: int = 1
                      ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """The index's best ``k`` trained rows for each query (B, dim): (scores, rows), both (B, k), best first,
         scores the inner products; rows -1 only where the index holds fewer than ``k`` rows.
 
-        With a ``pool`` and ``shards`` > 1, an exact index (:attr:`index_splits_by_rows`) is scanned as ``shards``
-        row ranges at once on the pool's threads: the same scores in a fraction of the time (equal scores may be
-        ordered, and cut at the ``k``-th place, differently: :func:`search_flat_in_shards`).
+        With a ``pool`` and ``shards`` > 1, an exact index (:attr:`index_splits_by_rows`) is scanned by
+        :attr:`exact_search` as ``shards`` row ranges at once on the pool's threads: the same scores in a fraction of
+        the time (equal scores lowest row first; which of several tied rows fill the last places may differ from
+        FAISS's one scan: :func:`search_flat_in_shards`). Without, FAISS searches the index in one call, which holds
+        no Python lock while it runs: under load (the batcher passes no pool then) that matters more than the
+        kernel, since each of the row-range scan's blocks returns to Python and waits its turn for the GIL.
 
         An IVF index probes ``nprobe`` lists, which can hold fewer than ``k`` rows between them (a large ``k``, small
         lists): such queries are searched again with twice the lists probed, up to every list (exact), so a caller
         that asks for ``k`` rows gets ``k`` whenever the index holds them."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if pool is not None and shards > 1 and self.index_splits_by_rows:
-            return search_flat_in_shards(self.item_vectors, queries, k, pool=pool, shards=shards)
+        exact = self.exact_search
+        if exact is not None and pool is not None and shards > 1 and self.index_splits_by_rows:
+            return search_flat_in_shards(exact, queries, k, pool=pool, shards=shards)
         scores, rows = self._search_index_once(queries, k, None)
         probe = self._ivf_probe
         if probe is None:
@@ -831,40 +846,21 @@ def _read_index(files: dict[str, Path], manifest: dict[str, Any], shape: tuple[i
 SHARD_MIN_ROWS = 1 << 16  # a shard of fewer rows costs more in the hand-off between threads than it saves
 
 
-def search_flat_in_shards(item_vectors: np.ndarray, queries: np.ndarray, k: int, *, pool: Executor, shards: int
+def search_flat_in_shards(search: ExactInnerProductSearch, queries: np.ndarray, k: int, *, pool: Executor, shards: int
                           ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Exact top-``k`` by inner product of each query (B, dim) over ``item_vectors``, split into ``shards``
+    """Exact top-``k`` by inner product of each query (B, dim) over ``search``'s vectors, split into ``shards``
     contiguous row ranges (each at least :data:`SHARD_MIN_ROWS` rows) searched at once on ``pool``'s threads, each
-    shard's best ``k`` merged. Returns (scores, rows), (B, k), best first, equal scores by row among those found;
-    rows -1 (score -inf) where fewer than ``k`` rows exist. The scores are those of one scan of every row; where
-    several rows score the same, which of them are kept at the ``k``-th place and their order may differ from one
-    scan's (FAISS's own order of equal scores).
+    shard's best ``k`` merged. Returns (scores, rows), (B, k), best first, equal scores lowest row first; rows -1
+    (score -inf) where fewer than ``k`` rows exist: the answer of one :meth:`ExactInnerProductSearch.search`.
 
-    A FAISS scan of a batch costs about one pass over the vectors plus the products, so splitting by rows divides
-    its time by the threads while each thread still amortises its pass over the whole batch (splitting the batch
-    by queries would make each thread pass over all the vectors)."""
-    n_rows = len(item_vectors)
+    A scan of a batch costs about one pass over the vectors plus the products, so splitting by rows divides its time
+    by the threads while each thread still amortises its pass over the whole batch (splitting the batch by queries
+    would make each thread pass over all the vectors)."""
+    n_rows = search.n_rows
     shards = max(1, min(shards, n_rows // SHARD_MIN_ROWS))
     bounds = np.linspace(0, n_rows, shards + 1).astype(np.int64)
-
-    def search_shard(shard: int) -> tuple[np.ndarray, np.ndarray]:
-        start, stop = int(bounds[shard]), int(bounds[shard + 1])
-        scores, rows = faiss.knn(queries, item_vectors[start:stop], min(k, stop - start), metric=faiss.METRIC_INNER_PRODUCT)
-        found = rows >= 0
-        return np.where(found, scores, np.float32(-np.inf)), np.where(found, rows + start, -1)
-
-    futures = [pool.submit(search_shard, shard) for shard in range(shards)]
-    wait(futures)  # every shard has ended before this batch answers (or raises)
-    parts = [future.result() for future in futures]
-    scores = np.concatenate([part[0] for part in parts], axis=1)  # (B, about shards * k)
-    rows = np.concatenate([part[1] for part in parts], axis=1)
-    order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), -scores))[:, :k]  # ties: lower row first
-    scores, rows = np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
-    if scores.shape[1] < k:  # fewer rows than k in all
-        pad = k - scores.shape[1]
-        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
-    return scores, rows
+    return search_in_shards(search, queries, k, pool=pool,
+                            bounds=[(int(bounds[s]), int(bounds[s + 1])) for s in range(shards)])  # fmt: skip
 
 
 def search_mips_index(index: Any, item_vectors: np.ndarray, queries: np.ndarray, k: int, *, params: Any = None

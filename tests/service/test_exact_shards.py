@@ -1,6 +1,6 @@
 """Search threads. An exact (flat) index scanned as row ranges on several threads (service/bundle.py
-``search_flat_in_shards``, service/batching.py): the same answers as one scan and as brute-force numpy, through the
-bundle and over HTTP. The request thread pool (where searches wait for their batch) sized by ``request_threads``."""
+``search_flat_in_shards`` over service/exact_search.py, service/batching.py): the same answers as one scan and as
+brute-force numpy, through the bundle and over HTTP. The request thread pool (where searches wait for their batch) sized by ``request_threads``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 import service.bundle as service_bundle
 from service.bundle import load_bundle, plan_device, search_flat_in_shards
+from service.exact_search import ExactInnerProductSearch
 from service.settings import ServiceSettings
 
 Serve = Callable[[ServiceSettings], AbstractContextManager[TestClient]]
@@ -37,12 +38,13 @@ def _brute_force(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
 @pytest.mark.parametrize("k", [1, 10, 70, 200])
 def test_shards_find_the_brute_force_top_k(pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch, shards: int,
                                            k: int) -> None:  # fmt: skip
-    """200 rows in shards of 50-200 rows: k above a shard's rows (70) and equal to every row (200) included."""
+    """200 rows in shards of 50-200 rows, scored in blocks of 16: k above a shard's rows (70) and equal to every row
+    (200) included."""
     monkeypatch.setattr(service_bundle, "SHARD_MIN_ROWS", 50)
     rng = np.random.default_rng(shards * 1000 + k)
     vectors = rng.normal(size=(200, 8)).astype(np.float32)
     queries = rng.normal(size=(5, 8)).astype(np.float32)
-    scores, rows = search_flat_in_shards(vectors, queries, k, pool=pool, shards=shards)
+    scores, rows = search_flat_in_shards(ExactInnerProductSearch(vectors, block_scores=16), queries, k, pool=pool, shards=shards)
     expected_scores, expected_rows = _brute_force(vectors, queries, k)
     assert rows.shape == scores.shape == (5, k)
     np.testing.assert_array_equal(rows, expected_rows)
@@ -50,15 +52,15 @@ def test_shards_find_the_brute_force_top_k(pool: ThreadPoolExecutor, monkeypatch
 
 
 def test_equal_scores_keep_the_scan_scores_and_order_by_row(pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Duplicate vectors (equal scores across shards): the scores equal one scan's, the rows are distinct, each
-    scores what it is said to, and equal scores come lowest row first."""
+    """Duplicate vectors (equal scores across shards and blocks): the scores equal one scan's, the rows are distinct,
+    each scores what it is said to, and equal scores come lowest row first."""
     monkeypatch.setattr(service_bundle, "SHARD_MIN_ROWS", 4)
     rng = np.random.default_rng(7)
     distinct = rng.normal(size=(3, 4)).astype(np.float32)
     vectors = distinct[rng.integers(0, 3, size=24)]  # 24 rows, 3 distinct vectors
     queries = rng.normal(size=(4, 4)).astype(np.float32)
     for k in (1, 6, 10, 24):
-        scores, rows = search_flat_in_shards(vectors, queries, k, pool=pool, shards=3)
+        scores, rows = search_flat_in_shards(ExactInnerProductSearch(vectors, block_scores=5), queries, k, pool=pool, shards=3)
         expected, _ = _brute_force(vectors, queries, k)
         np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
         for q in range(len(queries)):
@@ -73,7 +75,7 @@ def test_fewer_rows_than_k_are_padded_with_minus_one(pool: ThreadPoolExecutor, m
     rng = np.random.default_rng(3)
     vectors = rng.normal(size=(9, 4)).astype(np.float32)
     queries = rng.normal(size=(2, 4)).astype(np.float32)
-    scores, rows = search_flat_in_shards(vectors, queries, 12, pool=pool, shards=2)
+    scores, rows = search_flat_in_shards(ExactInnerProductSearch(vectors, block_scores=2), queries, 12, pool=pool, shards=2)
     expected_scores, expected_rows = _brute_force(vectors, queries, 9)
     np.testing.assert_array_equal(rows[:, :9], expected_rows)
     np.testing.assert_allclose(scores[:, :9], expected_scores, rtol=1e-5, atol=1e-5)

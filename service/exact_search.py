@@ -1,0 +1,149 @@
+"""Exact top-k by inner product over item vectors on the CPU, without a BLAS packing copy of the items.
+
+A batch of queries against an exact (flat) index costs about one pass over the item vectors. FAISS's flat search
+computes each block of scores with BLAS sgemm, and OpenBLAS copies ("packs") the item block into its own layout on
+every call: on the 1M x 64 bundle that copy was 37-47% of the search's time under load (py-spy, bench/results).
+Here the scores of a block of rows, ``vectors[start:stop] @ queries.T``, come from onnxruntime's MatMul (MLAS),
+whose kernel reads the rows where they are (only the small query matrix is packed), and each block's scores go into
+FAISS's result heaps (a threshold test per score, no sort). On one thread, 1M x 64, k = 40, against FAISS's flat
+search at the service's BLAS threshold of 1 (an AMD EPYC host; bench/results/README.md): 1 query 9-12 against
+36-38 ms, 8 queries 25-26 against 47-48, 16 queries 30-43 against 61-65, 32 queries 65-69 against 89-93, 64 queries
+135-160 against 144-152.
+
+The service uses it where the Python lock is free, for the row ranges of a lone batch (service/batching.py): each
+block's run and heap update return to Python, and under load, with request threads busy in Python, every return
+waits its turn for the GIL (py-spy: a third of a search thread's time), so a busy process searches with FAISS's one
+call instead (measured: ``Bundle.search_index``).
+
+The vectors are never copied: each block is a view of the memory-mapped array, handed to onnxruntime as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import Executor, wait
+
+import faiss
+import numpy as np
+import onnxruntime as ort
+
+BLOCK_SCORES = 1 << 20  # scores per run (rows x queries: 4 MB, cache-sized): 16,384 rows for 64 queries, 1M for 1
+
+
+def scores_graph() -> bytes:
+    """The ONNX model ``scores = Transpose(MatMul(vectors, queries_t))``: vectors (rows, dim), queries_t (dim, batch)
+    -> scores (batch, rows), float32, every dimension symbolic; opset 18, IR version 8.
+
+    Written here as protobuf bytes (ModelProto, onnx.proto's field numbers) because the service does not import the
+    ``onnx`` package (tests/service/test_service_boundaries.py); tests/service/test_exact_search.py checks the bytes
+    with ``onnx.checker`` and against the same graph built by ``onnx.helper``."""
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            low, n = n & 0x7F, n >> 7
+            out.append(low | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    def number(field: int, value: int) -> bytes:  # wire type 0
+        return varint(field << 3) + varint(value)
+
+    def nested(field: int, payload: bytes | str) -> bytes:  # wire type 2: bytes, strings, messages
+        data = payload.encode() if isinstance(payload, str) else payload
+        return varint(field << 3 | 2) + varint(len(data)) + data
+
+    def tensor(name: str, dims: tuple[str, str]) -> bytes:  # ValueInfoProto: a float tensor with named dimensions
+        shape = b"".join(nested(1, nested(2, dim)) for dim in dims)  # TensorShapeProto.dim { dim_param }
+        return nested(1, name) + nested(2, nested(1, number(1, 1) + nested(2, shape)))  # TypeProto.tensor_type, FLOAT
+
+    matmul = nested(1, "vectors") + nested(1, "queries_t") + nested(2, "row_scores") + nested(4, "MatMul")
+    perm = nested(1, "perm") + number(8, 1) + number(8, 0) + number(20, 7)  # AttributeProto: ints [1, 0], type INTS
+    transpose = nested(1, "row_scores") + nested(2, "scores") + nested(4, "Transpose") + nested(5, perm)
+    graph = (nested(1, matmul) + nested(1, transpose) + nested(2, "exact_inner_product_scores")
+             + nested(11, tensor("vectors", ("rows", "dim"))) + nested(11, tensor("queries_t", ("dim", "batch")))
+             + nested(12, tensor("scores", ("batch", "rows"))))  # fmt: skip
+    return number(1, 8) + nested(7, graph) + nested(8, nested(1, "") + number(2, 18))  # ir_version, graph, opset
+
+
+class ExactInnerProductSearch:
+    """Exact top-``k`` of queries by inner product over ``vectors`` (n, dim) float32, or over a row range of them.
+
+    Thread-safe: concurrent searches share one onnxruntime session (one intra-op thread a run: callers choose the
+    parallelism, e.g. :func:`search_in_shards`)."""
+
+    def __init__(self, vectors: np.ndarray, *, block_scores: int = BLOCK_SCORES) -> None:
+        if vectors.ndim != 2 or vectors.dtype != np.float32 or not vectors.flags.c_contiguous:
+            raise ValueError(f"vectors must be a C-contiguous float32 matrix, got {vectors.dtype} {vectors.shape}")
+        if block_scores < 1:
+            raise ValueError(f"block_scores must be at least 1, got {block_scores}")
+        self.vectors = vectors
+        self.block_scores = block_scores
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(scores_graph(), sess_options=options,
+                                             providers=["CPUExecutionProvider"])  # fmt: skip
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.vectors)
+
+    def search(self, queries: np.ndarray, k: int, *, start: int = 0, stop: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Best ``k`` rows of ``[start, stop)`` for each query (B, dim): (scores, rows), both (B, k), best first,
+        equal scores lowest row first; rows -1 and scores -inf where the range holds fewer than ``k`` rows. Scores
+        are float32 products from the matrix kernel, whose rounding can depend on a row's place in its block: rows
+        with the same vector may score an ulp apart, so which of several tied rows fill the last places is not
+        fixed."""
+        stop = self.n_rows if stop is None else stop
+        if not 0 <= start <= stop <= self.n_rows:
+            raise ValueError(f"row range [{start}, {stop}) is not within the {self.n_rows} rows")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        n_queries = len(queries)
+        scores = np.empty((n_queries, k), dtype=np.float32)
+        rows = np.empty((n_queries, k), dtype=np.int64)
+        if n_queries == 0:
+            return scores, rows
+        heaps = faiss.float_minheap_array_t()  # a min-heap of the best k per query: keeps the largest scores
+        heaps.nh, heaps.k = n_queries, k
+        heaps.val, heaps.ids = faiss.swig_ptr(scores), faiss.swig_ptr(rows)
+        heaps.heapify()
+        queries_t = np.ascontiguousarray(queries.T)
+        # Rows a run: as many as keep its scores within block_scores (few runs for few queries: each run and heap
+        # update returns to Python, which under load waits for the GIL).
+        block_rows = max(1, self.block_scores // n_queries)
+        for block_start in range(start, stop, block_rows):
+            block = self.vectors[block_start:min(block_start + block_rows, stop)]
+            block_scores = self._session.run(None, {"vectors": block, "queries_t": queries_t})[0]  # (B, rows)
+            block_scores = np.ascontiguousarray(block_scores, dtype=np.float32)
+            # The block's rows are ids block_start, block_start + 1, ...; a score enters a heap only if it beats the
+            # heap's worst.
+            # (nj, vin, j0, i0, ni): faiss's .pyi lists only the first two of the SWIG method's arguments
+            heaps.addn(len(block), faiss.swig_ptr(block_scores), block_start, 0, n_queries)  # type: ignore[call-arg]
+        heaps.reorder()  # best first
+        return _order_ties_by_row(scores, rows)
+
+
+def _order_ties_by_row(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each query's results by (score descending, row ascending); missing rows (-1) last with score -inf."""
+    missing = rows < 0
+    scores = np.where(missing, np.float32(-np.inf), scores)
+    order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, rows), -scores))
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(np.where(missing, -1, rows), order, axis=1)
+
+
+def search_in_shards(search: ExactInnerProductSearch, queries: np.ndarray, k: int, *, pool: Executor,
+                     bounds: Iterable[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """:meth:`ExactInnerProductSearch.search` over each row range of ``bounds`` at once on ``pool``'s threads, the
+    ranges' best ``k`` merged: the same answer as one search over their union (equal scores by row)."""
+    futures = [pool.submit(search.search, queries, k, start=start, stop=stop) for start, stop in bounds]
+    wait(futures)  # every shard has ended before this batch answers (or raises)
+    parts = [future.result() for future in futures]
+    scores = np.concatenate([part[0] for part in parts], axis=1)
+    rows = np.concatenate([part[1] for part in parts], axis=1)
+    scores, rows = _order_ties_by_row(scores, rows)
+    return scores[:, :k], rows[:, :k]

@@ -1,0 +1,146 @@
+"""Exact search over item vectors (service/exact_search.py): onnxruntime's MatMul in row blocks into FAISS's heaps,
+against brute-force numpy in float64 and against FAISS's own flat search; the bundle searches a flat index with it."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+from bundle_factory import SyntheticBundle
+
+from service.bundle import load_bundle, plan_device
+from service.exact_search import ExactInnerProductSearch
+
+
+def _brute_force(vectors: np.ndarray, queries: np.ndarray, k: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries.astype(np.float64) @ vectors.astype(np.float64).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), order + start
+
+
+@pytest.mark.parametrize("block_scores", [1, 40, 1000, 10**6])
+@pytest.mark.parametrize("k", [1, 5, 64, 300])
+def test_search_equals_brute_force_for_every_block_size(block_scores: int, k: int) -> None:
+    """300 rows in blocks of 1 to 1000 (a block holding every row), k from 1 to every row."""
+    rng = np.random.default_rng(block_scores * 1000 + k)
+    vectors = rng.normal(size=(300, 16)).astype(np.float32)
+    queries = rng.normal(size=(9, 16)).astype(np.float32)
+    scores, rows = ExactInnerProductSearch(vectors, block_scores=block_scores).search(queries, k)
+    expected_scores, expected_rows = _brute_force(vectors, queries, k)
+    assert scores.shape == rows.shape == (9, k) and scores.dtype == np.float32 and rows.dtype == np.int64
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_range_is_searched_alone_with_rows_numbered_in_the_whole() -> None:
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(100, 8)).astype(np.float32)
+    queries = rng.normal(size=(4, 8)).astype(np.float32)
+    search = ExactInnerProductSearch(vectors, block_scores=6)
+    scores, rows = search.search(queries, 10, start=37, stop=81)
+    expected_scores, expected_rows = _brute_force(vectors[37:81], queries, 10, start=37)
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_fewer_rows_than_k_are_padded_with_minus_one_and_minus_infinity() -> None:
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(12, 4)).astype(np.float32)
+    queries = rng.normal(size=(3, 4)).astype(np.float32)
+    search = ExactInnerProductSearch(vectors, block_scores=5)
+    scores, rows = search.search(queries, 20, start=2, stop=9)  # 7 rows
+    expected_scores, expected_rows = _brute_force(vectors[2:9], queries, 7, start=2)
+    np.testing.assert_array_equal(rows[:, :7], expected_rows)
+    np.testing.assert_allclose(scores[:, :7], expected_scores, rtol=1e-5, atol=1e-5)
+    assert (rows[:, 7:] == -1).all() and np.isneginf(scores[:, 7:]).all()
+    empty_scores, empty_rows = search.search(queries, 3, start=4, stop=4)
+    assert (empty_rows == -1).all() and np.isneginf(empty_scores).all()
+
+
+def test_duplicate_vectors_are_each_found_once_equal_scores_lowest_row_first() -> None:
+    """Rows with the same vector: the k best scores are brute force's, every row once, each with its own product;
+    equal returned scores come lowest row first. (Which of several tied rows fill the last places is not fixed: the
+    matrix kernel may round the same product differently by a row's place in a block.)"""
+    rng = np.random.default_rng(3)
+    distinct = rng.normal(size=(2, 4)).astype(np.float32)
+    vectors = distinct[rng.integers(0, 2, size=30)]
+    queries = rng.normal(size=(3, 4)).astype(np.float32)
+    for block_scores in (1, 4, 30):
+        for k in (1, 5, 17, 30):
+            scores, rows = ExactInnerProductSearch(vectors, block_scores=block_scores).search(queries, k)
+            expected_scores, _ = _brute_force(vectors, queries, k)
+            np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
+            for q in range(len(queries)):
+                assert len(set(rows[q].tolist())) == k
+                np.testing.assert_allclose(scores[q], vectors[rows[q]] @ queries[q], rtol=1e-5, atol=1e-5)
+                for a in range(k - 1):
+                    assert scores[q, a] > scores[q, a + 1] or rows[q, a] < rows[q, a + 1]
+
+
+def test_search_equals_faiss_flat_search() -> None:
+    """FAISS's IndexFlatIP's answer on clustered vectors: the same scores within float32 rounding, the same rows
+    but where two neighbours score within that rounding."""
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(20, 32)).astype(np.float32)
+    vectors = (centres[rng.integers(0, 20, size=5000)] + 0.3 * rng.normal(size=(5000, 32))).astype(np.float32)
+    queries = rng.normal(size=(17, 32)).astype(np.float32)
+    index = faiss.IndexFlatIP(32)
+    index.add(vectors)
+    expected_scores, expected_rows = index.search(queries, 40)
+    scores, rows = ExactInnerProductSearch(vectors, block_scores=1024).search(queries, 40)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-4)
+    assert (rows == expected_rows).mean() > 0.99  # the rest: neighbours within float32 rounding, swapped
+    for q in range(len(queries)):
+        np.testing.assert_allclose(scores[q], vectors[rows[q]] @ queries[q], rtol=1e-5, atol=1e-4)
+
+
+def test_vectors_are_not_copied_and_bad_arguments_are_refused() -> None:
+    vectors = np.random.default_rng(5).normal(size=(10, 4)).astype(np.float32)
+    search = ExactInnerProductSearch(vectors)
+    assert search.vectors is vectors
+    assert search.search(np.zeros((0, 4), dtype=np.float32), 3)[1].shape == (0, 3)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        ExactInnerProductSearch(vectors.astype(np.float64))
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        ExactInnerProductSearch(np.asfortranarray(vectors))
+    with pytest.raises(ValueError, match="block_scores"):
+        ExactInnerProductSearch(vectors, block_scores=0)
+    with pytest.raises(ValueError, match="row range"):
+        search.search(vectors[:1], 3, start=5, stop=11)
+    with pytest.raises(ValueError, match="k must be"):
+        search.search(vectors[:1], 0)
+
+
+def test_a_flat_bundle_on_the_cpu_is_searched_by_it_over_the_index_storage(features_bundle: SyntheticBundle) -> None:
+    loaded = load_bundle(features_bundle.path, plan=plan_device("cpu"))
+    assert loaded.exact_search is not None and loaded.exact_search.vectors is loaded.item_vectors
+    users = features_bundle.user_vectors
+    assert users is not None
+    for k in (1, 20, 120, 130):
+        scores, rows = loaded.search_index(users, k)
+        expected_scores, expected_rows = _brute_force(features_bundle.item_vectors, users, min(k, 120))
+        np.testing.assert_array_equal(rows[:, : min(k, 120)], expected_rows)
+        np.testing.assert_allclose(scores[:, : min(k, 120)], expected_scores, rtol=1e-5, atol=1e-5)
+        assert (rows[:, 120:] == -1).all()
+
+
+def test_the_hand_written_scores_graph_is_the_one_onnx_helper_builds() -> None:
+    """service/exact_search.py writes its ONNX model as protobuf bytes (the service does not import onnx): the bytes
+    pass onnx's full check and equal, message for message, the model onnx.helper makes of the same graph."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from service.exact_search import scores_graph
+
+    written = onnx.load_from_string(scores_graph())
+    onnx.checker.check_model(written, full_check=True)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["vectors", "queries_t"], ["row_scores"]),
+         helper.make_node("Transpose", ["row_scores"], ["scores"], perm=[1, 0])],
+        "exact_inner_product_scores",
+        [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["rows", "dim"]),
+         helper.make_tensor_value_info("queries_t", TensorProto.FLOAT, ["dim", "batch"])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", "rows"])],
+    )  # fmt: skip
+    built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    assert written == built
