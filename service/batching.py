@@ -7,7 +7,8 @@ worker thread takes the first waiting query, gathers the others that arrive with
 searches (FAISS releases the GIL), so the searches of a busy process use several cores without OpenMP's threads.
 With ``max_wait_ms = 0`` every request searches on its own thread.
 
-A batch searched while no other one is (a lone request, light load) over an exact (flat) index is split by rows
+A batch searched while no other batch is searched and no other request is in the app (light load) over an exact
+(flat) index is split by rows
 over a pool of ``workers`` threads (:func:`service.bundle.search_flat_in_shards`, scanned by
 :mod:`service.exact_search`'s kernel): at 1M x 64 a lone query answers in about a quarter of FAISS's one-thread
 time. Under load each worker searches its own batch whole with FAISS: splitting a batch does not lower its CPU cost
@@ -145,7 +146,9 @@ class SearchBatcher:
         with self._counts:
             self.batches += 1
             self.searches += len(batch)
-            alone = self._searching == 0  # no other batch is being searched: this one may use every shard thread
+            # Alone: no other batch is being searched and no other request is in the app, so this one may use every
+            # shard thread, and the row-range scan (which returns to Python after every block) finds the GIL free.
+            alone = self._searching == 0 and (self.in_flight is None or self.in_flight() <= len(batch))
             self._searching += len(batch)
         try:
             self._search(batch, self._shard_pool if alone else None)

@@ -135,3 +135,16 @@ def test_a_lone_batch_over_an_exact_index_uses_the_shard_threads_and_one_beside_
     assert catalogue.shards == [2, 1] and catalogue.batch_sizes == [1, 1]
     assert [row for row, _ in two.search(catalogue, _query(30), 1, set())] == [30]
     assert catalogue.shards[-1] == 2  # alone again
+
+
+def test_a_lone_batch_is_searched_whole_while_other_requests_are_in_the_app(batcher) -> None:  # type: ignore[no-untyped-def]
+    """No other batch searched, but more requests in the app than the batch holds (they are on their way, in HTTP
+    or encoding): the batch runs whole on its worker, leaving the GIL and a core to them; alone again, it is split."""
+    catalogue = HeldCatalogue(exact=True)
+    catalogue.release.set()
+    in_flight = [3]
+    two = batcher(max_wait_ms=1, max_size=64, workers=2, in_flight=lambda: in_flight[0])
+    assert [row for row, _ in two.search(catalogue, _query(4), 2, set())] == [4, 3]
+    in_flight[0] = 1
+    assert [row for row, _ in two.search(catalogue, _query(4), 2, set())] == [4, 3]
+    assert catalogue.shards == [1, 2]
