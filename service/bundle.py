@@ -233,9 +233,8 @@ class Bundle:
         lists): such queries are searched again with twice the lists probed, up to every list (exact), so a caller
         that asks for ``k`` rows gets ``k`` whenever the index holds them."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        exact = self.exact_search
-        if exact is not None and pool is not None and shards > 1 and self.index_splits_by_rows:
-            return search_flat_in_shards(exact, queries, k, pool=pool, shards=shards)
+        if pool is not None and shards > 1 and self.index_splits_by_rows and self.exact_search is not None:
+            return search_flat_in_shards(self.exact_search, queries, k, pool=pool, shards=shards)
         scores, rows = self._search_index_once(queries, k, None)
         probe = self._ivf_probe
         if probe is None:

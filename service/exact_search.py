@@ -5,10 +5,10 @@ computes each block of scores with BLAS sgemm, and OpenBLAS copies ("packs") the
 every call: on the 1M x 64 bundle that copy was 37-47% of the search's time under load (py-spy, bench/results).
 Here the scores of a block of rows, ``vectors[start:stop] @ queries.T``, come from onnxruntime's MatMul (MLAS),
 whose kernel reads the rows where they are (only the small query matrix is packed), and each block's scores go into
-FAISS's result heaps (a threshold test per score, no sort). On one thread, 1M x 64, k = 40, against FAISS's flat
-search at the service's BLAS threshold of 1 (an AMD EPYC host; bench/results/README.md): 1 query 9-12 against
-36-38 ms, 8 queries 25-26 against 47-48, 16 queries 30-43 against 61-65, 32 queries 65-69 against 89-93, 64 queries
-135-160 against 144-152.
+FAISS's result heaps (a threshold test per score, no sort). On one thread, 1M x 64 memory-mapped, k = 40, CPU ms a
+batch against FAISS's flat search at the service's BLAS threshold of 1 (an AMD EPYC host;
+bench/results/exact-kernel.json): 1 query 14.2 against 44.6, 8 queries 32.3 against 58.4, 16 queries 45.5 against
+65.0, 32 queries 70.4 against 93.0, 64 queries 151 against 148.
 
 The service uses it where the Python lock is free, for the row ranges of a lone batch (service/batching.py): each
 block's run and heap update return to Python, and under load, with request threads busy in Python, every return
@@ -70,7 +70,9 @@ class ExactInnerProductSearch:
     """Exact top-``k`` of queries by inner product over ``vectors`` (n, dim) float32, or over a row range of them.
 
     Thread-safe: concurrent searches share one onnxruntime session (one intra-op thread a run: callers choose the
-    parallelism, e.g. :func:`search_in_shards`)."""
+    parallelism, e.g. :func:`search_in_shards`). FAISS's heap operations are OpenMP loops: a calling thread whose
+    OpenMP thread count is above 1 starts a team of threads for them (the service's search threads set theirs to
+    ``faiss_threads``)."""
 
     def __init__(self, vectors: np.ndarray, *, block_scores: int = BLOCK_SCORES) -> None:
         if vectors.ndim != 2 or vectors.dtype != np.float32 or not vectors.flags.c_contiguous:
@@ -138,12 +140,20 @@ def _order_ties_by_row(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray
 
 def search_in_shards(search: ExactInnerProductSearch, queries: np.ndarray, k: int, *, pool: Executor,
                      bounds: Iterable[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """:meth:`ExactInnerProductSearch.search` over each row range of ``bounds`` at once on ``pool``'s threads, the
-    ranges' best ``k`` merged: the same answer as one search over their union (equal scores by row)."""
-    futures = [pool.submit(search.search, queries, k, start=start, stop=stop) for start, stop in bounds]
+    """:meth:`ExactInnerProductSearch.search` over each row range of ``bounds`` at once on ``pool``'s threads (each
+    for at most its own row count), the ranges' best ``k`` merged: (scores, rows), (B, k), best first, equal scores
+    lowest row first, rows -1 and scores -inf where the ranges hold fewer than ``k`` rows. The scores are those of one
+    search over the union, but for the kernel's rounding (which of several tied rows fill the last places may
+    differ: :meth:`ExactInnerProductSearch.search`)."""
+    ranges = [(start, stop) for start, stop in bounds if stop > start]
+    futures = [pool.submit(search.search, queries, min(k, stop - start), start=start, stop=stop) for start, stop in ranges]
     wait(futures)  # every shard has ended before this batch answers (or raises)
     parts = [future.result() for future in futures]
-    scores = np.concatenate([part[0] for part in parts], axis=1)
-    rows = np.concatenate([part[1] for part in parts], axis=1)
+    n_queries = len(queries)
+    scores = np.concatenate([np.empty((n_queries, 0), dtype=np.float32), *(part[0] for part in parts)], axis=1)
+    rows = np.concatenate([np.empty((n_queries, 0), dtype=np.int64), *(part[1] for part in parts)], axis=1)
     scores, rows = _order_ties_by_row(scores, rows)
+    if scores.shape[1] < k:  # fewer rows than k in all the ranges
+        pad = ((0, 0), (0, k - scores.shape[1]))
+        scores, rows = np.pad(scores, pad, constant_values=-np.inf), np.pad(rows, pad, constant_values=-1)
     return scores[:, :k], rows[:, :k]

@@ -1,13 +1,16 @@
 """Exact search over item vectors (service/exact_search.py): onnxruntime's MatMul in row blocks into FAISS's heaps,
-against brute-force numpy in float64 and against FAISS's own flat search; the bundle searches a flat index with it."""
+against brute-force numpy in float64 and against FAISS's own flat search; a bundle scans its flat index's row ranges with it."""
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
 import pytest
 from bundle_factory import SyntheticBundle
 
+import service.bundle as service_bundle
 from service.bundle import load_bundle, plan_device
 from service.exact_search import ExactInnerProductSearch
 
@@ -32,29 +35,19 @@ def test_search_equals_brute_force_for_every_block_size(block_scores: int, k: in
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
 
 
-def test_a_row_range_is_searched_alone_with_rows_numbered_in_the_whole() -> None:
-    rng = np.random.default_rng(1)
+@pytest.mark.parametrize(("start", "stop", "k"), [(37, 81, 10), (2, 9, 20), (4, 4, 3)])
+def test_a_row_range_is_searched_alone_and_padded_where_it_holds_fewer_than_k_rows(start: int, stop: int, k: int) -> None:
+    """Rows are numbered in the whole matrix; a range of fewer than k rows (7 rows for k = 20, an empty one) is
+    padded with rows -1 and scores -inf."""
+    rng = np.random.default_rng(start)
     vectors = rng.normal(size=(100, 8)).astype(np.float32)
     queries = rng.normal(size=(4, 8)).astype(np.float32)
-    search = ExactInnerProductSearch(vectors, block_scores=6)
-    scores, rows = search.search(queries, 10, start=37, stop=81)
-    expected_scores, expected_rows = _brute_force(vectors[37:81], queries, 10, start=37)
-    np.testing.assert_array_equal(rows, expected_rows)
-    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
-
-
-def test_fewer_rows_than_k_are_padded_with_minus_one_and_minus_infinity() -> None:
-    rng = np.random.default_rng(2)
-    vectors = rng.normal(size=(12, 4)).astype(np.float32)
-    queries = rng.normal(size=(3, 4)).astype(np.float32)
-    search = ExactInnerProductSearch(vectors, block_scores=5)
-    scores, rows = search.search(queries, 20, start=2, stop=9)  # 7 rows
-    expected_scores, expected_rows = _brute_force(vectors[2:9], queries, 7, start=2)
-    np.testing.assert_array_equal(rows[:, :7], expected_rows)
-    np.testing.assert_allclose(scores[:, :7], expected_scores, rtol=1e-5, atol=1e-5)
-    assert (rows[:, 7:] == -1).all() and np.isneginf(scores[:, 7:]).all()
-    empty_scores, empty_rows = search.search(queries, 3, start=4, stop=4)
-    assert (empty_rows == -1).all() and np.isneginf(empty_scores).all()
+    scores, rows = ExactInnerProductSearch(vectors, block_scores=6).search(queries, k, start=start, stop=stop)
+    found = min(k, stop - start)
+    expected_scores, expected_rows = _brute_force(vectors[start:stop], queries, found, start=start)
+    np.testing.assert_array_equal(rows[:, :found], expected_rows)
+    np.testing.assert_allclose(scores[:, :found], expected_scores, rtol=1e-5, atol=1e-5)
+    assert (rows[:, found:] == -1).all() and np.isneginf(scores[:, found:]).all()
 
 
 def test_duplicate_vectors_are_each_found_once_equal_scores_lowest_row_first() -> None:
@@ -111,17 +104,34 @@ def test_vectors_are_not_copied_and_bad_arguments_are_refused() -> None:
         search.search(vectors[:1], 0)
 
 
-def test_a_flat_bundle_on_the_cpu_is_searched_by_it_over_the_index_storage(features_bundle: SyntheticBundle) -> None:
+def test_a_flat_bundle_scans_row_ranges_with_it_over_the_index_storage(features_bundle: SyntheticBundle,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Through the bundle: its row-range scan is this search over the item vectors the index holds (not a copy),
+    called for every shard, and equals brute force, k above the catalogue (120 rows) included."""
+    monkeypatch.setattr(service_bundle, "SHARD_MIN_ROWS", 30)
     loaded = load_bundle(features_bundle.path, plan=plan_device("cpu"))
     assert loaded.exact_search is not None and loaded.exact_search.vectors is loaded.item_vectors
+    calls: list[tuple[int, int]] = []
+    original = ExactInnerProductSearch.search
+
+    def counted(self: ExactInnerProductSearch, queries: np.ndarray, k: int, *, start: int = 0, stop: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        calls.append((start, self.n_rows if stop is None else stop))
+        return original(self, queries, k, start=start, stop=stop)
+
+    monkeypatch.setattr(ExactInnerProductSearch, "search", counted)
     users = features_bundle.user_vectors
     assert users is not None
-    for k in (1, 20, 120, 130):
-        scores, rows = loaded.search_index(users, k)
-        expected_scores, expected_rows = _brute_force(features_bundle.item_vectors, users, min(k, 120))
-        np.testing.assert_array_equal(rows[:, : min(k, 120)], expected_rows)
-        np.testing.assert_allclose(scores[:, : min(k, 120)], expected_scores, rtol=1e-5, atol=1e-5)
-        assert (rows[:, 120:] == -1).all()
+    with ThreadPoolExecutor(2) as pool:
+        for k in (1, 20, 120, 130):
+            calls.clear()
+            scores, rows = loaded.search_index(users, k, pool=pool, shards=2)
+            assert sorted(calls) == [(0, 60), (60, 120)]
+            found = min(k, 120)
+            expected_scores, expected_rows = _brute_force(features_bundle.item_vectors, users, found)
+            np.testing.assert_array_equal(rows[:, :found], expected_rows)
+            np.testing.assert_allclose(scores[:, :found], expected_scores, rtol=1e-5, atol=1e-5)
+            assert rows.shape == (len(users), k) and (rows[:, found:] == -1).all() and np.isneginf(scores[:, found:]).all()
 
 
 def test_the_hand_written_scores_graph_is_the_one_onnx_helper_builds() -> None:
