@@ -23,7 +23,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 import bundle_format as bf
-from service.exact_search import ExactInnerProductSearch, search_in_shards
+from service.exact_search import ONE_CALL_MAX_QUERIES, ExactInnerProductSearch, search_in_shards
 from service.ids import IdsError, IdTable
 from service.settings import Device
 
@@ -209,10 +209,9 @@ class Bundle:
 
     @cached_property
     def exact_search(self) -> ExactInnerProductSearch | None:
-        """How a flat (exact) index on the CPU is scanned in row ranges (:meth:`search_index` with a pool, a lone
-        batch): :class:`ExactInnerProductSearch` over the item vectors (the index's own memory-mapped storage), which
-        does not copy each item block into BLAS's layout as FAISS's flat search does. None for other indexes and for
-        a GPU index."""
+        """How a flat (exact) index on the CPU is scanned (:meth:`search_index`): :class:`ExactInnerProductSearch`
+        over the item vectors (the index's own memory-mapped storage), which does not copy each item block into
+        BLAS's layout as FAISS's flat search does. None for other indexes and for a GPU index."""
         if self.index_type != bf.INDEX_FLAT_IP or self.index_on_gpu:
             return None
         return ExactInnerProductSearch(self.item_vectors)
@@ -222,19 +221,22 @@ class Bundle:
         """The index's best ``k`` trained rows for each query (B, dim): (scores, rows), both (B, k), best first,
         scores the inner products; rows -1 only where the index holds fewer than ``k`` rows.
 
-        With a ``pool`` and ``shards`` > 1, an exact index (:attr:`index_splits_by_rows`) is scanned by
-        :attr:`exact_search` as ``shards`` row ranges at once on the pool's threads: the same scores in a fraction of
-        the time (equal scores lowest row first; which of several tied rows fill the last places may differ from
-        FAISS's one scan: :func:`search_flat_in_shards`). Without, FAISS searches the index in one call, which holds
-        no Python lock while it runs: under load (the batcher passes no pool then) that matters more than the
-        kernel, since each of the row-range scan's blocks returns to Python and waits its turn for the GIL.
+        An exact index of at least two shards' rows (:attr:`index_splits_by_rows`) is scanned by
+        :attr:`exact_search`: with a ``pool`` and ``shards`` > 1 (a lone batch) as ``shards`` row ranges at once on the
+        pool's threads (:func:`search_flat_in_shards`); without, a batch of at most :data:`ONE_CALL_MAX_QUERIES`
+        queries in one onnxruntime run (:meth:`ExactInnerProductSearch.search_whole`: one return to Python, which
+        matters under load, when the other threads want the GIL). Larger batches, and other indexes, are FAISS's.
+        Equal scores come lowest row first; which of several tied rows fill the last places may differ from FAISS's.
 
         An IVF index probes ``nprobe`` lists, which can hold fewer than ``k`` rows between them (a large ``k``, small
         lists): such queries are searched again with twice the lists probed, up to every list (exact), so a caller
         that asks for ``k`` rows gets ``k`` whenever the index holds them."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if pool is not None and shards > 1 and self.index_splits_by_rows and self.exact_search is not None:
-            return search_flat_in_shards(self.exact_search, queries, k, pool=pool, shards=shards)
+        if self.index_splits_by_rows and self.exact_search is not None:
+            if pool is not None and shards > 1:
+                return search_flat_in_shards(self.exact_search, queries, k, pool=pool, shards=shards)
+            if len(queries) <= ONE_CALL_MAX_QUERIES:
+                return self.exact_search.search_whole(queries, k)
         scores, rows = self._search_index_once(queries, k, None)
         probe = self._ivf_probe
         if probe is None:

@@ -20,7 +20,7 @@ The vectors are never copied: each block is a view of the memory-mapped array, h
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor, wait
 
 import faiss
@@ -30,40 +30,84 @@ import onnxruntime as ort
 BLOCK_SCORES = 1 << 20  # scores per run (rows x queries: 4 MB, cache-sized): 16,384 rows for 64 queries, 1M for 1
 
 
+ONE_CALL_BLOCK_ROWS = 32_768  # rows a block of the one-call graph: 16k-32k measured best for its TopK
+ONE_CALL_MAX_QUERIES = 16  # the one-call graph's TopK costs more than FAISS's heaps above this (bench/exact_kernel.py)
+_FLOAT, _INT64 = 1, 7  # onnx.proto TensorProto.DataType
+
+
+# ONNX models written as protobuf bytes (ModelProto, with onnx.proto's field numbers) because the service does not import
+# the ``onnx`` package (tests/service/test_service_boundaries.py); tests/service/test_exact_search.py checks each with
+# ``onnx.checker`` and against the same graph built by ``onnx.helper``.
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _number(field: int, value: int) -> bytes:  # wire type 0
+    return _varint(field << 3) + _varint(value)
+
+
+def _nested(field: int, payload: bytes | str) -> bytes:  # wire type 2: bytes, strings, messages
+    data = payload.encode() if isinstance(payload, str) else payload
+    return _varint(field << 3 | 2) + _varint(len(data)) + data
+
+
+def _value_info(name: str, elem_type: int, dims: Sequence[str | int]) -> bytes:
+    """ValueInfoProto: a tensor of ``elem_type`` whose dimensions are named (str) or fixed (int)."""
+    shape = b"".join(_nested(1, _nested(2, d) if isinstance(d, str) else _number(1, d)) for d in dims)
+    return _nested(1, name) + _nested(2, _nested(1, _number(1, elem_type) + _nested(2, shape)))
+
+
+def _node(op_type: str, inputs: Sequence[str], outputs: Sequence[str], *, ints: dict[str, Sequence[int]] | None = None,
+          int_: dict[str, int] | None = None) -> bytes:  # fmt: skip
+    """NodeProto; attributes of type INTS (``ints``) or INT (``int_``)."""
+    attributes = [_nested(1, name) + b"".join(_number(8, v) for v in values) + _number(20, 7)
+                  for name, values in (ints or {}).items()]  # fmt: skip
+    attributes += [_nested(1, name) + _number(3, value) + _number(20, 2) for name, value in (int_ or {}).items()]
+    return (b"".join(_nested(1, i) for i in inputs) + b"".join(_nested(2, o) for o in outputs) + _nested(4, op_type)
+            + b"".join(_nested(5, a) for a in attributes))  # fmt: skip
+
+
+def _model(name: str, nodes: Sequence[bytes], inputs: Sequence[bytes], outputs: Sequence[bytes]) -> bytes:
+    """ModelProto, IR version 8, the default opset 18."""
+    graph = (b"".join(_nested(1, n) for n in nodes) + _nested(2, name) + b"".join(_nested(11, i) for i in inputs)
+             + b"".join(_nested(12, o) for o in outputs))  # fmt: skip
+    return _number(1, 8) + _nested(7, graph) + _nested(8, _nested(1, "") + _number(2, 18))
+
+
 def scores_graph() -> bytes:
-    """The ONNX model ``scores = Transpose(MatMul(vectors, queries_t))``: vectors (rows, dim), queries_t (dim, batch)
-    -> scores (batch, rows), float32, every dimension symbolic; opset 18, IR version 8.
+    """``scores = Transpose(MatMul(vectors, queries_t))``: vectors (rows, dim), queries_t (dim, batch) -> scores
+    (batch, rows), float32."""
+    return _model(
+        "exact_inner_product_scores",
+        [_node("MatMul", ["vectors", "queries_t"], ["row_scores"]),
+         _node("Transpose", ["row_scores"], ["scores"], ints={"perm": [1, 0]})],
+        [_value_info("vectors", _FLOAT, ("rows", "dim")), _value_info("queries_t", _FLOAT, ("dim", "batch"))],
+        [_value_info("scores", _FLOAT, ("batch", "rows"))],
+    )  # fmt: skip
 
-    Written here as protobuf bytes (ModelProto, onnx.proto's field numbers) because the service does not import the
-    ``onnx`` package (tests/service/test_service_boundaries.py); tests/service/test_exact_search.py checks the bytes
-    with ``onnx.checker`` and against the same graph built by ``onnx.helper``."""
 
-    def varint(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            low, n = n & 0x7F, n >> 7
-            out.append(low | (0x80 if n else 0))
-            if not n:
-                return bytes(out)
-
-    def number(field: int, value: int) -> bytes:  # wire type 0
-        return varint(field << 3) + varint(value)
-
-    def nested(field: int, payload: bytes | str) -> bytes:  # wire type 2: bytes, strings, messages
-        data = payload.encode() if isinstance(payload, str) else payload
-        return varint(field << 3 | 2) + varint(len(data)) + data
-
-    def tensor(name: str, dims: tuple[str, str]) -> bytes:  # ValueInfoProto: a float tensor with named dimensions
-        shape = b"".join(nested(1, nested(2, dim)) for dim in dims)  # TensorShapeProto.dim { dim_param }
-        return nested(1, name) + nested(2, nested(1, number(1, 1) + nested(2, shape)))  # TypeProto.tensor_type, FLOAT
-
-    matmul = nested(1, "vectors") + nested(1, "queries_t") + nested(2, "row_scores") + nested(4, "MatMul")
-    perm = nested(1, "perm") + number(8, 1) + number(8, 0) + number(20, 7)  # AttributeProto: ints [1, 0], type INTS
-    transpose = nested(1, "row_scores") + nested(2, "scores") + nested(4, "Transpose") + nested(5, perm)
-    graph = (nested(1, matmul) + nested(1, transpose) + nested(2, "exact_inner_product_scores")
-             + nested(11, tensor("vectors", ("rows", "dim"))) + nested(11, tensor("queries_t", ("dim", "batch")))
-             + nested(12, tensor("scores", ("batch", "rows"))))  # fmt: skip
-    return number(1, 8) + nested(7, graph) + nested(8, nested(1, "") + number(2, 18))  # ir_version, graph, opset
+def top_k_graph(n_blocks: int) -> bytes:
+    """Each block b of rows (``block_b``: rows_b x dim) scored against queries_t (dim, batch) and its best ``k_b``
+    (int64 [1], at most rows_b) kept by TopK, in one run: values (batch, sum of k_b) float32 and rows (batch, sum of
+    k_b) int64, the rows numbered within their block, block after block, best first within each."""
+    nodes, inputs = [], []
+    for b in range(n_blocks):
+        inputs += [_value_info(f"block_{b}", _FLOAT, (f"rows_{b}", "dim")), _value_info(f"k_{b}", _INT64, (1,))]
+        nodes += [_node("MatMul", [f"block_{b}", "queries_t"], [f"row_scores_{b}"]),
+                  _node("Transpose", [f"row_scores_{b}"], [f"scores_{b}"], ints={"perm": [1, 0]}),
+                  _node("TopK", [f"scores_{b}", f"k_{b}"], [f"values_{b}", f"rows_{b}"], int_={"axis": 1})]  # fmt: skip
+    nodes += [_node("Concat", [f"values_{b}" for b in range(n_blocks)], ["values"], int_={"axis": 1}),
+              _node("Concat", [f"rows_{b}" for b in range(n_blocks)], ["rows"], int_={"axis": 1})]  # fmt: skip
+    inputs.append(_value_info("queries_t", _FLOAT, ("dim", "batch")))
+    return _model("exact_inner_product_top_k", nodes, inputs,
+                  [_value_info("values", _FLOAT, ("batch", "found")), _value_info("rows", _INT64, ("batch", "found"))])  # fmt: skip
 
 
 class ExactInnerProductSearch:
@@ -74,19 +118,31 @@ class ExactInnerProductSearch:
     OpenMP thread count is above 1 starts a team of threads for them (the service's search threads set theirs to
     ``faiss_threads``)."""
 
-    def __init__(self, vectors: np.ndarray, *, block_scores: int = BLOCK_SCORES) -> None:
+    def __init__(self, vectors: np.ndarray, *, block_scores: int = BLOCK_SCORES,
+                 one_call_block_rows: int = ONE_CALL_BLOCK_ROWS) -> None:  # fmt: skip
         if vectors.ndim != 2 or vectors.dtype != np.float32 or not vectors.flags.c_contiguous:
             raise ValueError(f"vectors must be a C-contiguous float32 matrix, got {vectors.dtype} {vectors.shape}")
-        if block_scores < 1:
-            raise ValueError(f"block_scores must be at least 1, got {block_scores}")
+        if block_scores < 1 or one_call_block_rows < 1:
+            raise ValueError(f"block_scores and one_call_block_rows must be at least 1, got {block_scores}, "
+                             f"{one_call_block_rows}")  # fmt: skip
         self.vectors = vectors
         self.block_scores = block_scores
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self._session = ort.InferenceSession(scores_graph(), sess_options=options,
                                              providers=["CPUExecutionProvider"])  # fmt: skip
+        # The one-call graph: every block of rows is an input of its own (a view, not a copy).
+        starts = range(0, max(1, len(vectors)), one_call_block_rows)
+        self._blocks = [vectors[start:start + one_call_block_rows] for start in starts]
+        self._block_starts = np.array(list(starts), dtype=np.int64)
+        self._block_feeds = {f"block_{b}": block for b, block in enumerate(self._blocks)}
+        self._one_call = ort.InferenceSession(top_k_graph(len(self._blocks)), sess_options=options,
+                                              providers=["CPUExecutionProvider"])  # fmt: skip
+        self._k_feeds: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
 
     @property
     def n_rows(self) -> int:
@@ -128,6 +184,36 @@ class ExactInnerProductSearch:
             heaps.addn(len(block), faiss.swig_ptr(block_scores), block_start, 0, n_queries)  # type: ignore[call-arg]
         heaps.reorder()  # best first
         return _order_ties_by_row(scores, rows)
+
+
+    def search_whole(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` over every row in one onnxruntime run (each block's best ``k`` by TopK, merged here), so the
+        search returns to Python once, not after every block: for a batch searched while other threads want the GIL.
+        Faster than FAISS's flat search up to :data:`ONE_CALL_MAX_QUERIES` queries (TopK's cost grows faster with
+        the batch than FAISS's heaps)."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if len(queries) == 0 or self.n_rows == 0:
+            return (np.full((len(queries), k), -np.inf, dtype=np.float32), np.full((len(queries), k), -1, dtype=np.int64))
+        k_feeds, offsets = self._k_feeds_for(k)
+        values, rows = self._one_call.run(None, {**self._block_feeds, **k_feeds, "queries_t": np.ascontiguousarray(queries.T)})
+        scores, rows = _order_ties_by_row(np.asarray(values, dtype=np.float32), np.asarray(rows, dtype=np.int64) + offsets)
+        if scores.shape[1] < k:  # fewer rows than k
+            pad = ((0, 0), (0, k - scores.shape[1]))
+            scores, rows = np.pad(scores, pad, constant_values=-np.inf), np.pad(rows, pad, constant_values=-1)
+        return scores[:, :k], rows[:, :k]
+
+    def _k_feeds_for(self, k: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Each block's ``k_b = min(k, rows_b)`` and the row offset of each of the graph's output columns."""
+        cached = self._k_feeds.get(k)
+        if cached is None:
+            per_block = [min(k, len(block)) for block in self._blocks]
+            feeds = {f"k_{b}": np.array([kb], dtype=np.int64) for b, kb in enumerate(per_block)}
+            cached = (feeds, np.repeat(self._block_starts, per_block)[None, :])
+            if len(self._k_feeds) < 64:  # a few distinct k in practice (k + seen items, doubled when short)
+                self._k_feeds[k] = cached
+        return cached
 
 
 def _order_ties_by_row(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
