@@ -4,16 +4,20 @@ A batch of queries against an exact (flat) index costs about one pass over the i
 computes each block of scores with BLAS sgemm, and OpenBLAS copies ("packs") the item block into its own layout on
 every call: on the 1M x 64 bundle that copy was 37-47% of the search's time under load (py-spy, bench/results).
 Here the scores of a block of rows, ``vectors[start:stop] @ queries.T``, come from onnxruntime's MatMul (MLAS),
-whose kernel reads the rows where they are (only the small query matrix is packed), and each block's scores go into
-FAISS's result heaps (a threshold test per score, no sort). On one thread, 1M x 64 memory-mapped, k = 40, CPU ms a
-batch against FAISS's flat search at the service's BLAS threshold of 1 (an AMD EPYC host;
-bench/results/exact-kernel.json): 1 query 14.2 against 44.6, 8 queries 32.3 against 58.4, 16 queries 45.5 against
-65.0, 32 queries 70.4 against 93.0, 64 queries 151 against 148.
+whose kernel reads the rows where they are (only the small query matrix is packed). Two ways to keep the best k:
 
-The service uses it where the Python lock is free, for the row ranges of a lone batch (service/batching.py): each
-block's run and heap update return to Python, and under load, with request threads busy in Python, every return
-waits its turn for the GIL (py-spy: a third of a search thread's time), so a busy process searches with FAISS's one
-call instead (measured: ``Bundle.search_index``).
+- :meth:`ExactInnerProductSearch.search`: block by block, each block's scores into FAISS's result heaps (a threshold
+  test per score, no sort). Fastest, but every block's run and heap update return to Python, and with request
+  threads busy in Python each return waits its turn for the GIL (py-spy under load: a third of a search thread's
+  time). The service uses it for the row ranges of a lone batch (service/batching.py), when the GIL is free.
+- :meth:`ExactInnerProductSearch.search_whole`: every block's MatMul and TopK in one onnxruntime run, merged after:
+  one return to Python. TopK costs more than the heaps as the batch grows, so the service uses it for batches of up
+  to :data:`ONE_CALL_MAX_QUERIES` queries under load and FAISS's one call above.
+
+On one thread, 1M x 64 memory-mapped, k = 40, CPU ms a batch (bench/results/exact-kernel.json, an AMD EPYC host),
+block by block / one run / FAISS's flat search at the service's BLAS threshold of 1: 1 query 11.4 / 12.2 / 38.0;
+8 queries 30.0 / 32.6 / 50.9; 16 queries 33.2 / 45.5 / 64.7; 32 queries 74.2 / 101.2 / 96.3; 64 queries 173 / 239
+/ 169.
 
 The vectors are never copied: each block is a view of the memory-mapped array, handed to onnxruntime as it is.
 """
