@@ -189,7 +189,6 @@ class ExactInnerProductSearch:
         heaps.reorder()  # best first
         return _order_ties_by_row(scores, rows)
 
-
     def search_whole(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`search` over every row in one onnxruntime run (each block's best ``k`` by TopK, merged here), so the
         search returns to Python once, not after every block: for a batch searched while other threads want the GIL.
@@ -221,8 +220,9 @@ class ExactInnerProductSearch:
 
 
 def _order_ties_by_row(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort each query's results by (score descending, row ascending); missing rows (-1) last with score -inf."""
-    missing = rows < 0
+    """Sort each query's results by (score descending, row ascending); missing rows (-1) last with score -inf, and
+    rows scored NaN (a NaN query: FAISS's heaps never keep them, TopK would) missing too."""
+    missing = (rows < 0) | np.isnan(scores)
     scores = np.where(missing, np.float32(-np.inf), scores)
     order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, rows), -scores))
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(np.where(missing, -1, rows), order, axis=1)

@@ -104,6 +104,9 @@ def test_vectors_are_not_copied_and_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="C-contiguous float32"):
         ExactInnerProductSearch(np.asfortranarray(vectors))
     assert search.search_whole(np.zeros((0, 4), dtype=np.float32), 3)[1].shape == (0, 3)
+    nan_query = np.full((1, 4), np.nan, dtype=np.float32)
+    for found in (search.search(nan_query, 3), search.search_whole(nan_query, 3)):  # nothing found, as FAISS finds
+        assert (found[1] == -1).all() and np.isneginf(found[0]).all()
     with pytest.raises(ValueError, match="block_scores"):
         ExactInnerProductSearch(vectors, block_scores=0)
     with pytest.raises(ValueError, match="one_call_block_rows"):
