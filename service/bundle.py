@@ -203,8 +203,8 @@ class Bundle:
 
     @property
     def index_splits_by_rows(self) -> bool:
-        """A flat (exact) index on CPU over at least two shards' worth of rows: :meth:`search_index` can split its
-        scan over threads by rows (:func:`search_flat_in_shards`)."""
+        """A flat (exact) index on CPU over at least two shards' worth of rows: :meth:`search_index` scans it with
+        :attr:`exact_search`, split over threads by rows for a lone batch (:func:`search_flat_in_shards`)."""
         return self.index_type == bf.INDEX_FLAT_IP and not self.index_on_gpu and len(self.item_vectors) >= 2 * SHARD_MIN_ROWS
 
     @cached_property
