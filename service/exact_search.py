@@ -32,8 +32,6 @@ import numpy as np
 import onnxruntime as ort
 
 BLOCK_SCORES = 1 << 20  # scores per run (rows x queries: 4 MB, cache-sized): 16,384 rows for 64 queries, 1M for 1
-
-
 ONE_CALL_BLOCK_ROWS = 32_768  # rows a block of the one-call graph: 16k-32k measured best for its TopK
 ONE_CALL_MAX_QUERIES = 16  # the one-call graph's TopK costs more than FAISS's heaps above this (bench/exact_kernel.py)
 _FLOAT, _INT64 = 1, 7  # onnx.proto TensorProto.DataType
@@ -198,14 +196,11 @@ class ExactInnerProductSearch:
             raise ValueError(f"k must be at least 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if len(queries) == 0 or self.n_rows == 0:
-            return (np.full((len(queries), k), -np.inf, dtype=np.float32), np.full((len(queries), k), -1, dtype=np.int64))
+            nothing = np.empty((len(queries), 0))
+            return _best_k(nothing.astype(np.float32), nothing.astype(np.int64), k)
         k_feeds, offsets = self._k_feeds_for(k)
         values, rows = self._one_call.run(None, {**self._block_feeds, **k_feeds, "queries_t": np.ascontiguousarray(queries.T)})
-        scores, rows = _order_ties_by_row(np.asarray(values, dtype=np.float32), np.asarray(rows, dtype=np.int64) + offsets)
-        if scores.shape[1] < k:  # fewer rows than k
-            pad = ((0, 0), (0, k - scores.shape[1]))
-            scores, rows = np.pad(scores, pad, constant_values=-np.inf), np.pad(rows, pad, constant_values=-1)
-        return scores[:, :k], rows[:, :k]
+        return _best_k(np.asarray(values, dtype=np.float32), np.asarray(rows, dtype=np.int64) + offsets, k)
 
     def _k_feeds_for(self, k: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Each block's ``k_b = min(k, rows_b)`` and the row offset of each of the graph's output columns."""
@@ -228,6 +223,16 @@ def _order_ties_by_row(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(np.where(missing, -1, rows), order, axis=1)
 
 
+def _best_k(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates (B, m) -> the best ``k`` of each query, ordered by :func:`_order_ties_by_row`, padded with rows -1
+    and scores -inf where fewer than ``k`` were found."""
+    scores, rows = _order_ties_by_row(scores, rows)
+    if scores.shape[1] < k:
+        pad = ((0, 0), (0, k - scores.shape[1]))
+        scores, rows = np.pad(scores, pad, constant_values=-np.inf), np.pad(rows, pad, constant_values=-1)
+    return scores[:, :k], rows[:, :k]
+
+
 def search_in_shards(search: ExactInnerProductSearch, queries: np.ndarray, k: int, *, pool: Executor,
                      bounds: Iterable[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """:meth:`ExactInnerProductSearch.search` over each row range of ``bounds`` at once on ``pool``'s threads (each
@@ -242,8 +247,4 @@ def search_in_shards(search: ExactInnerProductSearch, queries: np.ndarray, k: in
     n_queries = len(queries)
     scores = np.concatenate([np.empty((n_queries, 0), dtype=np.float32), *(part[0] for part in parts)], axis=1)
     rows = np.concatenate([np.empty((n_queries, 0), dtype=np.int64), *(part[1] for part in parts)], axis=1)
-    scores, rows = _order_ties_by_row(scores, rows)
-    if scores.shape[1] < k:  # fewer rows than k in all the ranges
-        pad = ((0, 0), (0, k - scores.shape[1]))
-        scores, rows = np.pad(scores, pad, constant_values=-np.inf), np.pad(rows, pad, constant_values=-1)
-    return scores[:, :k], rows[:, :k]
+    return _best_k(scores, rows, k)
