@@ -25,6 +25,7 @@ import base64
 import io
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     return found | {"max": round(float(array.max()), 2)}
 
 
-def run_ingestion(url: str, content: list[tuple[str, str]], *, concurrency: int, id_prefix: str,
+def run_ingestion(url: str, content: Sequence[tuple[str | None, str | None]], *, concurrency: int, id_prefix: str,
                   api_key: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Post every item of ``content`` (one per request) from ``concurrency`` threads; items/s and latency (ms)."""
     headers = {"X-API-Key": api_key} if api_key else {}

@@ -18,11 +18,9 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from bench.variants import ROOT, start
@@ -31,30 +29,21 @@ CONCURRENCY = 8
 KINDS = ("text+poster", "text", "poster", "one-word text")
 
 
-def body(kind: str, item_id: str, text: str, image: str) -> dict[str, Any]:
-    if kind == "text+poster":
-        return {"id": item_id, "text": text, "image_base64": image}
-    if kind == "text":
-        return {"id": item_id, "text": text}
-    if kind == "poster":
-        return {"id": item_id, "image_base64": image}
-    return {"id": item_id, "text": "film"}
+def content_of(kind: str, text: str, image: str) -> tuple[str | None, str | None]:
+    """The (text, image base64) an item of ``kind`` is posted with."""
+    return {"text+poster": (text, image), "text": (text, None), "poster": (None, image),
+            "one-word text": ("film", None)}[kind]  # fmt: skip
 
 
-def post_all(url: str, bodies: list[dict[str, Any]]) -> float:
-    """Post every body from CONCURRENCY threads; seconds taken. Every answer must be 201."""
+def post_all(url: str, content: list[tuple[str | None, str | None]], id_prefix: str) -> float:
+    """Post every item from CONCURRENCY threads (``bench.ingestion.run_ingestion``); seconds taken. Every answer must
+    be 201."""
+    from bench.ingestion import run_ingestion
 
-    def worker(offset: int) -> None:
-        with httpx.Client(base_url=url, timeout=60.0) as client:
-            for n in range(offset, len(bodies), CONCURRENCY):
-                response = client.post("/v1/items", json=bodies[n])
-                if response.status_code != 201:
-                    raise SystemExit(f"POST /v1/items answered {response.status_code}: {response.text[:300]}")
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(CONCURRENCY) as pool:
-        list(pool.map(worker, range(CONCURRENCY)))
-    return time.perf_counter() - started
+    found = run_ingestion(url, content, concurrency=CONCURRENCY, id_prefix=id_prefix)
+    if found["created"] != len(content):
+        raise SystemExit(f"POST /v1/items answered {found['statuses']}: {found['failures']}")
+    return float(found["seconds"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,18 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     server, state = start(Path(args.bundle).resolve(), ROOT, {}, work, "split")
     records: list[dict[str, Any]] = []
     try:
-        post_all(server.url, [body("text+poster", f"warm-{n}", t, i) for n, (t, i) in enumerate(content[:16])])
+        post_all(server.url, [content_of("text+poster", t, i) for t, i in content[:16]], "warm")
         taken = 16
         for rep in range(args.reps):
             for kind in KINDS:
                 items = content[taken:taken + args.items]
                 taken += args.items
-                bodies = [body(kind, f"{kind}-{rep}-{n}", t, i) for n, (t, i) in enumerate(items)]
+                posted = [content_of(kind, t, i) for t, i in items]
                 cpu = server.cpu_seconds()
-                seconds = post_all(server.url, bodies)
+                seconds = post_all(server.url, posted, f"{kind.replace(' ', '-')}-{rep}")
                 used = server.cpu_seconds() - cpu
-                record = {"kind": kind, "rep": rep, "items": len(bodies), "items_per_s": round(len(bodies) / seconds, 1),
-                          "server_cpu_ms_per_item": round(1000 * used / len(bodies), 2)}  # fmt: skip
+                record = {"kind": kind, "rep": rep, "items": len(posted), "items_per_s": round(len(posted) / seconds, 1),
+                          "server_cpu_ms_per_item": round(1000 * used / len(posted), 2)}  # fmt: skip
                 records.append(record)
                 print(f"rep {rep} {kind:14s} {record['items_per_s']:6.1f} items/s  {record['server_cpu_ms_per_item']:6.2f} "
                       "server CPU ms/item", flush=True)  # fmt: skip
