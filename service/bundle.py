@@ -225,7 +225,8 @@ class Bundle:
         :attr:`exact_search`: with a ``pool`` and ``shards`` > 1 (a lone batch) as ``shards`` row ranges at once on the
         pool's threads (:func:`search_flat_in_shards`); without, a batch of at most :data:`ONE_CALL_MAX_QUERIES`
         queries in one onnxruntime run (:meth:`ExactInnerProductSearch.search_whole`: one return to Python, which
-        matters under load, when the other threads want the GIL). Larger batches, and other indexes, are FAISS's.
+        matters under load, when the other threads want the GIL). Larger batches (more than the batcher gathers),
+        and other indexes, are FAISS's.
         Equal scores come lowest row first; which of several tied rows fill the last places may differ from FAISS's.
 
         An IVF index probes ``nprobe`` lists, which can hold fewer than ``k`` rows between them (a large ``k``, small

@@ -10,14 +10,17 @@ whose kernel reads the rows where they are (only the small query matrix is packe
   test per score, no sort). Fastest, but every block's run and heap update return to Python, and with request
   threads busy in Python each return waits its turn for the GIL (py-spy under load: a third of a search thread's
   time). The service uses it for the row ranges of a lone batch (service/batching.py), when the GIL is free.
-- :meth:`ExactInnerProductSearch.search_whole`: every block's MatMul and TopK in one onnxruntime run, merged after:
-  one return to Python. TopK costs more than the heaps as the batch grows, so the service uses it for batches of up
-  to :data:`ONE_CALL_MAX_QUERIES` queries under load and FAISS's one call above.
+- :meth:`ExactInnerProductSearch.search_whole`: every block's MatMul and best k in one onnxruntime run, merged
+  after: one return to Python. A TopK over every score cost more than the heaps as the batch grew (16 queries: 45.5
+  against 33.2 ms), so each block keeps its best groups of 16 rows by their maxima first and its best k rows of
+  those (:func:`top_k_graph`). The service uses it for batches of up to :data:`ONE_CALL_MAX_QUERIES` queries under
+  load.
 
-On one thread, 1M x 64 memory-mapped, k = 40, CPU ms a batch (bench/results/exact-kernel.json, an AMD EPYC host),
-block by block / one run / FAISS's flat search at the service's BLAS threshold of 1: 1 query 11.4 / 12.2 / 38.0;
-8 queries 30.0 / 32.6 / 50.9; 16 queries 33.2 / 45.5 / 64.7; 32 queries 74.2 / 101.2 / 96.3; 64 queries 173 / 239
-/ 169.
+On one thread, 1M x 64 memory-mapped, k = 40, CPU ms a batch (bench/results/exact-kernel.json, an AMD EPYC host,
+medians of 5), block by block / one run / FAISS's flat search at the service's BLAS threshold of 1: 1 query 16.8 /
+19.4 / 35.3; 8 queries 38.0 / 37.9 / 46.4; 16 queries 42.8 / 45.0 / 60.3; 32 queries 98.1 / 88.2 / 120.0; 64
+queries 192 / 193 / 208. (An earlier run on a host of the same kind measured FAISS 38.0 / 50.9 / 64.7 / 96.3 /
+169 and the one run with a TopK over every score 12.2 / 32.6 / 45.5 / 101 / 239: compare within one run.)
 
 The vectors are never copied: each block is a view of the memory-mapped array, handed to onnxruntime as it is.
 """
@@ -33,7 +36,8 @@ import onnxruntime as ort
 
 BLOCK_SCORES = 1 << 20  # scores per run (rows x queries: 4 MB, cache-sized): 16,384 rows for 64 queries, 1M for 1
 ONE_CALL_BLOCK_ROWS = 32_768  # rows a block of the one-call graph: 16k-32k measured best for its TopK
-ONE_CALL_MAX_QUERIES = 16  # the one-call graph's TopK costs more than FAISS's heaps above this (bench/exact_kernel.py)
+ONE_CALL_GROUP_ROWS = 16  # rows a group of the one-call graph's first TopK (over group maxima): 8-64 within noise
+ONE_CALL_MAX_QUERIES = 64  # the batcher's batch_max_size: the one-call graph is at least level with FAISS up to 64 (bench/exact_kernel.py)
 _FLOAT, _INT64 = 1, 7  # onnx.proto TensorProto.DataType
 
 
@@ -97,19 +101,62 @@ def scores_graph() -> bytes:
 
 def top_k_graph(n_blocks: int) -> bytes:
     """Each block b of rows (``block_b``: rows_b x dim) scored against queries_t (dim, batch) and its best ``k_b``
-    (int64 [1], at most rows_b) kept by TopK, in one run: values (batch, sum of k_b) float32 and rows (batch, sum of
-    k_b) int64, the rows numbered within their block, block after block, best first within each."""
-    nodes, inputs = [], []
+    (int64 [1], at most rows_b) kept, in one run: values (sum of k_b, batch) float32 and rows (sum of k_b, batch)
+    int64, the rows numbered within their block, block after block, best first within each.
+
+    A block's rows are taken in ``groups_b`` groups of ``group_rows_b`` consecutive rows (rows_b = groups_b x
+    group_rows_b). TopK over every score costs more than the product at a batch of 16 (bench/exact_kernel.py), so it
+    runs over the groups' maxima first: the ``k_groups_b = min(k, groups_b)`` groups with the highest maxima hold the
+    best k rows (a row outside them is beaten by k groups' maxima, so by k rows), and a second TopK picks the best
+    ``k_b`` of those groups' rows. Equal scores at the k-th place may be kept from another group than a full sort's.
+    ``one``, ``two`` and ``minus_one`` are the int64 [1] constants 1, 2 and -1 (fed, so the graph needs no
+    initializers)."""
+    nodes = [_node("Shape", ["queries_t"], ["query_shape"]),
+             _node("Slice", ["query_shape", "one", "two"], ["batch"]),
+             _node("Concat", ["minus_one", "batch"], ["candidates_shape"], int_={"axis": 0})]  # fmt: skip
+    inputs = []
     for b in range(n_blocks):
-        inputs += [_value_info(f"block_{b}", _FLOAT, (f"rows_{b}", "dim")), _value_info(f"k_{b}", _INT64, (1,))]
-        nodes += [_node("MatMul", [f"block_{b}", "queries_t"], [f"row_scores_{b}"]),
-                  _node("Transpose", [f"row_scores_{b}"], [f"scores_{b}"], ints={"perm": [1, 0]}),
-                  _node("TopK", [f"scores_{b}", f"k_{b}"], [f"values_{b}", f"rows_{b}"], int_={"axis": 1})]  # fmt: skip
-    nodes += [_node("Concat", [f"values_{b}" for b in range(n_blocks)], ["values"], int_={"axis": 1}),
-              _node("Concat", [f"rows_{b}" for b in range(n_blocks)], ["rows"], int_={"axis": 1})]  # fmt: skip
-    inputs.append(_value_info("queries_t", _FLOAT, ("dim", "batch")))
+        groups, group_rows, k_groups, k = f"groups_{b}", f"group_rows_{b}", f"k_groups_{b}", f"k_{b}"
+        inputs += [_value_info(f"block_{b}", _FLOAT, (f"rows_{b}", "dim"))]
+        inputs += [_value_info(name, _INT64, (1,)) for name in (groups, group_rows, k_groups, k)]
+        nodes += [_node("MatMul", [f"block_{b}", "queries_t"], [f"row_scores_{b}"]),  # (rows, batch)
+                  _node("Concat", [groups, group_rows, "batch"], [f"grouped_shape_{b}"], int_={"axis": 0}),
+                  _node("Reshape", [f"row_scores_{b}", f"grouped_shape_{b}"], [f"grouped_{b}"]),  # (groups, g, batch)
+                  _node("ReduceMax", [f"grouped_{b}", "one"], [f"group_max_{b}"], int_={"keepdims": 0}),
+                  _node("TopK", [f"group_max_{b}", k_groups], [f"best_group_max_{b}", f"best_groups_{b}"],
+                        int_={"axis": 0}),  # (k_groups, batch)
+                  _node("Unsqueeze", [f"best_groups_{b}", "one"], [f"best_groups_3d_{b}"]),
+                  _node("Concat", [k_groups, group_rows, "batch"], [f"gather_shape_{b}"], int_={"axis": 0}),
+                  _node("Expand", [f"best_groups_3d_{b}", f"gather_shape_{b}"], [f"gather_index_{b}"]),
+                  _node("GatherElements", [f"grouped_{b}", f"gather_index_{b}"], [f"candidates_{b}"], int_={"axis": 0}),
+                  _node("Reshape", [f"candidates_{b}", "candidates_shape"], [f"candidate_scores_{b}"]),
+                  _node("TopK", [f"candidate_scores_{b}", k], [f"values_{b}", f"positions_{b}"], int_={"axis": 0}),
+                  _node("Div", [f"positions_{b}", group_rows], [f"position_groups_{b}"]),
+                  _node("Mod", [f"positions_{b}", group_rows], [f"position_offsets_{b}"]),
+                  _node("GatherElements", [f"best_groups_{b}", f"position_groups_{b}"], [f"row_groups_{b}"],
+                        int_={"axis": 0}),
+                  _node("Mul", [f"row_groups_{b}", group_rows], [f"group_starts_{b}"]),
+                  _node("Add", [f"group_starts_{b}", f"position_offsets_{b}"], [f"rows_{b}"])]  # fmt: skip
+    nodes += [_node("Concat", [f"values_{b}" for b in range(n_blocks)], ["values"], int_={"axis": 0}),
+              _node("Concat", [f"rows_{b}" for b in range(n_blocks)], ["rows"], int_={"axis": 0})]  # fmt: skip
+    inputs += [_value_info("queries_t", _FLOAT, ("dim", "batch"))]
+    inputs += [_value_info(name, _INT64, (1,)) for name in ("one", "two", "minus_one")]
     return _model("exact_inner_product_top_k", nodes, inputs,
-                  [_value_info("values", _FLOAT, ("batch", "found")), _value_info("rows", _INT64, ("batch", "found"))])  # fmt: skip
+                  [_value_info("values", _FLOAT, ("found", "batch")), _value_info("rows", _INT64, ("found", "batch"))])  # fmt: skip
+
+
+def one_call_pieces(n_rows: int, block_rows: int, group_rows: int) -> list[tuple[int, int, int]]:
+    """The one-call graph's blocks as (start, rows, group_rows): blocks of ``block_rows`` rows, each cut into a part of
+    whole groups of ``group_rows`` rows and, where rows are left over, a last piece that is one group of its own."""
+    pieces = []
+    for start in range(0, n_rows, block_rows):
+        rows = min(block_rows, n_rows - start)
+        whole = rows - rows % group_rows
+        if whole:
+            pieces.append((start, whole, group_rows))
+        if rows > whole:
+            pieces.append((start + whole, rows - whole, rows - whole))
+    return pieces
 
 
 class ExactInnerProductSearch:
@@ -121,12 +168,13 @@ class ExactInnerProductSearch:
     ``faiss_threads``)."""
 
     def __init__(self, vectors: np.ndarray, *, block_scores: int = BLOCK_SCORES,
-                 one_call_block_rows: int = ONE_CALL_BLOCK_ROWS) -> None:  # fmt: skip
+                 one_call_block_rows: int = ONE_CALL_BLOCK_ROWS, one_call_group_rows: int = ONE_CALL_GROUP_ROWS
+                 ) -> None:  # fmt: skip
         if vectors.ndim != 2 or vectors.dtype != np.float32 or not vectors.flags.c_contiguous:
             raise ValueError(f"vectors must be a C-contiguous float32 matrix, got {vectors.dtype} {vectors.shape}")
-        if block_scores < 1 or one_call_block_rows < 1:
-            raise ValueError(f"block_scores and one_call_block_rows must be at least 1, got {block_scores}, "
-                             f"{one_call_block_rows}")  # fmt: skip
+        if min(block_scores, one_call_block_rows, one_call_group_rows) < 1:
+            raise ValueError(f"block_scores, one_call_block_rows and one_call_group_rows must be at least 1, got "
+                             f"{block_scores}, {one_call_block_rows}, {one_call_group_rows}")  # fmt: skip
         self.vectors = vectors
         self.block_scores = block_scores
         options = ort.SessionOptions()
@@ -138,12 +186,16 @@ class ExactInnerProductSearch:
         self._session = ort.InferenceSession(scores_graph(), sess_options=options,
                                              providers=["CPUExecutionProvider"])  # fmt: skip
         # The one-call graph: every block of rows is an input of its own (a view, not a copy).
-        starts = range(0, max(1, len(vectors)), one_call_block_rows)
-        self._blocks = [vectors[start:start + one_call_block_rows] for start in starts]
-        self._block_starts = np.array(list(starts), dtype=np.int64)
-        self._block_feeds = {f"block_{b}": block for b, block in enumerate(self._blocks)}
-        self._one_call = ort.InferenceSession(top_k_graph(len(self._blocks)), sess_options=options,
-                                              providers=["CPUExecutionProvider"])  # fmt: skip
+        self._pieces = one_call_pieces(len(vectors), one_call_block_rows, one_call_group_rows)
+        self._block_feeds: dict[str, np.ndarray] = {
+            f"block_{b}": vectors[start:start + rows] for b, (start, rows, _) in enumerate(self._pieces)}
+        for name, value in (("one", 1), ("two", 2), ("minus_one", -1)):
+            self._block_feeds[name] = np.array([value], dtype=np.int64)
+        for b, (_, rows, group_rows) in enumerate(self._pieces):
+            self._block_feeds[f"groups_{b}"] = np.array([rows // group_rows], dtype=np.int64)
+            self._block_feeds[f"group_rows_{b}"] = np.array([group_rows], dtype=np.int64)
+        self._one_call = None if not self._pieces else ort.InferenceSession(
+            top_k_graph(len(self._pieces)), sess_options=options, providers=["CPUExecutionProvider"])
         self._k_feeds: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
 
     @property
@@ -188,27 +240,30 @@ class ExactInnerProductSearch:
         return _order_ties_by_row(scores, rows)
 
     def search_whole(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`search` over every row in one onnxruntime run (each block's best ``k`` by TopK, merged here), so the
-        search returns to Python once, not after every block: for a batch searched while other threads want the GIL.
-        Faster than FAISS's flat search up to :data:`ONE_CALL_MAX_QUERIES` queries (TopK's cost grows faster with
-        the batch than FAISS's heaps)."""
+        """:meth:`search` over every row in one onnxruntime run (each block's best ``k`` by :func:`top_k_graph`,
+        merged here), so the search returns to Python once, not after every block: for a batch searched while other
+        threads want the GIL. At least level with FAISS's flat search up to :data:`ONE_CALL_MAX_QUERIES` queries."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if len(queries) == 0 or self.n_rows == 0:
+        if len(queries) == 0 or self._one_call is None:  # no queries or no rows
             nothing = np.empty((len(queries), 0))
             return _best_k(nothing.astype(np.float32), nothing.astype(np.int64), k)
         k_feeds, offsets = self._k_feeds_for(k)
         values, rows = self._one_call.run(None, {**self._block_feeds, **k_feeds, "queries_t": np.ascontiguousarray(queries.T)})
-        return _best_k(np.asarray(values, dtype=np.float32), np.asarray(rows, dtype=np.int64) + offsets, k)
+        return _best_k(np.asarray(values, dtype=np.float32).T, (np.asarray(rows, dtype=np.int64) + offsets).T, k)
 
     def _k_feeds_for(self, k: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Each block's ``k_b = min(k, rows_b)`` and the row offset of each of the graph's output columns."""
+        """Each block's ``k_b = min(k, rows_b)`` and ``k_groups_b = min(k, groups_b)``, and the row offset of each of
+        the graph's output rows (a column)."""
         cached = self._k_feeds.get(k)
         if cached is None:
-            per_block = [min(k, len(block)) for block in self._blocks]
+            per_block = [min(k, rows) for _, rows, _ in self._pieces]
             feeds = {f"k_{b}": np.array([kb], dtype=np.int64) for b, kb in enumerate(per_block)}
-            cached = (feeds, np.repeat(self._block_starts, per_block)[None, :])
+            feeds.update({f"k_groups_{b}": np.array([min(k, rows // group_rows)], dtype=np.int64)
+                          for b, (_, rows, group_rows) in enumerate(self._pieces)})  # fmt: skip
+            starts = np.array([start for start, _, _ in self._pieces], dtype=np.int64)
+            cached = (feeds, np.repeat(starts, per_block)[:, None])
             if len(self._k_feeds) < 64:  # a few distinct k in practice (k + seen items, doubled when short)
                 self._k_feeds[k] = cached
         return cached

@@ -23,15 +23,16 @@ def _brute_force(vectors: np.ndarray, queries: np.ndarray, k: int, start: int = 
 
 @pytest.mark.parametrize("block", [1, 40, 1000, 10**6])
 @pytest.mark.parametrize("k", [1, 5, 64, 300, 310])
-@pytest.mark.parametrize("whole", [False, True])
-def test_search_equals_brute_force_for_every_block_size(block: int, k: int, whole: bool) -> None:
+@pytest.mark.parametrize(("whole", "group_rows"), [(False, 16), (True, 1), (True, 7), (True, 16)])
+def test_search_equals_brute_force_for_every_block_size(block: int, k: int, whole: bool, group_rows: int) -> None:
     """300 rows, k from 1 to every row and beyond (padded), by the block loop (``search``, blocks of ``block``
     scores: 1 row to every row a run) and in one run (``search_whole``, blocks of ``block`` rows, the last one
-    shorter than k or a single block)."""
+    shorter than k or a single block, in groups of ``group_rows`` rows with a piece of the rest)."""
     rng = np.random.default_rng(block * 1000 + k)
     vectors = rng.normal(size=(300, 16)).astype(np.float32)
     queries = rng.normal(size=(9, 16)).astype(np.float32)
-    search = ExactInnerProductSearch(vectors, block_scores=block, one_call_block_rows=block)
+    search = ExactInnerProductSearch(vectors, block_scores=block, one_call_block_rows=block,
+                                     one_call_group_rows=group_rows)  # fmt: skip
     scores, rows = search.search_whole(queries, k) if whole else search.search(queries, k)
     found = min(k, 300)
     expected_scores, expected_rows = _brute_force(vectors, queries, found)
@@ -39,6 +40,24 @@ def test_search_equals_brute_force_for_every_block_size(block: int, k: int, whol
     np.testing.assert_array_equal(rows[:, :found], expected_rows)
     np.testing.assert_allclose(scores[:, :found], expected_scores, rtol=1e-5, atol=1e-5)
     assert (rows[:, found:] == -1).all() and np.isneginf(scores[:, found:]).all()
+
+
+@pytest.mark.parametrize("group_rows", [4, 16, 64])
+def test_one_run_finds_the_best_rows_when_they_crowd_into_few_groups(group_rows: int) -> None:
+    """The one-run graph keeps a block's k best groups by their maxima, then the best k rows of those: exact even when
+    the best rows are consecutive (all in one or two groups) and the other groups' maxima come next."""
+    rng = np.random.default_rng(group_rows)
+    vectors = rng.normal(scale=0.1, size=(512, 8)).astype(np.float32)
+    query = np.zeros((1, 8), dtype=np.float32)
+    query[0, 0] = 1.0
+    vectors[100:140, 0] = np.linspace(5.0, 4.0, 40)  # the 40 best rows, consecutive
+    vectors[::group_rows, 0] += 1.0  # every group's first row a runner-up maximum
+    search = ExactInnerProductSearch(vectors, one_call_block_rows=256, one_call_group_rows=group_rows)
+    for k in (10, 40, 60):
+        scores, rows = search.search_whole(query, k)
+        expected_scores, expected_rows = _brute_force(vectors, query, k)
+        np.testing.assert_array_equal(rows, expected_rows)
+        np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("start", "stop", "k"), [(37, 81, 10), (2, 9, 20), (4, 4, 3)])
@@ -164,8 +183,8 @@ def test_a_flat_bundle_searches_small_batches_in_one_run_and_larger_ones_with_fa
         return original(self, queries, k)
 
     monkeypatch.setattr(ExactInnerProductSearch, "search_whole", counted)
-    users = features_bundle.user_vectors
-    assert users is not None and len(users) > ONE_CALL_MAX_QUERIES
+    dim = features_bundle.item_vectors.shape[1]
+    users = np.random.default_rng(0).normal(size=(ONE_CALL_MAX_QUERIES + 5, dim)).astype(np.float32)
     for batch in (1, ONE_CALL_MAX_QUERIES, len(users)):
         scores, rows = loaded.search_index(users[:batch], 20)
         expected_scores, expected_rows = _brute_force(features_bundle.item_vectors, users[:batch], 20)
@@ -204,17 +223,37 @@ def test_the_hand_written_top_k_graph_is_the_one_onnx_helper_builds() -> None:
 
     written = onnx.load_from_string(top_k_graph(2))
     onnx.checker.check_model(written, full_check=True)
-    nodes, inputs = [], []
+    nodes = [helper.make_node("Shape", ["queries_t"], ["query_shape"]),
+             helper.make_node("Slice", ["query_shape", "one", "two"], ["batch"]),
+             helper.make_node("Concat", ["minus_one", "batch"], ["candidates_shape"], axis=0)]  # fmt: skip
+    inputs = []
     for b in range(2):
-        inputs += [helper.make_tensor_value_info(f"block_{b}", TensorProto.FLOAT, [f"rows_{b}", "dim"]),
-                   helper.make_tensor_value_info(f"k_{b}", TensorProto.INT64, [1])]
+        groups, group_rows, k_groups, k = f"groups_{b}", f"group_rows_{b}", f"k_groups_{b}", f"k_{b}"
+        inputs += [helper.make_tensor_value_info(f"block_{b}", TensorProto.FLOAT, [f"rows_{b}", "dim"])]
+        inputs += [helper.make_tensor_value_info(name, TensorProto.INT64, [1]) for name in (groups, group_rows, k_groups, k)]
         nodes += [helper.make_node("MatMul", [f"block_{b}", "queries_t"], [f"row_scores_{b}"]),
-                  helper.make_node("Transpose", [f"row_scores_{b}"], [f"scores_{b}"], perm=[1, 0]),
-                  helper.make_node("TopK", [f"scores_{b}", f"k_{b}"], [f"values_{b}", f"rows_{b}"], axis=1)]  # fmt: skip
-    nodes += [helper.make_node("Concat", ["values_0", "values_1"], ["values"], axis=1),
-              helper.make_node("Concat", ["rows_0", "rows_1"], ["rows"], axis=1)]  # fmt: skip
+                  helper.make_node("Concat", [groups, group_rows, "batch"], [f"grouped_shape_{b}"], axis=0),
+                  helper.make_node("Reshape", [f"row_scores_{b}", f"grouped_shape_{b}"], [f"grouped_{b}"]),
+                  helper.make_node("ReduceMax", [f"grouped_{b}", "one"], [f"group_max_{b}"], keepdims=0),
+                  helper.make_node("TopK", [f"group_max_{b}", k_groups], [f"best_group_max_{b}", f"best_groups_{b}"],
+                                   axis=0),
+                  helper.make_node("Unsqueeze", [f"best_groups_{b}", "one"], [f"best_groups_3d_{b}"]),
+                  helper.make_node("Concat", [k_groups, group_rows, "batch"], [f"gather_shape_{b}"], axis=0),
+                  helper.make_node("Expand", [f"best_groups_3d_{b}", f"gather_shape_{b}"], [f"gather_index_{b}"]),
+                  helper.make_node("GatherElements", [f"grouped_{b}", f"gather_index_{b}"], [f"candidates_{b}"], axis=0),
+                  helper.make_node("Reshape", [f"candidates_{b}", "candidates_shape"], [f"candidate_scores_{b}"]),
+                  helper.make_node("TopK", [f"candidate_scores_{b}", k], [f"values_{b}", f"positions_{b}"], axis=0),
+                  helper.make_node("Div", [f"positions_{b}", group_rows], [f"position_groups_{b}"]),
+                  helper.make_node("Mod", [f"positions_{b}", group_rows], [f"position_offsets_{b}"]),
+                  helper.make_node("GatherElements", [f"best_groups_{b}", f"position_groups_{b}"], [f"row_groups_{b}"],
+                                   axis=0),
+                  helper.make_node("Mul", [f"row_groups_{b}", group_rows], [f"group_starts_{b}"]),
+                  helper.make_node("Add", [f"group_starts_{b}", f"position_offsets_{b}"], [f"rows_{b}"])]  # fmt: skip
+    nodes += [helper.make_node("Concat", ["values_0", "values_1"], ["values"], axis=0),
+              helper.make_node("Concat", ["rows_0", "rows_1"], ["rows"], axis=0)]  # fmt: skip
     inputs.append(helper.make_tensor_value_info("queries_t", TensorProto.FLOAT, ["dim", "batch"]))
+    inputs += [helper.make_tensor_value_info(name, TensorProto.INT64, [1]) for name in ("one", "two", "minus_one")]
     graph = helper.make_graph(nodes, "exact_inner_product_top_k", inputs,
-                              [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["batch", "found"]),
-                               helper.make_tensor_value_info("rows", TensorProto.INT64, ["batch", "found"])])  # fmt: skip
+                              [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["found", "batch"]),
+                               helper.make_tensor_value_info("rows", TensorProto.INT64, ["found", "batch"])])  # fmt: skip
     assert written == helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
