@@ -26,7 +26,7 @@ from test_multimodal_graph_models import N_ITEMS, N_USERS, fixed_batch, make_inp
 
 from models import build_model
 from models.base import KnowledgeGraph, ModelInputs
-from models.mkgat import MKGAT, NEGATIVE_SLOPE
+from models.mkgat import MKGAT, NEGATIVE_SLOPE, prune_rare_entities
 from training.data.knowledge_graph import RECBOLE_KG_DIR, RawKnowledgeGraph, join_knowledge_graph
 from training.data.sources import RECBOLE_WHEEL
 from training.runs import load_run
@@ -175,6 +175,37 @@ def test_models_refuse_inputs_without_a_knowledge_graph_or_modalities() -> None:
         build(make_inputs())
     with pytest.raises(ValueError, match="MKGAT needs at least one item modality; this dataset has none"):
         build(dataclasses.replace(make_inputs(()), knowledge_graph=tiny_kg()))
+
+
+@pytest.mark.parametrize("min_triples", [1, 2, 3, 12, 1000])
+def test_rare_entities_are_pruned_as_a_brute_force_count_says(min_triples: int) -> None:
+    """An entity (not an item) in fewer than ``min_triples`` triples goes, with every triple it is in; the others keep
+    their order under new rows from N_ITEMS; items and relations are never renumbered."""
+    kg = tiny_kg(seed=min_triples)
+    triples = list(zip(kg.heads.tolist(), kg.relations.tolist(), kg.tails.tolist(), strict=True))
+    count = {e: sum((h == e) + (t == e) for h, _, t in triples) for e in range(N_ITEMS, N_ITEMS + N_ENTITIES)}
+    kept_entities = [e for e in range(N_ITEMS, N_ITEMS + N_ENTITIES) if count[e] >= min_triples]
+    row = {e: N_ITEMS + i for i, e in enumerate(kept_entities)} | {i: i for i in range(N_ITEMS)}
+    expected = [(row[h], r, row[t]) for h, r, t in triples if h in row and t in row]
+    pruned = prune_rare_entities(kg, N_ITEMS, min_triples)
+    assert pruned.n_entities == len(kept_entities) and pruned.n_relations == N_RELATIONS
+    assert list(zip(pruned.heads.tolist(), pruned.relations.tolist(), pruned.tails.tolist(), strict=True)) == expected
+    if min_triples == 1:
+        assert pruned is kg
+
+
+def test_a_model_with_min_entity_triples_is_the_model_of_the_pruned_kg() -> None:
+    """min_entity_triples prunes the KG before anything is built: same parameters (fewer entity rows) and scores as
+    the default model built on the pruned graph."""
+    inputs = kg_inputs()
+    pruned_inputs = dataclasses.replace(inputs, knowledge_graph=prune_rare_entities(tiny_kg(), N_ITEMS, 3))
+    assert pruned_inputs.knowledge_graph is not None and 0 < pruned_inputs.knowledge_graph.n_entities < N_ENTITIES
+    model, reference = build(inputs, min_entity_triples=3), build(pruned_inputs)
+    assert model.entity_embedding.shape == (N_ITEMS + pruned_inputs.knowledge_graph.n_entities, D)
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(scores_of(model), scores_of(reference))
+    with pytest.raises(ValueError, match="min_entity_triples must be at least 1, got 0"):
+        build(inputs, min_entity_triples=0)
 
 
 def test_content_encoder_equals_the_propagation_of_an_item_with_no_id_and_no_edges_but_its_tails() -> None:
