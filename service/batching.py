@@ -55,11 +55,16 @@ class _Search:
 
 class SearchBatcher:
     def __init__(self, *, max_wait_ms: float, max_size: int, faiss_threads: int = 1, workers: int = 1,
-                 observe: Callable[[float], None] | None = None, in_flight: Callable[[], int] | None = None) -> None:  # fmt: skip
+                 observe: Callable[[float], None] | None = None, in_flight: Callable[[], int] | None = None,
+                 granule: int = 1) -> None:  # fmt: skip
         """``observe``: called with each batch's size (a metric); ``in_flight``: requests in the app now (None: the
-        window is always waited out)."""
+        window is always waited out); ``granule``: a batch of at least this many searches is cut to a multiple of it,
+        the rest left waiting for the next batch (1: no cut)."""
+        if granule < 1:
+            raise ValueError(f"granule must be at least 1, got {granule}")
         self.max_wait_s = max_wait_ms / 1000
         self.max_size = max_size
+        self.granule = granule
         self.faiss_threads = faiss_threads
         self.observe = observe
         self.batches = 0
@@ -120,9 +125,13 @@ class SearchBatcher:
             deadline = time.monotonic() + self.max_wait_s
             stop = False
             while len(batch) < self.max_size:
+                if self._whole_granules(len(batch)):
+                    break
                 try:  # what is already waiting joins at once; then, while searches are on their way, the window
                     request = self._queue.get_nowait()
                 except queue.Empty:
+                    if 1 < self.granule < len(batch):  # past a whole granule and nothing waiting: search now
+                        break
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or self._nobody_else(len(batch)):
                         break
@@ -137,6 +146,14 @@ class SearchBatcher:
             self._answer(batch)
             if stop:
                 return
+
+    def _whole_granules(self, gathered: int) -> bool:
+        """The batch holds whole granules and fewer than one more are waiting (or another would pass ``max_size``):
+        the searches left start the next batch (at 1M x 64 exact, 17 queries cost 59 ms against 43 for 16:
+        onnxruntime's matrix product packs the queries in panels of 16 columns)."""
+        if not gathered >= self.granule > 1 or gathered % self.granule:
+            return False
+        return gathered + self.granule > self.max_size or self._queue.qsize() < self.granule
 
     def _nobody_else(self, gathered: int) -> bool:
         """Every request in the app is in this batch or in one being searched: waiting longer gathers nothing."""

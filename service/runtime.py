@@ -172,7 +172,7 @@ class Runtime:
         self.batcher = SearchBatcher(max_wait_ms=settings.batch_max_wait_ms, max_size=settings.batch_max_size,
                                      faiss_threads=settings.faiss_threads, workers=settings.batch_workers,
                                      observe=metrics.search_batch_size.observe,
-                                     in_flight=lambda: metrics.in_flight)  # fmt: skip
+                                     in_flight=lambda: metrics.in_flight, granule=settings.batch_granule)  # fmt: skip
         faiss.cvar.distance_compute_blas_threshold = settings.faiss_blas_threshold
         try:
             self.engine = Engine.open(settings, self.plan, self.batcher)

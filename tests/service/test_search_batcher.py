@@ -94,6 +94,30 @@ def test_a_batch_is_cut_at_max_size(batcher) -> None:  # type: ignore[no-untyped
     assert catalogue.batch_sizes == [1, 4, 4, 2]
 
 
+@pytest.mark.parametrize(("granule", "queued", "expected"), [
+    (4, 10, [1, 8, 2]),  # two whole granules; the 2 left over are the next batch
+    (4, 3, [1, 3]),  # fewer than a granule: all of them
+    (4, 4, [1, 4]),
+    (16, 40, [1, 32, 8]),
+    (16, 70, [1, 64, 6]),  # max_size (64) is whole granules
+    (5, 70, [1, 60, 10]),  # cut below max_size to whole granules, then two granules
+    (1, 11, [1, 11]),  # 1: no cut
+])
+def test_a_batch_of_at_least_a_granule_is_cut_to_whole_granules(batcher, granule: int, queued: int,  # type: ignore[no-untyped-def]
+                                                                  expected: list[int]) -> None:  # fmt: skip
+    """Batches of whole granules (the matrix product packs queries in panels of 16); what is left over, fewer than a
+    granule, starts the next batch; every request is answered with its own list."""
+    catalogue = HeldCatalogue()
+    one = batcher(max_wait_ms=20, max_size=64, workers=1, granule=granule)
+    futures = _submit_while_held(one, catalogue, queued=queued)
+    assert catalogue.batch_sizes == expected
+    for n, future in enumerate(futures):
+        expected_rows = sorted((r for r in range(50) if not (n >= 1 and r == n)), key=lambda r: (abs(r - n), r))[:3]
+        assert [row for row, _ in future.result()] == expected_rows
+    with pytest.raises(ValueError, match="granule must be at least 1, got 0"):
+        SearchBatcher(max_wait_ms=1, max_size=4, granule=0)
+
+
 def test_a_lone_search_does_not_wait_out_the_window_when_nothing_else_is_in_flight(batcher) -> None:  # type: ignore[no-untyped-def]
     catalogue = HeldCatalogue()
     catalogue.release.set()
