@@ -16,7 +16,7 @@ whose kernel reads the rows where they are (only the small query matrix is packe
   those (:func:`top_k_graph`). The service uses it for batches of up to :data:`ONE_CALL_MAX_QUERIES` queries under
   load.
 
-On one thread, 1M x 64 memory-mapped, k = 40, CPU ms a batch (bench/results/exact-kernel.json, an AMD EPYC host,
+On one thread, 1M x 64 memory-mapped, k = 40, CPU ms a batch (bench/results/exact-kernel-grouped.json, an AMD EPYC host,
 medians of 5), block by block / one run / FAISS's flat search at the service's BLAS threshold of 1: 1 query 16.8 /
 19.4 / 35.3; 8 queries 38.0 / 37.9 / 46.4; 16 queries 42.8 / 45.0 / 60.3; 32 queries 98.1 / 88.2 / 120.0; 64
 queries 192 / 193 / 208. (An earlier run on a host of the same kind measured FAISS 38.0 / 50.9 / 64.7 / 96.3 /
