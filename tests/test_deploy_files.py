@@ -115,11 +115,12 @@ def test_compose_gpu_api_reserves_an_nvidia_gpu(compose: dict[str, Any]) -> None
 
 
 def test_compose_environment_names_real_settings(compose: dict[str, Any]) -> None:
+    from service.cli import ACCESS_LOG_ENV, LOG_LEVEL_ENV
     from service.settings import ServiceSettings
 
     for name in ("api", "api-gpu"):
         for key in env_of(compose["services"][name]):
-            assert key.removeprefix("MMREC_").lower() in ServiceSettings.model_fields, key
+            assert key in (ACCESS_LOG_ENV, LOG_LEVEL_ENV) or key.removeprefix("MMREC_").lower() in ServiceSettings.model_fields, key
 
 
 def test_compose_builds_dockerfiles_that_exist(compose: dict[str, Any]) -> None:
@@ -211,7 +212,9 @@ def test_compose_api_environment_is_valid_settings_with_a_key(compose: dict[str,
     from service.settings import ServiceSettings
 
     env = resolved_env(compose["services"][name], MMREC_API_KEY="k" * 32)
-    settings = ServiceSettings(**{k.removeprefix("MMREC_").lower(): v for k, v in env.items()})
+    # MMREC_SERVE_* are the process's switches (service/cli.py: log level, access log), not ServiceSettings fields
+    settings = ServiceSettings(**{k.removeprefix("MMREC_").lower(): v for k, v in env.items()
+                                  if not k.startswith("MMREC_SERVE_")})  # fmt: skip
     assert [k.name for k in settings.keys] == ["api_key"] and settings.read_access == "open"
     assert not settings.allow_open_writes
 
@@ -228,6 +231,8 @@ def test_compose_api_replicas_sit_behind_the_load_balancer(compose: dict[str, An
     assert any("/readyz" in part for part in lb["healthcheck"]["test"])
     # The replicas take the client's address from lb's X-Forwarded-For: only lb can reach them (no published port).
     assert env_of(api)["MMREC_FORWARDED_ALLOW_IPS"] == "*"
+    # lb keeps the access log; the replicas do not write a second one
+    assert env_of(api)["MMREC_SERVE_ACCESS_LOG"] == "false"
 
 
 def nginx_directives() -> list[tuple[str, str]]:

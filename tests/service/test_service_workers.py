@@ -1,6 +1,7 @@
 """``mmrec-serve --workers N``: N processes on one port, each a replica of the catalogue on one Redis (the changes
 stream, the cache and the rate limits shared there). Embedded mode refuses more than one: its catalogue, cache and
-SQLite writer live in one process."""
+SQLite writer live in one process. Also the process-level switches that are no ServiceSettings field (log level,
+access log), which reach the workers through uvicorn's config or the environment."""
 
 from __future__ import annotations
 
@@ -108,3 +109,30 @@ def _every_worker_answers(url: str, path: str, status: int, replicas: set[str]) 
                 seen.add(replica)
         if time.monotonic() - start > PROPAGATION_BOUND_S + 10:
             pytest.fail(f"{path} answered {status} by {sorted(seen)} only, of {sorted(replicas)}")
+
+
+@pytest.mark.parametrize(("args", "env_value", "logged"), [
+    ([], None, True),  # uvicorn's default: a line per request
+    (["--no-access-log"], None, False),
+    ([], "false", False),
+    (["--access-log"], "false", True),  # the command line wins
+])
+def test_the_access_log_is_on_unless_turned_off(features_bundle: SyntheticBundle, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch, args: list[str], env_value: str | None,
+                                                logged: bool) -> None:  # fmt: skip
+    if env_value is not None:
+        monkeypatch.setenv("MMREC_SERVE_ACCESS_LOG", env_value)
+    url, process = start_mmrec_serve(features_bundle.path, ["--device", "cpu", *args], cwd=tmp_path)
+    with httpx.Client(base_url=url) as client:
+        assert client.get("/v1/users/u1/recommendations", params={"k": 3}).status_code == 200
+    output = stop_mmrec_serve(process)
+    assert ('"GET /v1/users/u1/recommendations?k=3 HTTP/1.1" 200' in output) is logged, output
+
+
+def test_an_access_log_setting_that_is_not_a_boolean_is_refused(features_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "service.cli", "--bundle", str(features_bundle.path)], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "MMREC_SERVE_ACCESS_LOG": "sometimes"},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert "MMREC_SERVE_ACCESS_LOG: 'sometimes' is not true or false" in done.stderr
+    assert "Traceback" not in done.stderr
