@@ -23,7 +23,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 import bundle_format as bf
-from service.exact_search import ONE_CALL_MAX_QUERIES, ExactInnerProductSearch, search_in_shards
+from service.exact_search import ONE_CALL_MAX_K, ONE_CALL_MAX_QUERIES, ExactInnerProductSearch, search_in_shards
 from service.ids import IdsError, IdTable
 from service.settings import Device
 
@@ -224,10 +224,11 @@ class Bundle:
         An exact index of at least two shards' rows (:attr:`index_splits_by_rows`) is scanned by
         :attr:`exact_search`: with a ``pool`` and ``shards`` > 1 (a lone batch) as ``shards`` row ranges at once on the
         pool's threads (:func:`search_flat_in_shards`); without, a batch of at most :data:`ONE_CALL_MAX_QUERIES`
-        queries in one onnxruntime run (:meth:`ExactInnerProductSearch.search_whole`: one return to Python, which
-        matters under load, when the other threads want the GIL). Larger batches (more than the batcher gathers),
-        and other indexes, are FAISS's.
-        Equal scores come lowest row first; which of several tied rows fill the last places may differ from FAISS's.
+        queries asking at most :data:`ONE_CALL_MAX_K` rows in one onnxruntime run
+        (:meth:`ExactInnerProductSearch.search_whole`: one return to Python, which matters under load, when the other
+        threads want the GIL). Larger batches or ``k`` (whose TopKs cost more than FAISS's heaps), and other indexes,
+        are FAISS's. Equal scores come lowest row first; which of several rows tied at the last place are kept may
+        differ between these paths.
 
         An IVF index probes ``nprobe`` lists, which can hold fewer than ``k`` rows between them (a large ``k``, small
         lists): such queries are searched again with twice the lists probed, up to every list (exact), so a caller
@@ -236,7 +237,7 @@ class Bundle:
         if self.index_splits_by_rows and self.exact_search is not None:
             if pool is not None and shards > 1:
                 return search_flat_in_shards(self.exact_search, queries, k, pool=pool, shards=shards)
-            if len(queries) <= ONE_CALL_MAX_QUERIES:
+            if len(queries) <= ONE_CALL_MAX_QUERIES and k <= ONE_CALL_MAX_K:
                 return self.exact_search.search_whole(queries, k)
         scores, rows = self._search_index_once(queries, k, None)
         probe = self._ivf_probe

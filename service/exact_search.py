@@ -37,7 +37,10 @@ import onnxruntime as ort
 BLOCK_SCORES = 1 << 20  # scores per run (rows x queries: 4 MB, cache-sized): 16,384 rows for 64 queries, 1M for 1
 ONE_CALL_BLOCK_ROWS = 32_768  # rows a block of the one-call graph: 16k-32k measured best for its TopK
 ONE_CALL_GROUP_ROWS = 16  # rows a group of the one-call graph's first TopK (over group maxima): 8-64 within noise
-ONE_CALL_MAX_QUERIES = 64  # the batcher's batch_max_size: the one-call graph is at least level with FAISS up to 64 (bench/exact_kernel.py)
+ONE_CALL_MAX_QUERIES = 64  # the batcher's default batch_max_size: the one-call graph is about level with FAISS up to 64
+# The one-call graph's two TopKs cost grows with k, FAISS's heaps' hardly: 16 queries at 1M x 64, one run / FAISS CPU ms,
+# k = 40 45 / 61, k = 64 51 / 63, k = 80 68 / 65, k = 200 100 / 65, k = 400 161 / 64 (the service asks k + seen items)
+ONE_CALL_MAX_K = 64
 _FLOAT, _INT64 = 1, 7  # onnx.proto TensorProto.DataType
 
 
@@ -242,7 +245,9 @@ class ExactInnerProductSearch:
     def search_whole(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`search` over every row in one onnxruntime run (each block's best ``k`` by :func:`top_k_graph`,
         merged here), so the search returns to Python once, not after every block: for a batch searched while other
-        threads want the GIL. At least level with FAISS's flat search up to :data:`ONE_CALL_MAX_QUERIES` queries."""
+        threads want the GIL. About level with FAISS's flat search or faster up to :data:`ONE_CALL_MAX_QUERIES`
+        queries and ``k`` up to :data:`ONE_CALL_MAX_K`. The same best scores as :meth:`search`; where several rows
+        tie at the ``k``-th place, which of them are kept may differ (a group's maximum decides first)."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)

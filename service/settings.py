@@ -111,7 +111,8 @@ class ServiceSettings(BaseSettings):
     batch_max_size: int = Field(default=64, ge=1, le=4096, description="Micro-batching: most searches in one batch.")
     batch_granule: int = Field(
         default=16, ge=1, le=4096, description="Micro-batching: a batch of at least this many searches is cut to a "
-        "multiple of it and the searches left over start the next batch; 1: no cut. 16: onnxruntime's matrix product, "
+        "multiple of it and the searches left over start the next batch (so batches are at most batch_max_size rounded "
+        "down to a multiple of it; a granule above batch_max_size cuts nothing); 1: no cut. 16: onnxruntime's matrix product, "
         "which scans an exact index, packs the queries in panels of 16 columns, so at 1M x 64 a batch of 17 cost 59 ms "
         "against 43 for 16 (service/README.md).")  # fmt: skip
     batch_workers: int = Field(

@@ -12,7 +12,7 @@ from bundle_factory import SyntheticBundle
 
 import service.bundle as service_bundle
 from service.bundle import load_bundle, plan_device
-from service.exact_search import ONE_CALL_MAX_QUERIES, ExactInnerProductSearch
+from service.exact_search import ONE_CALL_MAX_K, ONE_CALL_MAX_QUERIES, ExactInnerProductSearch
 
 
 def _brute_force(vectors: np.ndarray, queries: np.ndarray, k: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -170,8 +170,8 @@ def test_a_flat_bundle_scans_row_ranges_with_it_over_the_index_storage(features_
 
 def test_a_flat_bundle_searches_small_batches_in_one_run_and_larger_ones_with_faiss(features_bundle: SyntheticBundle,
                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """Without a pool (a batch under load): up to ONE_CALL_MAX_QUERIES queries by ``search_whole``, more by FAISS;
-    both equal brute force."""
+    """Without a pool (a batch under load): up to ONE_CALL_MAX_QUERIES queries asking up to ONE_CALL_MAX_K rows by
+    ``search_whole``, more queries or rows by FAISS; both equal brute force."""
     monkeypatch.setattr(service_bundle, "SHARD_MIN_ROWS", 30)
     loaded = load_bundle(features_bundle.path, plan=plan_device("cpu"))
     assert loaded.exact_search is not None
@@ -185,12 +185,14 @@ def test_a_flat_bundle_searches_small_batches_in_one_run_and_larger_ones_with_fa
     monkeypatch.setattr(ExactInnerProductSearch, "search_whole", counted)
     dim = features_bundle.item_vectors.shape[1]
     users = np.random.default_rng(0).normal(size=(ONE_CALL_MAX_QUERIES + 5, dim)).astype(np.float32)
-    for batch in (1, ONE_CALL_MAX_QUERIES, len(users)):
-        scores, rows = loaded.search_index(users[:batch], 20)
-        expected_scores, expected_rows = _brute_force(features_bundle.item_vectors, users[:batch], 20)
+    k_above = min(ONE_CALL_MAX_K + 1, len(features_bundle.item_vectors))
+    assert k_above > ONE_CALL_MAX_K  # the bundle holds enough rows to ask for more than the one run takes
+    for batch, k in ((1, 20), (ONE_CALL_MAX_QUERIES, 20), (len(users), 20), (2, ONE_CALL_MAX_K), (2, k_above)):
+        scores, rows = loaded.search_index(users[:batch], k)
+        expected_scores, expected_rows = _brute_force(features_bundle.item_vectors, users[:batch], k)
         np.testing.assert_array_equal(rows, expected_rows)
         np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
-    assert whole == [1, ONE_CALL_MAX_QUERIES]
+    assert whole == [1, ONE_CALL_MAX_QUERIES, 2]  # too many queries, or too many rows asked: FAISS
 
 
 def test_the_hand_written_scores_graph_is_the_one_onnx_helper_builds() -> None:
