@@ -23,7 +23,12 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 import bundle_format as bf
-from service.exact_search import ONE_CALL_MAX_K, ONE_CALL_MAX_QUERIES, ExactInnerProductSearch, search_in_shards
+from service.exact_search import (
+    ONE_CALL_MAX_K,
+    ONE_CALL_MAX_QUERIES,
+    ExactInnerProductSearch,
+    search_in_shards,
+)
 from service.ids import IdsError, IdTable
 from service.settings import Device
 
