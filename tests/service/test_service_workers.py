@@ -44,12 +44,17 @@ def test_workers_that_cannot_load_the_bundle_exit_with_uvicorns_start_up_failure
     assert done.returncode == 3, done.stdout + done.stderr  # as the single-process path exits, not 0
 
 
-def test_an_unknown_log_level_in_the_environment_is_refused(features_bundle: SyntheticBundle, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("MMREC_SERVE_LOG_LEVEL", "verbose", "MMREC_SERVE_LOG_LEVEL: 'verbose' is not one of"),
+    ("MMREC_SERVE_ACCESS_LOG", "sometimes", "MMREC_SERVE_ACCESS_LOG: 'sometimes' is not true or false"),
+])
+def test_a_bad_process_switch_in_the_environment_is_refused(features_bundle: SyntheticBundle, tmp_path: Path,
+                                                            variable: str, value: str, message: str) -> None:  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "service.cli", "--bundle", str(features_bundle.path)], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "MMREC_SERVE_LOG_LEVEL": "verbose"},
+                          env={**os.environ, "PYTHONPATH": str(REPO), variable: value},
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2
-    assert "MMREC_SERVE_LOG_LEVEL: 'verbose' is not one of" in done.stderr
+    assert message in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -127,12 +132,3 @@ def test_the_access_log_is_on_unless_turned_off(features_bundle: SyntheticBundle
         assert client.get("/v1/users/u1/recommendations", params={"k": 3}).status_code == 200
     output = stop_mmrec_serve(process)
     assert ('"GET /v1/users/u1/recommendations?k=3 HTTP/1.1" 200' in output) is logged, output
-
-
-def test_an_access_log_setting_that_is_not_a_boolean_is_refused(features_bundle: SyntheticBundle, tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "service.cli", "--bundle", str(features_bundle.path)], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "MMREC_SERVE_ACCESS_LOG": "sometimes"},
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert done.returncode == 2
-    assert "MMREC_SERVE_ACCESS_LOG: 'sometimes' is not true or false" in done.stderr
-    assert "Traceback" not in done.stderr
