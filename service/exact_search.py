@@ -13,8 +13,8 @@ whose kernel reads the rows where they are (only the small query matrix is packe
 - :meth:`ExactInnerProductSearch.search_whole`: every block's MatMul and best k in one onnxruntime run, merged
   after: one return to Python. A TopK over every score cost more than the heaps as the batch grew (16 queries: 45.5
   against 33.2 ms), so each block keeps its best groups of 16 rows by their maxima first and its best k rows of
-  those (:func:`top_k_graph`). The service uses it for batches of up to :data:`ONE_CALL_MAX_QUERIES` queries under
-  load.
+  those (:func:`top_k_graph`). The service uses it under load for batches of up to :data:`ONE_CALL_MAX_QUERIES`
+  queries asking up to :data:`ONE_CALL_MAX_K` rows (its TopKs cost more as k grows).
 
 On one thread, 1M x 64 memory-mapped, k = 40, CPU ms a batch (bench/results/exact-kernel-grouped.json, an AMD EPYC host,
 medians of 5), block by block / one run / FAISS's flat search at the service's BLAS threshold of 1: 1 query 16.8 /
