@@ -199,7 +199,7 @@ class ExactInnerProductSearch:
             self._block_feeds[f"group_rows_{b}"] = np.array([group_rows], dtype=np.int64)
         self._one_call = None if not self._pieces else ort.InferenceSession(
             top_k_graph(len(self._pieces)), sess_options=options, providers=["CPUExecutionProvider"])
-        self._k_feeds: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
+        self._feeds: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}  # by k: _feeds_for
 
     @property
     def n_rows(self) -> int:
@@ -254,23 +254,25 @@ class ExactInnerProductSearch:
         if len(queries) == 0 or self._one_call is None:  # no queries or no rows
             nothing = np.empty((len(queries), 0))
             return _best_k(nothing.astype(np.float32), nothing.astype(np.int64), k)
-        k_feeds, offsets = self._k_feeds_for(k)
-        values, rows = self._one_call.run(None, {**self._block_feeds, **k_feeds, "queries_t": np.ascontiguousarray(queries.T)})
+        feeds, offsets = self._feeds_for(k)
+        values, rows = self._one_call.run(None, {**feeds, "queries_t": np.ascontiguousarray(queries.T)})
         return _best_k(np.asarray(values, dtype=np.float32).T, (np.asarray(rows, dtype=np.int64) + offsets).T, k)
 
-    def _k_feeds_for(self, k: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Each block's ``k_b = min(k, rows_b)`` and ``k_groups_b = min(k, groups_b)``, and the row offset of each of
-        the graph's output rows (a column)."""
-        cached = self._k_feeds.get(k)
+    def _feeds_for(self, k: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Every input of the one-call graph but the queries: the blocks and constants, each block's
+        ``k_b = min(k, rows_b)`` and ``k_groups_b = min(k, groups_b)``; and the row offset of each of the graph's
+        output rows (a column)."""
+        cached = self._feeds.get(k)
         if cached is None:
             per_block = [min(k, rows) for _, rows, _ in self._pieces]
-            feeds = {f"k_{b}": np.array([kb], dtype=np.int64) for b, kb in enumerate(per_block)}
+            feeds = dict(self._block_feeds)
+            feeds.update({f"k_{b}": np.array([kb], dtype=np.int64) for b, kb in enumerate(per_block)})
             feeds.update({f"k_groups_{b}": np.array([min(k, rows // group_rows)], dtype=np.int64)
                           for b, (_, rows, group_rows) in enumerate(self._pieces)})  # fmt: skip
             starts = np.array([start for start, _, _ in self._pieces], dtype=np.int64)
             cached = (feeds, np.repeat(starts, per_block)[:, None])
-            if len(self._k_feeds) < 64:  # a few distinct k in practice (k + seen items, doubled when short)
-                self._k_feeds[k] = cached
+            if len(self._feeds) < 64:  # a few distinct k in practice (k + seen items, doubled when short)
+                self._feeds[k] = cached
         return cached
 
 
