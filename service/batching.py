@@ -11,11 +11,10 @@ A batch searched while no other batch is searched and no other request is in the
 (flat) index is split by rows over a pool of ``workers`` threads (:func:`service.bundle.search_flat_in_shards`,
 scanned by :mod:`service.exact_search`'s kernel): at 1M x 64, c = 1 served 90 requests/s against 44 with FAISS
 scanning the ranges (bench/results/README.md). Under load each worker searches its own batch whole (in one
-onnxruntime run, up to 64 queries asking up to 64 rows each, else with FAISS:
-:meth:`service.bundle.Bundle.search_index`): splitting a batch
-does not lower its CPU cost (mostly one pass over the item vectors, whoever makes it), measured at c = 8-64 it served
-5-10% fewer requests than two whole batches side by side, and a whole batch's one call holds no GIL while the
-row-range scan returns to Python block by block.
+onnxruntime run, up to 64 queries asking up to 64 rows each, else with FAISS: :meth:`service.bundle.Bundle.search_index`):
+splitting a batch does not lower its CPU cost (mostly one pass over the item vectors, whoever makes it), measured at
+c = 8-64 it served 5-10% fewer requests than two whole batches side by side, and a whole batch's one call holds no GIL
+while the row-range scan returns to Python block by block.
 
 The window closes early when no other request could join: ``in_flight`` (the app's count of HTTP requests in
 progress) is no more than the searches gathered plus those being searched by other workers. A lone request (c = 1)
