@@ -8,6 +8,7 @@
         client.record_events("42", ["item-7", "item-9"])     # seen items, history, cache invalidation
         client.add_item(ItemCreate(id="new-1", text="A quiet film about a lighthouse keeper."))
         client.similar_items("new-1", k=5)
+        worst = list(client.audited_items("image", state="low-quality"))  # R2MR bundles: flagged content
 
 Every method returns the response schema of ``service.schemas``; an error response raises
 :class:`ServiceHTTPError` with the status code and the service's message. Pass ``http_client`` to reuse a
@@ -17,7 +18,7 @@ configured ``httpx.Client`` (the tests pass FastAPI's ``TestClient``), or ``tran
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -26,6 +27,8 @@ import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from service.schemas import (
+    AuditedItem,
+    AuditPage,
     EventCreate,
     EventsCreate,
     EventsRecorded,
@@ -137,6 +140,30 @@ class RecommendationClient:
 
     def delete_item(self, item_id: str) -> ItemDeleted:
         return self._call("DELETE", f"/v1/items/{_segment(item_id)}", ItemDeleted)
+
+    # --- the modality-quality audit (bundles whose model scores modality quality: R2MR) ---
+
+    def audit(self, modality: str, *, state: str | None = None, limit: int | None = None,
+              cursor: str | None = None) -> AuditPage:  # fmt: skip
+        """One page of ``GET /v1/audit``: the items whose ``modality`` the model judges most out of line with their
+        users, worst first, optionally only those in ``state``. Pass the page's ``next_cursor`` as ``cursor`` for the
+        next one (with the same modality and state). Needs a key with the write scope once keys are configured."""
+        params: dict[str, Any] = {"modality": modality}
+        for name, value in (("state", state), ("limit", limit), ("cursor", cursor)):
+            if value is not None:
+                params[name] = value
+        return self._call("GET", "/v1/audit", AuditPage, params=params)
+
+    def audited_items(self, modality: str, *, state: str | None = None, page_size: int | None = None) -> Iterator[AuditedItem]:
+        """Every item of the audit listing, worst first, fetched a page (``page_size`` items, the service's default
+        when None) at a time as the iteration goes; an item live through the whole listing comes exactly once."""
+        cursor: str | None = None
+        while True:
+            page = self.audit(modality, state=state, limit=page_size, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     # --- system ---
 

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from service_test_support import API_KEY
 
 from service.audit import encode_cursor
+from service.client import RecommendationClient, ServiceHTTPError
 from service.settings import ServiceSettings
 
 Serve = Callable[[ServiceSettings], AbstractContextManager[TestClient]]
@@ -95,6 +96,22 @@ def test_pages_concatenate_to_the_brute_force_order(audit_client: TestClient, qu
         assert item["source"] == "trained"
         trained_row = quality_bundle.item_ids.index(item["id"])
         assert item["has_modality"] == bool(np.load(quality_bundle.path / "item_features" / f"{modality}.mask.npy")[trained_row])
+
+
+@pytest.mark.parametrize("state", [None, "low-quality"])
+def test_the_typed_client_lists_the_audit_page_by_page_in_the_brute_force_order(
+    audit_client: TestClient, quality_bundle: SyntheticBundle, state: str | None
+) -> None:
+    client = RecommendationClient(http_client=audit_client)
+    expected = brute_force(trained_rows(quality_bundle), "audio", state)
+    assert [item.id for item in client.audited_items("audio", state=state, page_size=4)] == expected and expected
+    first = client.audit("audio", state=state, limit=3)
+    assert [item.id for item in first.items] == expected[:3] and first.next_cursor is not None
+    second = client.audit("audio", state=state, limit=3, cursor=first.next_cursor)
+    assert [item.id for item in second.items] == expected[3:6]
+    with pytest.raises(ServiceHTTPError) as error:
+        client.audit("smell")
+    assert error.value.status_code == 422 and "smell" in error.value.detail
 
 
 def test_items_without_training_interactions_are_not_listed(audit_client: TestClient, quality_bundle: SyntheticBundle) -> None:
