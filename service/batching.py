@@ -25,6 +25,7 @@ is searched at once instead of waiting out the window; with other requests in th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -106,6 +107,16 @@ class SearchBatcher:
         self._queue.put(request)
         return request.answer.result()
 
+    async def search_async(self, catalogue: Catalogue, query: np.ndarray, k: int, exclude: set[int]) -> Hits:
+        """:meth:`search` for a coroutine on the event loop, with batching on (:attr:`enabled`): the request joins a
+        batch and the loop serves other requests until the answer comes; no thread waits for it. A waiter cancelled
+        before its batch is taken drops out of it."""
+        if not self._threads:
+            raise RuntimeError("micro-batching is off: search() on a thread instead")
+        request = _Search(catalogue=catalogue, query=np.asarray(query, dtype=np.float32).reshape(-1), k=k, exclude=exclude)
+        self._queue.put(request)
+        return await asyncio.wrap_future(request.answer)
+
     def close(self) -> None:
         for _ in self._threads:
             self._queue.put(None)  # one stop signal per worker
@@ -174,6 +185,11 @@ class SearchBatcher:
                 self._searching -= len(batch)
 
     def _search(self, batch: Sequence[_Search], pool: ThreadPoolExecutor | None) -> None:
+        # A waiter that was cancelled (search_async's coroutine) is dropped; the others' answers can no longer be
+        # cancelled, so setting them below cannot fail.
+        batch = [request for request in batch if request.answer.set_running_or_notify_cancel()]
+        if not batch:
+            return
         if self.observe is not None:
             self.observe(len(batch))
         by_catalogue: dict[int, list[_Search]] = {}

@@ -71,6 +71,8 @@ class RecommendationCache(Protocol):
 
     def put(self, user_id: str, key: str, generation: str, payload: str) -> None: ...
 
+    async def put_async(self, user_id: str, key: str, generation: str, payload: str) -> None: ...
+
     def invalidate_user(self, user_id: str) -> None: ...
 
 
@@ -107,6 +109,9 @@ class MemoryCache:
             self._entries.move_to_end((user_id, generation, key))
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
+
+    async def put_async(self, user_id: str, key: str, generation: str, payload: str) -> None:
+        self.put(user_id, key, generation, payload)  # in memory: never waits
 
     def invalidate_user(self, user_id: str) -> None:
         with self._lock:
@@ -161,6 +166,17 @@ class RedisCache:
             pipe.execute()
 
         self.pool.run(write)
+
+    async def put_async(self, user_id: str, key: str, generation: str, payload: str) -> None:
+        _, hash_key = self._keys(user_id)
+
+        async def write(client: Any) -> None:
+            pipe = client.pipeline(transaction=False)
+            pipe.hset(hash_key, f"{generation}|{key}", f"{time.time() + self.ttl_s:.3f}|{payload}")
+            pipe.pexpire(hash_key, int(self.ttl_s * 1000))
+            await pipe.execute()
+
+        await self.pool.run_async(write)
 
     def invalidate_user(self, user_id: str) -> None:
         gen_key, hash_key = self._keys(user_id)

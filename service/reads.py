@@ -97,8 +97,8 @@ async def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, e
                              diversity: CodeDiversity | None = None,
                              prior: Lookup | None = None) -> RecommendationList | CachedResponse:  # fmt: skip
     """The user's list, from the cache when an entry is still valid (see service/cache.py): a hit is answered on
-    the event loop as the stored JSON body, ready to send; a miss is computed on a worker thread, once per process
-    for concurrent requests of the same list (single flight). ``prior``: this request's lookup, made already (by
+    the event loop as the stored JSON body, ready to send; a miss is computed once per process for concurrent
+    requests of the same list (single flight), on the event loop but for its slow parts (:func:`_compute_for_user`). ``prior``: this request's lookup, made already (by
     ``service/cached_reads.py``)."""
     k = resolve_k(runtime, k)
     found = prior
@@ -116,9 +116,8 @@ async def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, e
     flight = (id(found.engine), user_id, found.key, found.generation)
     task = runtime.flights.get(flight)
     if task is None:
-        task = asyncio.ensure_future(run_in_threadpool(
-            _compute_for_user, runtime, found.engine, user_id, found.key, found.generation, k=k,
-            exclude_seen=exclude_seen, diversity=diversity))  # fmt: skip
+        task = asyncio.ensure_future(_compute_for_user(runtime, found.engine, user_id, found.key, found.generation,
+                                                       k=k, exclude_seen=exclude_seen, diversity=diversity))  # fmt: skip
         runtime.flights[flight] = task
         task.add_done_callback(functools.partial(_landed, runtime.flights, flight))
     # shield: a waiter that goes away (its client disconnected) leaves the computation to the others
@@ -133,26 +132,39 @@ def _landed(flights: dict[Any, asyncio.Future[RecommendationList]], flight: Any,
         task.exception()  # retrieved: every waiter may have gone
 
 
-def _compute_for_user(runtime: Runtime, engine: Engine, user_id: str, key: str, generation: str | None, *, k: int,
-                      exclude_seen: bool, diversity: CodeDiversity | None) -> RecommendationList:  # fmt: skip
+async def _compute_for_user(runtime: Runtime, engine: Engine, user_id: str, key: str, generation: str | None, *,
+                            k: int, exclude_seen: bool, diversity: CodeDiversity | None) -> RecommendationList:  # fmt: skip
+    """A miss, computed on the event loop: the user's events, the strategy, the list and its cache entry there (cheap
+    work, each a few hundred microseconds at most); a single batched search is awaited without a thread waiting for
+    it (micro-batching on), and what may take milliseconds (a scan of every item, an encoder run, a diversified
+    search, any search with micro-batching off) runs on a worker thread. Handing every miss to a worker thread cost
+    a third of the CPU of a request on an approximate index (bench/results/README.md)."""
     try:
-        recent = [e.item_id for e in runtime.event_store.recent(user_id)]
+        recent = [e.item_id for e in await runtime.event_store.recent_async(user_id)]
     except RedisDown:
         recent = []  # degraded: only the training history filters seen items
         generation = None  # and this list must not be cached
     anonymous = not recent and user_id not in engine.bundle.user_rows
     if anonymous and generation is not None:  # shared by every unknown user: no cache entry per user id
-        shared = _cached(runtime, engine, ANONYMOUS, key)
+        shared = await _cached(runtime, engine, ANONYMOUS, key)
         if shared is not None:
             body = RecommendationList.model_validate_json(shared.body)
             return body.model_copy(update={"user_id": user_id})
-    state = engine.catalogue.state
-    ranking = engine.recommender.for_user(user_id, recent, k=k, exclude_seen=exclude_seen, diversity=diversity)
+    ranker = engine.recommender
+    query = ranker.user_query(user_id, recent, exclude_seen=exclude_seen)
+    if diversity is None and query.one_search and ranker.batcher.enabled:
+        assert query.vector is not None
+        hits = await ranker.batcher.search_async(ranker.catalogue, query.vector, k, query.seen)
+        ranking = ranker.ranking(query.strategy, hits)
+    elif diversity is None and query.strategy == "popularity":
+        ranking = ranker.rank(query, k=k)  # the most popular live items: a walk over the first rows of an order
+    else:
+        ranking = await run_in_threadpool(functools.partial(ranker.rank, query, k=k, diversity=diversity))
     response = _recommendation_list(runtime, engine, ranking, user_id=user_id, k=k, exclude_seen=exclude_seen,
-                                    catalogue_version=state.version)  # fmt: skip
+                                    catalogue_version=query.state.version)  # fmt: skip
     if generation is not None and engine.synced:
         entry = CachedList(
-            catalogue_version=int(state.version),
+            catalogue_version=int(query.state.version),
             computed_at=time.time(),
             item_ids=[item.id for item in response.items],
             body=response.model_copy(update={"cached": True}).model_dump_json(),
@@ -160,9 +172,9 @@ def _compute_for_user(runtime: Runtime, engine: Engine, user_id: str, key: str, 
         )
         with contextlib.suppress(RedisDown):  # a failed put is a later miss
             if anonymous:
-                runtime.cache.put(ANONYMOUS, key, "0", entry.encode())
+                await runtime.cache.put_async(ANONYMOUS, key, "0", entry.encode())
             else:
-                runtime.cache.put(user_id, key, generation, entry.encode())
+                await runtime.cache.put_async(user_id, key, generation, entry.encode())
     return response
 
 
@@ -180,10 +192,10 @@ def cache_key(engine: Engine, *, k: int, exclude_seen: bool, diversity: CodeDive
     return key
 
 
-def _cached(runtime: Runtime, engine: Engine, user_id: str, key: str) -> CachedList | None:
+async def _cached(runtime: Runtime, engine: Engine, user_id: str, key: str) -> CachedList | None:
     """A usable entry of the cache, or None (also when the cache is unreachable)."""
     try:
-        _, payload = runtime.cache.get(user_id, key)
+        _, payload = await runtime.cache.get_async(user_id, key)
     except RedisDown:
         return None
     return _usable_hit(runtime, engine, user_id, payload, counted=user_id != ANONYMOUS)

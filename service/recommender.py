@@ -18,7 +18,7 @@ rows until k items are taken or the catalogue is exhausted. Items without a code
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -94,6 +94,26 @@ class Ranking:
     items: list[tuple[str, float]]  # (item id, score), best first
 
 
+@dataclass(frozen=True)
+class UserQuery:
+    """How a user's list is made, decided from the user's history without scoring anything (cheap): the strategy, the
+    catalogue state the request works on, the rows to exclude, and what the strategy ranks with. ``vector`` is the
+    query of a single search (``user_vector``, ``history``), or the trained vector ``user_vector_recent`` blends with
+    the ``recent`` rows; ``history`` feeds the user tower."""
+
+    strategy: Strategy
+    state: CatalogueState
+    seen: set[int]
+    vector: np.ndarray | None = None
+    recent: list[int] | None = None
+    history: list[int] | None = None
+
+    @property
+    def one_search(self) -> bool:
+        """Ranked by one nearest-neighbour search of ``vector`` (batched with concurrent requests' searches)."""
+        return self.strategy in ("user_vector", "history")
+
+
 class Ranker:
     """Rankings over one catalogue. Each request takes the catalogue's state once and works on it throughout."""
 
@@ -115,6 +135,10 @@ class Ranker:
     def for_user(self, user_id: str, recent_item_ids: Sequence[str], *, k: int, exclude_seen: bool,
                  diversity: CodeDiversity | None = None) -> Ranking:  # fmt: skip
         """``recent_item_ids``: the user's recorded events, oldest first (ids deleted since are ignored)."""
+        return self.rank(self.user_query(user_id, recent_item_ids, exclude_seen=exclude_seen), k=k, diversity=diversity)
+
+    def user_query(self, user_id: str, recent_item_ids: Sequence[str], *, exclude_seen: bool) -> UserQuery:
+        """The first, cheap half of :meth:`for_user`: which strategy ranks this user, on which catalogue state."""
         state = self.catalogue.state
         user_row = self.bundle.user_rows.get(user_id)
         trained = self.bundle.training_history(user_row).tolist() if user_row is not None else []
@@ -122,16 +146,35 @@ class Ranker:
         history = trained + recent  # oldest first
         seen = set(history) if exclude_seen else set()
         if self.tower is not None and history:
-            return self._rank(self._tower(history, state), "user_tower", k, seen, state, diversity)
+            return UserQuery("user_tower", state, seen, history=history)
         if user_row is not None and self.bundle.user_vectors is not None:
             user_vector = self.bundle.user_vectors[user_row]
             if recent and self.options.recent_events_weight > 0:
-                scores = blended_scores(self.similarity, user_vector, recent, self.options.recent_events_weight, state)
-                return self._rank_scores(scores, "user_vector_recent", k, seen, state, diversity)
-            return self._rank(user_vector, "user_vector", k, seen, state, diversity)
+                return UserQuery("user_vector_recent", state, seen, vector=user_vector, recent=recent)
+            return UserQuery("user_vector", state, seen, vector=user_vector)
         if history:
-            return self._rank(self.catalogue.vectors(history, state).mean(axis=0), "history", k, seen, state, diversity)
-        return self._popular(k, seen, state, diversity)
+            return UserQuery("history", state, seen, vector=self.catalogue.vectors(history, state).mean(axis=0))
+        return UserQuery("popularity", state, seen)
+
+    def rank(self, query: UserQuery, *, k: int, diversity: CodeDiversity | None = None) -> Ranking:
+        """The second half of :meth:`for_user`: the ``k`` best items of ``query``'s strategy (its search, scan or
+        encoder run; the caller's thread waits for them)."""
+        state, seen = query.state, query.seen
+        if query.strategy == "user_tower":
+            assert query.history is not None
+            return self._rank(self._tower(query.history, state), "user_tower", k, seen, state, diversity)
+        if query.strategy == "user_vector_recent":
+            assert query.vector is not None and query.recent is not None
+            scores = blended_scores(self.similarity, query.vector, query.recent, self.options.recent_events_weight, state)
+            return self._rank_scores(scores, "user_vector_recent", k, seen, state, diversity)
+        if query.strategy == "popularity":
+            return self._popular(k, seen, state, diversity)
+        assert query.vector is not None
+        return self._rank(query.vector, query.strategy, k, seen, state, diversity)
+
+    def ranking(self, strategy: Strategy, hits: Sequence[tuple[int, float]]) -> Ranking:
+        """A ranking of search hits (rows and scores, best first)."""
+        return Ranking(strategy, [(self.catalogue.item_id(row), score) for row, score in hits])
 
     def for_history(self, item_ids: Sequence[str], *, k: int, exclude_seen: bool,
                     diversity: CodeDiversity | None = None) -> Ranking:  # fmt: skip
@@ -155,8 +198,7 @@ class Ranker:
     def _rank(self, query: np.ndarray, strategy: Strategy, k: int, exclude: set[int], state: CatalogueState,
               diversity: CodeDiversity | None = None) -> Ranking:  # fmt: skip
         if diversity is None:
-            hits = self.batcher.search(self.catalogue, query, k, exclude, state)
-            return Ranking(strategy, [(self.catalogue.item_id(row), score) for row, score in hits])
+            return self.ranking(strategy, self.batcher.search(self.catalogue, query, k, exclude, state))
         fetch = 4 * k
         while True:
             hits = self.catalogue.search(query.reshape(1, -1), fetch, [exclude], state)[0]
@@ -194,7 +236,7 @@ class Ranker:
         active = state.active
         items: list[tuple[int, float]] = []
         # Ingested items have no interactions yet (popularity 0): they come after every trained item.
-        for row in itertools.chain(self._by_popularity.tolist(), self.catalogue.ingested_rows(state)):
+        for row in itertools.chain(_rows_in_chunks(self._by_popularity), self.catalogue.ingested_rows(state)):
             if len(items) == k and diversity is None:
                 break
             if active[row] and row not in exclude:
@@ -208,3 +250,10 @@ class Ranker:
         assert self.tower is not None
         recent = list(history)[-self.tower.spec.max_length :]
         return self.tower.encode(self.catalogue.vectors(recent, state))
+
+
+def _rows_in_chunks(rows: np.ndarray, chunk: int = 256) -> Iterator[int]:
+    """The rows as Python ints, converted a chunk at a time: a walk that stops after a few rows does not pay for a
+    million."""
+    for start in range(0, len(rows), chunk):
+        yield from rows[start : start + chunk].tolist()

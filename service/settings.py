@@ -124,9 +124,10 @@ class ServiceSettings(BaseSettings):
         "at 1M answers in about half the time).")  # fmt: skip
     request_threads: int = Field(
         default=128, ge=1, le=4096, description="Threads for the request work that runs off the event loop (anyio's "
-        "thread limiter; its default is 40). A request waiting in a search batch holds one, so below batch_max_size x "
-        "batch_workers requests queue for a thread instead of joining a batch: at 1M items exact, c = 64, 128 served "
-        "356-381 against 286-287 req/s with 40, p99 241-245 against 339-358 ms (service/README.md).")  # fmt: skip
+        "thread limiter; its default is 40): writes, scans of every item, encoder runs, and searches that wait on a "
+        "thread (micro-batching off, diversified lists, POST /v1/recommendations with a history). A GET "
+        "recommendations miss waits for its search batch on the event loop without one. When every miss held a "
+        "thread, 128 served 356-381 against 286-287 req/s with 40 (1M items exact, c = 64; service/README.md).")  # fmt: skip
     faiss_threads: int = Field(
         default=1, ge=1, description="OpenMP threads of a FAISS search. 1: the event loop needs the other core, and "
         "OpenMP threads that spin-wait collapse when the cores are oversubscribed (a 2-thread batch measured 10-20x "

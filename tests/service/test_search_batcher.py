@@ -3,6 +3,7 @@ until the test releases it, so what queues meanwhile is known exactly, whatever 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -172,3 +173,34 @@ def test_a_lone_batch_is_searched_whole_while_other_requests_are_in_the_app(batc
     in_flight[0] = 1
     assert [row for row, _ in two.search(catalogue, _query(4), 2, set())] == [4, 3]
     assert catalogue.shards == [1, 2]
+
+
+def test_search_async_joins_the_batch_of_concurrent_searches_and_a_cancelled_waiter_drops_out(batcher) -> None:  # type: ignore[no-untyped-def]
+    catalogue = HeldCatalogue()
+    one = batcher(max_wait_ms=50, max_size=64, workers=1)
+
+    async def scenario() -> tuple[list[list[tuple[int, float]]], bool]:
+        first = asyncio.ensure_future(one.search_async(catalogue, _query(0), 3, set()))  # type: ignore[arg-type]
+        assert await asyncio.to_thread(catalogue.entered.wait, 10)  # the first batch holds the worker
+        waiting = [asyncio.ensure_future(one.search_async(catalogue, _query(n), 3, {n})) for n in (1, 2, 3)]  # type: ignore[arg-type]
+        gone = asyncio.ensure_future(one.search_async(catalogue, _query(9), 3, set()))  # type: ignore[arg-type]
+        while one._queue.qsize() < 4:  # all four wait for the worker
+            await asyncio.sleep(0.001)
+        gone.cancel()  # its client went away before its batch was taken
+        catalogue.release.set()
+        answers = await asyncio.gather(first, *waiting)
+        return answers, gone.cancelled()
+
+    answers, cancelled = asyncio.run(scenario())
+    assert cancelled
+    assert catalogue.batch_sizes == [1, 3]  # the cancelled search was dropped from the second batch
+    for n, answer in enumerate(answers):  # brute force, as the synchronous search gives it
+        expected = sorted((r for r in range(50) if not (n >= 1 and r == n)), key=lambda r: (abs(r - n), r))[:3]
+        assert [row for row, _ in answer] == expected
+    assert [row for row, _ in one.search(catalogue, _query(5), 2, set())] == [5, 4]  # the worker goes on
+
+
+def test_search_async_refuses_when_batching_is_off(batcher) -> None:  # type: ignore[no-untyped-def]
+    off = batcher(max_wait_ms=0, max_size=1)
+    with pytest.raises(RuntimeError, match="micro-batching is off"):
+        asyncio.run(off.search_async(HeldCatalogue(), _query(0), 3, set()))  # type: ignore[arg-type]
