@@ -107,22 +107,34 @@ class SearchBatcher:
         self._queue.put(request)
         return request.answer.result()
 
+    @property
+    def running(self) -> bool:
+        """Batch workers are running (batching on, not closed): :meth:`search_async` may be awaited."""
+        return bool(self._threads)
+
     async def search_async(self, catalogue: Catalogue, query: np.ndarray, k: int, exclude: set[int]) -> Hits:
-        """:meth:`search` for a coroutine on the event loop, with batching on (:attr:`enabled`): the request joins a
-        batch and the loop serves other requests until the answer comes; no thread waits for it. A waiter cancelled
+        """:meth:`search` for a coroutine on the event loop while the workers are :attr:`running`: the request joins
+        a batch and the loop serves other requests until the answer comes; no thread waits for it. A waiter cancelled
         before its batch is taken drops out of it."""
         if not self._threads:
-            raise RuntimeError("micro-batching is off: search() on a thread instead")
+            raise RuntimeError("no batch workers (micro-batching off, or closed): search() on a thread instead")
         request = _Search(catalogue=catalogue, query=np.asarray(query, dtype=np.float32).reshape(-1), k=k, exclude=exclude)
         self._queue.put(request)
         return await asyncio.wrap_future(request.answer)
 
     def close(self) -> None:
-        for _ in self._threads:
+        threads, self._threads = self._threads, []  # no new search queues from now on (search() runs inline)
+        for _ in threads:
             self._queue.put(None)  # one stop signal per worker
-        for thread in self._threads:
+        for thread in threads:
             thread.join(timeout=5)
-        self._threads = []
+        while True:  # searches queued behind the stop signals are failed, not left waiting
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if request is not None and request.answer.set_running_or_notify_cancel():
+                request.answer.set_exception(RuntimeError("the search batcher was closed"))
         if self._shard_pool is not None:
             self._shard_pool.shutdown(wait=False)
 

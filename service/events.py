@@ -35,8 +35,8 @@ class EventStore(Protocol):
         """The user's retained events, most recent last. Raises :class:`RedisDown` when Redis is unreachable."""
         ...
 
-    async def recent_async(self, user_id: str) -> list[Event]:
-        """:meth:`recent` for the event loop."""
+    async def recent_item_ids(self, user_id: str) -> list[str]:
+        """The item ids of :meth:`recent`, for the event loop."""
         ...
 
 
@@ -71,10 +71,10 @@ class RedisEventStore:
         raw = self.pool.run(lambda client: client.lrange(key, 0, -1))
         return [Event(**json.loads(r)) for r in raw]
 
-    async def recent_async(self, user_id: str) -> list[Event]:
+    async def recent_item_ids(self, user_id: str) -> list[str]:
         key = self._key(user_id)
         raw = await self.pool.run_async(lambda client: client.lrange(key, 0, -1))
-        return [Event(**json.loads(r)) for r in raw]
+        return [str(json.loads(r)["item_id"]) for r in raw]
 
 
 class SqliteEventStore:
@@ -102,7 +102,10 @@ class SqliteEventStore:
             rows = conn.execute("SELECT record FROM events WHERE user_id = ? ORDER BY seq", (user_id,)).fetchall()
         return [Event(**json.loads(r[0])) for r in rows]
 
-    async def recent_async(self, user_id: str) -> list[Event]:
-        """Read on the event loop itself: an indexed read of a local file (tens of microseconds), on the loop
-        thread's own read connection; in WAL mode a reader never waits for the writer."""
-        return self.recent(user_id)
+    async def recent_item_ids(self, user_id: str) -> list[str]:
+        """Read on the event loop itself: an indexed read of one column from a local file (about 0.2 ms for the
+        200 events a user keeps by default, less for fewer), on the loop thread's own read connection; in WAL mode a
+        reader does not wait for the writer."""
+        with self.db.reading() as conn:
+            rows = conn.execute("SELECT item_id FROM events WHERE user_id = ? ORDER BY seq", (user_id,)).fetchall()
+        return [r[0] for r in rows]

@@ -134,13 +134,14 @@ def _landed(flights: dict[Any, asyncio.Future[RecommendationList]], flight: Any,
 
 async def _compute_for_user(runtime: Runtime, engine: Engine, user_id: str, key: str, generation: str | None, *,
                             k: int, exclude_seen: bool, diversity: CodeDiversity | None) -> RecommendationList:  # fmt: skip
-    """A miss, computed on the event loop: the user's events, the strategy, the list and its cache entry there (cheap
-    work, each a few hundred microseconds at most); a single batched search is awaited without a thread waiting for
-    it (micro-batching on), and what may take milliseconds (a scan of every item, an encoder run, a diversified
-    search, any search with micro-batching off) runs on a worker thread. Handing every miss to a worker thread cost
-    a third of the CPU of a request on an approximate index (bench/results/README.md)."""
+    """A miss, computed on the event loop: the user's events, the strategy, the list and its cache entry there
+    (cheap work, each a few hundred microseconds at most); a single batched search is awaited without a thread
+    waiting for it (micro-batching on), and what may take milliseconds (a scan of every item, an encoder run, a
+    diversified search, the popularity walk, any search with micro-batching off) runs on a worker thread. Handing
+    every miss to a worker thread cost a third of the CPU of a request on an approximate index (service/README.md,
+    "Misses on the event loop")."""
     try:
-        recent = [e.item_id for e in await runtime.event_store.recent_async(user_id)]
+        recent = await runtime.event_store.recent_item_ids(user_id)
     except RedisDown:
         recent = []  # degraded: only the training history filters seen items
         generation = None  # and this list must not be cached
@@ -152,13 +153,11 @@ async def _compute_for_user(runtime: Runtime, engine: Engine, user_id: str, key:
             return body.model_copy(update={"user_id": user_id})
     ranker = engine.recommender
     query = ranker.user_query(user_id, recent, exclude_seen=exclude_seen)
-    if diversity is None and query.one_search and ranker.batcher.enabled:
+    if diversity is None and query.one_search and ranker.batcher.running:
         assert query.vector is not None
         hits = await ranker.batcher.search_async(ranker.catalogue, query.vector, k, query.seen)
         ranking = ranker.ranking(query.strategy, hits)
-    elif diversity is None and query.strategy == "popularity":
-        ranking = ranker.rank(query, k=k)  # the most popular live items: a walk over the first rows of an order
-    else:
+    else:  # the popularity walk too: it skips deleted rows one by one, and most of them may be deleted
         ranking = await run_in_threadpool(functools.partial(ranker.rank, query, k=k, diversity=diversity))
     response = _recommendation_list(runtime, engine, ranking, user_id=user_id, k=k, exclude_seen=exclude_seen,
                                     catalogue_version=query.state.version)  # fmt: skip

@@ -101,10 +101,14 @@ class RedisPool:
         self._refuse_while_down()
         client = self.async_client()
         try:
-            return await operation(client)
+            result = await operation(client)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._mark_down(exc)
             raise RedisDown(self.last_error or "redis unreachable") from exc
+        if self.last_error is not None:
+            log.info("redis reachable again at %s", self.safe_url)
+        self.last_error = None
+        return result
 
     async def aclose(self) -> None:
         if self._async_client is not None:

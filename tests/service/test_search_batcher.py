@@ -186,7 +186,9 @@ def test_search_async_joins_the_batch_of_concurrent_searches_and_a_cancelled_wai
         gone = asyncio.ensure_future(one.search_async(catalogue, _query(9), 3, set()))  # type: ignore[arg-type]
         while one._queue.qsize() < 4:  # all four wait for the worker
             await asyncio.sleep(0.001)
-        gone.cancel()  # its client went away before its batch was taken
+        gone.cancel()  # e.g. the loop shutting down (the service shields a computation from a departing client)
+        await asyncio.sleep(0)  # the cancellation reaches the queued search's own future on the loop's next turn
+        assert one._queue.queue[-1].answer.cancelled()  # type: ignore[union-attr]
         catalogue.release.set()
         answers = await asyncio.gather(first, *waiting)
         return answers, gone.cancelled()
@@ -202,5 +204,27 @@ def test_search_async_joins_the_batch_of_concurrent_searches_and_a_cancelled_wai
 
 def test_search_async_refuses_when_batching_is_off(batcher) -> None:  # type: ignore[no-untyped-def]
     off = batcher(max_wait_ms=0, max_size=1)
-    with pytest.raises(RuntimeError, match="micro-batching is off"):
+    assert not off.running
+    with pytest.raises(RuntimeError, match="micro-batching off"):
         asyncio.run(off.search_async(HeldCatalogue(), _query(0), 3, set()))  # type: ignore[arg-type]
+
+
+def test_close_fails_a_search_queued_behind_the_stop_signals_instead_of_leaving_it_waiting(batcher) -> None:  # type: ignore[no-untyped-def]
+    from service.batching import _Search
+
+    catalogue = HeldCatalogue()
+    one = batcher(max_wait_ms=50, max_size=64, workers=1)
+    pool = ThreadPoolExecutor(2)
+    first = pool.submit(one.search, catalogue, _query(0), 3, set())
+    assert catalogue.entered.wait(10)  # the worker is held in a batch
+    closing = pool.submit(one.close)
+    while one.running or one._queue.qsize() < 1:  # close() has stopped taking searches and queued the stop signal
+        time.sleep(0.001)
+    late = _Search(catalogue=catalogue, query=_query(1), k=3, exclude=set())  # type: ignore[arg-type]
+    one._queue.put(late)  # a search that passed the running check just before close()
+    catalogue.release.set()
+    closing.result(timeout=10)
+    pool.shutdown(wait=True)
+    assert [row for row, _ in first.result()] == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="closed"):
+        late.answer.result(timeout=1)

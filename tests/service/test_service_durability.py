@@ -65,6 +65,8 @@ def test_events_keep_only_the_most_recent_history_length(
         assert recorded["retained"] == 3
         events = client.get("/v1/users/u1/events").json()["events"]
         assert [e["item_id"] for e in events] == ["i2", "i3", "i4"]  # most recent last
+        recs = client.get("/v1/users/u1/recommendations", params={"k": 100}).json()  # a miss reads the kept events
+        assert recs["strategy"] == "user_vector_recent" and not {"i2", "i3", "i4"} & {i["id"] for i in recs["items"]}
 
 
 def _replace_bundle(target: Path, source: Path) -> None:
