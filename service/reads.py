@@ -98,8 +98,8 @@ async def recommend_for_user(runtime: Runtime, user_id: str, *, k: int | None, e
                              prior: Lookup | None = None) -> RecommendationList | CachedResponse:  # fmt: skip
     """The user's list, from the cache when an entry is still valid (see service/cache.py): a hit is answered on
     the event loop as the stored JSON body, ready to send; a miss is computed once per process for concurrent
-    requests of the same list (single flight), on the event loop but for its slow parts (:func:`_compute_for_user`). ``prior``: this request's lookup, made already (by
-    ``service/cached_reads.py``)."""
+    requests of the same list (single flight), on the event loop but for its slow parts (:func:`_compute_for_user`).
+    ``prior``: this request's lookup, made already (by ``service/cached_reads.py``)."""
     k = resolve_k(runtime, k)
     found = prior
     if found is None or (found.user_id, found.k, found.exclude_seen, found.diversity) != (user_id, k, exclude_seen, diversity):
