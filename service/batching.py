@@ -103,8 +103,7 @@ class SearchBatcher:
         if not self._threads:
             faiss.omp_set_num_threads(self.faiss_threads)  # per thread: OpenMP's thread count is a per-thread setting
             return catalogue.search(query.reshape(1, -1), k, [exclude], state)[0]
-        request = _Search(catalogue=catalogue, query=np.asarray(query, dtype=np.float32).reshape(-1), k=k, exclude=exclude)
-        self._queue.put(request)
+        request = self._enqueue(catalogue, query, k, exclude)
         return request.answer.result()
 
     @property
@@ -118,9 +117,13 @@ class SearchBatcher:
         before its batch is taken drops out of it."""
         if not self._threads:
             raise RuntimeError("no batch workers (micro-batching off, or closed): search() on a thread instead")
+        request = self._enqueue(catalogue, query, k, exclude)
+        return await asyncio.wrap_future(request.answer)
+
+    def _enqueue(self, catalogue: Catalogue, query: np.ndarray, k: int, exclude: set[int]) -> _Search:
         request = _Search(catalogue=catalogue, query=np.asarray(query, dtype=np.float32).reshape(-1), k=k, exclude=exclude)
         self._queue.put(request)
-        return await asyncio.wrap_future(request.answer)
+        return request
 
     def close(self) -> None:
         threads, self._threads = self._threads, []  # no new search queues from now on (search() runs inline)

@@ -156,25 +156,20 @@ class RedisCache:
             return str(generation), None
         return str(generation), payload
 
-    def put(self, user_id: str, key: str, generation: str, payload: str) -> None:
+    def _put_pipeline(self, client: Any, user_id: str, key: str, generation: str, payload: str) -> Any:
+        """The entry's field set and the hash's expiry, queued on a pipeline of ``client`` (sync or async)."""
         _, hash_key = self._keys(user_id)
+        pipe = client.pipeline(transaction=False)
+        pipe.hset(hash_key, f"{generation}|{key}", f"{time.time() + self.ttl_s:.3f}|{payload}")
+        pipe.pexpire(hash_key, int(self.ttl_s * 1000))
+        return pipe
 
-        def write(client: Any) -> None:
-            pipe = client.pipeline(transaction=False)
-            pipe.hset(hash_key, f"{generation}|{key}", f"{time.time() + self.ttl_s:.3f}|{payload}")
-            pipe.pexpire(hash_key, int(self.ttl_s * 1000))
-            pipe.execute()
-
-        self.pool.run(write)
+    def put(self, user_id: str, key: str, generation: str, payload: str) -> None:
+        self.pool.run(lambda client: self._put_pipeline(client, user_id, key, generation, payload).execute())
 
     async def put_async(self, user_id: str, key: str, generation: str, payload: str) -> None:
-        _, hash_key = self._keys(user_id)
-
         async def write(client: Any) -> None:
-            pipe = client.pipeline(transaction=False)
-            pipe.hset(hash_key, f"{generation}|{key}", f"{time.time() + self.ttl_s:.3f}|{payload}")
-            pipe.pexpire(hash_key, int(self.ttl_s * 1000))
-            await pipe.execute()
+            await self._put_pipeline(client, user_id, key, generation, payload).execute()
 
         await self.pool.run_async(write)
 

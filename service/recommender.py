@@ -193,7 +193,7 @@ class Ranker:
         state = self.catalogue.state
         row = self.catalogue.row(item_id, state)
         hits = self.similarity.most_similar(row, k, state)
-        return Ranking("item_similarity", [(self.catalogue.item_id(r), score) for r, score in hits])
+        return self.ranking("item_similarity", hits)
 
     def _rank(self, query: np.ndarray, strategy: Strategy, k: int, exclude: set[int], state: CatalogueState,
               diversity: CodeDiversity | None = None) -> Ranking:  # fmt: skip
@@ -204,7 +204,7 @@ class Ranker:
             hits = self.catalogue.search(query.reshape(1, -1), fetch, [exclude], state)[0]
             taken = self._diversify(hits, k, diversity)
             if len(taken) == k or len(hits) < fetch:  # enough, or nothing more to fetch
-                return Ranking(strategy, [(self.catalogue.item_id(row), score) for row, score in taken])
+                return self.ranking(strategy, taken)
             fetch *= 4
 
     def _rank_scores(self, scores: np.ndarray, strategy: Strategy, k: int, exclude: set[int], state: CatalogueState,
@@ -214,7 +214,7 @@ class Ranker:
             hits = top_rows(scores, k, exclude, state)
         else:
             hits = self._diversify(top_rows(scores, len(scores), exclude, state), k, diversity)
-        return Ranking(strategy, [(self.catalogue.item_id(row), score) for row, score in hits])
+        return self.ranking(strategy, hits)
 
     def _diversify(self, hits: Sequence[tuple[int, float]], k: int, diversity: CodeDiversity) -> list[tuple[int, float]]:
         """The first ``k`` hits, best first, skipping those whose code prefix already has its quota."""
@@ -244,7 +244,7 @@ class Ranker:
                 items.append((row, score))
         if diversity is not None:
             items = self._diversify(items, k, diversity)
-        return Ranking("popularity", [(self.catalogue.item_id(row), score) for row, score in items])
+        return self.ranking("popularity", items)
 
     def _tower(self, history: Sequence[int], state: CatalogueState) -> np.ndarray:
         assert self.tower is not None

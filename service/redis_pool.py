@@ -68,9 +68,7 @@ class RedisPool:
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._mark_down(exc)
             raise RedisDown(self.last_error or "redis unreachable") from exc
-        if self.last_error is not None:
-            log.info("redis reachable again at %s", self.safe_url)
-        self.last_error = None
+        self._mark_up()
         return result
 
     def ping(self) -> bool:
@@ -105,9 +103,7 @@ class RedisPool:
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._mark_down(exc)
             raise RedisDown(self.last_error or "redis unreachable") from exc
-        if self.last_error is not None:
-            log.info("redis reachable again at %s", self.safe_url)
-        self.last_error = None
+        self._mark_up()
         return result
 
     async def aclose(self) -> None:
@@ -123,6 +119,12 @@ class RedisPool:
         with self._lock:
             if time.monotonic() < self._down_until:
                 raise RedisDown(self.last_error or "redis unreachable")
+
+    def _mark_up(self) -> None:
+        """An operation succeeded: Redis is reachable (logged once after an outage)."""
+        if self.last_error is not None:
+            log.info("redis reachable again at %s", self.safe_url)
+        self.last_error = None
 
     def _mark_down(self, exc: BaseException) -> None:
         with self._lock:
