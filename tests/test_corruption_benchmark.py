@@ -207,6 +207,42 @@ def test_a_second_invocation_trains_nothing_and_a_lost_ledger_is_rebuilt_from_th
     assert rebuilt["detectors"] == ledger["detectors"]
 
 
+def test_ledger_writers_with_stale_copies_keep_each_others_runs(tmp_path: Path) -> None:
+    path = bench.ledger_path(tmp_path, "synthetic-mm")
+    first = bench.read_ledger(path, "synthetic-mm")  # two processes read the ledger before either wrote
+    second = bench.read_ledger(path, "synthetic-mm")
+    first["runs"]["a"] = {"key": "ka"}
+    first["detectors"]["swapped/0.4/1"] = {"n_scored": 1}
+    bench.write_ledger(path, first)
+    second["runs"]["b"] = {"key": "kb"}
+    bench.write_ledger(path, second)
+    on_disk = json.loads(path.read_text())
+    assert set(on_disk["runs"]) == {"a", "b"} and set(on_disk["detectors"]) == {"swapped/0.4/1"}
+    assert set(second["runs"]) == {"a", "b"}  # the writer's copy holds the other's run from then on
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # nothing staged is left behind
+
+
+def _write_runs(path: Path, writer: int, count: int) -> None:
+    ledger = bench.read_ledger(path, "synthetic-mm")
+    for k in range(count):
+        ledger["runs"][f"{writer}-{k}"] = {"key": f"{writer}-{k}"}
+        bench.write_ledger(path, ledger)
+
+
+def test_ledger_writers_in_separate_processes_lose_no_run(tmp_path: Path) -> None:
+    import multiprocessing
+
+    path = bench.ledger_path(tmp_path, "synthetic-mm")
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_write_runs, args=(path, w, 25)) for w in range(3)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+        assert w.exitcode == 0
+    assert set(json.loads(path.read_text())["runs"]) == {f"{w}-{k}" for w in range(3) for k in range(25)}
+
+
 def test_the_ledger_holds_the_reviewers_and_the_simple_detectors_auroc(benchmark_home: Path) -> None:
     run_small(benchmark_home)
     ledger = json.loads(bench.ledger_path(benchmark_home / "docs", "synthetic-mm").read_text())

@@ -10,12 +10,15 @@ content, so its one clean run per seed is its row at every kind and p (the floor
 Resumable: a cell whose composed configuration (model, tag, model and trainer settings, corruption) matches a
 finished run directory under the runs root, or a run already recorded in the ledger
 ``docs/modality-quality/<dataset>.json``, is not trained again. The ledger keeps each run's metrics and its
-reviewer detection results, so the report survives the run directories; it is rewritten after every run.
+reviewer detection results, so the report survives the run directories; it is rewritten after every run, merged
+with what other ``mmrec corrupt`` processes recorded meanwhile (slices can be run side by side, one per core).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -152,9 +155,30 @@ def read_ledger(path: Path, dataset: str) -> dict[str, Any]:
     return ledger
 
 
+# The sections of a ledger that several benchmark processes add entries to (one run or one cell's detectors each).
+MERGED_SECTIONS = ("runs", "detectors")
+
+
 def write_ledger(path: Path, ledger: dict[str, Any]) -> None:
+    """Write ``ledger``, keeping what other processes recorded since this one read the file.
+
+    Under an exclusive lock on the ledger's folder the file is read again and its runs and detectors that
+    ``ledger`` lacks are added to it (in place: the caller's copy then holds them too); the result replaces the
+    file atomically, so benchmark processes running side by side lose none of each other's runs and a reader
+    never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        if path.exists():
+            on_disk = read_ledger(path, ledger["dataset"])
+            for section in MERGED_SECTIONS:
+                ledger[section] = {**on_disk.get(section, {}), **ledger.get(section, {})}
+        staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        staged.write_text(json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+        os.replace(staged, path)
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def ledger_entry(run_dir: Path, runs_root: Path, cell: Cell, key: str, train_seconds: float | None) -> dict[str, Any]:
