@@ -354,7 +354,9 @@ def render_page(docs_dir: Path, *, datasets: Sequence[str] = DATASETS,
     done, total = grid_progress(grids, train_overrides)
     lines = [INTRO, f"**Progress: {done} of the {total} runs of the full grid** ({', '.join(datasets)} × "
              f"{', '.join(KINDS)} × p ∈ {{{', '.join(f'{p:g}' for p in FRACTIONS)}}} × {len(MODELS)} models × seeds "
-             f"{', '.join(map(str, SEEDS))}). Resumable: runs that exist are reused. To complete it:", "",
+             f"{', '.join(map(str, SEEDS))}). Resumable: runs that exist are reused. To complete it (disjoint slices, e.g. "
+             "one `--dataset` or `--seed` each, can run side by side, one process per core: each merges its runs into "
+             "the ledgers):", "",
              "```bash", COMPLETE_COMMAND, "```", ""]  # fmt: skip
     for grid in grids:
         lines += dataset_section(grid, docs_dir)
