@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -181,10 +183,10 @@ def benchmark_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
-def run_small(home: Path) -> list[bench.Outcome]:
+def run_small(home: Path, jobs: int = 1, after_each: Callable[[], object] = lambda: None) -> list[bench.Outcome]:
     cells = bench.grid(["synthetic-mm"], ["swapped"], [0.0, 0.4], ["r2mr", "vbpr", "lightgcn"], [2024])
     return bench.run_cells(cells, datasets_root=home / "datasets", runs_root=home / "runs", docs_dir=home / "docs",
-                           train_overrides=SMALL, echo=lambda _: None)  # fmt: skip
+                           train_overrides=SMALL, echo=lambda _: None, after_each=after_each, jobs=jobs)  # fmt: skip
 
 
 def test_a_second_invocation_trains_nothing_and_a_lost_ledger_is_rebuilt_from_the_runs(benchmark_home: Path) -> None:
@@ -243,6 +245,41 @@ def test_ledger_writers_in_separate_processes_lose_no_run(tmp_path: Path) -> Non
     assert set(json.loads(path.read_text())["runs"]) == {f"{w}-{k}" for w in range(3) for k in range(25)}
 
 
+def test_cells_trained_in_worker_processes_are_the_cells_trained_in_order(benchmark_home: Path,
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    run_small(benchmark_home)  # in order, in this process (a no-op if an earlier test ran it)
+    sequential = json.loads(bench.ledger_path(benchmark_home / "docs", "synthetic-mm").read_text())
+    home = tmp_path / "home"
+    shutil.copytree(benchmark_home / "datasets", home / "datasets")
+    pages: list[int] = []
+    outcomes = run_small(home, jobs=2, after_each=lambda: pages.append(1))
+    assert sorted(o.trained for o in outcomes) == [True] * 5 and len(pages) == 5
+    parallel = json.loads(bench.ledger_path(home / "docs", "synthetic-mm").read_text())
+    assert sorted(e["key"] for e in parallel["runs"].values()) == sorted(e["key"] for e in sequential["runs"].values())
+    by_key = {e["key"]: e for e in sequential["runs"].values()}
+    for entry in parallel["runs"].values():
+        assert entry["train_seconds"] > 0 and entry["stopped_by"] == by_key[entry["key"]]["stopped_by"]
+        assert entry["test"]["recall@20"] == pytest.approx(by_key[entry["key"]]["test"]["recall@20"], abs=0.05)
+        assert (entry["detection"] is None) == (by_key[entry["key"]]["detection"] is None)
+    assert not any(o.trained for o in run_small(home, jobs=2))  # resumable as the sequential run
+
+
+def test_a_failing_cell_in_a_worker_is_raised_after_the_running_cells_are_recorded(benchmark_home: Path,
+                                                                                   tmp_path: Path) -> None:  # fmt: skip
+    home = tmp_path / "home"
+    shutil.copytree(benchmark_home / "datasets", home / "datasets")
+    (home / "runs" / "synthetic-mm").mkdir(parents=True)
+    (home / "runs" / "synthetic-mm" / "vbpr").write_text("not a folder")  # VBPR's run directory cannot be made
+    cells = bench.grid(["synthetic-mm"], ["swapped"], [0.0], ["vbpr", "lightgcn"], [2024])
+    with pytest.raises(OSError):
+        bench.run_cells(cells, datasets_root=home / "datasets", runs_root=home / "runs", docs_dir=home / "docs",
+                        train_overrides=SMALL, echo=lambda _: None, jobs=2)  # fmt: skip
+    ledger = json.loads(bench.ledger_path(home / "docs", "synthetic-mm").read_text())
+    assert [e["label"] for e in ledger["runs"].values()] == ["lightgcn"]  # the cell beside it finished and counts
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        bench.run_cells(cells, datasets_root=home / "datasets", runs_root=home / "runs", docs_dir=home / "docs", jobs=0)
+
+
 def test_the_ledger_holds_the_reviewers_and_the_simple_detectors_auroc(benchmark_home: Path) -> None:
     run_small(benchmark_home)
     ledger = json.loads(bench.ledger_path(benchmark_home / "docs", "synthetic-mm").read_text())
@@ -284,6 +321,7 @@ def cli_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (["corrupt", "--model", "mmgcn"], "Error: --model mmgcn: not in the benchmark grid; valid: r2mr, r2mr-no-reviewer"),
     (["corrupt", "--dataset", "amazon-baby"], "Error: --dataset amazon-baby: not in the benchmark grid; valid: ml100k-posters, lfm2k"),
     (["corrupt", "--dataset", "lfm2k"], "Error: 'lfm2k' is not a prepared dataset under"),
+    (["corrupt", "--jobs", "0"], "Error: --jobs 0: must be at least 1"),
     (["train", "--dataset", "lfm2k", "--model", "vbpr", "--corrupt", "kind=swapped"],
      "Error: --corrupt: vbpr corruption setting kind=swapped with fraction=0.0"),
     (["train", "--dataset", "lfm2k", "--model", "lightgcn", "--corrupt", "kind=noise", "--corrupt", "fraction=0.2"],

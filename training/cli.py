@@ -357,6 +357,7 @@ def corrupt_command(
     model: Annotated[list[str], typer.Option(help="Benchmark model (repeatable; default: all of r2mr, r2mr-no-reviewer, r2mr-no-rewriter, freedom, lattice, vbpr, lightgcn).")] = [],  # noqa: B006
     seed: Annotated[list[int], typer.Option(help="Training and corruption seed (repeatable; default: 2024, 1, 2).")] = [],  # noqa: B006
     plan: Annotated[bool, typer.Option("--plan", help="List the runs of the slice (to train or reused) and train nothing.")] = False,
+    jobs: Annotated[int, typer.Option(help="Cells trained at once, each in its own process with CPU cores // JOBS torch threads (1: one at a time, in this process).")] = 1,
     out: Annotated[Path, typer.Option(help="Markdown to write (its ledgers and plots go in modality-quality/ beside it).")] = PROJECT_ROOT / "docs" / "modality-quality.md",
 ) -> None:
     """The corruption benchmark (docs/modality-quality.md): train every cell of the slice that has no run yet
@@ -364,6 +365,8 @@ def corrupt_command(
     from training.experiments import corruption_benchmark as bench
     from training.experiments.modality_quality_report import write_page
 
+    if jobs < 1:
+        fail(f"--jobs {jobs}: must be at least 1")
     cells = bench.grid(*benchmark_slice(dataset, kind, fraction, model, seed))
     paths = default_paths()
     for name in dict.fromkeys(c.dataset for c in cells):
@@ -378,7 +381,7 @@ def corrupt_command(
                        f"p={cell.fraction:g} seed {cell.seed}")  # fmt: skip
         return
     bench.run_cells(cells, datasets_root=paths.datasets, runs_root=paths.runs, docs_dir=docs_dir, echo=typer.echo,
-                    after_each=lambda: write_page(docs_dir, out))  # fmt: skip
+                    after_each=lambda: write_page(docs_dir, out), jobs=jobs)  # fmt: skip
     typer.echo(f"wrote {write_page(docs_dir, out)}")
 
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import fcntl
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,39 +274,90 @@ def unique_cells(cells: Sequence[Cell], train_overrides: Mapping[str, Any]) -> l
 
 def run_cells(cells: Sequence[Cell], *, datasets_root: Path, runs_root: Path, docs_dir: Path,
               train_overrides: Mapping[str, Any] = {}, echo: Callable[[str], None] = print,
-              after_each: Callable[[], object] = lambda: None) -> list[Outcome]:  # noqa: B006 (read only)  # fmt: skip
-    """Train every cell that has no run yet (in order), record every cell's run in its dataset's ledger, and call
-    ``after_each`` after each cell (the report is rewritten there)."""
-    outcomes = []
+              after_each: Callable[[], object] = lambda: None, jobs: int = 1) -> list[Outcome]:  # noqa: B006 (read only)  # fmt: skip
+    """Train every cell that has no run yet, record every cell's run in its dataset's ledger, and call
+    ``after_each`` after each cell (the report is rewritten there).
+
+    ``jobs`` = 1 trains the cells in order in this process. ``jobs`` > 1 first records every cell that has a run,
+    then trains the others ``jobs`` at a time, each in its own process with ``cpu_count // jobs`` torch threads
+    (``train_in_worker``), recording each run as it finishes; if one fails, the cells not started are dropped, the
+    running ones are recorded, and the first failure is raised."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    outcomes: list[Outcome] = []
+    to_train: list[tuple[Cell, str]] = []
+    ledgers: dict[str, dict[str, Any]] = {}
+
+    def record(outcome: Outcome) -> None:
+        write_ledger(ledger_path(docs_dir, outcome.cell.dataset), ledgers[outcome.cell.dataset])
+        outcomes.append(outcome)
+        echo(describe_outcome(outcome, ledgers[outcome.cell.dataset]["runs"][outcome.run]))
+        after_each()
+
     for dataset in dict.fromkeys(c.dataset for c in cells):
         clean = InteractionDataset.load(datasets_root / dataset)
         path = ledger_path(docs_dir, dataset)
-        ledger = read_ledger(path, dataset)
+        ledger = ledgers[dataset] = read_ledger(path, dataset)
         ledger["modalities"] = sorted(clean.modalities)
         record_simple_detectors(ledger, clean, [c for c in cells if c.dataset == dataset])
         write_ledger(path, ledger)
         for cell, key in unique_cells([c for c in cells if c.dataset == dataset], train_overrides):
-            outcome = run_cell(cell, key, clean, ledger, datasets_root=datasets_root, runs_root=runs_root,
-                               train_overrides=train_overrides)  # fmt: skip
-            write_ledger(path, ledger)
-            outcomes.append(outcome)
-            echo(describe_outcome(outcome, ledger["runs"][outcome.run]))
-            after_each()
+            outcome = reuse_cell(cell, key, clean, ledger, runs_root=runs_root)
+            if outcome is None and jobs == 1:
+                entry = train_cell(cell, key, clean, datasets_root=datasets_root, runs_root=runs_root,
+                                   train_overrides=train_overrides)  # fmt: skip
+                ledger["runs"][entry["run"]] = entry
+                outcome = Outcome(cell, entry["run"], trained=True, train_seconds=entry["train_seconds"])
+            if outcome is None:
+                to_train.append((cell, key))
+            else:
+                record(outcome)
+    if not to_train:
+        return outcomes
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    failures: list[BaseException] = []
+    with ProcessPoolExecutor(max_workers=min(jobs, len(to_train)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=limit_threads, initargs=(threads,)) as pool:  # fmt: skip
+        futures = {pool.submit(train_in_worker, cell, key, datasets_root=datasets_root, runs_root=runs_root,
+                               train_overrides=dict(train_overrides)): cell for cell, key in to_train}  # fmt: skip
+        for future in as_completed(futures):
+            if future.cancelled():
+                continue
+            try:
+                entry = future.result()
+            except Exception as error:  # noqa: BLE001 (recorded, the rest drained, then raised)
+                if not failures:
+                    for other in futures:
+                        other.cancel()
+                failures.append(error)
+                continue
+            cell = futures[future]
+            ledgers[cell.dataset]["runs"][entry["run"]] = entry
+            record(Outcome(cell, entry["run"], trained=True, train_seconds=entry["train_seconds"]))
+    if failures:
+        raise failures[0]
     return outcomes
 
 
-def run_cell(cell: Cell, key: str, clean: InteractionDataset, ledger: dict[str, Any], *, datasets_root: Path,
-             runs_root: Path, train_overrides: Mapping[str, Any]) -> Outcome:  # fmt: skip
-    """Reuse the cell's run (ledger, then runs root) or train it; its ledger entry carries the reviewer's AUROC."""
+def reuse_cell(cell: Cell, key: str, clean: InteractionDataset, ledger: dict[str, Any], *,
+               runs_root: Path) -> Outcome | None:  # fmt: skip
+    """The cell's run recorded in the ledger, or found finished in the runs root (then added to the ledger with the
+    reviewer's AUROC); None if it has none."""
     recorded = next((name for name, entry in ledger["runs"].items() if entry["key"] == key), None)
     if recorded is not None:
         return Outcome(cell, recorded, trained=False, train_seconds=ledger["runs"][recorded]["train_seconds"])
     existing = finished_runs(runs_root, cell.dataset, cell.model.model).get(key)
-    if existing is not None:
-        entry = ledger_entry(existing, runs_root, cell, key, None)
-        entry["detection"] = loaded_reviewer_detection(existing, clean)
-        ledger["runs"][entry["run"]] = entry
-        return Outcome(cell, entry["run"], trained=False, train_seconds=None)
+    if existing is None:
+        return None
+    entry = ledger_entry(existing, runs_root, cell, key, None)
+    entry["detection"] = loaded_reviewer_detection(existing, clean)
+    ledger["runs"][entry["run"]] = entry
+    return Outcome(cell, entry["run"], trained=False, train_seconds=None)
+
+
+def train_cell(cell: Cell, key: str, clean: InteractionDataset, *, datasets_root: Path, runs_root: Path,
+               train_overrides: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Train the cell; its ledger entry, carrying the training time and the reviewer's AUROC."""
     from training.fit.trainer import train
 
     run = cell.compose(train_overrides)
@@ -316,8 +369,22 @@ def run_cell(cell: Cell, key: str, clean: InteractionDataset, ledger: dict[str, 
     assert result.run_dir is not None
     entry = ledger_entry(result.run_dir, runs_root, cell, key, seconds)
     entry["detection"] = reviewer_detection(result.model.cpu(), clean, corrupted) if run.corruption.active else None
-    ledger["runs"][entry["run"]] = entry
-    return Outcome(cell, entry["run"], trained=True, train_seconds=seconds)
+    return entry
+
+
+def limit_threads(threads: int) -> None:
+    """A worker's initializer: torch computes with ``threads`` threads (one per core the worker is meant to have)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def train_in_worker(cell: Cell, key: str, *, datasets_root: Path, runs_root: Path,
+                    train_overrides: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """``train_cell`` in a worker process: the clean dataset is loaded there."""
+    clean = InteractionDataset.load(datasets_root / cell.dataset)
+    return train_cell(cell, key, clean, datasets_root=datasets_root, runs_root=runs_root,
+                      train_overrides=train_overrides)  # fmt: skip
 
 
 def loaded_reviewer_detection(run_dir: Path, clean: InteractionDataset) -> dict[str, Any] | None:

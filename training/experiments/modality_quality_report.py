@@ -35,7 +35,7 @@ LABELS = {"r2mr": "R2MR", "r2mr-no-reviewer": "R2MR without reviewer", "r2mr-no-
           "freedom": "FREEDOM", "lattice": "LATTICE", "vbpr": "VBPR", "lightgcn": "LightGCN (reads no content)"}  # fmt: skip
 NOT_RUN = "not run"
 GOAL_AUROC = 0.85
-COMPLETE_COMMAND = "OMP_NUM_THREADS=1 MMREC_HOME=/work/var-shared nice -n 5 .venv/bin/mmrec corrupt"
+COMPLETE_COMMAND = "OMP_NUM_THREADS=1 MMREC_HOME=/work/var-shared nice -n 5 .venv/bin/mmrec corrupt --jobs 2"
 
 
 @dataclass(frozen=True)
@@ -354,9 +354,9 @@ def render_page(docs_dir: Path, *, datasets: Sequence[str] = DATASETS,
     done, total = grid_progress(grids, train_overrides)
     lines = [INTRO, f"**Progress: {done} of the {total} runs of the full grid** ({', '.join(datasets)} × "
              f"{', '.join(KINDS)} × p ∈ {{{', '.join(f'{p:g}' for p in FRACTIONS)}}} × {len(MODELS)} models × seeds "
-             f"{', '.join(map(str, SEEDS))}). Resumable: runs that exist are reused. To complete it (disjoint slices, e.g. "
-             "one `--dataset` or `--seed` each, can run side by side, one process per core: each merges its runs into "
-             "the ledgers):", "",
+             f"{', '.join(map(str, SEEDS))}). Resumable: runs that exist are reused. To complete it (`--jobs N`: N cells at "
+             "once, a process each; disjoint slices, e.g. one `--dataset` each, can also run as separate commands "
+             "side by side: each merges its runs into the ledgers):", "",
              "```bash", COMPLETE_COMMAND, "```", ""]  # fmt: skip
     for grid in grids:
         lines += dataset_section(grid, docs_dir)
