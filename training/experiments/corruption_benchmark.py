@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import multiprocessing
 import os
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,23 +166,25 @@ MERGED_SECTIONS = ("runs", "detectors")
 def write_ledger(path: Path, ledger: dict[str, Any]) -> None:
     """Write ``ledger``, keeping what other processes recorded since this one read the file.
 
-    Under an exclusive lock on the ledger's folder the file is read again and its runs and detectors that
-    ``ledger`` lacks are added to it (in place: the caller's copy then holds them too); the result replaces the
-    file atomically, so benchmark processes running side by side lose none of each other's runs and a reader
-    never sees half a file."""
+    Under an exclusive lock (``.<ledger name>.lock`` beside it) the file is read again: its runs and detectors are
+    kept as they are there, and those only ``ledger`` holds are added (in place: the caller's copy then holds the
+    others' too). An entry is written once for good (a run's metrics and detection), so what is on disk wins: a copy
+    of a run that this process found on disk (without its training time) never replaces the entry of the process
+    that trained it. The result replaces the file atomically, so benchmark processes running side by side lose none
+    of each other's runs and a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)
+    lock = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
             on_disk = read_ledger(path, ledger["dataset"])
             for section in MERGED_SECTIONS:
-                ledger[section] = {**on_disk.get(section, {}), **ledger.get(section, {})}
+                ledger[section] = {**ledger.get(section, {}), **on_disk.get(section, {})}
         staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         staged.write_text(json.dumps(ledger, indent=1, sort_keys=True) + "\n")
         os.replace(staged, path)
     finally:
-        os.close(folder)  # releases the lock
+        os.close(lock)  # releases the lock
 
 
 def ledger_entry(run_dir: Path, runs_root: Path, cell: Cell, key: str, train_seconds: float | None) -> dict[str, Any]:
@@ -279,9 +283,10 @@ def run_cells(cells: Sequence[Cell], *, datasets_root: Path, runs_root: Path, do
     ``after_each`` after each cell (the report is rewritten there).
 
     ``jobs`` = 1 trains the cells in order in this process. ``jobs`` > 1 first records every cell that has a run,
-    then trains the others ``jobs`` at a time, each in its own process with ``cpu_count // jobs`` torch threads
-    (``train_in_worker``), recording each run as it finishes; if one fails, the cells not started are dropped, the
-    running ones are recorded, and the first failure is raised."""
+    then trains the others ``jobs`` at a time, each in its own process (``train_in_worker``; torch threads: the
+    usable cores shared out, at most OMP_NUM_THREADS), recording each run as it finishes. A cell is handed to a
+    worker only when one is free, so after a failure no further cell starts: the running ones finish and are
+    recorded, then the first failure is raised. An error in this process (or Ctrl-C) starts no further cell."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     outcomes: list[Outcome] = []
@@ -314,29 +319,42 @@ def run_cells(cells: Sequence[Cell], *, datasets_root: Path, runs_root: Path, do
                 record(outcome)
     if not to_train:
         return outcomes
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    workers = min(jobs, len(to_train))
     failures: list[BaseException] = []
-    with ProcessPoolExecutor(max_workers=min(jobs, len(to_train)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=limit_threads, initargs=(threads,)) as pool:  # fmt: skip
-        futures = {pool.submit(train_in_worker, cell, key, datasets_root=datasets_root, runs_root=runs_root,
-                               train_overrides=dict(train_overrides)): cell for cell, key in to_train}  # fmt: skip
-        for future in as_completed(futures):
-            if future.cancelled():
-                continue
-            try:
-                entry = future.result()
-            except Exception as error:  # noqa: BLE001 (recorded, the rest drained, then raised)
-                if not failures:
-                    for other in futures:
-                        other.cancel()
-                failures.append(error)
-                continue
-            cell = futures[future]
-            ledgers[cell.dataset]["runs"][entry["run"]] = entry
-            record(Outcome(cell, entry["run"], trained=True, train_seconds=entry["train_seconds"]))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=set_up_worker, initargs=(worker_threads(workers), logging.getLogger().level)) as pool:  # fmt: skip
+        queued = iter(to_train)
+        running: dict[Future[dict[str, Any]], Cell] = {}
+        try:
+            while True:
+                while not failures and len(running) < workers and (nxt := next(queued, None)) is not None:
+                    running[pool.submit(train_in_worker, nxt[0], nxt[1], datasets_root=datasets_root,
+                                        runs_root=runs_root, train_overrides=dict(train_overrides))] = nxt[0]  # fmt: skip
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    cell = running.pop(future)
+                    try:
+                        entry = future.result()
+                    except Exception as error:  # noqa: BLE001 (no cell starts after it; the running ones finish)
+                        failures.append(error)
+                        continue
+                    ledgers[cell.dataset]["runs"][entry["run"]] = entry
+                    record(Outcome(cell, entry["run"], trained=True, train_seconds=entry["train_seconds"]))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # an error here (or Ctrl-C) starts no further cell
+            raise
     if failures:
         raise failures[0]
     return outcomes
+
+
+def worker_threads(workers: int) -> int:
+    """Torch threads of each of ``workers`` processes: the usable cores shared out, at most OMP_NUM_THREADS if set."""
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(limit)) if limit.isdigit() and int(limit) > 0 else threads
 
 
 def reuse_cell(cell: Cell, key: str, clean: InteractionDataset, ledger: dict[str, Any], *,
@@ -372,19 +390,26 @@ def train_cell(cell: Cell, key: str, clean: InteractionDataset, *, datasets_root
     return entry
 
 
-def limit_threads(threads: int) -> None:
-    """A worker's initializer: torch computes with ``threads`` threads (one per core the worker is meant to have)."""
+def set_up_worker(threads: int, log_level: int) -> None:
+    """A worker's initializer: torch computes with ``threads`` threads; log records at the CLI's level."""
     import torch
 
     torch.set_num_threads(threads)
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
 
 
 def train_in_worker(cell: Cell, key: str, *, datasets_root: Path, runs_root: Path,
                     train_overrides: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """``train_cell`` in a worker process: the clean dataset is loaded there."""
-    clean = InteractionDataset.load(datasets_root / cell.dataset)
-    return train_cell(cell, key, clean, datasets_root=datasets_root, runs_root=runs_root,
-                      train_overrides=train_overrides)  # fmt: skip
+    """``train_cell`` in a worker process (the clean dataset loaded there). A failure comes back as a RuntimeError
+    naming the cell and carrying the traceback: any exception reaches the parent, and a cell whose exception could
+    not be unpickled there would break the pool and kill the cells running beside it."""
+    try:
+        clean = InteractionDataset.load(datasets_root / cell.dataset)
+        return train_cell(cell, key, clean, datasets_root=datasets_root, runs_root=runs_root,
+                          train_overrides=train_overrides)  # fmt: skip
+    except Exception as error:
+        raise RuntimeError(f"{cell.dataset} {cell.model.label} {cell.kind} p={cell.fraction:g} seed {cell.seed}: "
+                           f"{type(error).__name__}: {error}\n{traceback.format_exc()}") from None  # fmt: skip
 
 
 def loaded_reviewer_detection(run_dir: Path, clean: InteractionDataset) -> dict[str, Any] | None:
