@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -268,22 +269,45 @@ def test_cells_trained_in_worker_processes_are_the_cells_trained_in_order(benchm
     assert not any(o.trained for o in run_small(home, jobs=2))  # resumable as the sequential run
 
 
+def _scripted_worker(cell: bench.Cell, key: str, *, datasets_root: Path, runs_root: Path,
+                     train_overrides: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """A stand-in for ``train_in_worker``: VBPR fails at once; R2MR finishes only after that failure; every cell
+    leaves a mark that it started."""
+    runs_root.mkdir(parents=True, exist_ok=True)
+    (runs_root / f"{cell.model.label}.started").touch()
+    if cell.model.label == "vbpr":
+        (runs_root / "vbpr.failed").touch()
+        raise ValueError("scripted failure")
+    deadline = time.monotonic() + 120
+    while cell.model.label == "r2mr" and not (runs_root / "vbpr.failed").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the failure reaches the parent first
+    return {"run": f"{cell.dataset}/{cell.model.model}/scripted", "key": key, "label": cell.model.label,
+            "train_seconds": 1.0, "corruption": {"kind": "none", "fraction": 0.0, "seed": cell.seed},
+            "test": {"recall@20": 0.5}, "best_epoch": 1, "epochs_run": 1, "stopped_by": "epochs", "detection": None}  # fmt: skip
+
+
 def test_after_a_failing_cell_no_cell_starts_and_the_running_one_is_recorded(benchmark_home: Path,
                                                                            tmp_path: Path) -> None:  # fmt: skip
     home = tmp_path / "home"
     shutil.copytree(benchmark_home / "datasets", home / "datasets")
-    (home / "runs" / "synthetic-mm").mkdir(parents=True)
-    (home / "runs" / "synthetic-mm" / "vbpr").write_text("not a folder")  # VBPR's run directory cannot be made
-    # in order: VBPR (fails at once), R2MR (trains for a while beside it), LightGCN (queued behind them)
+    # in order: VBPR (fails), R2MR (running beside it when it fails), LightGCN (queued behind them)
     cells = bench.grid(["synthetic-mm"], ["swapped"], [0.0], ["vbpr", "r2mr", "lightgcn"], [2024])
-    with pytest.raises(RuntimeError, match=r"synthetic-mm vbpr swapped p=0 seed 2024: (NotADirectoryError|FileExistsError)"):
+    with pytest.raises(ValueError, match="scripted failure"):
         bench.run_cells(cells, datasets_root=home / "datasets", runs_root=home / "runs", docs_dir=home / "docs",
-                        train_overrides={"epochs": 40, "eval_every": 40}, echo=lambda _: None, jobs=2)  # fmt: skip
+                        echo=lambda _: None, jobs=2, worker=_scripted_worker)  # fmt: skip
     ledger = json.loads(bench.ledger_path(home / "docs", "synthetic-mm").read_text())
     assert [e["label"] for e in ledger["runs"].values()] == ["r2mr"]  # the cell beside it finished and counts
-    assert not (home / "runs" / "synthetic-mm" / "lightgcn").exists()  # no cell started after the failure
+    assert sorted(p.name for p in (home / "runs").glob("*.started")) == ["r2mr.started", "vbpr.started"]
     with pytest.raises(ValueError, match="jobs must be at least 1"):
         bench.run_cells(cells, datasets_root=home / "datasets", runs_root=home / "runs", docs_dir=home / "docs", jobs=0)
+
+
+def test_a_worker_failure_names_the_cell(tmp_path: Path) -> None:
+    cell = bench.grid(["synthetic-mm"], ["noise"], [0.2], ["vbpr"], [3])[0]
+    with pytest.raises(RuntimeError, match=r"^synthetic-mm vbpr noise p=0.2 seed 3: DatasetFormatError: .*not a prepared dataset.*\nTraceback"):
+        bench.train_in_worker(cell, "key", datasets_root=tmp_path / "no-datasets", runs_root=tmp_path / "runs",
+                              train_overrides={})  # fmt: skip
 
 
 def test_worker_threads_share_the_usable_cores_and_respect_omp_num_threads(monkeypatch: pytest.MonkeyPatch) -> None:

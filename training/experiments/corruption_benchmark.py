@@ -278,7 +278,8 @@ def unique_cells(cells: Sequence[Cell], train_overrides: Mapping[str, Any]) -> l
 
 def run_cells(cells: Sequence[Cell], *, datasets_root: Path, runs_root: Path, docs_dir: Path,
               train_overrides: Mapping[str, Any] = {}, echo: Callable[[str], None] = print,
-              after_each: Callable[[], object] = lambda: None, jobs: int = 1) -> list[Outcome]:  # noqa: B006 (read only)  # fmt: skip
+              after_each: Callable[[], object] = lambda: None, jobs: int = 1,
+              worker: Callable[..., dict[str, Any]] | None = None) -> list[Outcome]:  # noqa: B006 (read only)  # fmt: skip
     """Train every cell that has no run yet, record every cell's run in its dataset's ledger, and call
     ``after_each`` after each cell (the report is rewritten there).
 
@@ -286,7 +287,8 @@ def run_cells(cells: Sequence[Cell], *, datasets_root: Path, runs_root: Path, do
     then trains the others ``jobs`` at a time, each in its own process (``train_in_worker``; torch threads: the
     usable cores shared out, at most OMP_NUM_THREADS), recording each run as it finishes. A cell is handed to a
     worker only when one is free, so after a failure no further cell starts: the running ones finish and are
-    recorded, then the first failure is raised. An error in this process (or Ctrl-C) starts no further cell."""
+    recorded, then the first failure is raised. An error in this process (or Ctrl-C) starts no further cell.
+    ``worker`` (tests) replaces ``train_in_worker``: a module-level function, as a spawned process imports it."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     outcomes: list[Outcome] = []
@@ -328,7 +330,7 @@ def run_cells(cells: Sequence[Cell], *, datasets_root: Path, runs_root: Path, do
         try:
             while True:
                 while not failures and len(running) < workers and (nxt := next(queued, None)) is not None:
-                    running[pool.submit(train_in_worker, nxt[0], nxt[1], datasets_root=datasets_root,
+                    running[pool.submit(worker or train_in_worker, nxt[0], nxt[1], datasets_root=datasets_root,
                                         runs_root=runs_root, train_overrides=dict(train_overrides))] = nxt[0]  # fmt: skip
                 if not running:
                     break
