@@ -11,7 +11,7 @@ Resumable: a cell whose composed configuration (model, tag, model and trainer se
 finished run directory under the runs root, or a run already recorded in the ledger
 ``docs/modality-quality/<dataset>.json``, is not trained again. The ledger keeps each run's metrics and its
 reviewer detection results, so the report survives the run directories; it is rewritten after every run, merged
-with what other ``mmrec corrupt`` processes recorded meanwhile (slices can be run side by side, one per core).
+with what other processes recorded meanwhile (``--jobs N`` workers, or disjoint slices run side by side).
 """
 
 from __future__ import annotations
