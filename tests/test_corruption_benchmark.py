@@ -266,7 +266,8 @@ def test_cells_trained_in_worker_processes_are_the_cells_trained_in_order(benchm
         assert entry["train_seconds"] > 0 and entry["stopped_by"] == by_key[entry["key"]]["stopped_by"]
         assert entry["test"]["recall@20"] == pytest.approx(by_key[entry["key"]]["test"]["recall@20"], abs=0.05)
         assert (entry["detection"] is None) == (by_key[entry["key"]]["detection"] is None)
-    assert not any(o.trained for o in run_small(home, jobs=2))  # resumable as the sequential run
+    assert not any(o.trained for o in run_small(home, jobs=2, after_each=lambda: pages.append(1)))  # resumable
+    assert len(pages) == 5  # a pass that only finds runs does not rewrite the report after each of them
 
 
 def _scripted_worker(cell: bench.Cell, key: str, *, datasets_root: Path, runs_root: Path,

@@ -281,7 +281,8 @@ def run_cells(cells: Sequence[Cell], *, datasets_root: Path, runs_root: Path, do
               after_each: Callable[[], object] = lambda: None, jobs: int = 1,
               worker: Callable[..., dict[str, Any]] | None = None) -> list[Outcome]:  # noqa: B006 (read only)  # fmt: skip
     """Train every cell that has no run yet, record every cell's run in its dataset's ledger, and call
-    ``after_each`` after each cell (the report is rewritten there).
+    ``after_each`` after each cell trained (the report is rewritten there; a pass that only finds runs calls it
+    never: the caller writes the report once at the end).
 
     ``jobs`` = 1 trains the cells in order in this process. ``jobs`` > 1 first records every cell that has a run,
     then trains the others ``jobs`` at a time, each in its own process (``train_in_worker``; torch threads: the
@@ -299,7 +300,8 @@ def run_cells(cells: Sequence[Cell], *, datasets_root: Path, runs_root: Path, do
         write_ledger(ledger_path(docs_dir, outcome.cell.dataset), ledgers[outcome.cell.dataset])
         outcomes.append(outcome)
         echo(describe_outcome(outcome, ledgers[outcome.cell.dataset]["runs"][outcome.run]))
-        after_each()
+        if outcome.trained:
+            after_each()
 
     for dataset in dict.fromkeys(c.dataset for c in cells):
         clean = InteractionDataset.load(datasets_root / dataset)
