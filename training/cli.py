@@ -357,7 +357,7 @@ def corrupt_command(
     model: Annotated[list[str], typer.Option(help="Benchmark model (repeatable; default: all of r2mr, r2mr-no-reviewer, r2mr-no-rewriter, freedom, lattice, vbpr, lightgcn).")] = [],  # noqa: B006
     seed: Annotated[list[int], typer.Option(help="Training and corruption seed (repeatable; default: 2024, 1, 2).")] = [],  # noqa: B006
     plan: Annotated[bool, typer.Option("--plan", help="List the runs of the slice (to train or reused) and train nothing.")] = False,
-    jobs: Annotated[int, typer.Option(help="Cells trained at once, each in its own process with CPU cores // JOBS torch threads (1: one at a time, in this process).")] = 1,
+    jobs: Annotated[int, typer.Option(help="Cells trained at once, each in its own process (torch threads: the usable cores shared out, at most OMP_NUM_THREADS); 1: one at a time, in this process.")] = 1,
     out: Annotated[Path, typer.Option(help="Markdown to write (its ledgers and plots go in modality-quality/ beside it).")] = PROJECT_ROOT / "docs" / "modality-quality.md",
 ) -> None:
     """The corruption benchmark (docs/modality-quality.md): train every cell of the slice that has no run yet
