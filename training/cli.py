@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, NoReturn
 import typer
 from typer.core import TyperGroup
 
+from training import LOG_FORMAT
 from training.config import MODEL_NAMES, SOURCE_NAMES, Overrides, RunConfig
 from training.config import parse_assignments as parse_assignments  # kept for callers of phase 1
 from training.settings import PROJECT_ROOT, Paths, default_paths
@@ -85,7 +86,7 @@ def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
 ) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=LOG_FORMAT)
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -377,8 +378,7 @@ def corrupt_command(
             recorded = any(e["key"] == key for e in bench.read_ledger(bench.ledger_path(docs_dir, cell.dataset),
                                                                        cell.dataset)["runs"].values())  # fmt: skip
             found = recorded or key in bench.finished_runs(paths.runs, cell.dataset, cell.model.model)
-            typer.echo(f"{'reuse' if found else 'train'}: {cell.dataset} {cell.model.label} {cell.kind} "
-                       f"p={cell.fraction:g} seed {cell.seed}")  # fmt: skip
+            typer.echo(f"{'reuse' if found else 'train'}: {cell.description}")
         return
     bench.run_cells(cells, datasets_root=paths.datasets, runs_root=paths.runs, docs_dir=docs_dir, echo=typer.echo,
                     after_each=lambda: write_page(docs_dir, out), jobs=jobs)  # fmt: skip

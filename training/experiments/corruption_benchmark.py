@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from models.config import build_config, config_to_dict
+from training import LOG_FORMAT
 from training.config import (
     CorruptionConfig,
     Overrides,
@@ -98,6 +99,11 @@ class Cell:
     kind: str
     fraction: float
     seed: int
+
+    @property
+    def description(self) -> str:
+        """The cell in one line: "<dataset> <model label> <kind> p=<fraction> seed <seed>"."""
+        return f"{self.dataset} {self.model.label} {self.kind} p={self.fraction:g} seed {self.seed}"
 
     def corruption(self) -> CorruptionConfig:
         if self.fraction == 0.0 or not reads_content(self.model.model):
@@ -296,6 +302,10 @@ def run_cells(cells: Sequence[Cell], *, datasets_root: Path, runs_root: Path, do
     to_train: list[tuple[Cell, str]] = []
     ledgers: dict[str, dict[str, Any]] = {}
 
+    def trained(cell: Cell, entry: dict[str, Any]) -> Outcome:
+        ledgers[cell.dataset]["runs"][entry["run"]] = entry
+        return Outcome(cell, entry["run"], trained=True, train_seconds=entry["train_seconds"])
+
     def record(outcome: Outcome) -> None:
         write_ledger(ledger_path(docs_dir, outcome.cell.dataset), ledgers[outcome.cell.dataset])
         outcomes.append(outcome)
@@ -313,10 +323,8 @@ def run_cells(cells: Sequence[Cell], *, datasets_root: Path, runs_root: Path, do
         for cell, key in unique_cells([c for c in cells if c.dataset == dataset], train_overrides):
             outcome = reuse_cell(cell, key, clean, ledger, runs_root=runs_root)
             if outcome is None and jobs == 1:
-                entry = train_cell(cell, key, clean, datasets_root=datasets_root, runs_root=runs_root,
-                                   train_overrides=train_overrides)  # fmt: skip
-                ledger["runs"][entry["run"]] = entry
-                outcome = Outcome(cell, entry["run"], trained=True, train_seconds=entry["train_seconds"])
+                outcome = trained(cell, train_cell(cell, key, clean, datasets_root=datasets_root, runs_root=runs_root,
+                                                   train_overrides=train_overrides))  # fmt: skip
             if outcome is None:
                 to_train.append((cell, key))
             else:
@@ -344,8 +352,7 @@ def run_cells(cells: Sequence[Cell], *, datasets_root: Path, runs_root: Path, do
                     except Exception as error:  # noqa: BLE001 (no cell starts after it; the running ones finish)
                         failures.append(error)
                         continue
-                    ledgers[cell.dataset]["runs"][entry["run"]] = entry
-                    record(Outcome(cell, entry["run"], trained=True, train_seconds=entry["train_seconds"]))
+                    record(trained(cell, entry))
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)  # an error here (or Ctrl-C) starts no further cell
             raise
@@ -399,7 +406,7 @@ def set_up_worker(threads: int, log_level: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
 
 
 def train_in_worker(cell: Cell, key: str, *, datasets_root: Path, runs_root: Path,
@@ -412,8 +419,7 @@ def train_in_worker(cell: Cell, key: str, *, datasets_root: Path, runs_root: Pat
         return train_cell(cell, key, clean, datasets_root=datasets_root, runs_root=runs_root,
                           train_overrides=train_overrides)  # fmt: skip
     except Exception as error:
-        raise RuntimeError(f"{cell.dataset} {cell.model.label} {cell.kind} p={cell.fraction:g} seed {cell.seed}: "
-                           f"{type(error).__name__}: {error}\n{traceback.format_exc()}") from None  # fmt: skip
+        raise RuntimeError(f"{cell.description}: {type(error).__name__}: {error}\n{traceback.format_exc()}") from None
 
 
 def loaded_reviewer_detection(run_dir: Path, clean: InteractionDataset) -> dict[str, Any] | None:
