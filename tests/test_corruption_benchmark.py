@@ -32,7 +32,7 @@ from training.experiments.damage_detectors import (
     reviewer_detector_scores,
     simple_detector_scores,
 )
-from training.experiments.modality_quality_report import NOT_RUN, render_page
+from training.experiments.modality_quality_report import NOT_RUN, grid_status, render_page
 
 
 # --------------------------------------------------------------------------------------------------- AUROC
@@ -345,6 +345,14 @@ def test_the_page_shows_measured_cells_and_not_run_for_the_rest(benchmark_home: 
     assert "**Progress: 5 of the" in page
     assert "| p=0.4 swapped: R2MR above R2MR without reviewer by more than two seed standard deviations | not yet measured" in page
     assert (benchmark_home / "docs" / "modality-quality" / "synthetic-mm-recall.png").exists()
+
+
+def test_the_page_says_the_grid_is_complete_only_when_every_run_exists() -> None:
+    partial = grid_status(257, 258, ["ml100k-posters", "lfm2k"])
+    assert partial.startswith("**Progress: 257 of the 258 runs") and "To complete it" in partial
+    complete = grid_status(258, 258, ["ml100k-posters", "lfm2k"])
+    assert complete.startswith("**The full grid is complete: 258 of 258 runs** (ml100k-posters, lfm2k × ")
+    assert "To complete it" not in complete and "reuses every run" in complete
 
 
 # ------------------------------------------------------------------------------------------- the command line

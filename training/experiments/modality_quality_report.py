@@ -347,17 +347,27 @@ def dataset_section(grid: Grid, docs_dir: Path) -> list[str]:
     return lines
 
 
+def grid_status(done: int, total: int, datasets: Sequence[str]) -> str:
+    """The page's line on how much of the grid has run, ending in a colon before the command that completes (or,
+    when complete, reproduces) it."""
+    grid_text = (f"({', '.join(datasets)} × {', '.join(KINDS)} × p ∈ {{{', '.join(f'{p:g}' for p in FRACTIONS)}}} × "
+                 f"{len(MODELS)} models × seeds {', '.join(map(str, SEEDS))})")  # fmt: skip
+    jobs = ("`--jobs N`: N cells at once, a process each; disjoint slices, e.g. one `--dataset` each, can also run "
+            "as separate commands side by side: each merges its runs into the ledgers")  # fmt: skip
+    if done == total:
+        return (f"**The full grid is complete: {done} of {total} runs** {grid_text}. The command below reuses every "
+                f"run and rewrites this page; with the ledgers (docs/modality-quality/*.json) moved aside and no earlier runs "
+                f"under MMREC_HOME it trains the grid again ({jobs}):")  # fmt: skip
+    return (f"**Progress: {done} of the {total} runs of the full grid** {grid_text}. Resumable: runs that exist are "
+            f"reused. To complete it ({jobs}):")  # fmt: skip
+
+
 def render_page(docs_dir: Path, *, datasets: Sequence[str] = DATASETS,
                 train_overrides: Mapping[str, Any] = {}) -> str:  # noqa: B006 (read only)  # fmt: skip
     """The page; ``train_overrides`` (tests only) must be those the runs were trained with."""
     grids = [read_grid(docs_dir, dataset, train_overrides) for dataset in datasets]
     done, total = grid_progress(grids, train_overrides)
-    lines = [INTRO, f"**Progress: {done} of the {total} runs of the full grid** ({', '.join(datasets)} × "
-             f"{', '.join(KINDS)} × p ∈ {{{', '.join(f'{p:g}' for p in FRACTIONS)}}} × {len(MODELS)} models × seeds "
-             f"{', '.join(map(str, SEEDS))}). Resumable: runs that exist are reused. To complete it (`--jobs N`: N cells at "
-             "once, a process each; disjoint slices, e.g. one `--dataset` each, can also run as separate commands "
-             "side by side: each merges its runs into the ledgers):", "",
-             "```bash", COMPLETE_COMMAND, "```", ""]  # fmt: skip
+    lines = [INTRO, grid_status(done, total, datasets), "", "```bash", COMPLETE_COMMAND, "```", ""]
     for grid in grids:
         lines += dataset_section(grid, docs_dir)
     return "\n".join(lines)
