@@ -3,23 +3,30 @@ evaluator, and a whole run of each on a small synthetic dataset."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from synthetic_datasets import multimodal_dataset
 
+from models.base import ContentEncoder
 from training.data.dataset import TEST
 from training.experiments.item_similarity import (
     NORM_EXPONENTS,
     POPULARITY_WEIGHTS,
     Judge,
+    ModelVectors,
     Spaces,
     choose_correction,
     content_space,
     corrections,
+    encoder_output,
     goal,
+    ridge_encoded,
     run_similarity,
     top_neighbours,
 )
@@ -127,6 +134,57 @@ def test_content_space_rows_are_unit_and_each_modality_counts_alike() -> None:
     np.testing.assert_allclose(np.linalg.norm(space[both, :20]), np.sqrt(0.5), rtol=1e-6)  # image part (sorted: image, text)
 
 
+class FirstFeatures(ContentEncoder):
+    """Returns its first input's features and, as an extra output, its second modality's mask."""
+
+    extra_output_names = ("second_mask",)
+
+    def __init__(self, modality_names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.modality_names = modality_names
+
+    def forward(self, *features_and_masks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return features_and_masks[0], features_and_masks[3]
+
+
+def test_encoder_output_feeds_the_encoders_modality_order_and_keeps_the_vector() -> None:
+    dataset = multimodal_dataset(n_users=5, n_items=12)
+    for first in ("text", "image"):  # the exported graph's input order is the encoder's, not the sorted one
+        second = "image" if first == "text" else "text"
+        out = encoder_output(FirstFeatures((first, second)), dataset)
+        np.testing.assert_array_equal(out, dataset.modalities[first].features.astype(np.float32))
+
+
+def test_ridge_encoded_is_the_linear_map_of_masked_content_fitted_on_the_given_rows() -> None:
+    dataset = multimodal_dataset(n_users=5, n_items=300)
+    x = np.concatenate([np.concatenate([m.features * m.present[:, None], m.present[:, None]], axis=1)
+                        for _, m in sorted(dataset.modalities.items())] + [np.ones((300, 1))], axis=1)  # fmt: skip
+    vectors = x @ np.random.default_rng(0).normal(size=(x.shape[1], 4))  # exactly linear in the masked content
+    fit_rows = np.arange(200)
+    encoded = ridge_encoded(dataset, vectors.astype(np.float32), fit_rows)
+    cosine = (encoded * vectors).sum(1) / np.linalg.norm(encoded, axis=1) / np.linalg.norm(vectors, axis=1)
+    assert cosine[200:].min() > 0.95  # rows the map was not fitted on
+    shifted = vectors.copy()
+    shifted[200:] = -shifted[200:]  # only the fitted rows count: the others' targets do not move the map
+    np.testing.assert_allclose(ridge_encoded(dataset, shifted.astype(np.float32), fit_rows), encoded, rtol=1e-5, atol=1e-5)
+
+
+def test_model_vectors_round_trip_with_and_without_an_encoder_output(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    base: dict[str, Any] = {"trained": rng.normal(size=(6, 3)), "trained_info": {"a": 1},
+                            "cold": rng.normal(size=(6, 3)), "cold_info": {"b": 2}}  # fmt: skip
+    encodings: list[dict[str, Any]] = [{}, {"trained_encoded": rng.normal(size=(6, 4)),
+                                            "cold_encoded": rng.normal(size=(6, 4))}]  # fmt: skip
+    for encoded in encodings:
+        vectors = ModelVectors(**base, **encoded)
+        vectors.save(tmp_path / "v.npz")
+        loaded = ModelVectors.load(tmp_path / "v.npz")
+        for name in ("trained", "cold", "trained_encoded", "cold_encoded"):
+            mine, theirs = getattr(vectors, name), getattr(loaded, name)
+            assert (mine is None and theirs is None) or np.array_equal(mine, theirs)
+        assert (loaded.trained_info, loaded.cold_info) == ({"a": 1}, {"b": 2})
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     root = tmp_path_factory.mktemp("experiments")
@@ -199,3 +257,23 @@ def test_similarity_run_measures_every_candidate_on_trained_and_cold_items(train
     for space, grid in report["selection"]["grid"].items():  # α chosen on validation co-likes
         best = max(g["co_like_rate@10"] for g in grid.values())
         assert grid[str(report["selection"]["chosen"][space])]["co_like_rate@10"] == best
+    assert report["item_encoder"] == "ridge-map"  # LightGCN has no content encoder of its own
+    # a model with its own encoder: its outputs replace the ridge map's; given the ridge map's own outputs, every
+    # figure is the same
+    from training.data.dataset import InteractionDataset
+    from training.experiments.cold_protocol import make_cold_split
+
+    dataset = InteractionDataset.load(root / "data")
+    saved = ModelVectors.load(root / "vectors.npz")
+    warm = np.setdiff1d(np.arange(dataset.n_items), make_cold_split(dataset, share=0.2, seed=1).cold)
+    native = dataclasses.replace(saved, trained_encoded=ridge_encoded(dataset, saved.trained, np.arange(dataset.n_items)),
+                                 cold_encoded=ridge_encoded(dataset, saved.cold, warm))  # fmt: skip
+    native.save(root / "native.npz")
+    as_native = run_similarity(root / "data", lambda ids: [genres[i] for i in ids], "lightgcn", train_settings={},
+                               seed=1, cold_share=0.2, run=None, runs_root=None, vectors_file=root / "native.npz")  # fmt: skip
+    assert as_native == {**report, "item_encoder": "native"}
+    other = dataclasses.replace(native, cold_encoded=np.random.default_rng(0).normal(size=native.cold_encoded.shape))  # type: ignore[union-attr]
+    other.save(root / "other.npz")
+    moved = run_similarity(root / "data", lambda ids: [genres[i] for i in ids], "lightgcn", train_settings={},
+                           seed=1, cold_share=0.2, run=None, runs_root=None, vectors_file=root / "other.npz")  # fmt: skip
+    assert moved["trained"] == report["trained"] and moved["ingested"]["figures"] != report["ingested"]["figures"]

@@ -1,15 +1,16 @@
 """Which item-to-item similarity should ``GET /v1/items/{id}/similar`` use? Measured on ml100k-posters (issue 14).
 
 Candidates, for a query item ``i`` and every other item ``j`` (``v``: the model's item vectors; an item held out of
-training gets the bundle's item-encoder vector from its content, as an ingested item does; ``c``: the content
-space, below):
+training gets the bundle's item-encoder vector from its content, as an ingested item does: the model's own encoder
+or the ridge map, as ``encoded`` below; ``c``: the content space, below):
 
 - ``inner_product``: ``v_i · v_j`` (what the service did: favours high-norm, popular items);
 - ``cosine``: ``cos(v_i, v_j)``;
 - ``content``: ``c_i · c_j`` where ``c`` is the text and image features, each L2-normalised, concatenated and
   normalised again (an item with one modality is compared on that one);
-- ``encoded``: ``cos(e_i, e_j)``, ``e`` the item encoder's output from content alone (the bundle's ridge map for an
-  ID model), so trained items are compared as if they were ingested;
+- ``encoded``: ``cos(e_i, e_j)``, ``e`` the bundle's item encoder's output from content alone (the model's own
+  content encoder where it has one, R2MR's; the ridge map for an ID model), so trained items are compared as if
+  they were ingested;
 - ``blend``: ``α · cos(v_i, v_j) + (1 − α) · sim_content(i, j)`` with either content space, ``α`` chosen on
   validation;
 - popularity corrections between the inner product and the cosine: the norm exponent
@@ -34,7 +35,9 @@ popularity is at most ``POPULARITY_CAP`` times the catalogue's, the highest co-l
 
 The cold experiment holds out 10% of the items entirely (``training.experiments.cold_protocol.make_cold_split``, the one cold-start protocol, seed 2024), trains on
 the rest, gives the cold items vectors from their content alone (ridge map fitted on the warm items), and queries
-each cold item against the whole catalogue (warm and cold items), as after ingesting them.
+each cold item against the whole catalogue (warm and cold items), as after ingesting them. The content-to-vector
+map is the bundle's item encoder: the model's own (``Recommender.content_encoder``, built from the model trained
+without the cold items) or, for an ID model, the ridge map fitted on the warm items.
 
     .venv/bin/python -m training.experiments.item_similarity --dataset ml100k-posters --vectors /tmp/vectors.npz
 
@@ -51,7 +54,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -59,6 +62,9 @@ import typer
 
 from training.data.dataset import TEST, TRAIN, VALID, InteractionDataset
 from training.fit.trainer import Callback
+
+if TYPE_CHECKING:
+    from models.base import ContentEncoder, Recommender
 
 K = 10
 ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -189,12 +195,36 @@ class Spaces:
         raise ValueError(f"unknown method {method!r}")
 
 
+def encoder_output(encoder: ContentEncoder, dataset: InteractionDataset) -> np.ndarray:
+    """(n_items, d) the item encoder's item vectors from every item's content, its inputs in the encoder's modality
+    order as the bundle's ONNX graph takes them (``training.export.onnx_export.export_item_encoder``)."""
+    import torch
+
+    from training.export.ridge import content_inputs
+
+    by_name = {name: (features, mask) for name, features, mask in content_inputs(dataset)}
+    tensors: list[torch.Tensor] = []
+    for name in encoder.modality_names:
+        features, mask = by_name[name]
+        tensors += [torch.from_numpy(features), torch.from_numpy(mask)]
+    encoder.eval()
+    with torch.no_grad():
+        output = encoder(*tensors)
+    vector = output[0] if encoder.extra_output_names else output  # (item_vector, *extras) when it has extras
+    return np.asarray(vector.float().numpy(), dtype=np.float32)
+
+
+def native_encoded(model: Recommender, dataset: InteractionDataset) -> np.ndarray | None:
+    """The model's own content encoder's output for every item (what its bundle serves for a new item), or None
+    for an ID model (its bundle's encoder is the ridge map) or a dataset without content."""
+    encoder = model.content_encoder() if dataset.modalities else None
+    return None if encoder is None else encoder_output(encoder, dataset)
+
+
 def ridge_encoded(dataset: InteractionDataset, item_vectors: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
     """The bundle's cold-start map for an ID model (``training.export.fit_ridge_map``), fitted on ``fit_rows``
     only, applied to every item's content: (n_items, d)."""
-    import torch
-
-    from training.export.ridge import content_inputs, fit_ridge_map
+    from training.export.ridge import fit_ridge_map
 
     view = dataclasses.replace(
         dataset, item_ids=[dataset.item_ids[i] for i in fit_rows], item_text=[dataset.item_text[i] for i in fit_rows],
@@ -205,12 +235,7 @@ def ridge_encoded(dataset: InteractionDataset, item_vectors: np.ndarray, fit_row
         split=np.zeros(0, np.int8),
     )  # fmt: skip
     encoder, _ = fit_ridge_map(view, item_vectors[fit_rows], holdout=0.1)
-    encoder.eval()
-    tensors: list[torch.Tensor] = []
-    for _, features, mask in content_inputs(dataset):
-        tensors += [torch.from_numpy(features), torch.from_numpy(mask)]
-    with torch.no_grad():
-        return np.asarray(encoder(*tensors).numpy(), dtype=np.float32)
+    return encoder_output(encoder, dataset)
 
 
 def evaluate_methods(spaces: Spaces, queries: np.ndarray, judge: Judge, *, alphas: Mapping[str, float]) -> dict[str, Any]:
@@ -289,9 +314,11 @@ class EpochCount(Callback):
 
 
 def train_vectors(dataset: InteractionDataset, directory: Path, model: str, *, preset_dataset: str,
-                  train_settings: dict[str, str], seed: int, runs_root: Path | None) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
-    """Train ``model`` with the presets of ``preset_dataset`` (early stopping or the epoch cap): its item vectors and
-    how the run went (epochs, stop reason, wall time)."""
+                  train_settings: dict[str, str], seed: int,
+                  runs_root: Path | None) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:  # fmt: skip
+    """Train ``model`` with the presets of ``preset_dataset`` (early stopping or the epoch cap): its item vectors,
+    its own content encoder's output for every item (:func:`native_encoded`; None for an ID model) and how the run
+    went (epochs, stop reason, wall time)."""
     import torch
 
     from models.config import build_config
@@ -308,7 +335,7 @@ def train_vectors(dataset: InteractionDataset, directory: Path, model: str, *, p
     with torch.no_grad():
         result.model.eval()
         items = result.model.representations().items.float().cpu().numpy()
-    return items, {"run_dir": str(result.run_dir) if result.run_dir else None, "best_epoch": result.best_epoch,
+    return items, native_encoded(result.model, dataset), {"run_dir": str(result.run_dir) if result.run_dir else None, "best_epoch": result.best_epoch,
                    "epochs_run": count.epochs, "epoch_cap": config.epochs, "patience": config.patience,
                    "eval_every": config.eval_every, "stopped_by": result.stopped_by,
                    "valid_recall@20": result.valid.get("recall@20"), "test_recall@20": result.test.get("recall@20"),
@@ -318,24 +345,32 @@ def train_vectors(dataset: InteractionDataset, directory: Path, model: str, *, p
 
 @dataclass(frozen=True)
 class ModelVectors:
-    """Item vectors of the model on the usual split and of the model trained without the cold items."""
+    """Item vectors of the model on the usual split and of the model trained without the cold items, and each
+    model's own content encoder's output for every item (None for an ID model: its bundle fits the ridge map)."""
 
     trained: np.ndarray
     trained_info: dict[str, Any]
     cold: np.ndarray
     cold_info: dict[str, Any]
+    trained_encoded: np.ndarray | None = None
+    cold_encoded: np.ndarray | None = None
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, Any] = {"trained": self.trained, "cold": self.cold,
+                                  "info": np.array(json.dumps({"trained": self.trained_info, "cold": self.cold_info}))}  # fmt: skip
+        arrays.update((name, array) for name, array in (("trained_encoded", self.trained_encoded),
+                                                        ("cold_encoded", self.cold_encoded)) if array is not None)  # fmt: skip
         with path.open("wb") as f:
-            np.savez(f, trained=self.trained, cold=self.cold,
-                     info=np.array(json.dumps({"trained": self.trained_info, "cold": self.cold_info})))  # fmt: skip
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> ModelVectors:
         with np.load(path) as f:
             info = json.loads(str(f["info"]))
-            return cls(trained=f["trained"], trained_info=info["trained"], cold=f["cold"], cold_info=info["cold"])
+            optional = {name: f[name] for name in ("trained_encoded", "cold_encoded") if name in f.files}
+            return cls(trained=f["trained"], trained_info=info["trained"], cold=f["cold"], cold_info=info["cold"],
+                       **optional)  # fmt: skip
 
 
 def model_vectors(dataset: InteractionDataset, cold_dataset: InteractionDataset, directory: Path, model: str, *,
@@ -352,14 +387,18 @@ def model_vectors(dataset: InteractionDataset, cold_dataset: InteractionDataset,
     if run is not None:
         loaded = load_run(run)
         with torch.no_grad():
+            loaded.model.eval()
             trained = loaded.model.representations().items.float().cpu().numpy()
+        trained_encoded = native_encoded(loaded.model, dataset)
         trained_info: dict[str, Any] = {"run_dir": str(run), "best_epoch": loaded.metrics.get("best_epoch")}
     else:
-        trained, trained_info = train_vectors(dataset, directory, model, preset_dataset=dataset.name,
-                                              train_settings=train_settings, seed=seed, runs_root=runs_root)  # fmt: skip
-    cold, cold_info = train_vectors(cold_dataset, directory, model, preset_dataset=dataset.name,
-                                    train_settings=train_settings, seed=seed, runs_root=None)  # fmt: skip
-    vectors = ModelVectors(trained=trained, trained_info=trained_info, cold=cold, cold_info=cold_info)
+        trained, trained_encoded, trained_info = train_vectors(
+            dataset, directory, model, preset_dataset=dataset.name, train_settings=train_settings, seed=seed,
+            runs_root=runs_root)  # fmt: skip
+    cold, cold_encoded, cold_info = train_vectors(cold_dataset, directory, model, preset_dataset=dataset.name,
+                                                  train_settings=train_settings, seed=seed, runs_root=None)  # fmt: skip
+    vectors = ModelVectors(trained=trained, trained_info=trained_info, cold=cold, cold_info=cold_info,
+                           trained_encoded=trained_encoded, cold_encoded=cold_encoded)  # fmt: skip
     if vectors_file is not None:
         vectors.save(vectors_file)
     return vectors
@@ -389,8 +428,11 @@ def run_similarity(directory: Path, genres_of: Callable[[list[str]], list[frozen
     vectors = model_vectors(dataset, cold_dataset, directory, model, train_settings=train_settings, seed=seed, run=run,
                             runs_root=runs_root, vectors_file=vectors_file)  # fmt: skip
 
-    # trained items: the model on the usual split; the encoder fitted on every item, as the bundle's
-    spaces = Spaces(vectors=vectors.trained, encoded=ridge_encoded(dataset, vectors.trained, all_rows), content=content,
+    # trained items: the model on the usual split; its bundle's encoder (the model's own, or the ridge map fitted on
+    # every item, as the exporter fits it)
+    trained_encoded = (vectors.trained_encoded if vectors.trained_encoded is not None
+                       else ridge_encoded(dataset, vectors.trained, all_rows))  # fmt: skip
+    spaces = Spaces(vectors=vectors.trained, encoded=trained_encoded, content=content,
                     popularity=training_popularity(dataset))  # fmt: skip
     queries = all_rows[np.bincount(dataset.item[dataset.split == TRAIN], minlength=dataset.n_items) > 0]
     valid_judge = Judge(genres, heldout_matrix(dataset, (VALID,)), popularity)
@@ -401,7 +443,8 @@ def run_similarity(directory: Path, genres_of: Callable[[list[str]], list[frozen
 
     # items held out of training, ingested from content only
     warm = np.setdiff1d(all_rows, cold)
-    encoded = ridge_encoded(dataset, vectors.cold, warm)
+    # the model trained without them: its own encoder (fitted on the items it trained on), or the ridge map on the warm
+    encoded = vectors.cold_encoded if vectors.cold_encoded is not None else ridge_encoded(dataset, vectors.cold, warm)
     served = vectors.cold.copy()
     served[cold] = encoded[cold]  # what the service holds for an ingested item
     cold_spaces = Spaces(vectors=served, encoded=encoded, content=content, popularity=training_popularity(cold_dataset))
@@ -410,6 +453,7 @@ def run_similarity(directory: Path, genres_of: Callable[[list[str]], list[frozen
     report = {
         "dataset": dataset.name, "model": model, "seed": seed, "k": K,
         "catalogue_popularity": float(popularity.mean()),
+        "item_encoder": "ridge-map" if vectors.cold_encoded is None else "native",
         "trained": {"model": vectors.trained_info, "figures": trained},
         "selection": selection, "correction": correction,
         "ingested": {"model": vectors.cold_info, "cold_share": cold_share, "cold_items": int(cold.size), "figures": ingested},
