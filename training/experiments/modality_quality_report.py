@@ -303,9 +303,11 @@ relative Recall@20 drop from p = 0 over the seeds both cells have (positive: wor
 scores 1 − s^m at its first review round and for the final model; (a) 1 − cosine between the item's feature and
 the sum of its training users' other items' features; (b) the mean cosine distance to the item's 10 nearest items
 found in the other modality's space. Features centred and L2-normalised. Scored: items with training users and both
-modalities in the original content. For **missing**, a removed modality is flagged by every detector from the mask
-alone (the reviewer scores it 0; the simple detectors have no feature and give it the top score): those AUROCs
-measure the mask, not a detector.
+modalities in the original content. For **missing**, a removed modality is flagged from the mask alone by the first
+review, the reviewer on the content as given, R2MR without rewriter and both simple detectors (the reviewer scores
+it 0; the simple detectors have no feature and give it the top score): those AUROCs measure the mask, not a
+detector. Only the full R2MR's final reviewer is below 1 there: it scores the feature the rewriter wrote in the
+missing one's place.
 """
 
 
