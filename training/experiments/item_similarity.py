@@ -33,11 +33,11 @@ validation figures by a rule declared before any test figure was read (:func:`se
 candidates of both families whose genre agreement is at least the inner product's and whose neighbours' mean
 popularity is at most ``POPULARITY_CAP`` times the catalogue's, the highest co-like rate.
 
-The cold experiment holds out 10% of the items entirely (``training.experiments.cold_protocol.make_cold_split``, the one cold-start protocol, seed 2024), trains on
-the rest, gives the cold items vectors from their content alone (ridge map fitted on the warm items), and queries
-each cold item against the whole catalogue (warm and cold items), as after ingesting them. The content-to-vector
-map is the bundle's item encoder: the model's own (``Recommender.content_encoder``, built from the model trained
-without the cold items) or, for an ID model, the ridge map fitted on the warm items.
+The cold experiment holds out 10% of the items entirely (``training.experiments.cold_protocol.make_cold_split``,
+the one cold-start protocol, seed 2024), trains on the rest, gives the cold items vectors from their content alone,
+and queries each cold item against the whole catalogue (warm and cold items), as after ingesting them. The
+content-to-vector map is the bundle's item encoder: the model's own (``Recommender.content_encoder``, built from the
+model trained without the cold items) or, for an ID model, the ridge map fitted on the warm items.
 
     .venv/bin/python -m training.experiments.item_similarity --dataset ml100k-posters --vectors /tmp/vectors.npz
 
@@ -335,12 +335,12 @@ def train_vectors(dataset: InteractionDataset, directory: Path, model: str, *, p
     with torch.no_grad():
         result.model.eval()
         items = result.model.representations().items.float().cpu().numpy()
-    return items, native_encoded(result.model, dataset), {"run_dir": str(result.run_dir) if result.run_dir else None, "best_epoch": result.best_epoch,
-                   "epochs_run": count.epochs, "epoch_cap": config.epochs, "patience": config.patience,
-                   "eval_every": config.eval_every, "stopped_by": result.stopped_by,
-                   "valid_recall@20": result.valid.get("recall@20"), "test_recall@20": result.test.get("recall@20"),
-                   "train_seconds": round(seconds, 1),
-                   "seconds_per_epoch": round(seconds / max(count.epochs, 1), 2)}  # fmt: skip
+    info = {"run_dir": str(result.run_dir) if result.run_dir else None, "best_epoch": result.best_epoch,
+            "epochs_run": count.epochs, "epoch_cap": config.epochs, "patience": config.patience,
+            "eval_every": config.eval_every, "stopped_by": result.stopped_by,
+            "valid_recall@20": result.valid.get("recall@20"), "test_recall@20": result.test.get("recall@20"),
+            "train_seconds": round(seconds, 1), "seconds_per_epoch": round(seconds / max(count.epochs, 1), 2)}  # fmt: skip
+    return items, native_encoded(result.model, dataset), info
 
 
 @dataclass(frozen=True)
