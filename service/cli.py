@@ -45,7 +45,8 @@ secrets: give API keys and a Redis URL holding a password through the environmen
   MMREC_REDIS_URL / MMREC_REDIS_URL_FILE redis://:password@host:6379/0
 A *_FILE variable names a file holding the value (e.g. a Docker secret in /run/secrets/). Options on the command
 line are visible to every user of the machine in the process list; --api-key and a --redis-url with a password
-still work there, with a warning. Every other setting is an MMREC_* variable too (service/README.md).
+still work there, with a warning. Every other setting but --host and --port is an MMREC_* variable too
+(--log-level, --access-log: MMREC_SERVE_LOG_LEVEL, MMREC_SERVE_ACCESS_LOG; service/README.md).
 
 access: once keys are configured, writes (items, events) need a key with the 'write' scope, deletes and reload
 'admin', GET /v1/users/{{id}}/events 'read', and other reads 'read' when --read-access keyed (default: open).
