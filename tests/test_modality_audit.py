@@ -19,11 +19,13 @@ from typer.testing import CliRunner
 
 from training.cli import app
 from training.experiments.modality_audit import (
+    MISSING_FLAG,
     audit_table,
     auroc,
     bundle_images,
     detection,
     item_title,
+    profile_ranking,
     ranking,
     write_audit,
 )
@@ -187,6 +189,93 @@ def test_a_bundle_whose_run_is_gone_is_audited_without_record_or_images(r2mr_bun
     report = files.markdown.read_text()
     assert files.contact_sheet is None and "## Damaged content found" not in report
     assert "the bundle ships no images and the prepared dataset of its run is not on this machine" in report
+
+
+def brute_force_profile(run_dir: Path) -> np.ndarray:
+    """(2, I) cos(x̂_i, p_i) by loops: x̂ the centred, unit features of the items that have the modality, p_i the sum of
+    x̂_j over the item's training users' other items j with it (one term per distinct edge); nan where undefined."""
+    data = load_run(run_dir).dataset
+    users, items = data.edges(0)
+    edges = sorted(set(zip(users.tolist(), items.tolist(), strict=True)))
+    out = np.full((2, data.n_items), np.nan)
+    for k, name in enumerate(sorted(data.modalities)):
+        has = data.modalities[name].present.astype(bool)
+        x = data.modalities[name].features.astype(np.float64)
+        x = x - x[has].mean(axis=0)
+        for i in range(data.n_items):
+            if not has[i]:
+                continue
+            p = np.zeros(x.shape[1])
+            for u in {u for u, j in edges if j == i}:
+                for v, j in edges:
+                    if v == u and j != i and has[j]:
+                        p += x[j] / np.linalg.norm(x[j])
+            if np.linalg.norm(p) > 1e-12:
+                out[k, i] = float(x[i] @ p / np.linalg.norm(x[i]) / np.linalg.norm(p))
+    return out
+
+
+def brute_force_profile_flags(cosine: np.ndarray, has: np.ndarray, n_users: np.ndarray) -> dict[int, float]:
+    """judged row → 1 − c; a missing modality the largest flag; an undefined c the median flag (neutral)."""
+    judged = [r for r in range(len(has)) if n_users[r] > 0]
+    neutral = float(np.median([1.0 - cosine[r] for r in judged if has[r] and not np.isnan(cosine[r])]))
+    return {r: (MISSING_FLAG if not has[r] else neutral if np.isnan(cosine[r]) else 1.0 - cosine[r]) for r in judged}
+
+
+def brute_force_profile_order(cosine: np.ndarray, has: np.ndarray, n_users: np.ndarray, ids: list[str]) -> list[str]:
+    flag = brute_force_profile_flags(cosine, has, n_users)
+    return [ids[r] for r in sorted(flag, key=lambda r: (-flag[r], ids[r]))]
+
+
+def test_the_user_profile_cosine_is_computed_ranked_and_written_for_a_run(r2mr_run: Path, tmp_path: Path) -> None:
+    table = audit_table(r2mr_run)
+    expected = brute_force_profile(r2mr_run)
+    assert table.profile is not None
+    np.testing.assert_array_equal(np.isnan(table.profile), np.isnan(expected))
+    np.testing.assert_allclose(np.nan_to_num(table.profile), np.nan_to_num(expected), atol=1e-9)
+    _, n_users, ids = model_scores(r2mr_run)
+    write_audit(r2mr_run, tmp_path, top=4)
+    with (tmp_path / "synthetic-mm.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for k, modality in enumerate(("image", "text")):
+        order = brute_force_profile_order(expected[k], table.present[k], n_users, ids)
+        assert [ids[r] for r in profile_ranking(table, k)] == order
+        ranked = sorted((row for row in rows if row[f"profile_rank_{modality}"]),
+                        key=lambda row: int(row[f"profile_rank_{modality}"]))  # fmt: skip
+        assert [row["id"] for row in ranked] == order
+        written = [float(row[f"profile_{modality}"]) if row[f"profile_{modality}"] else np.nan for row in rows]
+        np.testing.assert_allclose(np.nan_to_num(written), np.nan_to_num(expected[k]), atol=1e-4)
+    report = (tmp_path / "synthetic-mm.md").read_text()
+    assert "## image: the 4 least in line with their users' other items (user-profile cosine)" in report
+    assert "## text: the 4 least in line with their users' other items (user-profile cosine)" in report
+    with pytest.raises(ValueError, match="by must be 'reviewer' or 'profile'"):
+        detection(table, 0, by="popularity")
+
+
+def test_the_user_profile_cosine_finds_damage_as_brute_force_counts(corrupted_run: tuple[Path, CorruptionRecord],
+                                                                      tmp_path: Path) -> None:  # fmt: skip
+    run, record = corrupted_run
+    table = audit_table(run)
+    expected = brute_force_profile(run)
+    _, n_users, ids = model_scores(run)
+    for k, modality in enumerate(("image", "text")):
+        damaged = {item for item, m in record.damaged if m == modality}
+        order = brute_force_profile_order(expected[k], table.present[k], n_users, ids)
+        found = detection(table, k, by="profile")
+        assert dict(found.precision) == pytest.approx(
+            {n: sum(item in damaged for item in order[:n]) / n for n in (10, 50, found.damaged) if n <= len(order)})
+        flag = brute_force_profile_flags(expected[k], table.present[k], n_users)
+        assert found.auroc == pytest.approx(brute_force_auroc(list(flag.values()), [ids[r] in damaged for r in flag]))
+    report = write_audit(run, tmp_path, top=3).markdown.read_text()
+    assert "Found by the user-profile cosine c instead" in report and "| AUROC (1 − c) |" in report
+
+
+def test_a_bundle_audit_says_the_user_profile_cosine_needs_the_run(r2mr_bundle: Path, tmp_path: Path) -> None:
+    assert audit_table(r2mr_bundle).profile is None
+    files = write_audit(r2mr_bundle, tmp_path)
+    assert "Not computed: it needs the training interactions" in files.markdown.read_text()
+    with files.csv.open() as f:
+        assert not any(name.startswith("profile_") for name in next(csv.reader(f)))
 
 
 def test_a_dataset_without_images_gets_no_contact_sheet() -> None:

@@ -15,9 +15,16 @@ reviewer as agreement between the item's content and what its users like (docs/r
 mean"). An item without training users scores 0 on every modality: no evidence, not a verdict, so the ranking lists
 only items with at least one training user (the same rule as ``GET /v1/audit``).
 
-On a corrupted run (``corruption.json``, see ``training/runs.py``) the report also says how well the ranking finds
-the damaged (item, modality) pairs: precision@N of the N worst and the AUROC of (1 − s). A bundle is matched with its
-record through the run directory its manifest names (``metrics.run_dir``), when that run is on this machine.
+A second, training-free judgement sits beside the reviewer's when the audit reads a run (it needs the training
+interactions, which a bundle does not ship): the **user-profile cosine** c^m = cos(x̂_i, p_i) between the item's
+feature and the sum of its training users' other items' features (``damage_detectors.user_profile_disagreement``,
+detector (a) of docs/modality-quality.md). On the corruption benchmark it found damaged content better than the
+reviewer in every swapped and noise cell, so the report lists its worst items too, and the CSV carries it.
+
+On a corrupted run (``corruption.json``, see ``training/runs.py``) the report also says how well each ranking finds
+the damaged (item, modality) pairs: precision@N of the N worst and the AUROC of (1 − s) and of (1 − c). A bundle is
+matched with its record through the run directory its manifest names (``metrics.run_dir``), when that run is on
+this machine.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from training.runs import CorruptionRecord, read_corruption
 
 SHEET_COLUMNS = 8  # images per row of the contact sheet (worst row, best row), at most --top
 PRECISION_AT = (10, 50, 100)  # plus the number of damaged items ranked
+MISSING_FLAG = 2.0  # 1 − c of a modality the item lacks: the largest 1 − cos can be, so it ranks first
 TITLE_WITH_YEAR = re.compile(r"^(.+?\(\d{4}\))(?:\.|$)")  # "U.S. Marshals (1998). Action. ..." -> "U.S. Marshals (1998)"
 
 
@@ -61,6 +69,9 @@ class AuditTable:
     images_note: str
     corruption: CorruptionRecord | None
     run_summary: str  # seed / epochs / metrics line of the model
+    # (M, I) float64 user-profile cosine c^m (nan where the item lacks m or none of its training users has another
+    # item with m); None when the audit read a bundle (no training interactions there)
+    profile: np.ndarray | None = None
 
     @property
     def judged(self) -> np.ndarray:
@@ -117,6 +128,7 @@ def run_table(run_dir: Path) -> AuditTable:
 
     from models.r2mr import R2MR, STATE_NAMES
     from training.data.dataset import TRAIN
+    from training.experiments.damage_detectors import user_profile_disagreement
     from training.runs import load_run
 
     run = load_run(run_dir)
@@ -124,7 +136,8 @@ def run_table(run_dir: Path) -> AuditTable:
     assert isinstance(model, R2MR)  # audit_table checked the run's model name
     with torch.no_grad():
         scores, states = model.quality()
-    dataset = run.dataset
+    dataset = run.dataset  # the content the model was trained on (damaged again, for a corrupted run)
+    profile = np.stack([1.0 - user_profile_disagreement(dataset, m) for m in model.modality_names])
     users, items = dataset.edges(TRAIN)
     pairs = np.unique(np.stack([users, items], 1), axis=0)
     training_users = np.bincount(pairs[:, 1], minlength=dataset.n_items)
@@ -137,7 +150,7 @@ def run_table(run_dir: Path) -> AuditTable:
         present=model.has_modality.numpy().astype(bool), training_users=training_users,
         threshold=model.config.threshold, images=list(dataset.item_image) if has_images else None,
         images_note="" if has_images else no_images_note(dataset.name, model.modality_names),
-        corruption=read_corruption(run_dir), run_summary=run_summary(metrics),
+        corruption=read_corruption(run_dir), run_summary=run_summary(metrics), profile=profile,
     )  # fmt: skip
 
 
@@ -220,6 +233,25 @@ def ranking(table: AuditTable, k: int) -> np.ndarray:
     return rows[np.lexsort((ids, table.scores[k, rows]))]
 
 
+def profile_flags(table: AuditTable, k: int) -> np.ndarray:
+    """(I,) 1 − c^k, higher = less in line with the item's users: ``MISSING_FLAG`` where the item lacks the modality,
+    and where c is undefined (no other item of its users has the modality) the median flag of the judged items that
+    have one: neutral."""
+    assert table.profile is not None
+    flags = np.where(table.present[k], 1.0 - table.profile[k], MISSING_FLAG)
+    undefined = np.isnan(flags)
+    defined = table.judged & ~undefined
+    flags[undefined] = float(np.median(flags[defined])) if defined.any() else 0.0
+    return flags
+
+
+def profile_ranking(table: AuditTable, k: int) -> np.ndarray:
+    """Rows of the judged items, least in line with their users first (by :func:`profile_flags`), ties by id."""
+    rows = np.flatnonzero(table.judged)
+    ids = np.array([table.item_ids[r] for r in rows], dtype=str)
+    return rows[np.lexsort((ids, -profile_flags(table, k)[rows]))]
+
+
 def precision_at(ranked: np.ndarray, damaged: np.ndarray, n: int) -> float:
     """Share of the first ``n`` ranked rows that are damaged (``n`` at most the ranked count)."""
     top = ranked[:n]
@@ -247,17 +279,22 @@ class Detection:
     auroc: float  # of 1 − s over the ranked items
 
 
-def detection(table: AuditTable, k: int) -> Detection:
+def detection(table: AuditTable, k: int, *, by: str = "reviewer") -> Detection:
+    """How modality k's ranking finds its damaged items: ``by`` "reviewer" (s^k, :func:`ranking`) or "profile"
+    (the user-profile cosine, :func:`profile_ranking`; runs only)."""
+    if by not in ("reviewer", "profile"):
+        raise ValueError(f"by must be 'reviewer' or 'profile', got {by!r}")
     name = table.modality_names[k]
     damaged = table.damaged(name)
-    ranked = ranking(table, k)
+    ranked = ranking(table, k) if by == "reviewer" else profile_ranking(table, k)
+    flag = 1.0 - table.scores[k] if by == "reviewer" else profile_flags(table, k)
     judged = table.judged
     n_damaged = int(damaged[judged].sum())
     sizes = sorted({n for n in (*PRECISION_AT, n_damaged) if 0 < n <= len(ranked)})
     return Detection(modality=name, ranked=len(ranked), damaged=n_damaged,
                      unjudged_damaged=int(damaged[~judged].sum()),
                      precision=tuple((n, precision_at(ranked, damaged, n)) for n in sizes),
-                     auroc=auroc(1.0 - table.scores[k][judged], damaged[judged]))  # fmt: skip
+                     auroc=auroc(flag[judged], damaged[judged]))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -293,14 +330,20 @@ def write_audit(path: Path, out: Path, *, top: int = 20) -> AuditFiles:
 
 def write_csv(table: AuditTable, path: Path) -> Path:
     """Every item, in dataset order: id, title, per modality score / rank (1 = worst; empty when not judged) /
-    presence (/ damaged, on a corrupted run), state, training users."""
-    ranks = np.zeros((len(table.modality_names), len(table.item_ids)), dtype=np.int64)
-    for k in range(len(table.modality_names)):
-        ranks[k, ranking(table, k)] = np.arange(1, int(table.judged.sum()) + 1)
+    presence (/ damaged, on a corrupted run) (/ user-profile cosine, empty where undefined or missing, and its rank,
+    on a run), state, training users."""
+    n_modalities, n_judged = len(table.modality_names), int(table.judged.sum())
+    ranks = np.zeros((n_modalities, len(table.item_ids)), dtype=np.int64)
+    profile_ranks = np.zeros_like(ranks)
+    for k in range(n_modalities):
+        ranks[k, ranking(table, k)] = np.arange(1, n_judged + 1)
+        if table.profile is not None:
+            profile_ranks[k, profile_ranking(table, k)] = np.arange(1, n_judged + 1)
     damaged = [table.damaged(m) for m in table.modality_names] if table.corruption is not None else []
     header = ["id", "title"]
     for m in table.modality_names:
         header += [f"score_{m}", f"rank_{m}", f"has_{m}"] + ([f"damaged_{m}"] if damaged else [])
+        header += [f"profile_{m}", f"profile_rank_{m}"] if table.profile is not None else []
     header += ["state", "training_users"]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -310,6 +353,9 @@ def write_csv(table: AuditTable, path: Path) -> Path:
             for k in range(len(table.modality_names)):
                 row += [f"{table.scores[k, r]:.4f}", ranks[k, r] or "", int(table.present[k, r])]
                 row += [int(damaged[k][r])] if damaged else []
+                if table.profile is not None:
+                    cosine = table.profile[k, r]
+                    row += ["" if np.isnan(cosine) else f"{cosine:.4f}", profile_ranks[k, r] or ""]
             writer.writerow([*row, table.states[r], int(table.training_users[r])])
     return path
 
@@ -393,6 +439,12 @@ def render(table: AuditTable, *, top: int, csv_name: str, sheet_name: str | None
         lines += render_detection(table)
     for k in range(len(names)):
         lines += render_worst(table, k, top)
+    if table.profile is not None:
+        for k in range(len(names)):
+            lines += render_profile_worst(table, k, top)
+    else:
+        lines += ["", "## The user-profile cosine", "", "Not computed: it needs the training interactions, which a "
+                  "bundle does not ship. `mmrec audit` on the run the bundle was exported from lists it."]  # fmt: skip
     lines += ["", "## Images judged worst and best", ""]
     if sheet_name is not None:
         lines += ["Judged items with an image, by s^image (worst row first); \"DAMAGED\" marks a damaged image.",
@@ -415,10 +467,20 @@ def render_detection(table: AuditTable) -> list[str]:
              "share of the ranked items. AUROC of 1 − s over the ranked items (0.5: no better than chance).", ""]  # fmt: skip
     if unknown:
         lines += [f"The record also names modalities this model does not have: {', '.join(unknown)}.", ""]
-    lines += ["| modality | ranked | damaged | N | damaged among the N worst | precision@N | chance | AUROC (1 − s) |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += detection_rows(table, "reviewer", "AUROC (1 − s)")
+    if table.profile is not None:
+        lines += ["", "Found by the user-profile cosine c instead (training-free: the item's feature against its training "
+                  "users' other items; a missing modality ranks first): precision@N of its N worst, AUROC of 1 − c.",
+                  "", *detection_rows(table, "profile", "AUROC (1 − c)")]  # fmt: skip
+    return lines
+
+
+def detection_rows(table: AuditTable, by: str, auroc_label: str) -> list[str]:
+    """The precision@N / AUROC table of one ranking (:func:`detection`'s ``by``)."""
+    lines = [f"| modality | ranked | damaged | N | damaged among the N worst | precision@N | chance | {auroc_label} |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for k in range(len(table.modality_names)):
-        found = detection(table, k)
+        found = detection(table, k, by=by)
         chance = found.damaged / found.ranked if found.ranked else float("nan")
         for n, precision in found.precision:
             lines.append(f"| {found.modality} | {found.ranked} | {found.damaged} | {n} | {round(precision * n)} | "
@@ -441,6 +503,28 @@ def render_worst(table: AuditTable, k: int, top: int) -> list[str]:
     for rank, r in enumerate(ranking(table, k)[:top].tolist(), start=1):
         cells = [str(rank), table.item_ids[r], table.titles[r], f"{table.scores[k, r]:.3f}",
                  *(f"{table.scores[m, r]:.3f}" for m in others), table.states[r], str(int(table.training_users[r])),
+                 "yes" if table.present[k, r] else "no"]  # fmt: skip
+        if damaged is not None:
+            cells.append("yes" if damaged[r] else "no")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_profile_worst(table: AuditTable, k: int, top: int) -> list[str]:
+    """The ``top`` items whose modality k is least in line with their training users' other items."""
+    assert table.profile is not None
+    name = table.modality_names[k]
+    damaged = table.damaged(name) if table.corruption is not None else None
+    header = ["rank", "id", "title", f"c^{name}", f"s^{name}", "state", "training users", f"has {name}",
+              *(["damaged"] if damaged is not None else [])]  # fmt: skip
+    lines = ["", f"## {name}: the {top} least in line with their users' other items (user-profile cosine)", "",
+             f"c^{name} = cos(item's {name} feature, sum of its training users' other items' {name} features), centred "
+             "features; \"-\": the item lacks it (listed first) or none of its users has another item with it.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
+    for rank, r in enumerate(profile_ranking(table, k)[:top].tolist(), start=1):
+        cosine = table.profile[k, r]
+        cells = [str(rank), table.item_ids[r], table.titles[r], "-" if np.isnan(cosine) else f"{cosine:.3f}",
+                 f"{table.scores[k, r]:.3f}", table.states[r], str(int(table.training_users[r])),
                  "yes" if table.present[k, r] else "no"]  # fmt: skip
         if damaged is not None:
             cells.append("yes" if damaged[r] else "no")
