@@ -20,11 +20,13 @@ from typer.testing import CliRunner
 from training.cli import app
 from training.experiments.modality_audit import (
     MISSING_FLAG,
+    AuditTable,
     audit_table,
     auroc,
     bundle_images,
     detection,
     item_title,
+    profile_flags,
     profile_ranking,
     ranking,
     write_audit,
@@ -191,9 +193,10 @@ def test_a_bundle_whose_run_is_gone_is_audited_without_record_or_images(r2mr_bun
     assert "the bundle ships no images and the prepared dataset of its run is not on this machine" in report
 
 
-def brute_force_profile(run_dir: Path) -> np.ndarray:
-    """(2, I) cos(x̂_i, p_i) by loops: x̂ the centred, unit features of the items that have the modality, p_i the sum of
-    x̂_j over the item's training users' other items j with it (one term per distinct edge); nan where undefined."""
+def brute_force_profile(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """((2, I) cos(x̂_i, p_i), (2, I) presence) by loops: x̂ the centred, unit features of the items that have the
+    modality in the dataset the run trained on, p_i the sum of x̂_j over the item's training users' other items j with
+    it (one term per distinct edge); nan where undefined."""
     data = load_run(run_dir).dataset
     users, items = data.edges(0)
     edges = sorted(set(zip(users.tolist(), items.tolist(), strict=True)))
@@ -212,7 +215,7 @@ def brute_force_profile(run_dir: Path) -> np.ndarray:
                         p += x[j] / np.linalg.norm(x[j])
             if np.linalg.norm(p) > 1e-12:
                 out[k, i] = float(x[i] @ p / np.linalg.norm(x[i]) / np.linalg.norm(p))
-    return out
+    return out, np.stack([data.modalities[name].present.astype(bool) for name in sorted(data.modalities)])
 
 
 def brute_force_profile_flags(cosine: np.ndarray, has: np.ndarray, n_users: np.ndarray) -> dict[int, float]:
@@ -229,7 +232,7 @@ def brute_force_profile_order(cosine: np.ndarray, has: np.ndarray, n_users: np.n
 
 def test_the_user_profile_cosine_is_computed_ranked_and_written_for_a_run(r2mr_run: Path, tmp_path: Path) -> None:
     table = audit_table(r2mr_run)
-    expected = brute_force_profile(r2mr_run)
+    expected, has = brute_force_profile(r2mr_run)
     assert table.profile is not None
     np.testing.assert_array_equal(np.isnan(table.profile), np.isnan(expected))
     np.testing.assert_allclose(np.nan_to_num(table.profile), np.nan_to_num(expected), atol=1e-9)
@@ -238,7 +241,7 @@ def test_the_user_profile_cosine_is_computed_ranked_and_written_for_a_run(r2mr_r
     with (tmp_path / "synthetic-mm.csv").open() as f:
         rows = list(csv.DictReader(f))
     for k, modality in enumerate(("image", "text")):
-        order = brute_force_profile_order(expected[k], table.present[k], n_users, ids)
+        order = brute_force_profile_order(expected[k], has[k], n_users, ids)
         assert [ids[r] for r in profile_ranking(table, k)] == order
         ranked = sorted((row for row in rows if row[f"profile_rank_{modality}"]),
                         key=lambda row: int(row[f"profile_rank_{modality}"]))  # fmt: skip
@@ -256,18 +259,40 @@ def test_the_user_profile_cosine_finds_damage_as_brute_force_counts(corrupted_ru
                                                                       tmp_path: Path) -> None:  # fmt: skip
     run, record = corrupted_run
     table = audit_table(run)
-    expected = brute_force_profile(run)
+    expected, has = brute_force_profile(run)
     _, n_users, ids = model_scores(run)
     for k, modality in enumerate(("image", "text")):
         damaged = {item for item, m in record.damaged if m == modality}
-        order = brute_force_profile_order(expected[k], table.present[k], n_users, ids)
+        order = brute_force_profile_order(expected[k], has[k], n_users, ids)
         found = detection(table, k, by="profile")
         assert dict(found.precision) == pytest.approx(
-            {n: sum(item in damaged for item in order[:n]) / n for n in (10, 50, found.damaged) if n <= len(order)})
-        flag = brute_force_profile_flags(expected[k], table.present[k], n_users)
+            {n: sum(item in damaged for item in order[:n]) / n for n in (10, 50, found.damaged) if 0 < n <= len(order)})
+        flag = brute_force_profile_flags(expected[k], has[k], n_users)
         assert found.auroc == pytest.approx(brute_force_auroc(list(flag.values()), [ids[r] in damaged for r in flag]))
     report = write_audit(run, tmp_path, top=3).markdown.read_text()
     assert "Found by the user-profile cosine c instead" in report and "| AUROC (1 − c) |" in report
+
+
+def test_profile_flags_put_missing_first_undefined_at_the_median_of_defined_ones() -> None:
+    """Seven items; g has no training user. image: a, b, c defined (1 − c = 0.1, 0.2, 0.9), d and e lack it, f has it
+    with c undefined (the median of 0.1, 0.2, 0.9: 0.2). text: present everywhere, c undefined everywhere."""
+    nan = float("nan")
+    table = AuditTable(
+        source="hand", dataset="toy", item_ids=list("abcdefg"), titles=list("abcdefg"), modality_names=("image", "text"),
+        scores=np.full((2, 7), 0.5), states=["disparity"] * 7,
+        present=np.array([[1, 1, 1, 0, 0, 1, 1], [1] * 7], dtype=bool), training_users=np.array([3, 3, 3, 3, 3, 3, 0]),
+        threshold=0.5, images=None, images_note="", run_summary="",
+        corruption=CorruptionRecord(dataset="toy", kind="swapped", fraction=0.3, seed=1,
+                                    damaged=(("c", "image"), ("f", "image"))),
+        profile=np.array([[0.9, 0.8, 0.1, nan, nan, nan, 0.5], [nan] * 7]),
+    )  # fmt: skip
+    np.testing.assert_allclose(profile_flags(table, 0), [0.1, 0.2, 0.9, np.inf, np.inf, 0.2, 0.5])
+    assert [table.item_ids[r] for r in profile_ranking(table, 0)] == list("decbfa")  # ties by id; g not judged
+    np.testing.assert_array_equal(profile_flags(table, 1), np.zeros(7))  # nothing defined: all neutral
+    assert [table.item_ids[r] for r in profile_ranking(table, 1)] == list("abcdef")
+    found = detection(table, 0, by="profile")
+    assert (found.ranked, found.damaged, found.precision) == (6, 2, ((2, 0.0),))  # d, e first: not damaged
+    assert found.auroc == pytest.approx(3.5 / 8)  # c beats a, b; f beats a, ties b: (2 + 1.5) / (2 × 4)
 
 
 def test_a_bundle_audit_says_the_user_profile_cosine_needs_the_run(r2mr_bundle: Path, tmp_path: Path) -> None:

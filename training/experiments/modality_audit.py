@@ -22,7 +22,10 @@ detector (a) of docs/modality-quality.md). On the corruption benchmark it found 
 reviewer in every swapped and noise cell, so the report lists its worst items too, and the CSV carries it.
 
 On a corrupted run (``corruption.json``, see ``training/runs.py``) the report also says how well each ranking finds
-the damaged (item, modality) pairs: precision@N of the N worst and the AUROC of (1 − s) and of (1 − c). A bundle is
+the damaged (item, modality) pairs: precision@N of the N worst and the AUROC of (1 − s) and of the profile's flag
+(1 − c; a missing modality above all, an undefined c at the median: :func:`profile_flags`). Both put a missing
+modality first from the mask alone (the reviewer scores it 0 unless a kept rewrite filled it): on a ``missing``
+corruption their figures measure mostly the mask. A bundle is
 matched with its record through the run directory its manifest names (``metrics.run_dir``), when that run is on
 this machine.
 """
@@ -43,7 +46,7 @@ from training.runs import CorruptionRecord, read_corruption
 
 SHEET_COLUMNS = 8  # images per row of the contact sheet (worst row, best row), at most --top
 PRECISION_AT = (10, 50, 100)  # plus the number of damaged items ranked
-MISSING_FLAG = 2.0  # 1 − c of a modality the item lacks: the largest 1 − cos can be, so it ranks first
+MISSING_FLAG = np.inf  # the profile flag of a modality the item lacks: above every 1 − c, so it ranks first
 TITLE_WITH_YEAR = re.compile(r"^(.+?\(\d{4}\))(?:\.|$)")  # "U.S. Marshals (1998). Action. ..." -> "U.S. Marshals (1998)"
 
 
@@ -234,13 +237,13 @@ def ranking(table: AuditTable, k: int) -> np.ndarray:
 
 
 def profile_flags(table: AuditTable, k: int) -> np.ndarray:
-    """(I,) 1 − c^k, higher = less in line with the item's users: ``MISSING_FLAG`` where the item lacks the modality,
-    and where c is undefined (no other item of its users has the modality) the median flag of the judged items that
-    have one: neutral."""
+    """(I,) 1 − c^k, higher = less in line with the item's users: ``MISSING_FLAG`` where the item lacks the modality;
+    where it has it but c is undefined (none of its users has another item with it), the median of 1 − c over the
+    judged items where c is defined (neutral; 0 if there are none)."""
     assert table.profile is not None
     flags = np.where(table.present[k], 1.0 - table.profile[k], MISSING_FLAG)
-    undefined = np.isnan(flags)
-    defined = table.judged & ~undefined
+    undefined = np.isnan(flags)  # present, c undefined (a missing modality's flag is MISSING_FLAG, not nan)
+    defined = table.judged & table.present[k] & ~undefined
     flags[undefined] = float(np.median(flags[defined])) if defined.any() else 0.0
     return flags
 
@@ -464,13 +467,17 @@ def render_detection(table: AuditTable) -> list[str]:
              f"The corruption record damaged {len(record.damaged)} (item, modality) pairs: kind `{record.kind}`, fraction "
              f"{record.fraction:g}, seed {record.seed}. Precision@N: the share of the N worst-ranked items whose "
              "modality was damaged (N = 10, 50, 100 and the number of damaged items ranked); chance: the damaged "
-             "share of the ranked items. AUROC of 1 − s over the ranked items (0.5: no better than chance).", ""]  # fmt: skip
+             "share of the ranked items. AUROC of 1 − s over the ranked items (0.5: no better than chance)."
+             + (" Both rankings put a missing modality first from the mask alone (the reviewer scores it 0 unless a "
+                "kept rewrite filled it): for kind `missing` these figures measure mostly the mask, not a judgement."
+                if record.kind == "missing" else ""), ""]  # fmt: skip
     if unknown:
         lines += [f"The record also names modalities this model does not have: {', '.join(unknown)}.", ""]
     lines += detection_rows(table, "reviewer", "AUROC (1 − s)")
     if table.profile is not None:
         lines += ["", "Found by the user-profile cosine c instead (training-free: the item's feature against its training "
-                  "users' other items; a missing modality ranks first): precision@N of its N worst, AUROC of 1 − c.",
+                  "users' other items; a missing modality ranks first, an undefined c at the median): precision@N of "
+                  "its N worst, AUROC of 1 − c.",
                   "", *detection_rows(table, "profile", "AUROC (1 − c)")]  # fmt: skip
     return lines
 
