@@ -296,7 +296,10 @@ def test_profile_flags_put_missing_first_undefined_at_the_median_of_defined_ones
 
 
 def test_a_bundle_audit_says_the_user_profile_cosine_needs_the_run(r2mr_bundle: Path, tmp_path: Path) -> None:
-    assert audit_table(r2mr_bundle).profile is None
+    table = audit_table(r2mr_bundle)
+    assert table.profile is None
+    with pytest.raises(ValueError, match="the user-profile cosine needs the training interactions: bundle "):
+        detection(table, 0, by="profile")
     files = write_audit(r2mr_bundle, tmp_path)
     assert "Not computed: it needs the training interactions" in files.markdown.read_text()
     with files.csv.open() as f:

@@ -25,9 +25,8 @@ On a corrupted run (``corruption.json``, see ``training/runs.py``) the report al
 the damaged (item, modality) pairs: precision@N of the N worst and the AUROC of (1 − s) and of the profile's flag
 (1 − c; a missing modality above all, an undefined c at the median: :func:`profile_flags`). Both put a missing
 modality first from the mask alone (the reviewer scores it 0 unless a kept rewrite filled it): on a ``missing``
-corruption their figures measure mostly the mask. A bundle is
-matched with its record through the run directory its manifest names (``metrics.run_dir``), when that run is on
-this machine.
+corruption their figures measure mostly the mask. A bundle is matched with its record through the run directory its
+manifest names (``metrics.run_dir``), when that run is on this machine.
 """
 
 from __future__ import annotations
@@ -279,7 +278,7 @@ class Detection:
     damaged: int  # damaged items of this modality among them
     unjudged_damaged: int  # damaged items without training users (not ranked)
     precision: tuple[tuple[int, float], ...]  # (N, precision@N)
-    auroc: float  # of 1 − s over the ranked items
+    auroc: float  # of the ranking's flag over the ranked items: 1 − s, or the profile's (profile_flags)
 
 
 def detection(table: AuditTable, k: int, *, by: str = "reviewer") -> Detection:
@@ -287,6 +286,8 @@ def detection(table: AuditTable, k: int, *, by: str = "reviewer") -> Detection:
     (the user-profile cosine, :func:`profile_ranking`; runs only)."""
     if by not in ("reviewer", "profile"):
         raise ValueError(f"by must be 'reviewer' or 'profile', got {by!r}")
+    if by == "profile" and table.profile is None:
+        raise ValueError(f"the user-profile cosine needs the training interactions: {table.source} has none")
     name = table.modality_names[k]
     damaged = table.damaged(name)
     ranked = ranking(table, k) if by == "reviewer" else profile_ranking(table, k)
