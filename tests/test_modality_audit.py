@@ -295,13 +295,32 @@ def test_profile_flags_put_missing_first_undefined_at_the_median_of_defined_ones
     assert found.auroc == pytest.approx(3.5 / 8)  # c beats a, b; f beats a, ties b: (2 + 1.5) / (2 × 4)
 
 
-def test_a_bundle_audit_says_the_user_profile_cosine_needs_the_run(r2mr_bundle: Path, tmp_path: Path) -> None:
-    table = audit_table(r2mr_bundle)
-    assert table.profile is None
-    with pytest.raises(ValueError, match="the user-profile cosine needs the training interactions: bundle "):
+def test_a_bundle_audit_computes_the_user_profile_cosine_from_its_runs_dataset(
+        r2mr_bundle: Path, corrupted_run: tuple[Path, CorruptionRecord], tmp_path: Path) -> None:  # fmt: skip
+    run, bundle = audit_table(corrupted_run[0]), audit_table(r2mr_bundle)
+    assert bundle.profile is not None and run.profile is not None
+    np.testing.assert_array_equal(bundle.profile, run.profile)  # same dataset, same code: bit for bit
+    for k in range(2):
+        np.testing.assert_array_equal(profile_ranking(bundle, k), profile_ranking(run, k))
+        assert detection(bundle, k, by="profile") == detection(run, k, by="profile")
+    with write_audit(r2mr_bundle, tmp_path).csv.open() as f:
+        assert "profile_image" in next(csv.reader(f))
+
+
+def test_a_bundle_whose_run_is_gone_says_why_it_has_no_user_profile_cosine(r2mr_bundle: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "bundle"
+    shutil.copytree(r2mr_bundle, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["metrics"]["run_dir"] = str(tmp_path / "no-such-run")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    table = audit_table(moved)
+    assert table.profile is None and table.profile_note == (
+        "Not computed: it needs the training interactions, which a bundle does not ship, and the run the bundle was "
+        "exported from is not on this machine.")
+    with pytest.raises(ValueError, match="no user-profile cosine for the bundle .*: Not computed: it needs"):
         detection(table, 0, by="profile")
-    files = write_audit(r2mr_bundle, tmp_path)
-    assert "Not computed: it needs the training interactions" in files.markdown.read_text()
+    files = write_audit(moved, tmp_path / "out")
+    assert table.profile_note in files.markdown.read_text()
     with files.csv.open() as f:
         assert not any(name.startswith("profile_") for name in next(csv.reader(f)))
 

@@ -15,11 +15,12 @@ reviewer as agreement between the item's content and what its users like (docs/r
 mean"). An item without training users scores 0 on every modality: no evidence, not a verdict, so the ranking lists
 only items with at least one training user (the same rule as ``GET /v1/audit``).
 
-A second, training-free judgement sits beside the reviewer's when the audit reads a run (it needs the training
-interactions, which a bundle does not ship): the **user-profile cosine** c^m = cos(x̂_i, p_i) between the item's
+A second, training-free judgement sits beside the reviewer's: the **user-profile cosine** c^m = cos(x̂_i, p_i) between the item's
 feature and the sum of its training users' other items' features (``damage_detectors.user_profile_disagreement``,
 detector (a) of docs/modality-quality.md). On the corruption benchmark it found damaged content better than the
-reviewer in every swapped and noise cell, so the report lists its worst items too, and the CSV carries it.
+reviewer in every swapped and noise cell, so the report lists its worst items too, and the CSV carries it. It needs
+the training interactions, which a bundle does not ship: a bundle's audit computes it from the prepared dataset of
+the run it was exported from when that is on this machine with the same items, and says why not otherwise.
 
 On a corrupted run (``corruption.json``, see ``training/runs.py``) the report also says how well each ranking finds
 the damaged (item, modality) pairs: precision@N of the N worst and the AUROC of (1 − s) and of the profile's flag
@@ -37,11 +38,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.stats import rankdata
 
 from training.runs import CorruptionRecord, read_corruption
+
+if TYPE_CHECKING:
+    from training.data.dataset import InteractionDataset
 
 SHEET_COLUMNS = 8  # images per row of the contact sheet (worst row, best row), at most --top
 PRECISION_AT = (10, 50, 100)  # plus the number of damaged items ranked
@@ -72,8 +77,9 @@ class AuditTable:
     corruption: CorruptionRecord | None
     run_summary: str  # seed / epochs / metrics line of the model
     # (M, I) float64 user-profile cosine c^m (nan where the item lacks m or none of its training users has another
-    # item with m); None when the audit read a bundle (no training interactions there)
+    # item with m); None where the training interactions are not at hand (a bundle whose run is not on this machine)
     profile: np.ndarray | None = None
+    profile_note: str = ""  # why profile is None
 
     @property
     def judged(self) -> np.ndarray:
@@ -130,7 +136,6 @@ def run_table(run_dir: Path) -> AuditTable:
 
     from models.r2mr import R2MR, STATE_NAMES
     from training.data.dataset import TRAIN
-    from training.experiments.damage_detectors import user_profile_disagreement
     from training.runs import load_run
 
     run = load_run(run_dir)
@@ -139,7 +144,7 @@ def run_table(run_dir: Path) -> AuditTable:
     with torch.no_grad():
         scores, states = model.quality()
     dataset = run.dataset  # the content the model was trained on (damaged again, for a corrupted run)
-    profile = np.stack([1.0 - user_profile_disagreement(dataset, m) for m in model.modality_names])
+    profile = profile_cosines(dataset, tuple(model.modality_names))
     users, items = dataset.edges(TRAIN)
     pairs = np.unique(np.stack([users, items], 1), axis=0)
     training_users = np.bincount(pairs[:, 1], minlength=dataset.n_items)
@@ -175,6 +180,7 @@ def bundle_table(bundle_dir: Path) -> AuditTable:
     popularity = np.load(bundle_dir / bf.POPULARITY)  # training interactions per item
     run_dir = run_of_bundle(manifest)
     images, note = bundle_images(run_dir, item_ids, judged_names)
+    profile, profile_note = bundle_profile(run_dir, item_ids, judged_names)
     dataset = str((manifest.get("dataset") or {}).get("name", "unknown"))
     return AuditTable(
         source=f"bundle {bundle_dir} ({manifest.get('bundle_version')})", dataset=dataset, item_ids=item_ids,
@@ -184,7 +190,7 @@ def bundle_table(bundle_dir: Path) -> AuditTable:
         threshold=float(((manifest.get("model") or {}).get("config") or {}).get("threshold", 0.5)),
         images=images, images_note=note,
         corruption=read_corruption(run_dir) if run_dir is not None else None,
-        run_summary=run_summary(manifest.get("metrics") or {}),
+        run_summary=run_summary(manifest.get("metrics") or {}), profile=profile, profile_note=profile_note,
     )  # fmt: skip
 
 
@@ -193,6 +199,33 @@ def run_of_bundle(manifest: dict[str, object]) -> Path | None:
     metrics = manifest.get("metrics")
     named = metrics.get("run_dir") if isinstance(metrics, dict) else None
     return Path(named) if isinstance(named, str) and named and Path(named).is_dir() else None
+
+
+def profile_cosines(dataset: InteractionDataset, modalities: tuple[str, ...]) -> np.ndarray:
+    """(M, I) the user-profile cosine c^m of every item (``damage_detectors.user_profile_disagreement``)."""
+    from training.experiments.damage_detectors import user_profile_disagreement
+
+    return np.stack([1.0 - user_profile_disagreement(dataset, m) for m in modalities])
+
+
+def bundle_profile(run_dir: Path | None, item_ids: list[str], modalities: tuple[str, ...]) -> tuple[np.ndarray | None, str]:
+    """A bundle's user-profile cosines, from the prepared dataset of the run it was exported from with the content
+    that run trained on (damaged again, for a corrupted run), when that is on this machine with the same items;
+    else None and why."""
+    from training.data.dataset import DatasetFormatError, InteractionDataset
+    from training.runs import corrupted_as_trained, read_config
+
+    needs = "it needs the training interactions, which a bundle does not ship"
+    if run_dir is None:
+        return None, f"Not computed: {needs}, and the run the bundle was exported from is not on this machine."
+    dataset_dir = Path(read_config(run_dir).get("dataset", {}).get("dir", ""))
+    try:
+        dataset = corrupted_as_trained(run_dir, InteractionDataset.load(dataset_dir))
+    except (DatasetFormatError, OSError) as error:
+        return None, f"Not computed: {needs}, and the prepared dataset of its run could not be read ({error})."
+    if [str(i) for i in dataset.item_ids] != item_ids or not set(modalities) <= set(dataset.modalities):
+        return None, f"Not computed: {needs}, and the prepared dataset {dataset_dir} has other items or modalities."
+    return profile_cosines(dataset, modalities), ""
 
 
 def bundle_images(run_dir: Path | None, item_ids: list[str], modalities: tuple[str, ...]) -> tuple[list[str | None] | None, str]:
@@ -287,7 +320,7 @@ def detection(table: AuditTable, k: int, *, by: str = "reviewer") -> Detection:
     if by not in ("reviewer", "profile"):
         raise ValueError(f"by must be 'reviewer' or 'profile', got {by!r}")
     if by == "profile" and table.profile is None:
-        raise ValueError(f"the user-profile cosine needs the training interactions: {table.source} has none")
+        raise ValueError(f"no user-profile cosine for the {table.source}: {table.profile_note}")
     name = table.modality_names[k]
     damaged = table.damaged(name)
     ranked = ranking(table, k) if by == "reviewer" else profile_ranking(table, k)
@@ -447,8 +480,7 @@ def render(table: AuditTable, *, top: int, csv_name: str, sheet_name: str | None
         for k in range(len(names)):
             lines += render_profile_worst(table, k, top)
     else:
-        lines += ["", "## The user-profile cosine", "", "Not computed: it needs the training interactions, which a "
-                  "bundle does not ship. `mmrec audit` on the run the bundle was exported from lists it."]  # fmt: skip
+        lines += ["", "## The user-profile cosine", "", table.profile_note]
     lines += ["", "## Images judged worst and best", ""]
     if sheet_name is not None:
         lines += ["Judged items with an image, by s^image (worst row first); \"DAMAGED\" marks a damaged image.",
