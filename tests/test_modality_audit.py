@@ -181,12 +181,18 @@ def test_audit_of_a_bundle_reads_its_metadata_and_its_runs_record(r2mr_bundle: P
     assert files.contact_sheet is not None and "## Damaged content found" in files.markdown.read_text()
 
 
-def test_a_bundle_whose_run_is_gone_is_audited_without_record_or_images(r2mr_bundle: Path, tmp_path: Path) -> None:
+def bundle_without_its_run(bundle: Path, tmp_path: Path) -> Path:
+    """A copy of ``bundle`` whose manifest names a run directory that does not exist."""
     moved = tmp_path / "bundle"
-    shutil.copytree(r2mr_bundle, moved)
+    shutil.copytree(bundle, moved)
     manifest = json.loads((moved / "manifest.json").read_text())
     manifest["metrics"]["run_dir"] = str(tmp_path / "no-such-run")
     (moved / "manifest.json").write_text(json.dumps(manifest))
+    return moved
+
+
+def test_a_bundle_whose_run_is_gone_is_audited_without_record_or_images(r2mr_bundle: Path, tmp_path: Path) -> None:
+    moved = bundle_without_its_run(r2mr_bundle, tmp_path)
     files = write_audit(moved, tmp_path / "out")
     report = files.markdown.read_text()
     assert files.contact_sheet is None and "## Damaged content found" not in report
@@ -308,11 +314,7 @@ def test_a_bundle_audit_computes_the_user_profile_cosine_from_its_runs_dataset(
 
 
 def test_a_bundle_whose_run_is_gone_says_why_it_has_no_user_profile_cosine(r2mr_bundle: Path, tmp_path: Path) -> None:
-    moved = tmp_path / "bundle"
-    shutil.copytree(r2mr_bundle, moved)
-    manifest = json.loads((moved / "manifest.json").read_text())
-    manifest["metrics"]["run_dir"] = str(tmp_path / "no-such-run")
-    (moved / "manifest.json").write_text(json.dumps(manifest))
+    moved = bundle_without_its_run(r2mr_bundle, tmp_path)
     table = audit_table(moved)
     assert table.profile is None and table.profile_note == (
         "Not computed: it needs the training interactions, which a bundle does not ship, and the run the bundle was "
