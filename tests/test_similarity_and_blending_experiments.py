@@ -277,3 +277,26 @@ def test_similarity_run_measures_every_candidate_on_trained_and_cold_items(train
     moved = run_similarity(root / "data", lambda ids: [genres[i] for i in ids], "lightgcn", train_settings={},
                            seed=1, cold_share=0.2, run=None, runs_root=None, vectors_file=root / "other.npz")  # fmt: skip
     assert moved["trained"] == report["trained"] and moved["ingested"]["figures"] != report["ingested"]["figures"]
+    trained_other = dataclasses.replace(native, trained_encoded=np.random.default_rng(1).normal(size=native.trained_encoded.shape))  # type: ignore[union-attr]
+    trained_other.save(root / "trained-other.npz")
+    shifted = run_similarity(root / "data", lambda ids: [genres[i] for i in ids], "lightgcn", train_settings={},
+                             seed=1, cold_share=0.2, run=None, runs_root=None, vectors_file=root / "trained-other.npz")  # fmt: skip
+    trained_figures, old_figures = shifted["trained"]["figures"], report["trained"]["figures"]
+    assert trained_figures["encoded"] != old_figures["encoded"]  # the trained items' encoder outputs are read
+    assert trained_figures["cosine"] == old_figures["cosine"]
+    for name in ("inner_product", "cosine", "encoded"):  # the held-out part reads cold_encoded (its blend's α moves)
+        assert shifted["ingested"]["figures"][name] == report["ingested"]["figures"][name]
+
+
+def test_a_model_with_its_own_content_encoder_is_measured_through_it(trained: tuple[Path, object]) -> None:
+    """VBPR has a content encoder: both of its models' outputs are kept, the report says "native", and the held-out
+    items' served vectors are the cold model's encoder outputs, not a ridge map's."""
+    root, _ = trained
+    genres = {f"i{i}": frozenset({("A", "B", "C")[i % 3]}) for i in range(50)}
+    report = run_similarity(root / "data", lambda ids: [genres[i] for i in ids], "vbpr", train_settings={"epochs": "1"},
+                            seed=1, cold_share=0.2, run=None, runs_root=None, vectors_file=root / "vbpr.npz")  # fmt: skip
+    assert report["item_encoder"] == "native"
+    vectors = ModelVectors.load(root / "vbpr.npz")
+    assert vectors.trained_encoded is not None and vectors.cold_encoded is not None
+    assert vectors.trained_encoded.shape == vectors.trained.shape == vectors.cold_encoded.shape
+    assert not np.allclose(vectors.trained_encoded, vectors.cold_encoded)  # two models, two encoders

@@ -207,7 +207,7 @@ def encoder_output(encoder: ContentEncoder, dataset: InteractionDataset) -> np.n
     for name in encoder.modality_names:
         features, mask = by_name[name]
         tensors += [torch.from_numpy(features), torch.from_numpy(mask)]
-    encoder.eval()
+    encoder = encoder.cpu().eval()  # a native encoder shares layers with a model trained on the GPU; inputs are CPU
     with torch.no_grad():
         output = encoder(*tensors)
     vector = output[0] if encoder.extra_output_names else output  # (item_vector, *extras) when it has extras
@@ -389,7 +389,7 @@ def model_vectors(dataset: InteractionDataset, cold_dataset: InteractionDataset,
         with torch.no_grad():
             loaded.model.eval()
             trained = loaded.model.representations().items.float().cpu().numpy()
-        trained_encoded = native_encoded(loaded.model, dataset)
+        trained_encoded = native_encoded(loaded.model, loaded.dataset)  # the content it trained on, as its bundle
         trained_info: dict[str, Any] = {"run_dir": str(run), "best_epoch": loaded.metrics.get("best_epoch")}
     else:
         trained, trained_encoded, trained_info = train_vectors(
