@@ -208,17 +208,24 @@ def profile_cosines(dataset: InteractionDataset, modalities: tuple[str, ...]) ->
     return np.stack([1.0 - user_profile_disagreement(dataset, m) for m in modalities])
 
 
+def run_dataset_dir(run_dir: Path) -> Path:
+    """The prepared dataset a run was trained on, as its config.json names it (``dataset.dir``)."""
+    from training.runs import read_config
+
+    return Path(read_config(run_dir).get("dataset", {}).get("dir", ""))
+
+
 def bundle_profile(run_dir: Path | None, item_ids: list[str], modalities: tuple[str, ...]) -> tuple[np.ndarray | None, str]:
     """A bundle's user-profile cosines, from the prepared dataset of the run it was exported from with the content
     that run trained on (damaged again, for a corrupted run), when that is on this machine with the same items;
     else None and why."""
     from training.data.dataset import DatasetFormatError, InteractionDataset
-    from training.runs import corrupted_as_trained, read_config
+    from training.runs import corrupted_as_trained
 
     needs = "it needs the training interactions, which a bundle does not ship"
     if run_dir is None:
         return None, f"Not computed: {needs}, and the run the bundle was exported from is not on this machine."
-    dataset_dir = Path(read_config(run_dir).get("dataset", {}).get("dir", ""))
+    dataset_dir = run_dataset_dir(run_dir)
     try:
         dataset = corrupted_as_trained(run_dir, InteractionDataset.load(dataset_dir))
     except (DatasetFormatError, OSError) as error:
@@ -233,9 +240,7 @@ def bundle_images(run_dir: Path | None, item_ids: list[str], modalities: tuple[s
     was exported from (config.json names it) when that is on this machine with the same items."""
     if "image" not in modalities:
         return None, no_images_note("this bundle", modalities)
-    from training.runs import read_config
-
-    dataset_dir = None if run_dir is None else Path(read_config(run_dir).get("dataset", {}).get("dir", ""))
+    dataset_dir = None if run_dir is None else run_dataset_dir(run_dir)
     content = None if dataset_dir is None else dataset_dir / "item_content.jsonl"
     items = None if dataset_dir is None else dataset_dir / "items.json"
     if content is None or items is None or not content.is_file() or not items.is_file():
@@ -536,36 +541,33 @@ def detection_rows(table: AuditTable, by: str, auroc_label: str) -> list[str]:
 def render_worst(table: AuditTable, k: int, top: int) -> list[str]:
     name = table.modality_names[k]
     others = [m for m in range(len(table.modality_names)) if m != k]
-    damaged = table.damaged(name) if table.corruption is not None else None
-    header = ["rank", "id", "title", f"s^{name}", *(f"s^{table.modality_names[m]}" for m in others), "state",
-              "training users", f"has {name}", *(["damaged"] if damaged is not None else [])]  # fmt: skip
-    lines = ["", f"## {name}: the {top} judged worst", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for rank, r in enumerate(ranking(table, k)[:top].tolist(), start=1):
-        cells = [str(rank), table.item_ids[r], table.titles[r], f"{table.scores[k, r]:.3f}",
-                 *(f"{table.scores[m, r]:.3f}" for m in others), table.states[r], str(int(table.training_users[r])),
-                 "yes" if table.present[k, r] else "no"]  # fmt: skip
-        if damaged is not None:
-            cells.append("yes" if damaged[r] else "no")
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    scores = [(f"s^{table.modality_names[m]}", [f"{s:.3f}" for s in table.scores[m]]) for m in (k, *others)]
+    return ["", f"## {name}: the {top} judged worst", "", *item_rows(table, k, ranking(table, k)[:top], scores)]
 
 
 def render_profile_worst(table: AuditTable, k: int, top: int) -> list[str]:
     """The ``top`` items whose modality k is least in line with their training users' other items."""
     assert table.profile is not None
     name = table.modality_names[k]
+    cosines = ["-" if np.isnan(c) else f"{c:.3f}" for c in table.profile[k]]
+    scores = [(f"c^{name}", cosines), (f"s^{name}", [f"{s:.3f}" for s in table.scores[k]])]
+    return ["", f"## {name}: the {top} least in line with their users' other items (user-profile cosine)", "",
+            f"c^{name} = cos(item's {name} feature, sum of its training users' other items' {name} features), centred "
+            "features; \"-\": the item lacks it (listed first) or none of its users has another item with it.", "",
+            *item_rows(table, k, profile_ranking(table, k)[:top], scores)]  # fmt: skip
+
+
+def item_rows(table: AuditTable, k: int, rows: np.ndarray, scores: list[tuple[str, list[str]]]) -> list[str]:
+    """A Markdown table of ``rows`` in order: rank, id, title, the ``scores`` columns (header, cell per item), state,
+    training users, whether the item has modality k (and, on a corrupted run, whether it was damaged)."""
+    name = table.modality_names[k]
     damaged = table.damaged(name) if table.corruption is not None else None
-    header = ["rank", "id", "title", f"c^{name}", f"s^{name}", "state", "training users", f"has {name}",
+    header = ["rank", "id", "title", *(title for title, _ in scores), "state", "training users", f"has {name}",
               *(["damaged"] if damaged is not None else [])]  # fmt: skip
-    lines = ["", f"## {name}: the {top} least in line with their users' other items (user-profile cosine)", "",
-             f"c^{name} = cos(item's {name} feature, sum of its training users' other items' {name} features), centred "
-             "features; \"-\": the item lacks it (listed first) or none of its users has another item with it.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
-    for rank, r in enumerate(profile_ranking(table, k)[:top].tolist(), start=1):
-        cosine = table.profile[k, r]
-        cells = [str(rank), table.item_ids[r], table.titles[r], "-" if np.isnan(cosine) else f"{cosine:.3f}",
-                 f"{table.scores[k, r]:.3f}", table.states[r], str(int(table.training_users[r])),
-                 "yes" if table.present[k, r] else "no"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rank, r in enumerate(rows.tolist(), start=1):
+        cells = [str(rank), table.item_ids[r], table.titles[r], *(column[r] for _, column in scores), table.states[r],
+                 str(int(table.training_users[r])), "yes" if table.present[k, r] else "no"]  # fmt: skip
         if damaged is not None:
             cells.append("yes" if damaged[r] else "no")
         lines.append("| " + " | ".join(cells) + " |")
