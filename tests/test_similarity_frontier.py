@@ -1,0 +1,73 @@
+"""scripts/similarity_frontier.py: the upper frontier, the lists that beat a reference and the best list under a
+popularity cap, against brute force over random points; and the script on the committed reports."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("similarity_frontier", REPO / "scripts" / "similarity_frontier.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def random_points(script: ModuleType, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    return [script.Point("s", f"p{k}", float(rng.random()), float(rng.integers(0, 8)) / 8, float(rng.integers(1, 12)))
+            for k in range(60)]  # fmt: skip  (coarse values: ties in both figures)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_upper_frontier_is_the_undominated_lists(script: ModuleType, seed: int) -> None:
+    pts = random_points(script, seed)
+    front = script.upper_frontier(pts)
+
+    def dominated(p) -> bool:  # another list as good on both figures and better on one
+        return any((q.co_like >= p.co_like and q.popularity <= p.popularity)
+                   and (q.co_like > p.co_like or q.popularity < p.popularity) for q in pts)  # fmt: skip
+
+    undominated = {(p.co_like, p.popularity) for p in pts if not dominated(p)}
+    assert {(p.co_like, p.popularity) for p in front} == undominated
+    assert [p.popularity for p in front] == sorted(p.popularity for p in front)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_beats_and_best_within(script: ModuleType, seed: int) -> None:
+    pts = random_points(script, seed)
+    reference = pts[0]
+    assert script.beats(pts, reference) == [p for p in pts if p.genre > reference.genre and p.co_like > reference.co_like]
+    best = script.best_within(pts, popularity_cap=6.0, genre_floor=0.3)
+    admissible = [p for p in pts if p.popularity <= 6.0 and p.genre >= 0.3]
+    assert best is not None and best.co_like == max(p.co_like for p in admissible)
+    assert script.best_within(pts, popularity_cap=0.5, genre_floor=0.0) is None
+
+
+def test_script_on_the_committed_reports(script: ModuleType, tmp_path: Path) -> None:
+    for name in script.SOURCES:
+        shutil.copy(REPO / "docs" / "similarity-and-blending" / name, tmp_path / name)
+    assert script.main(["--dir", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "frontier.json").read_text())
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    committed = json.loads((REPO / "docs" / "similarity-and-blending" / "frontier.json").read_text())
+    assert summary == committed  # the committed summary is what the committed reports give
+    reference = summary["trained"]["reference"]
+    assert (reference["source"], reference["name"]) == script.REFERENCE
+    for part in ("trained", "ingested"):
+        for p in summary[part]["beat_on_both"]:
+            assert p["genre"] > summary[part]["reference"]["genre"]
+            assert p["co_like"] > summary[part]["reference"]["co_like"]
