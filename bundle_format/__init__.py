@@ -49,6 +49,12 @@ def item_features_mask_file(modality: str) -> str:
     return f"{ITEM_FEATURES_DIR}/{modality}.mask.npy"
 
 
+def profile_field(modality: str) -> str:
+    """The ``item_metadata.jsonl`` key of a trained item's user-profile cosine of ``modality`` (float in [−1, 1], or
+    null where undefined), present when the manifest's ``profile_cosine.modalities`` lists the modality."""
+    return f"profile_{modality}"
+
+
 def section_array_file(section: str, array: str) -> str:
     """A model-specific section's array (QARM: ``semantic_codes/codebooks.npy``)."""
     return f"{section}/{array}.npy"
@@ -66,8 +72,9 @@ def file_sha256(path: Path) -> str:
 # --- manifest -----------------------------------------------------------------------------------------------
 MANIFEST_FIELDS: Final = frozenset({
     "format", "format_version", "bundle_version", "created", "model", "dataset", "dim", "score", "index",
-    "modalities", "item_encoder", "user_tower", "fallback", "metrics", "files",
+    "modalities", "item_encoder", "user_tower", "fallback", "metrics", "files", "profile_cosine",
 })  # fmt: skip
+PROFILE_COSINE: Final = "profile_cosine"  # manifest: {"modalities": [...], "interactions": "train"}
 REQUIRED_MANIFEST_FIELDS: Final = ("bundle_version", "model", "dim", "files")
 SCORE: Final = "inner_product"
 

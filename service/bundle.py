@@ -184,6 +184,16 @@ class Bundle:
         return str(self.manifest.get("score", bf.SCORE))
 
     @property
+    def profile_modalities(self) -> tuple[str, ...]:
+        """Modalities whose user-profile cosine the trained items' metadata carries (``profile_<m>``, declared by
+        the manifest's ``profile_cosine``), sorted; empty for a bundle without them."""
+        declared = self.manifest.get(bf.PROFILE_COSINE)
+        names = declared.get("modalities") if isinstance(declared, dict) else None
+        if not isinstance(names, list) or not all(isinstance(m, str) for m in names):
+            return ()
+        return tuple(sorted(names))
+
+    @property
     def index_approximate(self) -> bool:
         return bool((self.manifest.get("index") or {}).get("approximate", False))
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+import bundle_format as bf
 from service.bundle import Bundle
 from service.errors import Conflict, UnknownItem
 
@@ -123,6 +124,8 @@ class Catalogue:
         self._ingested: dict[int, StoredItem] = {}
         self._buffer = np.zeros((0, bundle.dim), dtype=np.float32)  # ingested vectors, capacity >= used rows
         self._masks = self._modality_masks()
+        # metadata keys that are not model outputs: the user-profile cosines, the audit's (write scope), not `extra`
+        self._not_extra = frozenset(("id", "text", *(bf.profile_field(m) for m in bundle.profile_modalities)))
         active = np.ones(self.n_trained, dtype=bool)
         active.flags.writeable = False
         self._state = CatalogueState(
@@ -229,7 +232,7 @@ class Catalogue:
             source="trained",
             text=text if isinstance(text, str) else None,
             metadata={},
-            extra={k: v for k, v in meta.items() if k not in ("id", "text")},
+            extra={k: v for k, v in meta.items() if k not in self._not_extra},
             modalities=self._modalities_of_trained(row),
             created=None,
         )

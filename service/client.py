@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -141,25 +141,27 @@ class RecommendationClient:
     def delete_item(self, item_id: str) -> ItemDeleted:
         return self._call("DELETE", f"/v1/items/{_segment(item_id)}", ItemDeleted)
 
-    # --- the modality-quality audit (bundles whose model scores modality quality: R2MR) ---
+    # --- the modality-quality audit (by=reviewer: R2MR bundles; by=profile: bundles exported with content) ---
 
-    def audit(self, modality: str, *, state: str | None = None, limit: int | None = None,
-              cursor: str | None = None) -> AuditPage:  # fmt: skip
-        """One page of ``GET /v1/audit``: the items whose ``modality`` the model judges most out of line with their
-        users, worst first, optionally only those in ``state``. Pass the page's ``next_cursor`` as ``cursor`` for the
-        next one (with the same modality and state). Needs a key with the write scope once keys are configured."""
-        params: dict[str, Any] = {"modality": modality}
+    def audit(self, modality: str, *, by: Literal["reviewer", "profile"] = "reviewer", state: str | None = None,
+              limit: int | None = None, cursor: str | None = None) -> AuditPage:  # fmt: skip
+        """One page of ``GET /v1/audit``: the items whose ``modality`` is most out of line with their users, worst
+        first, by the detector ``by`` (the model's reviewer, or the user-profile cosine), optionally only those in
+        the reviewer's ``state``. Pass the page's ``next_cursor`` as ``cursor`` for the next one (with the same by,
+        modality and state). Needs a key with the write scope once keys are configured."""
+        params: dict[str, Any] = {"modality": modality, "by": by}
         for name, value in (("state", state), ("limit", limit), ("cursor", cursor)):
             if value is not None:
                 params[name] = value
         return self._call("GET", "/v1/audit", AuditPage, params=params)
 
-    def audited_items(self, modality: str, *, state: str | None = None, page_size: int | None = None) -> Iterator[AuditedItem]:
+    def audited_items(self, modality: str, *, by: Literal["reviewer", "profile"] = "reviewer", state: str | None = None,
+                      page_size: int | None = None) -> Iterator[AuditedItem]:  # fmt: skip
         """Every item of the audit listing, worst first, fetched a page (``page_size`` items, the service's default
         when None) at a time as the iteration goes; an item live through the whole listing comes exactly once."""
         cursor: str | None = None
         while True:
-            page = self.audit(modality, state=state, limit=page_size, cursor=cursor)
+            page = self.audit(modality, by=by, state=state, limit=page_size, cursor=cursor)
             yield from page.items
             if page.next_cursor is None:
                 return

@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.access import AccessControl
-from service.audit import quality_fields
+from service.audit import REVIEWER, audit_detectors
 from service.bundle import Bundle
 from service.settings import ServiceSettings
 
@@ -219,23 +219,29 @@ def _bundle_codes(doc: Document, bundle: Bundle) -> None:
 
 
 def _bundle_audit(doc: Document, bundle: Bundle) -> None:
-    """The audit's modality and state as this bundle's model judges them (enums and examples); a bundle without
-    quality scores says that every request answers 409."""
+    """The audit's detectors, modalities and states as this bundle carries them (enums and examples); a bundle
+    without any detector's scores says that every request answers 409."""
     operation = doc["paths"]["/v1/audit"]["get"]
-    fields = quality_fields(bundle)
-    if fields is None:
-        operation["description"] += (f"\n\nThe served bundle ({bundle.version}) has no modality quality scores: "
-                                     "every request is answered 409.")  # fmt: skip
+    detectors = audit_detectors(bundle)
+    if not detectors:
+        operation["description"] += (f"\n\nThe served bundle ({bundle.version}) has neither modality quality scores "
+                                     "nor user-profile cosines: every request is answered 409.")  # fmt: skip
         return
+    modalities = sorted({m for fields in detectors.values() for m in fields.modalities})
+    operation["description"] += "\n\nThe served bundle: " + "; ".join(
+        f"by={by} scores {', '.join(fields.modalities)}" for by, fields in detectors.items()) + "."  # fmt: skip
+    states = detectors[REVIEWER].states if REVIEWER in detectors else ()
     for parameter in operation["parameters"]:
         if parameter["name"] == "modality":
-            parameter["schema"]["enum"] = list(fields.modalities)
-            parameter["examples"] = {"judged": {"summary": "A modality the model judges", "value": fields.modalities[0]}}
-        elif parameter["name"] == "state" and fields.states:
-            parameter["schema"]["enum"] = list(fields.states)
-            parameter["examples"] = {"worst": {"summary": "Both modalities below η", "value": fields.states[-1]}}
-        elif parameter["name"] == "state":
-            operation["parameters"] = [p for p in operation["parameters"] if p["name"] != "state"]
+            parameter["schema"]["enum"] = modalities
+            parameter["examples"] = {"scored": {"summary": "A modality the bundle scores", "value": modalities[0]}}
+        elif parameter["name"] == "by":
+            parameter["examples"] = {by: {"summary": f"The {by}'s listing", "value": by} for by in detectors}
+        elif parameter["name"] == "state" and states:
+            parameter["schema"]["enum"] = list(states)
+            parameter["examples"] = {"worst": {"summary": "Both modalities below η", "value": states[-1]}}
+    if not states:
+        operation["parameters"] = [p for p in operation["parameters"] if p["name"] != "state"]
 
 
 def _bundle_examples(doc: Document, bundle: Bundle, settings: ServiceSettings) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from service.audit import Detector
 from service.cache import CachedList
 from service.catalogue import ItemView
 from service.errors import InvalidInput, Unavailable
@@ -283,7 +284,8 @@ def get_item(runtime: Runtime, item_id: str) -> ItemPublic:
 AUDIT_DEFAULT_LIMIT = 50
 
 
-def audit_page(runtime: Runtime, *, modality: str, state: str | None, limit: int | None, cursor: str | None) -> AuditPage:
+def audit_page(runtime: Runtime, *, modality: str, state: str | None, limit: int | None, cursor: str | None,
+               by: Detector = "reviewer") -> AuditPage:  # fmt: skip
     """One page of the modality-quality audit (``service/audit.py``); ``limit`` checked against audit_max_limit."""
     most = runtime.settings.audit_max_limit
     if limit is None:
@@ -291,9 +293,9 @@ def audit_page(runtime: Runtime, *, modality: str, state: str | None, limit: int
     elif not 1 <= limit <= most:
         raise InvalidInput(f"limit must be between 1 and {most}, got {limit}")
     engine = runtime.engine
-    page = engine.audit.page(modality=modality, state=state, limit=limit, cursor=cursor)
+    page = engine.audit.page(by=by, modality=modality, state=state, limit=limit, cursor=cursor)
     return AuditPage(
-        modality=modality, state=state, limit=limit,
+        by=by, modality=modality, state=state, limit=limit,
         items=[AuditedItem(id=e.item_id, source=e.source, score=e.score, state=e.state, scores=e.scores,
                            has_modality=e.has_modality) for e in page.entries],
         next_cursor=page.next_cursor, bundle_version=engine.bundle.version,

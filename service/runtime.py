@@ -57,7 +57,7 @@ class Engine:
     encoder: ItemEncoder
     catalogue: Catalogue
     recommender: Ranker
-    audit: QualityAudit  # GET /v1/audit: the items whose modality quality the model judged, worst first
+    audit: QualityAudit  # GET /v1/audit: items by the reviewer's quality or the user-profile cosine, worst first
     synced: bool = False  # ingested items and deletions loaded from the store
 
     @classmethod
@@ -72,8 +72,10 @@ class Engine:
             tower = UserTower(bundle.user_tower, bundle.dim, max_wait_ms=settings.encode_batch_max_wait_ms,
                               max_rows=settings.encode_batch_max_items, workers=settings.encode_batch_workers)  # fmt: skip
         engine = cls.on(bundle, encoder, batcher, QueryOptions.from_settings(settings), tower)
-        if engine.audit.trained is not None:
-            engine.audit.trained.warm()  # parsed on a thread now, so the first audit request seldom waits for it
+        if engine.audit.trained is not None and engine.audit.fields is not None:
+            # an R2MR bundle's audit scores are parsed on a thread now, so the first audit request seldom waits for
+            # them; a bundle with user-profile cosines only parses them on its first GET /v1/audit (an admin view)
+            engine.audit.trained.warm()
         return engine
 
     @classmethod

@@ -119,11 +119,15 @@ class ItemDeleted(BaseModel):
 class AuditedItem(BaseModel):
     id: str
     source: Literal["trained", "ingested"]
-    score: float = Field(description="The model's quality score of the requested modality, in [0, 1]: agreement of "
-                         "the item's content with the interests of the users who chose it (R2MR's reviewer; for an "
-                         "ingested item, predicted from its content at ingestion). 0 for a missing modality.")  # fmt: skip
-    state: str | None = Field(description="high-quality (every modality ≥ η), disparity (one), low-quality (none).")
-    scores: dict[str, float | None] = Field(description="The item's score of every modality the model judges.")
+    score: float = Field(description="The detector's score of the requested modality. by=reviewer: the model's "
+                         "quality score in [0, 1], agreement of the item's content with the interests of the users "
+                         "who chose it (R2MR's reviewer; for an ingested item, predicted from its content at "
+                         "ingestion; 0 for a missing modality). by=profile: the user-profile cosine in [-1, 1] of the "
+                         "item's feature and the sum of its training users' other items' features.")  # fmt: skip
+    state: str | None = Field(description="The reviewer's state (null where the bundle has no reviewer): "
+                              "high-quality (every modality ≥ η), disparity (one), low-quality (none).")  # fmt: skip
+    scores: dict[str, float | None] = Field(description="The item's score by the same detector of every modality it "
+                                            "scores (null: undefined for the item).")  # fmt: skip
     has_modality: bool | None = Field(description="Whether the item has content of the requested modality (null: the "
                                       "bundle does not say for trained items).")  # fmt: skip
 
@@ -133,6 +137,7 @@ class AuditPage(BaseModel):
         json_schema_extra={
             "examples": [
                 {
+                    "by": "reviewer",
                     "modality": "image",
                     "state": "low-quality",
                     "limit": 2,
@@ -142,7 +147,7 @@ class AuditPage(BaseModel):
                         {"id": "new-item-1", "source": "ingested", "score": 0.12, "state": "low-quality",
                          "scores": {"image": 0.12, "text": 0.44}, "has_modality": True},
                     ],
-                    "next_cursor": "WzEsInIybXItbWwxMDBrIiwiaW1hZ2UiLCJsb3ctcXVhbGl0eSIsMC4xMiwibmV3LWl0ZW0tMSJd",
+                    "next_cursor": "WzIsInIybXItbWwxMDBrIiwicmV2aWV3ZXIiLCJpbWFnZSIsImxvdy1xdWFsaXR5IiwwLjEyLCJuZXctaXRlbS0xIl0",
                     "bundle_version": "r2mr-ml100k-posters-20260101T000000Z-1a2b3c4d",
                     "catalogue_version": "8",
                 }
@@ -150,12 +155,14 @@ class AuditPage(BaseModel):
         }
     )  # fmt: skip
 
+    by: Literal["reviewer", "profile"] = Field(default="reviewer", description="The detector whose scores rank the "
+                                               "items (absent from servers before it existed: the reviewer).")  # fmt: skip
     modality: str
     state: str | None = Field(description="The state filter (null: every state).")
     limit: int
     items: list[AuditedItem] = Field(description="Worst first: by the modality's score, ties by id.")
-    next_cursor: str | None = Field(description="Pass as cursor (with the same modality and state) for the next page; "
-                                    "null on the last page.")  # fmt: skip
+    next_cursor: str | None = Field(description="Pass as cursor (with the same by, modality and state) for the next "
+                                    "page; null on the last page.")  # fmt: skip
     bundle_version: str
     catalogue_version: str
 

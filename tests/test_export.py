@@ -16,6 +16,7 @@ from export_round_trip import (
     train_and_export,
 )
 from synthetic_datasets import multimodal_dataset
+from user_profile_reference import loop_profile_cosines
 
 import bundle_format as bf
 from training.data.dataset import InteractionDataset
@@ -67,6 +68,22 @@ def test_export_item_encoder_onnx_matches_torch(exported: tuple[str, Path, Path]
         np.testing.assert_allclose(onnx_out[:, half:], np.load(bundle / "item_vectors.npy")[:, half:], atol=ONNX_TOLERANCE)
 
 
+def test_export_writes_every_items_user_profile_cosine(exported: tuple[str, Path, Path]) -> None:
+    """Any model's bundle carries the training-free user-profile cosines (GET /v1/audit?by=profile), equal to the
+    loops over the training edges, null where undefined; the manifest declares them."""
+    _, run_dir, bundle = exported
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest[bf.PROFILE_COSINE] == {"modalities": ["image", "text"], "interactions": "train"}
+    expected, _ = loop_profile_cosines(load_run(run_dir).dataset)
+    rows = [json.loads(line) for line in (bundle / bf.ITEM_METADATA).read_text().splitlines()]
+    for k, modality in enumerate(("image", "text")):
+        written = [row[bf.profile_field(modality)] for row in rows]
+        assert [c is None for c in written] == np.isnan(expected[k]).tolist()
+        assert 0 < sum(c is None for c in written) < len(written)  # missing modalities: undefined
+        defined = ~np.isnan(expected[k])
+        np.testing.assert_allclose([c for c in written if c is not None], expected[k][defined], atol=1e-6)
+
+
 @pytest.mark.parametrize("k", [1, 5, 17])
 def test_export_faiss_top_k_equals_numpy_exact_top_k(exported: tuple[str, Path, Path], k: int) -> None:
     _, _, bundle = exported
@@ -94,3 +111,4 @@ def test_export_dataset_without_modalities_has_no_item_encoder(tmp_path: Path) -
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["item_encoder"] is None and manifest["modalities"] == {}
     assert not (bundle / "item_encoder.onnx").exists()
+    assert bf.PROFILE_COSINE not in manifest  # no content, no user-profile cosine

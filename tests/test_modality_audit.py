@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from synthetic_datasets import multimodal_dataset
 from typer.testing import CliRunner
+from user_profile_reference import loop_profile_cosines
 
 from training.cli import app
 from training.experiments.modality_audit import (
@@ -181,12 +182,15 @@ def test_audit_of_a_bundle_reads_its_metadata_and_its_runs_record(r2mr_bundle: P
     assert files.contact_sheet is not None and "## Damaged content found" in files.markdown.read_text()
 
 
-def bundle_without_its_run(bundle: Path, tmp_path: Path) -> Path:
-    """A copy of ``bundle`` whose manifest names a run directory that does not exist."""
+def bundle_without_its_run(bundle: Path, tmp_path: Path, *, exported_before_profiles: bool = False) -> Path:
+    """A copy of ``bundle`` whose manifest names a run directory that does not exist (and, when
+    ``exported_before_profiles``, does not declare the user-profile cosines, as a bundle exported before them)."""
     moved = tmp_path / "bundle"
     shutil.copytree(bundle, moved)
     manifest = json.loads((moved / "manifest.json").read_text())
     manifest["metrics"]["run_dir"] = str(tmp_path / "no-such-run")
+    if exported_before_profiles:
+        del manifest["profile_cosine"]
     (moved / "manifest.json").write_text(json.dumps(manifest))
     return moved
 
@@ -200,28 +204,8 @@ def test_a_bundle_whose_run_is_gone_is_audited_without_record_or_images(r2mr_bun
 
 
 def brute_force_profile(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """((2, I) cos(x̂_i, p_i), (2, I) presence) by loops: x̂ the centred, unit features of the items that have the
-    modality in the dataset the run trained on, p_i the sum of x̂_j over the item's training users' other items j with
-    it (one term per distinct edge); nan where undefined."""
-    data = load_run(run_dir).dataset
-    users, items = data.edges(0)
-    edges = sorted(set(zip(users.tolist(), items.tolist(), strict=True)))
-    out = np.full((2, data.n_items), np.nan)
-    for k, name in enumerate(sorted(data.modalities)):
-        has = data.modalities[name].present.astype(bool)
-        x = data.modalities[name].features.astype(np.float64)
-        x = x - x[has].mean(axis=0)
-        for i in range(data.n_items):
-            if not has[i]:
-                continue
-            p = np.zeros(x.shape[1])
-            for u in {u for u, j in edges if j == i}:
-                for v, j in edges:
-                    if v == u and j != i and has[j]:
-                        p += x[j] / np.linalg.norm(x[j])
-            if np.linalg.norm(p) > 1e-12:
-                out[k, i] = float(x[i] @ p / np.linalg.norm(x[i]) / np.linalg.norm(p))
-    return out, np.stack([data.modalities[name].present.astype(bool) for name in sorted(data.modalities)])
+    """The user-profile cosines of the dataset the run trained on, by loops (``user_profile_reference``)."""
+    return loop_profile_cosines(load_run(run_dir).dataset)
 
 
 def brute_force_profile_flags(cosine: np.ndarray, has: np.ndarray, n_users: np.ndarray) -> dict[int, float]:
@@ -301,25 +285,43 @@ def test_profile_flags_put_missing_first_undefined_at_the_median_of_defined_ones
     assert found.auroc == pytest.approx(3.5 / 8)  # c beats a, b; f beats a, ties b: (2 + 1.5) / (2 × 4)
 
 
-def test_a_bundle_audit_computes_the_user_profile_cosine_from_its_runs_dataset(
+def test_a_bundle_audit_reads_the_user_profile_cosine_it_carries(
         r2mr_bundle: Path, corrupted_run: tuple[Path, CorruptionRecord], tmp_path: Path) -> None:  # fmt: skip
-    run, bundle = audit_table(corrupted_run[0]), audit_table(r2mr_bundle)
-    assert bundle.profile is not None and run.profile is not None
-    np.testing.assert_array_equal(bundle.profile, run.profile)  # same dataset, same code: bit for bit
-    for k in range(2):
-        np.testing.assert_array_equal(profile_ranking(bundle, k), profile_ranking(run, k))
-        assert detection(bundle, k, by="profile") == detection(run, k, by="profile")
-    with write_audit(r2mr_bundle, tmp_path).csv.open() as f:
+    run = audit_table(corrupted_run[0])
+    assert run.profile is not None
+    for bundle_dir in (r2mr_bundle, bundle_without_its_run(r2mr_bundle, tmp_path)):  # the run is not needed
+        bundle = audit_table(bundle_dir)
+        assert bundle.profile is not None and bundle.profile_note == ""
+        np.testing.assert_array_equal(bundle.profile, run.profile)  # written at export by the same code: bit for bit
+        for k in range(2):
+            np.testing.assert_array_equal(profile_ranking(bundle, k), profile_ranking(run, k))
+    with write_audit(r2mr_bundle, tmp_path / "out").csv.open() as f:
         assert "profile_image" in next(csv.reader(f))
 
 
-def test_a_bundle_whose_run_is_gone_says_why_it_has_no_user_profile_cosine(r2mr_bundle: Path, tmp_path: Path) -> None:
-    moved = bundle_without_its_run(r2mr_bundle, tmp_path)
+def test_an_older_bundle_computes_the_user_profile_cosine_from_its_runs_dataset(
+        r2mr_bundle: Path, corrupted_run: tuple[Path, CorruptionRecord], tmp_path: Path) -> None:  # fmt: skip
+    older = tmp_path / "older"
+    shutil.copytree(r2mr_bundle, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["profile_cosine"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    run, bundle = audit_table(corrupted_run[0]), audit_table(older)
+    assert bundle.profile is not None and run.profile is not None
+    np.testing.assert_array_equal(bundle.profile, run.profile)  # same dataset, same code: bit for bit
+    for k in range(2):
+        assert detection(bundle, k, by="profile") == detection(run, k, by="profile")
+
+
+def test_an_older_bundle_whose_run_is_gone_says_why_it_has_no_user_profile_cosine(r2mr_bundle: Path,
+                                                                                  tmp_path: Path) -> None:  # fmt: skip
+    moved = bundle_without_its_run(r2mr_bundle, tmp_path, exported_before_profiles=True)
     table = audit_table(moved)
     assert table.profile is None and table.profile_note == (
-        "Not computed: it needs the training interactions, which a bundle does not ship, and the run the bundle was "
-        "exported from is not on this machine.")
-    with pytest.raises(ValueError, match="no user-profile cosine for the bundle .*: Not computed: it needs"):
+        "Not computed: the bundle was exported before bundles carried it (profile_<modality> in item_metadata.jsonl), "
+        "and it needs the training interactions, which a bundle does not ship, and the run the bundle was exported "
+        "from is not on this machine.")
+    with pytest.raises(ValueError, match="no user-profile cosine for the bundle .*: Not computed: the bundle was"):
         detection(table, 0, by="profile")
     files = write_audit(moved, tmp_path / "out")
     assert table.profile_note in files.markdown.read_text()
@@ -374,7 +376,11 @@ def test_audit_refuses_a_bundle_without_quality_scores(r2mr_bundle: Path, tmp_pa
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     assert refused(["audit", str(bundle)]) == (f"bundle {bundle} (model lightgcn) has no modality quality scores "
                                                "(quality_<modality> and quality_state in its item metadata): export an "
-                                               "R2MR run")  # fmt: skip
+                                               "R2MR run (its user-profile cosines are served by GET "
+                                               "/v1/audit?by=profile)")  # fmt: skip
+    del manifest["profile_cosine"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert refused(["audit", str(bundle)]).endswith("export an R2MR run")
 
 
 def test_audit_refuses_a_top_below_one(r2mr_run: Path, tmp_path: Path) -> None:

@@ -419,7 +419,8 @@ def audit_command(
 ) -> None:
     """The modality-quality audit of an R2MR model (training/experiments/modality_audit.py): items whose text or
     image its reviewer judges out of line with their users, worst first, and beside them the items least in line
-    with their users' other items (the training-free user-profile cosine; it needs the run's interactions). Writes
+    with their users' other items (the training-free user-profile cosine, from the run's interactions or the
+    bundle's item metadata). Writes
     Markdown, a CSV of every item and a contact sheet of the images judged worst and best; on a corrupted run,
     precision@N and AUROC of both at finding the damaged items."""
     from training.experiments.modality_audit import write_audit

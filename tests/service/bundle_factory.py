@@ -8,6 +8,9 @@ can check the service's outputs against a reference:
 - text encoder: mean of token embeddings over the attention mask, tokenised by a WordLevel ``tokenizer.json``;
 - image encoder: per-channel mean of the normalised pixels, times a (3, d) matrix;
 - user tower (sequence bundles): masked mean of the recent item vectors, times a (dim, dim) matrix.
+
+With ``profile=True`` the trained items' metadata also carries the user-profile cosines ``profile_<m>`` (computed by
+loops over the bundle's histories, :func:`profile_cosines`) and the manifest declares them (``profile_cosine``).
 """
 
 from __future__ import annotations
@@ -106,6 +109,24 @@ class SyntheticBundle:
         return np.concatenate(parts)
 
 
+def profile_cosines(features: np.ndarray, present: np.ndarray, history: list[list[int]]) -> list[float | None]:
+    """The user-profile cosine of every item as the exporter writes it (``training.data.user_profile``), by loops
+    over the histories, rounded to 2 decimals so that some items tie: cos(x̂_i, Σ over the item's users, Σ over
+    their other items j with the modality, x̂_j), x̂ centred over the items that have it and L2-normalised; None where
+    the item lacks the modality or the sum is zero."""
+    x = features.astype(np.float64) - features[present].mean(axis=0)
+    x = np.where(present[:, None], x / np.linalg.norm(x, axis=1, keepdims=True), 0.0)
+    out: list[float | None] = []
+    for i in range(len(features)):
+        p = np.zeros(features.shape[1])
+        for items in history:
+            if i in items:
+                p += sum((x[j] for j in items if j != i), np.zeros(features.shape[1]))
+        norm = float(np.linalg.norm(p))
+        out.append(round(float(x[i] @ p) / norm, 2) if present[i] and norm > 1e-12 else None)
+    return out
+
+
 def make_bundle(
     out: Path,
     *,
@@ -118,6 +139,7 @@ def make_bundle(
     image: bool = False,
     extra_outputs: bool = False,
     quality: bool = False,
+    profile: bool = False,
     user_tower: bool = False,
     index_type: str = "flat_ip",
     model_name: str = "toy-mf",
@@ -216,10 +238,13 @@ def make_bundle(
     np.save(out / "item_vectors.npy", bundle.item_vectors)
     (out / "item_ids.json").write_text(json.dumps(item_ids))
     (out / "user_ids.json").write_text(json.dumps(user_ids))
+    profiles = {m: profile_cosines(features[m], masks[m], bundle.history) for m in sorted(dims)} if profile else {}
     with (out / "item_metadata.jsonl").open("w") as fh:
         for r, (item_id, t) in enumerate(zip(item_ids, texts, strict=True)):
             quality_fields = bundle.quality_fields({m: features[m][r] for m in dims if masks[m][r]}) if quality else {}
-            fh.write(json.dumps({"id": item_id, "text": t, "codes": [r % 4, r % 3], **quality_fields}) + "\n")
+            profile_fields = {f"profile_{m}": c[r] for m, c in profiles.items()}
+            fh.write(json.dumps({"id": item_id, "text": t, "codes": [r % 4, r % 3], **quality_fields,
+                                 **profile_fields}) + "\n")  # fmt: skip
     faiss.write_index(_index(bundle.item_vectors, index_type), str(out / "item_index.faiss"))
 
     bundle.manifest = {
@@ -254,6 +279,7 @@ def make_bundle(
         ),
         "fallback": {"unknown_user": "history-mean, else popularity"},
         "metrics": {"valid": {"recall@20": 0.1}, "test": {"recall@20": 0.1}, "best_epoch": 1},
+        **({"profile_cosine": {"modalities": sorted(profiles), "interactions": "train"}} if profile else {}),
     }
     write_manifest(bundle.path, bundle.manifest)
     return bundle

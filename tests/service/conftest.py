@@ -116,8 +116,15 @@ def content_bundle(bundles_dir: Path) -> SyntheticBundle:
 @pytest.fixture(scope="session")
 def quality_bundle(bundles_dir: Path) -> SyntheticBundle:
     """An R2MR-like bundle: quality_<m> per modality (tags, audio) and quality_state, for trained items in the
-    metadata and for new items from the item encoder."""
-    return make_bundle(bundles_dir / "quality", seed=3, quality=True, model_name="toy-r2mr")
+    metadata and for new items from the item encoder; and, as every export with content, the trained items'
+    user-profile cosines profile_<m>."""
+    return make_bundle(bundles_dir / "quality", seed=3, quality=True, profile=True, model_name="toy-r2mr")
+
+
+@pytest.fixture(scope="session")
+def profile_bundle(bundles_dir: Path) -> SyntheticBundle:
+    """A bundle of a model without a reviewer (toy-mf) whose trained items carry user-profile cosines (tags, audio)."""
+    return make_bundle(bundles_dir / "profile", seed=5, profile=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,12 @@
 """GET /v1/audit: the items whose modality the bundle's model judged, worst first, over an R2MR-like synthetic
 bundle. Pages concatenate to the brute-force ordering (also when items are ingested and deleted between pages);
 ingested items are listed with the scores their encoder gave them; the endpoint is keyed; every bad filter is a 4xx
-naming the problem."""
+naming the problem. By the user-profile cosine (``by=profile``): the trained items with a cosine, in the brute-force
+order, on an R2MR-like bundle and on a bundle without a reviewer."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -38,10 +40,10 @@ def trained_rows(bundle: SyntheticBundle) -> dict[str, dict[str, Any]]:
     return {row["id"]: row for r, row in enumerate(rows) if bundle.popularity[r] > 0}
 
 
-def brute_force(items: dict[str, dict[str, Any]], modality: str, state: str | None) -> list[str]:
-    """Ids sorted by (score of the modality, id), of the given state."""
-    chosen = [(row[f"quality_{modality}"], item_id) for item_id, row in items.items()
-              if state is None or row["quality_state"] == state]  # fmt: skip
+def brute_force(items: dict[str, dict[str, Any]], modality: str, state: str | None, *, field: str = "quality") -> list[str]:
+    """Ids sorted by (score of the modality, id), of the given state; items whose score is null are not listed."""
+    chosen = [(row[f"{field}_{modality}"], item_id) for item_id, row in items.items()
+              if (state is None or row["quality_state"] == state) and row.get(f"{field}_{modality}") is not None]  # fmt: skip
     return [item_id for _, item_id in sorted(chosen)]
 
 
@@ -207,20 +209,37 @@ def test_the_audit_needs_a_write_key_once_keys_are_configured(make_settings: Cal
 # --- refusals ----------------------------------------------------------------------------------------------
 
 
-def test_a_bundle_without_quality_scores_answers_409(client: TestClient, features_bundle: SyntheticBundle) -> None:
+def test_a_bundle_without_scores_answers_409(client: TestClient, features_bundle: SyntheticBundle) -> None:
     response = client.get("/v1/audit", params={"modality": "tags"})
     assert response.status_code == 409
     assert response.json()["detail"] == (f"the served bundle ({features_bundle.version}, model 'toy-mf') has no modality "
-                                         "quality scores (item encoder outputs quality_<modality>): the audit needs a "
-                                         "bundle exported from an R2MR run")  # fmt: skip
+                                         "quality scores (item encoder outputs quality_<modality>): the audit "
+                                         "by=reviewer needs a bundle exported from an R2MR run")  # fmt: skip
+    response = client.get("/v1/audit", params={"modality": "tags", "by": "profile"})
+    assert response.status_code == 409
+    assert response.json()["detail"] == (f"the served bundle ({features_bundle.version}, model 'toy-mf') has no "
+                                         "user-profile cosines (item_metadata profile_<modality>, declared by the "
+                                         "manifest's profile_cosine): it was exported without content modalities or "
+                                         "before they were written; export its run again to list items by=profile")  # fmt: skip
 
 
 def _cursor(version: str, modality: str = "tags", state: str | None = None) -> str:
     return encode_cursor(version, modality, state, 0.5, "i3")
 
 
+def _format_1_cursor(version: str, modality: str, score: float, item_id: str) -> str:
+    """A cursor as the service wrote them before ``by`` (the reviewer's listing)."""
+    raw = json.dumps([1, version, modality, None, score, item_id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode("ascii").rstrip("=")
+
+
 BAD_FILTERS: list[tuple[str, dict[str, Any], str]] = [
-    ("unknown modality", {"modality": "image"}, "modality 'image' is not judged by this bundle's model; judged: audio, tags"),
+    ("unknown modality", {"modality": "image"},
+     "modality 'image' is not judged by this bundle's model; by=reviewer lists: audio, tags"),
+    ("unknown modality by profile", {"modality": "image", "by": "profile"},
+     "modality 'image' has no user-profile cosines here; by=profile lists: audio, tags"),
+    ("unknown detector", {"modality": "tags", "by": "clip"},
+     "query parameter by: Input should be 'reviewer' or 'profile' (got 'clip')"),
     ("unknown state", {"modality": "tags", "state": "bad"},
      "state 'bad' is not a quality state; states: high-quality, disparity, low-quality"),
     ("limit 0", {"modality": "tags", "limit": 0}, "limit must be between 1 and 500, got 0"),
@@ -233,8 +252,11 @@ BAD_FILTERS: list[tuple[str, dict[str, Any], str]] = [
     ("base64 of something else", {"modality": "tags", "cursor": "WzEsMl0"},
      "cursor: not a cursor of GET /v1/audit (pass the previous page's next_cursor unchanged)"),
     ("cursor of other filters", {"modality": "audio", "cursor": "{version}"},
-     "cursor: issued for modality=tags, state=(any); this request asks for modality=audio, state=(any): repeat the "
-     "first page's filters with its cursors, or start without a cursor"),
+     "cursor: issued for by=reviewer, modality=tags, state=(any); this request asks for by=reviewer, modality=audio, "
+     "state=(any): repeat the first page's filters with its cursors, or start without a cursor"),
+    ("cursor of the other detector", {"modality": "tags", "by": "profile", "cursor": "{version}"},
+     "cursor: issued for by=reviewer, modality=tags, state=(any); this request asks for by=profile, modality=tags, "
+     "state=(any): repeat the first page's filters with its cursors, or start without a cursor"),
 ]  # fmt: skip
 
 
@@ -275,3 +297,101 @@ def test_the_document_names_the_bundles_modalities_states_and_limit(make_setting
     assert {"401", "403", "409", "422"} <= set(operation["responses"])
     assert operation["security"] == [{"APIKeyHeader": []}]  # keyed even though reads are open
     assert "worst first" in operation["description"]
+    assert parameters["by"]["schema"]["enum"] == ["reviewer", "profile"] and parameters["by"]["schema"]["default"] == "reviewer"
+    assert list(parameters["by"]["examples"]) == ["reviewer", "profile"]
+    assert "by=reviewer scores audio, tags; by=profile scores audio, tags." in operation["description"]
+
+
+# --- by the user-profile cosine ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("modality", ["tags", "audio"])
+@pytest.mark.parametrize("state", [None, "low-quality", "disparity"])
+def test_profile_pages_concatenate_to_the_brute_force_order(audit_client: TestClient, quality_bundle: SyntheticBundle,
+                                                             modality: str, state: str | None) -> None:  # fmt: skip
+    rows = trained_rows(quality_bundle)
+    expected = brute_force(rows, modality, state, field="profile")
+    filters: dict[str, Any] = {"modality": modality, "by": "profile", **({"state": state} if state else {})}
+    listed = listing(audit_client, limit=6, **filters)
+    assert [item["id"] for item in listed] == expected
+    assert 0 < len(expected) < len(rows)  # items lacking the modality have no cosine and are not listed
+    scores = [item["score"] for item in listed]
+    if state is None:
+        assert len(set(scores)) < len(scores)  # ties (rounded cosines) ordered by id, across page boundaries
+    for item in listed:
+        row = rows[item["id"]]
+        assert item["score"] == row[f"profile_{modality}"] and item["source"] == "trained"
+        assert item["scores"] == {"audio": row["profile_audio"], "tags": row["profile_tags"]}
+        assert item["state"] == row["quality_state"]  # the reviewer's state, beside the profile's score
+        assert item["has_modality"] is True
+
+
+def test_ingested_items_are_not_listed_by_profile(audit_client: TestClient, quality_bundle: SyntheticBundle) -> None:
+    before = listing(audit_client, limit=50, modality="tags", by="profile")
+    ingest(audit_client, quality_bundle, new_items(quality_bundle, 7, 6, prefix="fresh-"))
+    after = listing(audit_client, limit=50, modality="tags", by="profile")
+    assert after == before  # no interactions in the bundle: no profile
+    reviewed = listing(audit_client, limit=500, modality="tags")
+    assert any(item["id"].startswith("fresh-") for item in reviewed)  # the reviewer lists them
+
+
+def test_profile_pages_stay_correct_when_items_are_deleted_and_ingested_between_them(
+    audit_client: TestClient, quality_bundle: SyntheticBundle
+) -> None:
+    expected = brute_force(trained_rows(quality_bundle), "audio", None, field="profile")
+    first = audit_client.get("/v1/audit", params={"modality": "audio", "by": "profile", "limit": 5}).json()
+    assert [item["id"] for item in first["items"]] == expected[:5]
+    for gone in (expected[4], expected[7]):  # the cursor's own item, and one the next page would list
+        assert audit_client.delete(f"/v1/items/{gone}").status_code == 200
+    ingest(audit_client, quality_bundle, new_items(quality_bundle, 9, 4, prefix="between-"))
+    rest, cursor = [], first["next_cursor"]
+    while cursor is not None:
+        page = audit_client.get("/v1/audit", params={"modality": "audio", "by": "profile", "limit": 5,
+                                                     "cursor": cursor}).json()  # fmt: skip
+        rest += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+    assert rest == [i for i in expected[5:] if i != expected[7]]
+
+
+def test_the_cosines_are_not_item_extras(audit_client: TestClient, quality_bundle: SyntheticBundle) -> None:
+    """The cosines are the audit's (write scope); GET /v1/items answers a trained item's model outputs, as an
+    ingested item's."""
+    item_id = next(iter(trained_rows(quality_bundle)))
+    extra = audit_client.get(f"/v1/items/{item_id}").json()["extra"]
+    assert not any(key.startswith("profile_") for key in extra) and "quality_tags" in extra
+
+
+def test_a_bundle_without_a_reviewer_is_audited_by_profile(make_settings: Callable[..., ServiceSettings], serve: Serve,
+                                                           profile_bundle: SyntheticBundle) -> None:  # fmt: skip
+    with serve(make_settings(bundle_dir=profile_bundle.path)) as http:
+        client = RecommendationClient(http_client=http)
+        expected = brute_force(trained_rows(profile_bundle), "tags", None, field="profile")
+        listed = list(client.audited_items("tags", by="profile", page_size=4))
+        assert [item.id for item in listed] == expected and expected
+        assert all(item.state is None for item in listed)
+        with pytest.raises(ServiceHTTPError) as error:
+            client.audit("tags")
+        assert error.value.status_code == 409
+        assert error.value.detail.endswith("(by=profile lists its items by the user-profile cosine)")
+        with pytest.raises(ServiceHTTPError) as error:
+            client.audit("tags", by="profile", state="low-quality")
+        assert (error.value.status_code, error.value.detail) == (
+            422, "state: the quality states are the reviewer's, and this bundle has none; leave the filter out")
+        operation = http.get("/openapi.json").json()["paths"]["/v1/audit"]["get"]
+    parameters = {p["name"]: p for p in operation["parameters"]}
+    assert "state" not in parameters and list(parameters["by"]["examples"]) == ["profile"]
+    assert parameters["modality"]["schema"]["enum"] == ["audio", "tags"]
+    assert "by=profile scores audio, tags." in operation["description"]
+
+
+def test_a_cursor_written_before_by_still_pages_the_reviewers_listing(audit_client: TestClient,
+                                                                      quality_bundle: SyntheticBundle) -> None:  # fmt: skip
+    first = audit_client.get("/v1/audit", params={"modality": "tags", "limit": 4}).json()
+    last = first["items"][-1]
+    old = _format_1_cursor(quality_bundle.version, "tags", last["score"], last["id"])
+    second = audit_client.get("/v1/audit", params={"modality": "tags", "limit": 4, "cursor": old})
+    assert second.status_code == 200
+    again = audit_client.get("/v1/audit", params={"modality": "tags", "limit": 4, "cursor": first["next_cursor"]})
+    assert second.json()["items"] == again.json()["items"]
+    other = audit_client.get("/v1/audit", params={"modality": "tags", "by": "profile", "limit": 4, "cursor": old})
+    assert other.status_code == 422 and other.json()["detail"].startswith("cursor: issued for by=reviewer, modality=tags")

@@ -58,7 +58,7 @@ UNEXPRESSIBLE_422 = (
     "features give a non-finite or huge item vector",  # depends on the encoder's weights
     "above max_image_aspect_ratio",  # a ratio of the image's sides (the drawn images go up to 48:1)
     "cursor: not a cursor of GET /v1/audit",  # an opaque token: only the service's own are valid
-    "cursor: issued for modality=",  # a cursor goes with the filters of the listing it came from
+    "cursor: issued for by=",  # a cursor goes with the detector and filters of the listing it came from
 )
 
 

@@ -43,6 +43,7 @@ from scipy.stats import rankdata
 
 from training.data.corruption import CorruptedContent
 from training.data.dataset import TRAIN, InteractionDataset
+from training.data.user_profile import normalised_features, user_profile_cosine
 
 KNN_K = 10
 USER_PROFILE = "user-profile cosine (a)"
@@ -62,32 +63,15 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def normalised_features(dataset: InteractionDataset, modality: str) -> tuple[np.ndarray, np.ndarray]:
-    """(x̂ (I, d) float64, present (I,)): centred over the items that have it, L2-normalised, zero where absent."""
-    m = dataset.modalities[modality]
-    x = m.features.astype(np.float64)
-    present = m.present.astype(bool)
-    if present.any():
-        x = x - x[present].mean(axis=0)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.where(present[:, None], x / np.maximum(norms, 1e-12), 0.0), present
-
-
 def training_graph(dataset: InteractionDataset) -> sp.csr_matrix:
     """The binary (U, I) matrix of the deduplicated training edges."""
     return dataset.matrix(TRAIN)
 
 
 def user_profile_disagreement(dataset: InteractionDataset, modality: str) -> np.ndarray:
-    """Detector (a): (I,) 1 − cos(x̂_i, p_i), nan where the item lacks the modality or p_i = 0."""
-    x, present = normalised_features(dataset, modality)
-    graph = training_graph(dataset)
-    degree = np.asarray(graph.sum(axis=0)).ravel()  # (I,) training users
-    profile = np.asarray(graph.T @ (graph @ x)) - degree[:, None] * x  # (I, d): the item's own edges left out
-    norms = np.linalg.norm(profile, axis=1)
-    cosine = (profile * x).sum(axis=1) / np.maximum(norms, 1e-12)
-    scores: np.ndarray = np.where(present & (norms > 1e-12), 1.0 - cosine, np.nan)
-    return scores
+    """Detector (a): (I,) 1 − c^m (``training.data.user_profile``), nan where the item lacks the modality or p_i = 0."""
+    disagreement: np.ndarray = 1.0 - user_profile_cosine(dataset, modality)
+    return disagreement
 
 
 def cross_modal_knn_distance(dataset: InteractionDataset, modality: str, other: str, *, k: int = KNN_K) -> np.ndarray:

@@ -19,8 +19,10 @@ A second, training-free judgement sits beside the reviewer's: the **user-profile
 feature and the sum of its training users' other items' features (``damage_detectors.user_profile_disagreement``,
 detector (a) of docs/modality-quality.md). On the corruption benchmark it found damaged content better than the
 reviewer in every swapped and noise cell, so the report lists its worst items too, and the CSV carries it. It needs
-the training interactions, which a bundle does not ship: a bundle's audit computes it from the prepared dataset of
-the run it was exported from when that is on this machine with the same items, and says why not otherwise.
+the training interactions, so the exporter writes it into every bundle (``profile_<m>`` in item_metadata.jsonl, what
+``GET /v1/audit?by=profile`` serves) and a bundle's audit reads it there; for a bundle exported before that, the audit
+computes it from the prepared dataset of the run it was exported from when that is on this machine with the same
+items, and says why not otherwise.
 
 On a corrupted run (``corruption.json``, see ``training/runs.py``) the report also says how well each ranking finds
 the damaged (item, modality) pairs: precision@N of the N worst and the AUROC of (1 − s) and of the profile's flag
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.stats import rankdata
 
+from training.data.user_profile import user_profile_cosine
 from training.runs import CorruptionRecord, read_corruption
 
 if TYPE_CHECKING:
@@ -172,15 +175,20 @@ def bundle_table(bundle_dir: Path) -> AuditTable:
     judged_names = tuple(m for m in names if f"quality_{m}" in fields)
     model = str((manifest.get("model") or {}).get("name", "unknown"))
     if not judged_names or "quality_state" not in fields:
+        served = (" (its user-profile cosines are served by GET /v1/audit?by=profile)"
+                  if manifest.get(bf.PROFILE_COSINE) else "")  # fmt: skip
         raise AuditError(f"bundle {bundle_dir} (model {model}) has no modality quality scores (quality_<modality> and "
-                         "quality_state in its item metadata): export an R2MR run")  # fmt: skip
+                         f"quality_state in its item metadata): export an R2MR run{served}")  # fmt: skip
     rows = [json.loads(line) for line in (bundle_dir / bf.ITEM_METADATA).read_text().splitlines() if line.strip()]
     scores = np.array([[float(row[f"quality_{m}"]) for row in rows] for m in judged_names], dtype=np.float64)
     present = np.stack([np.load(bundle_dir / bf.item_features_mask_file(m)) for m in judged_names]).astype(bool)
     popularity = np.load(bundle_dir / bf.POPULARITY)  # training interactions per item
     run_dir = run_of_bundle(manifest)
     images, note = bundle_images(run_dir, item_ids, judged_names)
-    profile, profile_note = bundle_profile(run_dir, item_ids, judged_names)
+    profile = metadata_profile(manifest, rows, judged_names)
+    profile_note = ""
+    if profile is None:  # a bundle exported before it carried the cosines
+        profile, profile_note = bundle_profile(run_dir, item_ids, judged_names)
     dataset = str((manifest.get("dataset") or {}).get("name", "unknown"))
     return AuditTable(
         source=f"bundle {bundle_dir} ({manifest.get('bundle_version')})", dataset=dataset, item_ids=item_ids,
@@ -202,10 +210,8 @@ def run_of_bundle(manifest: dict[str, object]) -> Path | None:
 
 
 def profile_cosines(dataset: InteractionDataset, modalities: tuple[str, ...]) -> np.ndarray:
-    """(M, I) the user-profile cosine c^m of every item (``damage_detectors.user_profile_disagreement``)."""
-    from training.experiments.damage_detectors import user_profile_disagreement
-
-    return np.stack([1.0 - user_profile_disagreement(dataset, m) for m in modalities])
+    """(M, I) the user-profile cosine c^m of every item (``training.data.user_profile``)."""
+    return np.stack([user_profile_cosine(dataset, m) for m in modalities])
 
 
 def run_dataset_dir(run_dir: Path) -> Path:
@@ -215,14 +221,29 @@ def run_dataset_dir(run_dir: Path) -> Path:
     return Path(read_config(run_dir).get("dataset", {}).get("dir", ""))
 
 
+def metadata_profile(manifest: dict[str, object], rows: list[dict[str, object]],
+                     modalities: tuple[str, ...]) -> np.ndarray | None:  # fmt: skip
+    """(M, I) the user-profile cosines the bundle's item metadata carries (``profile_<m>``, null: nan), written at
+    export from the run's training interactions; None when its manifest does not declare every modality's."""
+    import bundle_format as bf
+
+    declared = manifest.get(bf.PROFILE_COSINE)
+    names = declared.get("modalities") if isinstance(declared, dict) else None
+    if not isinstance(names, list) or not set(modalities) <= set(names):
+        return None
+    values = [[row.get(bf.profile_field(m)) for row in rows] for m in modalities]
+    return np.array([[np.nan if v is None else float(v) for v in column] for column in values], dtype=np.float64)  # type: ignore[arg-type]
+
+
 def bundle_profile(run_dir: Path | None, item_ids: list[str], modalities: tuple[str, ...]) -> tuple[np.ndarray | None, str]:
-    """A bundle's user-profile cosines, from the prepared dataset of the run it was exported from with the content
-    that run trained on (damaged again, for a corrupted run), when that is on this machine with the same items;
+    """An older bundle's user-profile cosines (exported before it carried them), from the prepared dataset of the run
+    it was exported from with the content that run trained on (damaged again, for a corrupted run), when that is on this machine with the same items;
     else None and why."""
     from training.data.dataset import DatasetFormatError, InteractionDataset
     from training.runs import corrupted_as_trained
 
-    needs = "it needs the training interactions, which a bundle does not ship"
+    needs = ("the bundle was exported before bundles carried it (profile_<modality> in item_metadata.jsonl), and it "
+             "needs the training interactions, which a bundle does not ship")  # fmt: skip
     if run_dir is None:
         return None, f"Not computed: {needs}, and the run the bundle was exported from is not on this machine."
     dataset_dir = run_dataset_dir(run_dir)

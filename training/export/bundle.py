@@ -29,6 +29,7 @@ import bundle_format as bf
 from models.base import ContentEncoder, Representations
 from models.config import config_to_dict
 from training.data.dataset import TEST
+from training.data.user_profile import user_profile_cosine
 from training.export.item_index import IndexConfig, build_index
 from training.export.ridge import fit_ridge_map
 from training.export.staging import publish_bundle, staged_file_hashes
@@ -112,17 +113,25 @@ def write_user_history(bundle: StagedBundle) -> Mapping[str, Any]:
 
 
 def write_item_metadata(bundle: StagedBundle) -> Mapping[str, Any]:
-    """One JSON line per item: id, text and the model's per-item extras (codes of named categories as labels)."""
+    """One JSON line per item: id, text, the model's per-item extras (codes of named categories as labels) and the
+    user-profile cosine ``profile_<m>`` of every content modality (``training.data.user_profile``; null where
+    undefined), which ``GET /v1/audit?by=profile`` ranks. Declares the cosines in the manifest."""
     labels = bundle.extra_output_labels
     with torch.no_grad():
         extras = {name: values.detach().cpu().numpy().tolist() for name, values in bundle.model.item_extras().items()}
     for field, names in labels.items():
         extras[field] = [names[int(code)] for code in extras[field]]
     dataset = bundle.dataset
+    modalities = sorted(dataset.modalities)
+    for m in modalities:
+        cosine = user_profile_cosine(dataset, m)
+        extras[bf.profile_field(m)] = [None if np.isnan(c) else float(c) for c in cosine]
     with (bundle.staging / bf.ITEM_METADATA).open("w") as f:
         for row, (item_id, text) in enumerate(zip(dataset.item_ids, dataset.item_text, strict=True)):
             f.write(json.dumps({"id": item_id, "text": text, **{k: v[row] for k, v in extras.items()}}) + "\n")
-    return {}
+    if not modalities:
+        return {}
+    return {bf.PROFILE_COSINE: {"modalities": modalities, "interactions": "train"}}
 
 
 def write_bundle_sections(bundle: StagedBundle) -> Mapping[str, Any]:
