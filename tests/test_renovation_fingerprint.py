@@ -7,13 +7,12 @@ the move; scripts/renovation_fingerprint.py does the same on lfm2k (tests/fixtur
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
+from project_scripts import load_script
 
 from training.data.dataset import InteractionDataset, Modality
 from training.data.splits import random_811
@@ -58,20 +57,12 @@ def taste_groups_dataset() -> InteractionDataset:
     )  # fmt: skip
 
 
-def fingerprint_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("renovation_fingerprint", ROOT / "scripts" / "renovation_fingerprint.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def synthetic_fingerprint(home: Path) -> dict[str, object]:
     taste_groups_dataset().save(home / "datasets" / "synthetic-groups")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result: dict[str, object] = fingerprint_script().fingerprint("synthetic-groups", RUNS, home=home, epochs=EPOCHS,
+        result: dict[str, object] = load_script("renovation_fingerprint").fingerprint("synthetic-groups", RUNS, home=home, epochs=EPOCHS,
                                                                    n_users=5)
     finally:
         torch.set_num_threads(threads)
@@ -79,14 +70,14 @@ def synthetic_fingerprint(home: Path) -> dict[str, object]:
 
 
 def test_train_and_export_give_the_recorded_metrics_and_top20(tmp_path: Path) -> None:
-    script = fingerprint_script()
+    script = load_script("renovation_fingerprint")
     actual = synthetic_fingerprint(tmp_path)
     expected = json.loads(EXPECTED.read_text())
     assert script.differences(expected, actual) == []
 
 
 def test_fingerprint_differences_see_a_changed_metric_and_a_changed_list() -> None:
-    differences = fingerprint_script().differences
+    differences = load_script("renovation_fingerprint").differences
     base = {"valid": {"recall@20": 0.25}, "top20": {"u1": ["i1", "i2"]}}
     assert differences(base, {"valid": {"recall@20": 0.25 + 5e-7}, "top20": {"u1": ["i1", "i2"]}}) == []
     assert differences(base, {"valid": {"recall@20": 0.2501}, "top20": {"u1": ["i1", "i2"]}}) == [

@@ -6,14 +6,13 @@ every one."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+from project_scripts import load_script
 
 from training.data.dataset import TRAIN, InteractionDataset
 
@@ -22,12 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("similarity_item_knn", REPO / "scripts" / "similarity_item_knn.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("similarity_item_knn")
 
 
 def interactions(seed: int = 0) -> np.ndarray:

@@ -3,15 +3,14 @@ clones HEAD, times both runs until /readyz answers, stops the server by its proc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from project_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,14 +35,6 @@ http.server.HTTPServer(("127.0.0.1", args.port), Ready).serve_forever()
 """
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("time_first_run", REPO / "scripts" / "time_first_run.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_times_both_runs_and_stops_the_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -55,7 +46,7 @@ def test_times_both_runs_and_stops_the_server(tmp_path: Path, capsys: pytest.Cap
     subprocess.run([*git, "commit", "--quiet", "-m", "stand-in"], check=True)
 
     out = tmp_path / "times.json"
-    status = load_script().main(["--repo", str(repo), "--workdir", str(tmp_path / "work"), "--out", str(out),
+    status = load_script("time_first_run").main(["--repo", str(repo), "--workdir", str(tmp_path / "work"), "--out", str(out),
                                  "--data-root", str(tmp_path), "--timeout", "60"])  # fmt: skip
     assert status == 0, capsys.readouterr().out
     report = json.loads(out.read_text())
