@@ -22,10 +22,10 @@ the cursor is refused (409). It also names its detector and filters (cursors of 
 reviewer's).
 
 Cost (no Python dict per item per request): the trained items' scores are parsed from the metadata once per bundle
-and kept as one sorted array of rows per (detector, modality, state); a page seeks its start by binary search and skips deleted
-rows in vectorised chunks. Ingested items are kept as arrays too, extended when the catalogue grows; a page scans
-them with numpy. Trained items without any training interaction are not listed: the reviewer had no evidence about
-them (their scores are 0 by construction, not a verdict).
+and kept as one sorted array of rows per (detector, modality, state); a page seeks its start by binary search and
+skips deleted rows in vectorised chunks. Ingested items are kept as arrays too, extended when the catalogue grows; a
+page scans them with numpy. Trained items without any training interaction are not listed: the reviewer had no
+evidence about them (their scores are 0 by construction, not a verdict).
 """
 
 from __future__ import annotations
@@ -256,9 +256,9 @@ class QualityAudit:
             judged = "is not judged by this bundle's model" if by == REVIEWER else "has no user-profile cosines here"
             raise InvalidInput(f"modality {modality!r} {judged}; by={by} lists: {', '.join(fields.modalities)}")
         if state is not None and not fields.states:
-            raise InvalidInput("state: this bundle's model gives no quality state; leave the filter out" if by == REVIEWER
-                               else "state: the quality states are the reviewer's, and this bundle has none; leave "
-                               "the filter out")  # fmt: skip
+            raise InvalidInput("state: this bundle's model gives no quality state; leave the filter out"
+                               if by == REVIEWER else "state: the quality states are the reviewer's, and this bundle "
+                               "has none; leave the filter out")  # fmt: skip
         if state is not None and state not in fields.states:
             raise InvalidInput(f"state {state!r} is not a quality state; states: {', '.join(fields.states)}")
         after = self._read_cursor(cursor, by, modality, state) if cursor is not None else None

@@ -37,8 +37,8 @@ CursorParam = Annotated[str | None, Query(min_length=1, max_length=2048, descrip
             409: "The served bundle has no scores of the detector (by=reviewer: its model is not R2MR; by=profile: it "
             "was exported without content or before the cosines were written), or the cursor was issued under "
             "another bundle (the service reloaded since): start again without a cursor.",
-            422: "Unknown detector, or a modality it does not score in this bundle, unknown state, limit out of range (1..audit_max_limit), a cursor that is not one of this endpoint or was "
-            "issued for other filters.",
+            422: "Unknown detector, or a modality it does not score in this bundle, unknown state, limit out of range "
+            "(1..audit_max_limit), a cursor that is not one of this endpoint or was issued for other filters.",
         },
     ),
 )  # fmt: skip
