@@ -5,13 +5,14 @@ the cost of a page, in process (service/audit.py's ``QualityAudit``, no HTTP).
 
 The bundle is ``bench.synthetic_bundle``'s (a collaborative model, no reviewer; cached under ``--root``) with its
 item metadata rewritten to carry ``profile_image`` and ``profile_text`` for every trained item, as ``mmrec export``
-writes them (a cosine in [−1, 1] at full float precision; null for 5 % of the items, whose cosine is undefined) and
-the manifest's ``profile_cosine`` declaring them; the rest of the bundle's files are hard links to the cached one.
+writes them (a cosine in [−1, 1] at full float precision, a fifth of them rounded to 2 decimals so that many tie and
+the id order among equal scores is exercised; null for 5 % of the items, whose cosine is undefined) and the
+manifest's ``profile_cosine`` declaring them; the rest of the bundle's files are hard links to the cached one.
 
-Measured, each page ``--repeats`` times, interleaved (median and 95th percentile in ms):
-- ``first_request_s``: the first page of a fresh audit, which parses the metadata (one ``json.loads`` a row) and
+Measured:
+- ``first_request_s`` (one sample): the first page of a fresh audit, which parses the metadata (one ``json.loads`` a row) and
   sorts the rankings: what the first ``GET /v1/audit?by=profile`` on a bundle without a reviewer waits for;
-- ``first_page``, ``deep_page`` (the page after the ``--deep``-th item, 100,000 by default, through its cursor),
+- each page ``--repeats`` times, interleaved (median and 95th percentile in ms): ``first_page``, ``deep_page`` (the page after the ``--deep``-th item, 100,000 by default, through its cursor),
   ``second_modality``;
 - the same after the ``--deep`` worst-ranked items of ``image`` are deleted (the page skips them in vectorised
   chunks): ``first_page_after_deletes``, ``deep_page_after_deletes``.
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 MODALITIES = ("image", "text")
 UNDEFINED_SHARE = 0.05
+TIED_SHARE = 0.2  # rounded to 2 decimals: ties
 DEEP = 100_000  # the deep page starts after this many items (and that many worst images are deleted)
 LIMIT = 50
 
@@ -54,8 +56,11 @@ def profile_bundle(base: Path, out: Path, *, seed: int) -> tuple[Path, dict[str,
     shutil.copytree(base, out, copy_function=os.link)
     rng = np.random.default_rng(seed)
     ids = json.loads((base / bf.ITEM_IDS).read_text())
-    cosines = {m: np.where(rng.random(len(ids)) < UNDEFINED_SHARE, np.nan, rng.uniform(-1.0, 1.0, len(ids)))
-               for m in MODALITIES}  # fmt: skip
+    cosines = {}
+    for m in MODALITIES:
+        c = rng.uniform(-1.0, 1.0, len(ids))
+        c = np.where(rng.random(len(ids)) < TIED_SHARE, np.round(c, 2), c)
+        cosines[m] = np.where(rng.random(len(ids)) < UNDEFINED_SHARE, np.nan, c)
     metadata = out / bf.ITEM_METADATA
     metadata.unlink()  # a hard link to the base's: write a new file
     with metadata.open("w") as fh:
@@ -97,6 +102,11 @@ def measure(bundle_dir: Path, cosines: dict[str, np.ndarray], *, repeats: int, d
     first = audit.page(by="profile", modality="image", state=None, limit=LIMIT, cursor=None)
     first_request_s = time.perf_counter() - start
 
+    listed = {m: int((~np.isnan(cosines[m]) & (popularity > 0)).sum()) for m in MODALITIES}
+    if 2 * deep + LIMIT > listed["image"]:
+        raise ValueError(f"--deep {deep}: the profile lists {listed['image']} images; the deep page and the "
+                         f"deletions need --deep at most {(listed['image'] - LIMIT) // 2}")  # fmt: skip
+
     def pages(removed: set[int]) -> dict[str, Any]:
         order = {m: expected_order(cosines[m], popularity, ids, removed) for m in MODALITIES}
         deep_row = int(order["image"][deep - 1])
@@ -125,7 +135,6 @@ def measure(bundle_dir: Path, cosines: dict[str, np.ndarray], *, repeats: int, d
     worst = expected_order(cosines["image"], popularity, ids, set())[:deep]
     catalogue.remove([ids[r] for r in worst.tolist()], version="bench-deletes")
     after = pages(set(worst.tolist()))
-    listed = {m: int((~np.isnan(cosines[m]) & (popularity > 0)).sum()) for m in MODALITIES}
     return {
         "items": len(ids),
         "listed": listed,
@@ -153,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     base, report = ensure_bundle(SyntheticSpec(n_items=args.items, n_users=args.users, seed=args.seed), args.root)
     bundle_dir, cosines = profile_bundle(base, args.root / f"{base.name}-profile", seed=args.seed)
-    figures = measure(bundle_dir, cosines, repeats=args.repeats, deep=args.deep)
+    try:
+        figures = measure(bundle_dir, cosines, repeats=args.repeats, deep=args.deep)
+    except ValueError as error:
+        parser.error(str(error))
     found = {"bundle": {"base": str(base), "reused": report["reused"]}, **figures}
     command = "python -m bench.audit_listing " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.out is not None:

@@ -3,8 +3,8 @@
 Reads the test figures already written by ``training.experiments.item_similarity`` (LightGCN's and R2MR's item
 vectors: inner product, cosine, content, blends, norm exponents, popularity shrinkage) and by
 ``scripts/similarity_item_knn.py`` (item-kNN, EASE, EASE with a popularity tilt, RP³β, per-popularity RP³β), for
-trained items and for items held out of training and ingested from content only. For each it prints:
-
+trained items and for items held out of training and ingested from content only, each distinct list once (several
+names give the same list). For each part it prints:
 - the lists that beat the issue's list (LightGCN's inner product) on both genre agreement@10 and co-like rate@10;
 - the highest co-like rate among lists whose neighbours are at most 2x the catalogue's popularity (the declared
   rule's cap) and whose genre agreement is at least the inner product's;
@@ -44,7 +44,7 @@ class Point:
 
 
 def points(directory: Path) -> tuple[dict[str, list[Point]], float]:
-    """Test figures of every list, by part ("trained", "ingested"), and the catalogue's mean popularity."""
+    """Test figures of every distinct list, by part ("trained", "ingested"), and the catalogue's mean popularity."""
     parts: dict[str, list[Point]] = {"trained": [], "ingested": []}
     catalogue = None
     for file, source in SOURCES.items():
@@ -63,7 +63,17 @@ def points(directory: Path) -> tuple[dict[str, list[Point]], float]:
                     Point(source, name, f["genre_agreement@10"], f["co_like_rate@10"], f["neighbour_popularity"])
                 )
     assert catalogue is not None
-    return parts, catalogue
+    return {part: distinct(pts) for part, pts in parts.items()}, catalogue
+
+
+def distinct(candidates: Sequence[Point]) -> list[Point]:
+    """The lists with distinct figures (to 4 decimals, as the item-kNN report rounds them), the first name of each:
+    several names give the same list (the cosine is norm exponent 1 and the content blend at α = 1; item-kNN β and
+    RP³β α = 0 with the same β rank alike)."""
+    seen: dict[tuple[float, float, float], Point] = {}
+    for p in candidates:
+        seen.setdefault((round(p.genre, 4), round(p.co_like, 4), round(p.popularity, 4)), p)
+    return list(seen.values())
 
 
 def beats(candidates: Sequence[Point], reference: Point) -> list[Point]:

@@ -19,13 +19,14 @@ popularity to the power β: ``s(i, j) = n_i^(−α) Σ_{u ∈ U_i ∩ U_j} |I_u|
 co-occurrence; α > 0 lets users with many items count less). EASE with a popularity tilt: its positive weights divided
 by ``n_j^β``.
 
-Per-popularity exponents: the trained items are cut into five equal buckets by their training popularity and each
-bucket gets its own RP³β exponent β, chosen on validation (every combination of ``BUCKET_EXPONENTS``) to maximise
-the co-like rate while keeping the lists admissible by docs/similarity-and-blending.md's declared rule (genre agreement
-at least the inner product's, neighbour popularity at most 2x the catalogue's). The co-like rate saturates for a
-popular query (many held-out users like almost any fairly popular item) and not for a rare one, so one exponent for
-every query need not be the best use of a popularity budget. An ingested item has no training users: the lowest
-bucket's.
+Per-popularity exponents: the trained items are cut into five buckets at the quantiles of their training popularity
+(ties make them unequal) and each bucket gets its own RP³β exponent β, chosen on validation (every combination of
+``BUCKET_EXPONENTS``, with one α for all buckets) to maximise the co-like rate while keeping the lists admissible by
+docs/similarity-and-blending.md's declared rule (genre agreement at least the inner product's, neighbour popularity at
+most 2x the catalogue's). The co-like rate saturates for a popular query (many held-out users like almost any fairly
+popular item) and not for a rare one, so one exponent for every query need not be the best use of a popularity
+budget. An ingested item's list sums its content neighbours' rows, each row with its own bucket's β (not validated
+for ingested items: they have no validation interactions of their own).
 
 Prints one line per candidate and writes docs/similarity-and-blending/item-knn-ml100k-posters.json.
 """
@@ -132,13 +133,18 @@ def candidates(
     return out
 
 
-def popularity_buckets(
-    n_users: np.ndarray, queries: np.ndarray, n_buckets: int = POPULARITY_BUCKETS
-) -> np.ndarray:
-    """Bucket (0 = least popular) of every item by its training users, cut at the queries' quantiles; an item
-    without training users is in bucket 0."""
-    edges = np.quantile(n_users[queries], np.linspace(0.0, 1.0, n_buckets + 1)[1:-1])
-    return np.searchsorted(edges, n_users, side="right")
+def bucket_edges(n_users: np.ndarray, queries: np.ndarray, n_buckets: int = POPULARITY_BUCKETS) -> np.ndarray:
+    """The ``n_buckets − 1`` edges between popularity buckets: quantiles of the queries' training users (ties can
+    make the buckets unequal)."""
+    edges: np.ndarray = np.quantile(n_users[queries], np.linspace(0.0, 1.0, n_buckets + 1)[1:-1])
+    return edges
+
+
+def popularity_buckets(n_users: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bucket (0 = least popular) of every item by its training users: bucket b holds ``edges[b−1] ≤ n < edges[b]``;
+    an item without training users is in bucket 0."""
+    buckets: np.ndarray = np.searchsorted(edges, n_users, side="right")
+    return buckets
 
 
 def bucketed_rp3beta(weighted_shared: np.ndarray, n_users: np.ndarray, alpha: float, bucket: np.ndarray,
@@ -226,7 +232,8 @@ def main(argv: list[str]) -> int:
     )
     genre_floor = float(declared["correction"]["inner_product"]["genre_agreement@10"])
     popularity_cap = 2.0 * float(popularity.mean())
-    bucket = popularity_buckets(n_users, queries)
+    edges = bucket_edges(n_users, queries)
+    bucket = popularity_buckets(n_users, edges)
     chosen: tuple[float, tuple[int, ...], dict[str, float]] | None = None
     for alpha, weighted in rp3_shared.items():
         sums = np.zeros((POPULARITY_BUCKETS, len(BUCKET_EXPONENTS), 6))
@@ -253,10 +260,8 @@ def main(argv: list[str]) -> int:
             "genre_agreement@10 >= the inner product's and neighbour_popularity <= 2 x catalogue",
             "genre_floor": round(genre_floor, 4),
             "popularity_cap": round(popularity_cap, 4),
-            "bucket_upper_edges": [
-                float(x)
-                for x in np.quantile(n_users[queries], np.linspace(0, 1, POPULARITY_BUCKETS + 1)[1:-1])
-            ],
+            "bucket_upper_edges": [float(x) for x in edges],  # exclusive
+            "bucket_sizes": np.bincount(bucket[queries], minlength=POPULARITY_BUCKETS).tolist(),
             "alpha": alpha,
             "exponents": exponents,
             "validation": rounded(validation),
@@ -269,9 +274,9 @@ def main(argv: list[str]) -> int:
     cold_shared, cold_users = co_occurrence(held_out.dataset)
     cold_rp3 = {alpha: co_occurrence(held_out.dataset, user_weight=alpha)[0] for alpha in RP3_ALPHAS}
     families = candidates(cold_shared, cold_users, cold_rp3)
-    if chosen is not None:  # an ingested item has no training users: the lowest bucket's exponent
-        families[f"rp3β α={alpha}, per-popularity β (ingested: {exponents[0]})"] = rp3beta(
-            cold_rp3[alpha], cold_users, alpha, exponents[0]
+    if chosen is not None:  # an ingested item borrows its content neighbours' rows, each with its own bucket's β
+        families[f"rp3β α={alpha}, per-popularity β"] = bucketed_rp3beta(
+            cold_rp3[alpha], cold_users, alpha, popularity_buckets(cold_users, edges), exponents
         )
     cold = held_out.cold
     content = content_space(dataset)

@@ -40,15 +40,34 @@ def test_upper_frontier_is_the_undominated_lists(script: ModuleType, seed: int) 
     assert [p.popularity for p in front] == sorted(p.popularity for p in front)
 
 
-@pytest.mark.parametrize("seed", [3, 4])
-def test_beats_and_best_within(script: ModuleType, seed: int) -> None:
-    pts = random_points(script, seed)
-    reference = pts[0]
-    assert script.beats(pts, reference) == [p for p in pts if p.genre > reference.genre and p.co_like > reference.co_like]
-    best = script.best_within(pts, popularity_cap=6.0, genre_floor=0.3)
-    admissible = [p for p in pts if p.popularity <= 6.0 and p.genre >= 0.3]
-    assert best is not None and best.co_like == max(p.co_like for p in admissible)
-    assert script.best_within(pts, popularity_cap=0.5, genre_floor=0.0) is None
+def test_beats_and_best_within_on_hand_made_lists(script: ModuleType) -> None:
+    point = script.Point
+    reference = point("s", "reference", genre=0.5, co_like=0.30, popularity=160.0)
+    lists = [
+        reference,
+        point("s", "both above", 0.6, 0.31, 200.0),
+        point("s", "genre only", 0.6, 0.29, 90.0),
+        point("s", "co-like only", 0.4, 0.35, 100.0),
+        point("s", "equal co-like", 0.7, 0.30, 125.0),
+        point("s", "admissible", 0.55, 0.28, 110.0),
+        point("s", "admissible worse", 0.65, 0.25, 60.0),
+        point("s", "over the cap", 0.9, 0.33, 130.0),
+    ]
+    assert [p.name for p in script.beats(lists, reference)] == ["both above", "over the cap"]  # "equal co-like": not above
+    best = script.best_within(lists, popularity_cap=120.0, genre_floor=0.5)
+    assert best is not None and best.name == "genre only"  # "co-like only" has too little genre agreement
+    best = script.best_within(lists, popularity_cap=90.0, genre_floor=0.5)
+    assert best is not None and best.name == "genre only"  # its popularity is the cap itself
+    best = script.best_within(lists, popularity_cap=89.0, genre_floor=0.5)
+    assert best is not None and best.name == "admissible worse"
+    assert script.best_within(lists, popularity_cap=50.0, genre_floor=0.0) is None
+
+
+def test_distinct_keeps_the_first_name_of_lists_with_the_same_figures(script: ModuleType) -> None:
+    point = script.Point
+    lists = [point("a", "cosine", 0.615, 0.2431, 83.7), point("a", "norm exponent 1", 0.615, 0.2431, 83.7),
+             point("b", "other", 0.615, 0.2431, 83.8)]  # fmt: skip
+    assert [p.name for p in script.distinct(lists)] == ["cosine", "other"]
 
 
 def test_script_on_the_committed_reports(script: ModuleType, tmp_path: Path) -> None:

@@ -110,7 +110,8 @@ def test_bucketed_rp3beta_uses_each_querys_bucket_exponent(script: ModuleType) -
     x = interactions(3)
     shared, n_users = gram(x)
     queries = np.flatnonzero(n_users > 0)
-    bucket = script.popularity_buckets(n_users, queries, n_buckets=3)
+    edges = script.bucket_edges(n_users, queries, n_buckets=3)
+    bucket = script.popularity_buckets(n_users, edges)
     assert bucket[n_users == 0].tolist() == [0]
     order = np.argsort(n_users[queries], kind="stable")
     assert np.all(np.diff(bucket[queries][order]) >= 0)  # more popular, same or higher bucket
@@ -145,3 +146,27 @@ def test_choose_exponents_is_the_best_admissible_combination(script: ModuleType)
     assert chosen[0] == best_choice
     assert chosen[1]["co_like_rate@10"] == pytest.approx(best_rate)
     assert script.choose_exponents(sums, genre_floor=2.0, popularity_cap=popularity_cap) is None
+
+
+def test_bucket_figures_pool_to_the_figures_of_the_whole_list(script: ModuleType) -> None:
+    """Summing bucket_figures over the buckets gives back Judge.figures of every query at once (what
+    choose_exponents pools)."""
+    import scipy.sparse as sp
+
+    from training.experiments.item_similarity import Judge
+
+    rng = np.random.default_rng(5)
+    n_items, n_users = 30, 25
+    genres = [frozenset(rng.choice(["a", "b", "c"], size=int(rng.integers(0, 3)), replace=False).tolist())
+              for _ in range(n_items)]  # fmt: skip (some items without genres)
+    heldout = sp.csc_matrix((rng.random((n_users, n_items)) < 0.15).astype(np.float32))
+    judge = Judge(genres, heldout, rng.integers(1, 50, size=n_items).astype(np.float64))
+    queries = np.arange(n_items)
+    neighbours = np.stack([rng.choice(np.delete(np.arange(n_items), q), size=10, replace=False) for q in queries])
+    bucket = rng.integers(0, 3, size=n_items)
+    pooled = np.sum([script.bucket_figures(judge, queries, neighbours, genres, bucket == b) for b in range(3)], axis=0)
+    whole = judge.figures(queries, neighbours)
+    assert pooled[0] / pooled[3] == pytest.approx(whole["co_like_rate@10"])
+    assert pooled[1] / pooled[4] == pytest.approx(whole["genre_agreement@10"])
+    assert pooled[2] / pooled[5] == pytest.approx(whole["neighbour_popularity"])
+    assert (pooled[3], pooled[5]) == (whole["co_like_query_items"], whole["query_items"])
