@@ -68,7 +68,7 @@ def profile_bundle(base: Path, out: Path, *, seed: int) -> tuple[Path, dict[str,
             fields = {bf.profile_field(m): None if np.isnan(c[row]) else float(c[row]) for m, c in cosines.items()}
             fh.write(json.dumps({"id": item_id, "text": f"item {row}", **fields}) + "\n")
     manifest = json.loads((base / bf.MANIFEST).read_text())
-    manifest[bf.PROFILE_COSINE] = {"modalities": list(MODALITIES), "interactions": "train"}
+    manifest[bf.PROFILE_COSINE] = bf.profile_cosine_entry(MODALITIES)
     manifest["bundle_version"] += "-profile"
     manifest["files"][bf.ITEM_METADATA] = bf.file_sha256(metadata)
     (out / bf.MANIFEST).unlink()  # a hard link too

@@ -7,7 +7,7 @@ one spelling of the contract, with no dependency beyond the standard library (th
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -75,6 +75,21 @@ MANIFEST_FIELDS: Final = frozenset({
     "modalities", "item_encoder", "user_tower", "fallback", "metrics", "files", "profile_cosine",
 })  # fmt: skip
 PROFILE_COSINE: Final = "profile_cosine"  # manifest: {"modalities": [...], "interactions": "train"}
+
+
+def profile_cosine_entry(modalities: Sequence[str]) -> dict[str, Any]:
+    """The manifest's ``profile_cosine`` entry declaring the ``profile_<m>`` metadata keys of ``modalities``."""
+    return {"modalities": sorted(modalities), "interactions": "train"}
+
+
+def profile_modalities(manifest: Mapping[str, Any]) -> tuple[str, ...]:
+    """The modalities whose ``profile_<m>`` the manifest declares (``profile_cosine``), sorted; empty when it declares
+    none or the entry is malformed."""
+    declared = manifest.get(PROFILE_COSINE)
+    names = declared.get("modalities") if isinstance(declared, dict) else None
+    if not isinstance(names, list) or not all(isinstance(m, str) for m in names):
+        return ()
+    return tuple(sorted(names))
 REQUIRED_MANIFEST_FIELDS: Final = ("bundle_version", "model", "dim", "files")
 SCORE: Final = "inner_product"
 

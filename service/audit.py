@@ -368,7 +368,7 @@ class QualityAudit:
     def _entry(self, row: int, k: int, by: Detector) -> AuditEntry:
         fields = self.detectors[by]
         assert self.trained is not None
-        states = self.fields.states if self.fields is not None else ()  # the reviewer's
+        states = fields.states  # the reviewer's, whichever detector (audit_detectors)
         n_trained = self.catalogue.n_trained
         if row < n_trained:
             built = self.trained.get()

@@ -187,11 +187,7 @@ class Bundle:
     def profile_modalities(self) -> tuple[str, ...]:
         """Modalities whose user-profile cosine the trained items' metadata carries (``profile_<m>``, declared by
         the manifest's ``profile_cosine``), sorted; empty for a bundle without them."""
-        declared = self.manifest.get(bf.PROFILE_COSINE)
-        names = declared.get("modalities") if isinstance(declared, dict) else None
-        if not isinstance(names, list) or not all(isinstance(m, str) for m in names):
-            return ()
-        return tuple(sorted(names))
+        return bf.profile_modalities(self.manifest)
 
     @property
     def index_approximate(self) -> bool:

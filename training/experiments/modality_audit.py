@@ -176,7 +176,7 @@ def bundle_table(bundle_dir: Path) -> AuditTable:
     model = str((manifest.get("model") or {}).get("name", "unknown"))
     if not judged_names or "quality_state" not in fields:
         served = (" (its user-profile cosines are served by GET /v1/audit?by=profile)"
-                  if manifest.get(bf.PROFILE_COSINE) else "")  # fmt: skip
+                  if bf.profile_modalities(manifest) else "")  # fmt: skip
         raise AuditError(f"bundle {bundle_dir} (model {model}) has no modality quality scores (quality_<modality> and "
                          f"quality_state in its item metadata): export an R2MR run{served}")  # fmt: skip
     rows = [json.loads(line) for line in (bundle_dir / bf.ITEM_METADATA).read_text().splitlines() if line.strip()]
@@ -227,9 +227,7 @@ def metadata_profile(manifest: dict[str, object], rows: list[dict[str, object]],
     export from the run's training interactions; None when its manifest does not declare every modality's."""
     import bundle_format as bf
 
-    declared = manifest.get(bf.PROFILE_COSINE)
-    names = declared.get("modalities") if isinstance(declared, dict) else None
-    if not isinstance(names, list) or not set(modalities) <= set(names):
+    if not set(modalities) <= set(bf.profile_modalities(manifest)):
         return None
     values = [[row.get(bf.profile_field(m)) for row in rows] for m in modalities]
     return np.array([[np.nan if v is None else float(v) for v in column] for column in values], dtype=np.float64)  # type: ignore[arg-type]

@@ -131,7 +131,7 @@ def write_item_metadata(bundle: StagedBundle) -> Mapping[str, Any]:
             f.write(json.dumps({"id": item_id, "text": text, **{k: v[row] for k, v in extras.items()}}) + "\n")
     if not modalities:
         return {}
-    return {bf.PROFILE_COSINE: {"modalities": modalities, "interactions": "train"}}
+    return {bf.PROFILE_COSINE: bf.profile_cosine_entry(modalities)}
 
 
 def write_bundle_sections(bundle: StagedBundle) -> Mapping[str, Any]:
