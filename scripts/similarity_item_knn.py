@@ -100,9 +100,9 @@ def ease(shared: np.ndarray, n_users: np.ndarray, shrinkage: float) -> np.ndarra
     return weights
 
 
-def rp3beta(weighted_shared: np.ndarray, n_users: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+def rp3beta(weighted_shared: np.ndarray, n_users: np.ndarray, alpha: float, beta: float | np.ndarray) -> np.ndarray:
     """RP³β from ``co_occurrence(dataset, user_weight=alpha)``: ``n_i^(−α) Σ_u |I_u|^(−α) / n_j^β``; columns of items
-    without training users get −1."""
+    without training users get −1. ``beta``: one exponent, or a column (n_items, 1) of one exponent per query row."""
     n = np.where(n_users > 0, n_users, 1.0)
     scores = weighted_shared / n[:, None] ** alpha / n[None, :] ** beta
     scores[:, n_users == 0] = -1.0
@@ -150,11 +150,7 @@ def popularity_buckets(n_users: np.ndarray, edges: np.ndarray) -> np.ndarray:
 def bucketed_rp3beta(weighted_shared: np.ndarray, n_users: np.ndarray, alpha: float, bucket: np.ndarray,
                      exponents: Sequence[float]) -> np.ndarray:  # fmt: skip
     """RP³β whose row ``i`` uses the exponent β of the query's popularity bucket, ``exponents[bucket[i]]``."""
-    n = np.where(n_users > 0, n_users, 1.0)
-    beta = np.asarray(exponents, dtype=np.float64)[bucket]
-    scores = weighted_shared / n[:, None] ** alpha / n[None, :] ** beta[:, None]
-    scores[:, n_users == 0] = -1.0
-    return scores
+    return rp3beta(weighted_shared, n_users, alpha, np.asarray(exponents, dtype=np.float64)[bucket][:, None])
 
 
 def bucket_figures(judge: Judge, queries: np.ndarray, neighbours: np.ndarray, genres: Sequence[frozenset[str]],

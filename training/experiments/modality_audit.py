@@ -16,8 +16,8 @@ mean"). An item without training users scores 0 on every modality: no evidence, 
 only items with at least one training user (the same rule as ``GET /v1/audit``).
 
 A second, training-free judgement sits beside the reviewer's: the **user-profile cosine** c^m = cos(x̂_i, p_i) between the item's
-feature and the sum of its training users' other items' features (``damage_detectors.user_profile_disagreement``,
-detector (a) of docs/modality-quality.md). On the corruption benchmark it found damaged content better than the
+feature and the sum of its training users' other items' features (``training.data.user_profile``, detector (a) of
+docs/modality-quality.md). On the corruption benchmark it found damaged content better than the
 reviewer in every swapped and noise cell, so the report lists its worst items too, and the CSV carries it. It needs
 the training interactions, so the exporter writes it into every bundle (``profile_<m>`` in item_metadata.jsonl, what
 ``GET /v1/audit?by=profile`` serves) and a bundle's audit reads it there; for a bundle exported before that, the audit
@@ -235,8 +235,8 @@ def metadata_profile(manifest: dict[str, object], rows: list[dict[str, object]],
 
 def bundle_profile(run_dir: Path | None, item_ids: list[str], modalities: tuple[str, ...]) -> tuple[np.ndarray | None, str]:
     """An older bundle's user-profile cosines (exported before it carried them), from the prepared dataset of the run
-    it was exported from with the content that run trained on (damaged again, for a corrupted run), when that is on this machine with the same items;
-    else None and why."""
+    it was exported from with the content that run trained on (damaged again, for a corrupted run), when that is on
+    this machine with the same items; else None and why."""
     from training.data.dataset import DatasetFormatError, InteractionDataset
     from training.runs import corrupted_as_trained
 
@@ -340,7 +340,7 @@ class Detection:
 
 def detection(table: AuditTable, k: int, *, by: str = "reviewer") -> Detection:
     """How modality k's ranking finds its damaged items: ``by`` "reviewer" (s^k, :func:`ranking`) or "profile"
-    (the user-profile cosine, :func:`profile_ranking`; runs only)."""
+    (the user-profile cosine, :func:`profile_ranking`; a run, or a bundle whose cosines are at hand)."""
     if by not in ("reviewer", "profile"):
         raise ValueError(f"by must be 'reviewer' or 'profile', got {by!r}")
     if by == "profile" and table.profile is None:
@@ -392,7 +392,7 @@ def write_audit(path: Path, out: Path, *, top: int = 20) -> AuditFiles:
 def write_csv(table: AuditTable, path: Path) -> Path:
     """Every item, in dataset order: id, title, per modality score / rank (1 = worst; empty when not judged) /
     presence (/ damaged, on a corrupted run) (/ user-profile cosine, empty where undefined or missing, and its rank,
-    on a run), state, training users."""
+    where the cosines are at hand), state, training users."""
     n_modalities, n_judged = len(table.modality_names), int(table.judged.sum())
     ranks = np.zeros((n_modalities, len(table.item_ids)), dtype=np.int64)
     profile_ranks = np.zeros_like(ranks)
